@@ -1,0 +1,57 @@
+"""One logger factory for every process: plain lines for people, JSON lines on request.
+
+Correlation fields (replica, step, policy_version, request_id) passed as `extra={...}` are kept in both
+forms. Library code logs; only the CLI prints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+CORRELATION_FIELDS = ("replica", "phase", "step", "policy_version", "request_id", "run_id")
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        payload = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for name in CORRELATION_FIELDS:
+            if hasattr(record, name):
+                payload[name] = getattr(record, name)
+        if record.exc_info:
+            payload["exc"] = self.formatException(record.exc_info)
+        return json.dumps(payload, default=str)
+
+
+class _PlainFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        fields = " ".join(f"{n}={getattr(record, n)}" for n in CORRELATION_FIELDS if hasattr(record, n))
+        line = f"{stamp} {record.levelname[0]} {record.name}: {record.getMessage()}"
+        if fields:
+            line += f" [{fields}]"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
+    """Configure the root logger once per process (idempotent)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_rpo", False):
+            root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._rpo = True  # type: ignore[attr-defined]
+    handler.setFormatter(_JsonFormatter() if json_lines else _PlainFormatter())
+    root.addHandler(handler)
+    root.setLevel(level)
+    for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

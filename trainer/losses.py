@@ -1,0 +1,120 @@
+"""GRPO and DAPO policy losses over prefix+suffix tokens (PAPER.md step 5), as pure torch functions.
+
+Tensors are [B, T]: B responses, T response positions (right-padded). `loss_mask` is 1 where a token is
+trained on: by default every real token of o_i = cached prefix + new suffix (the paper's Eq. 5 and the
+release code: prefix tokens are off-policy and get no correction); `response_loss_mask(...,
+suffix_only=True)` gives the ablation.
+
+Normalisers can be passed in so that a batch split into micro-batches and DeepSpeed ranks sums to the same
+loss as the whole batch on one rank: GRPO divides by the number of sequences, DAPO by the number of tokens,
+of the WHOLE batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def response_loss_mask(
+    prefix_lens: torch.Tensor, response_lens: torch.Tensor, width: int, suffix_only: bool
+) -> torch.Tensor:
+    """[B, width] float mask over response positions: all tokens, or only positions >= prefix_len."""
+    positions = torch.arange(width, device=response_lens.device).unsqueeze(0)  # [1, T]
+    mask = positions < response_lens.unsqueeze(1)  # [B, T]
+    if suffix_only:
+        mask = mask & (positions >= prefix_lens.unsqueeze(1))
+    return mask.to(torch.float32)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(pi_theta || pi_ref) estimate k3 = exp(ref - logp) - (ref - logp) - 1 (always >= 0)."""
+    delta = ref_logp - logp
+    return torch.exp(delta) - delta - 1.0
+
+
+@dataclass
+class LossStats:
+    """Detached numbers for logging one loss call."""
+
+    loss: float
+    clip_fraction: float
+    kl: float
+    tokens: int
+
+
+def _clipped_surrogate(logp, old_logp, advantages, eps_low, eps_high):
+    ratio = torch.exp(logp - old_logp)  # [B, T]
+    adv = advantages.unsqueeze(1)  # [B, 1]
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
+    surrogate = torch.minimum(unclipped, clipped)
+    was_clipped = (clipped < unclipped).to(torch.float32)
+    return surrogate, was_clipped
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    ref_logp: torch.Tensor | None = None,
+    clip_eps: float = 0.2,
+    beta: float = 0.04,
+    num_sequences: int | None = None,
+) -> tuple[torch.Tensor, LossStats]:
+    """GRPO: -(1/N) sum_i (1/|o_i|) sum_t [min(r A, clip(r, 1-eps, 1+eps) A) - beta KL_k3].
+
+    Per-sequence 1/|o_i| uses the masked token count of each sequence; N is `num_sequences` (whole batch)
+    or B. `ref_logp` is required when beta > 0.
+    """
+    surrogate, was_clipped = _clipped_surrogate(logp, old_logp, advantages, clip_eps, clip_eps)
+    per_token = surrogate
+    kl = torch.zeros_like(logp)
+    if beta > 0:
+        if ref_logp is None:
+            raise ValueError("grpo_loss needs ref_logp when beta > 0")
+        kl = k3_kl(logp, ref_logp)
+        per_token = per_token - beta * kl
+    seq_tokens = loss_mask.sum(dim=1).clamp(min=1.0)  # [B]
+    per_seq = (per_token * loss_mask).sum(dim=1) / seq_tokens
+    n = num_sequences if num_sequences is not None else logp.shape[0]
+    loss = -per_seq.sum() / n
+    tokens = loss_mask.sum()
+    stats = LossStats(
+        loss=float(loss.detach()),
+        clip_fraction=float((was_clipped * loss_mask).sum() / tokens.clamp(min=1.0)),
+        kl=float((kl.detach() * loss_mask).sum() / tokens.clamp(min=1.0)),
+        tokens=int(tokens.item()),
+    )
+    return loss, stats
+
+
+def dapo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    clip_eps_low: float = 0.2,
+    clip_eps_high: float = 0.28,
+    num_tokens: int | None = None,
+) -> tuple[torch.Tensor, LossStats]:
+    """DAPO: clip-higher surrogate, token-level mean over ALL tokens of the batch, no KL term.
+
+    `num_tokens` is the masked token count of the whole batch (across micro-batches and ranks); default: this
+    call's count.
+    """
+    surrogate, was_clipped = _clipped_surrogate(logp, old_logp, advantages, clip_eps_low, clip_eps_high)
+    tokens = loss_mask.sum()
+    denom = float(num_tokens) if num_tokens is not None else tokens.clamp(min=1.0)
+    loss = -(surrogate * loss_mask).sum() / denom
+    stats = LossStats(
+        loss=float(loss.detach()),
+        clip_fraction=float((was_clipped * loss_mask).sum() / tokens.clamp(min=1.0)),
+        kl=0.0,
+        tokens=int(tokens.item()),
+    )
+    return loss, stats
