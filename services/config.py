@@ -329,7 +329,7 @@ def _format_errors(err: ValidationError, origin: str | None, key_lines: dict[tup
         if origin is not None:
             for n in range(len(loc), 0, -1):
                 if loc[:n] in key_lines:
-                    where = f" ({origin}, line {key_lines[loc[:n]]})"
+                    where = f"{origin}, line {key_lines[loc[:n]]}: "
                     break
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
@@ -337,7 +337,7 @@ def _format_errors(err: ValidationError, origin: str | None, key_lines: dict[tup
         got = e.get("input")
         detail = f"; got {got!r}" if e["type"] != "extra_forbidden" and not isinstance(got, dict) else ""
         # A union (int | literal) reports once per branch: one line per key, branches joined with "or".
-        by_key.setdefault(f"{key}{where}", []).append(f"{msg}{detail}")
+        by_key.setdefault(f"{where}{key}", []).append(f"{msg}{detail}")
     lines = [f"{key}: {' -- or -- '.join(dict.fromkeys(msgs))}" for key, msgs in by_key.items()]
     return "invalid configuration:\n  " + "\n  ".join(lines)
 

@@ -1,0 +1,90 @@
+"""The run configuration: defaults are the paper's, precedence is file < env < CLI, errors name the key."""
+
+from pathlib import Path
+
+import pytest
+
+from services.config import ConfigError, RunConfig, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_the_papers_values():
+    cfg = RunConfig()
+    a = cfg.algorithm
+    assert (a.group_size, a.truncation_limit, a.suffix_budget, a.alpha) == (6, 300, "m", 0.01)
+    assert (a.clip_eps, a.clip_eps_low, a.clip_eps_high, a.beta, a.epsilon) == (0.2, 0.2, 0.28, 0.04, 0.5)
+    assert (a.shaping_low, a.shaping_high, a.max_response_tokens) == (0.5, 1.0, 4096)
+    assert (cfg.sampling.temperature, cfg.sampling.init_temperature, cfg.sampling.init_max_tokens) == (
+        0.7,
+        0.9,
+        2048,
+    )
+    assert cfg.train.lr == 1e-6 and cfg.train.zero_stage == 2
+
+
+def test_yaml_then_env_then_cli(tmp_path, monkeypatch):
+    path = write(tmp_path, "algorithm:\n  group_size: 4\n  epsilon: 0.2\n  truncation_limit: 0.5l\n")
+    assert load_config(path).algorithm.group_size == 4
+    monkeypatch.setenv("RPO_ALGORITHM__GROUP_SIZE", "5")
+    cfg = load_config(path)
+    assert cfg.algorithm.group_size == 5 and cfg.algorithm.epsilon == 0.2  # env beats file, rest of file kept
+    cfg = load_config(path, ["algorithm.group_size=3", "algorithm.suffix_budget=64"])
+    assert cfg.algorithm.group_size == 3 and cfg.algorithm.suffix_budget == 64
+    assert cfg.algorithm.truncation_limit == "0.5l"
+
+
+def test_api_token_from_its_documented_variable(monkeypatch):
+    monkeypatch.setenv("RPO_API_TOKEN", "s3cret")
+    cfg = load_config()
+    assert cfg.services.api_token.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(cfg) and "s3cret" not in str(cfg.public_dict())
+
+
+def test_unknown_key_names_key_file_and_line(tmp_path):
+    path = write(tmp_path, "algorithm:\n  group_size: 4\n\ntrain:\n  lr: 0.001\n  learning_rate: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert f"{path}, line 6: train.learning_rate: unknown key" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("algorithm.epsilon=1.5", "algorithm.epsilon"),
+        ("algorithm.group_size=0", "algorithm.group_size"),
+        ("algorithm.truncation_limit=-3", "algorithm.truncation_limit"),
+        ("algorithm.truncation_limit=0.3l", "algorithm.truncation_limit"),
+        ("algorithm.suffix_budget=0", "algorithm.suffix_budget"),
+        ("algorithm.algorithm=ppo", "algorithm.algorithm"),
+        ("train.lr=-1", "train.lr"),
+        ("nope.x=1", "nope"),
+    ],
+)
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert f"  {key}:" in str(err.value)
+
+
+def test_bad_yaml_names_file_and_line(tmp_path):
+    path = write(tmp_path, "algorithm:\n  group_size: [4\n")
+    with pytest.raises(ConfigError, match=r"run.yaml, line \d+: not valid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(None, ["algorithm.group_size"])
+
+
+def test_every_shipped_config_file_parses():
+    files = sorted(REPO.glob("configs/*.yaml")) + sorted(REPO.glob("*/presets/*.yaml"))
+    assert files, "the repo ships example configs"
+    for path in files:
+        load_config(path)

@@ -1,0 +1,109 @@
+"""Loading questions from every supported format, errors that point at the bad row, and prompt building."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from services.config import DataSection
+from services.data import DatasetError, build_prompt_text, encode_prompt, load_questions
+
+ROWS = [{"id": "a", "question": "1+1=?", "answer": "2"}, {"id": "b", "question": "2+3=?", "answer": 5}]
+
+
+def write_jsonl(path, rows, extra_lines=()):
+    lines = [json.dumps(r) for r in rows] + list(extra_lines)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_jsonl(tmp_path):
+    qs = load_questions(str(write_jsonl(tmp_path / "q.jsonl", ROWS)), DataSection())
+    assert [(q.id, q.question, q.answer) for q in qs] == [("a", "1+1=?", "2"), ("b", "2+3=?", "5")]
+
+
+def test_parquet_and_datasets_dir_with_custom_fields(tmp_path):
+    renamed = [{"uid": r["id"], "problem": r["question"], "solution": str(r["answer"])} for r in ROWS]
+    fields = DataSection(id_field="uid", question_field="problem", answer_field="solution")
+    pq.write_table(pa.Table.from_pylist(renamed), tmp_path / "q.parquet")
+    assert [q.id for q in load_questions(str(tmp_path / "q.parquet"), fields)] == ["a", "b"]
+
+    import datasets
+
+    datasets.Dataset.from_list(renamed).save_to_disk(str(tmp_path / "ds"))
+    qs = load_questions(str(tmp_path / "ds"), fields)
+    assert [(q.id, q.answer) for q in qs] == [("a", "2"), ("b", "5")]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ('{"id": "c", "answer": "1"}', r"q.jsonl, line 3: missing field 'question'"),
+        ("{not json", r"q.jsonl, line 3: not valid JSON"),
+        (
+            '{"id": "a", "question": "x", "answer": "1"}',
+            r"q.jsonl, line 3: duplicate 'id' 'a' \(first at .*line 1\)",
+        ),
+        (
+            '{"id": "c", "question": ["x"], "answer": "1"}',
+            r"line 3: field 'question' must be a string or number",
+        ),
+        ('{"id": "c", "question": "  ", "answer": "1"}', r"line 3: field 'question' is empty"),
+    ],
+)
+def test_bad_row_names_file_line_and_field(tmp_path, extra, message):
+    path = write_jsonl(tmp_path / "q.jsonl", ROWS, [extra])
+    with pytest.raises(DatasetError, match=message):
+        load_questions(str(path), DataSection())
+
+
+def test_bad_parquet_row_names_the_row(tmp_path):
+    pq.write_table(pa.Table.from_pylist([{"id": "a", "question": "q"}]), tmp_path / "q.parquet")
+    with pytest.raises(DatasetError, match=r"q.parquet, row 0: missing field 'answer'"):
+        load_questions(str(tmp_path / "q.parquet"), DataSection())
+
+
+def test_missing_and_unsupported(tmp_path):
+    with pytest.raises(DatasetError, match="not found"):
+        load_questions(str(tmp_path / "nope.jsonl"), DataSection())
+    (tmp_path / "q.csv").write_text("id,question\n")
+    with pytest.raises(DatasetError, match="unsupported dataset format"):
+        load_questions(str(tmp_path / "q.csv"), DataSection())
+
+
+def test_builtin_synthetic_splits_are_disjoint_and_limited():
+    fields = DataSection(synthetic_train_size=50, synthetic_eval_size=20)
+    train = load_questions("builtin:arith", fields)
+    held_out = load_questions("builtin:arith-eval", fields)
+    assert len(train) == 50 and len(held_out) == 20
+    assert not {q.question for q in train} & {q.question for q in held_out}
+    assert len(load_questions("builtin:arith", fields, limit=7)) == 7
+
+
+def _char_tokenizer(chat_template=None):
+    vocab = {"<unk>": 0, "<eos>": 1}
+    for ch in "QA: \n0123456789+=?<>|abcdefghijklmnopqrstuvwxyz":
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    fast.chat_template = chat_template
+    return fast
+
+
+def test_plain_prompt_template():
+    tok = _char_tokenizer()
+    assert build_prompt_text(tok, "1+1=?", DataSection()) == "Q: 1+1=?\nA: "
+    ids = encode_prompt(tok, "1+1=?", DataSection())
+    assert tok.decode(ids).replace(" ", "") == "Q:1+1=?\nA:".replace(" ", "")
+
+
+def test_chat_template_is_used_when_present():
+    template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}<|assistant|>"
+    tok = _char_tokenizer(template)
+    fields = DataSection(system_prompt="be brief")
+    assert build_prompt_text(tok, "2+2=?", fields) == "<|system|>be brief<|user|>2+2=?<|assistant|>"
+    assert build_prompt_text(tok, "2+2=?", DataSection(use_chat_template=False)) == "Q: 2+2=?\nA: "
