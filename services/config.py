@@ -34,10 +34,12 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class ModelSection(_Section):
+    """The policy being trained (and served by every rollout replica)."""
+
     path: str = "builtin:tiny-warm"
     """HF model directory (local path), or `builtin:tiny-warm` / `builtin:tiny-random` for the embedded tiny model."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -47,37 +49,53 @@ class ModelSection(_Section):
 
 
 class DataSection(_Section):
+    """Training and held-out questions, their field names, and how prompts are built."""
+
     dataset: str = "builtin:arith"
     """Training questions: a .jsonl or .parquet file, a saved `datasets` directory, or `builtin:arith`."""
     eval_dataset: str | None = "builtin:arith-eval"
     """Held-out questions for evaluation (same formats); None disables evaluation."""
     id_field: str = "id"
+    """Field holding a unique question id."""
     question_field: str = "question"
+    """Field holding the question text."""
     answer_field: str = "answer"
+    """Field holding the reference answer the reward checks against."""
     prompt_template: str = "Q: {question}\nA: "
     """Plain prompt used when the tokenizer has no chat template (or `use_chat_template` is false)."""
     use_chat_template: bool = True
+    """Use the tokenizer's chat template when it has one."""
     system_prompt: str | None = None
     """Optional system message when the chat template is used."""
     max_questions: int | None = Field(None, ge=1)
     """Use only the first N training questions (quick runs)."""
     eval_max_questions: int | None = Field(None, ge=1)
+    """Evaluate on only the first N held-out questions."""
     synthetic_num_terms: int = Field(4, ge=2, le=32)
     """Difficulty of the built-in arithmetic task: terms per question (more terms, longer traces)."""
     synthetic_max_digits: int = Field(2, ge=1, le=6)
+    """Digits per term of the built-in task."""
     synthetic_train_size: int = Field(2000, ge=1)
+    """Questions in the built-in training split."""
     synthetic_eval_size: int = Field(200, ge=1)
+    """Questions in the built-in held-out split (never in training)."""
     synthetic_seed: int = 0
+    """Seed of the built-in task; the same seed gives the same questions."""
 
 
 class RewardSection(_Section):
+    """The verifiable reward of a whole response."""
+
     function: str = "auto"
     """`math` (math-verify on the last \\boxed{}), `exact` (exact string match of the last \\boxed{}),
     `auto` (exact for builtin datasets, math otherwise), or `package.module:function`."""
 
 
 class AlgorithmSection(_Section):
+    """RPO and its base algorithm (PAPER.md steps 2-6)."""
+
     algorithm: Literal["grpo", "dapo"] = "grpo"
+    """Base algorithm whose objective RPO keeps unchanged."""
     mode: Literal["rpo", "full"] = "rpo"
     """`rpo`: decode suffixes of cached answers; `full`: full-path rollouts, the baseline."""
     group_size: int = Field(6, ge=1)
@@ -91,7 +109,9 @@ class AlgorithmSection(_Section):
     alpha: float = Field(0.01, ge=0.0)
     """Length-aware shaping steepness; 0 turns shaping off (correct responses then get 0.5). Paper: 0.01."""
     shaping_low: float = Field(0.5, ge=0.0)
+    """Lower clip of the shaped reward of a correct response. Paper: 0.5."""
     shaping_high: float = Field(1.0, ge=0.0)
+    """Upper clip of the shaped reward. Paper: 1.0."""
     epsilon: float = Field(0.5, ge=0.0, le=1.0)
     """Probability of storing the BEST response of a group in the cache. Release code: 0.5."""
     replace_only_correct: bool = False
@@ -107,6 +127,7 @@ class AlgorithmSection(_Section):
     beta: float = Field(0.04, ge=0.0)
     """GRPO KL coefficient (k3 estimator); DAPO uses none. Release code: 0.04."""
     advantage_eps: float = Field(1e-4, gt=0.0)
+    """Added to the group std in the advantage denominator. Paper: 1e-4."""
     overlong_buffer_tokens: int = Field(0, ge=0)
     """DAPO soft overlong punishment buffer L_cache in tokens; 0 disables the soft ramp."""
     dynamic_sampling_max_rounds: int = Field(3, ge=1)
@@ -136,21 +157,29 @@ class AlgorithmSection(_Section):
 
 
 class SamplingSection(_Section):
+    """Sampling for rollouts, cache initialisation and evaluation."""
+
     temperature: float = Field(0.7, ge=0.0)
     """Rollout temperature. Paper: 0.7."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Rollout nucleus sampling."""
     init_temperature: float = Field(0.9, ge=0.0)
     """Cache initialisation temperature. Release code: 0.9."""
     init_top_p: float = Field(0.9, gt=0.0, le=1.0)
+    """Cache initialisation top_p. Release code: 0.9."""
     init_max_tokens: int = Field(2048, ge=1)
     """Cache initialisation max tokens. Release code: 2048."""
     eval_temperature: float = Field(0.6, ge=0.0)
+    """Evaluation temperature. Paper: 0.6."""
     eval_top_p: float = Field(0.95, gt=0.0, le=1.0)
+    """Evaluation top_p. Paper: 0.95."""
     eval_samples: int = Field(1, ge=1)
     """k for pass@k during evaluation."""
 
 
 class TrainSection(_Section):
+    """The DeepSpeed learner and the training loop."""
+
     questions_per_step: int = Field(96, ge=1)
     """Questions per optimizer step; the batch holds questions_per_step * G responses (paper: 576 / 6)."""
     micro_batch_size: int = Field(8, ge=1)
@@ -158,30 +187,46 @@ class TrainSection(_Section):
     lr: float = Field(1e-6, gt=0.0)
     """Peak learning rate. Paper: 1e-6."""
     lr_scheduler: Literal["cosine", "constant"] = "cosine"
+    """Learning-rate schedule after warm-up. Paper: cosine."""
     warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    """Fraction of the planned steps spent warming up. Paper: 0.1."""
     weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW weight decay."""
     max_grad_norm: float = Field(1.0, gt=0.0)
+    """Gradient clipping norm."""
     epochs: int = Field(4, ge=1)
+    """Passes over the training questions. Paper: 4."""
     max_steps: int | None = Field(None, ge=1)
     """Stop after this many steps (overrides epochs when smaller)."""
     updates_per_batch: int = Field(1, ge=1)
     """Optimizer updates per rollout batch (mu); 1 makes pi_old = pi_theta at the first update."""
     zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage. Paper: 2."""
     offload_optimizer: bool = False
+    """ZeRO: keep optimizer states in CPU memory."""
     offload_params: bool = False
+    """ZeRO-3: keep parameters in CPU memory."""
     precision: Literal["auto", "float32", "bf16"] = "auto"
     """`auto`: bf16 on GPU, float32 on CPU."""
     gradient_checkpointing: bool = True
+    """Recompute activations in backward to save memory. Paper: on."""
     seed: int = 0
+    """Seed for data order, truncation draws, sampling and the cache updates."""
     run_dir: str = "runs/latest"
+    """Where logs, metrics JSONL, checkpoints and the final model go."""
     checkpoint_every: int = Field(50, ge=1)
+    """Save a checkpoint every N steps (and on Ctrl-C / SIGTERM)."""
     keep_checkpoints: int = Field(2, ge=1)
+    """How many recent checkpoints to keep."""
     eval_every: int = Field(0, ge=0)
     """Evaluate on the held-out split every N steps; 0 only before and after training."""
     log_every: int = Field(1, ge=1)
+    """One log line every N steps."""
 
 
 class ServicesSection(_Section):
+    """How the processes find and call each other."""
+
     cache_url: str | None = None
     """Cache server base URL, e.g. http://127.0.0.1:8100. `rpo run` fills it in."""
     rollout_urls: list[str] = Field(default_factory=list)
@@ -195,33 +240,49 @@ class ServicesSection(_Section):
     api_token: SecretStr | None = None
     """Bearer token required by mutating endpoints; also read from RPO_API_TOKEN."""
     connect_timeout_seconds: float = Field(5.0, gt=0)
+    """TCP connect timeout of every HTTP call."""
     request_timeout_seconds: float = Field(600.0, gt=0)
+    """Read timeout of every HTTP call (a rollout batch can take minutes)."""
     max_attempts: int = Field(3, ge=1)
     """Attempts per HTTP call on transport errors and 5xx (never on 4xx), each on another replica if any."""
 
 
 class CacheServerSection(_Section):
+    """The experience cache service (`rpo serve cache`)."""
+
     host: str = "127.0.0.1"
+    """Bind address of the cache server."""
     port: int = Field(8100, ge=0, le=65535)
+    """Port of the cache server (0: any free port)."""
     data_dir: str = ".cache/redis"
     """Where the embedded Redis keeps its append-only file."""
     max_body_bytes: int = Field(256 * 2**20, ge=1024)
     """Requests larger than this are refused with 413."""
     max_batch_questions: int = Field(4096, ge=1)
+    """Most questions one request may carry."""
     max_tokens_per_entry: int = Field(65536, ge=1)
+    """Longest answer (tokens) one entry may hold."""
 
 
 class RolloutSection(_Section):
+    """A rollout replica (`rpo serve rollout`)."""
+
     host: str = "127.0.0.1"
+    """Bind address of a rollout replica."""
     port: int = Field(8200, ge=0, le=65535)
+    """Port of a rollout replica (0: any free port)."""
     kv_cache_bytes: int = Field(256 * 2**20, ge=2**20)
     """KV cache size for vLLM on CPU (the default fraction of memory fails there)."""
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
+    """vLLM on GPU: fraction of GPU memory for weights and KV cache."""
     max_num_seqs: int = Field(256, ge=1)
+    """Most sequences vLLM decodes at once."""
     enforce_eager: bool = True
+    """Skip CUDA graph capture (always eager on CPU)."""
     weight_transfer: Literal["http", "nccl"] = "http"
     """Data plane for weight pushes: chunked safetensors over HTTP, or vLLM's NCCL engine on GPUs."""
     max_body_bytes: int = Field(8 * 2**30, ge=1024)
+    """Largest request body (a weight push) accepted, in bytes."""
 
 
 ENV_PREFIX = "RPO_"

@@ -88,3 +88,18 @@ def test_every_shipped_config_file_parses():
     assert files, "the repo ships example configs"
     for path in files:
         load_config(path)
+
+
+def test_every_setting_is_documented_and_the_docs_are_current():
+    from services.config_docs import render
+
+    undocumented = [
+        f"{section}.{name}"
+        for section, field in RunConfig.model_fields.items()
+        for name, sub in field.annotation.model_fields.items()
+        if not sub.description
+    ]
+    assert undocumented == []
+    assert (REPO / "docs" / "configuration.md").read_text() == render(), (
+        "docs/configuration.md is stale: python -m services.config_docs > docs/configuration.md"
+    )
