@@ -245,6 +245,10 @@ class ServicesSection(_Section):
     """Read timeout of every HTTP call (a rollout batch can take minutes)."""
     max_attempts: int = Field(3, ge=1)
     """Attempts per HTTP call on transport errors and 5xx (never on 4xx), each on another replica if any."""
+    max_call_seconds: float = Field(1800.0, gt=0)
+    """Bound on one HTTP call with all its attempts and back-off together, in seconds."""
+    retry_backoff_seconds: float = Field(0.5, ge=0)
+    """First back-off between attempts (doubles per retry, jittered, at most 10 s; Retry-After wins if longer)."""
 
 
 class CacheServerSection(_Section):
@@ -262,6 +266,18 @@ class CacheServerSection(_Section):
     """Most questions one request may carry."""
     max_tokens_per_entry: int = Field(65536, ge=1)
     """Longest answer (tokens) one entry may hold."""
+    key_prefix: str = Field("rpo", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    """First part of every Redis key; a run's keys are `<key_prefix>:{<run_id>}:...` (one cluster slot)."""
+    redis_max_connections: int = Field(64, ge=1)
+    """Size of the cache server's Redis connection pool."""
+    redis_timeout_seconds: float = Field(5.0, gt=0)
+    """Connect and command timeout of each Redis call; past it the request gets 503."""
+    retry_after_seconds: int = Field(2, ge=1)
+    """Retry-After sent with a 503 when Redis is unreachable."""
+    update_marker_ttl_seconds: int = Field(7 * 86400, ge=60)
+    """How long the record of an applied (step, question) update is kept; a retry within it changes nothing."""
+    embedded_start_timeout_seconds: float = Field(30.0, gt=0)
+    """How long to wait for the embedded Redis/Valkey to answer after starting it."""
 
 
 class RolloutSection(_Section):
