@@ -222,6 +222,17 @@ class TrainSection(_Section):
     """Evaluate on the held-out split every N steps; 0 only before and after training."""
     log_every: int = Field(1, ge=1)
     """One log line every N steps."""
+    num_processes: int = Field(1, ge=1)
+    """Trainer processes `rpo run` starts: 1 is a plain process; more run under DeepSpeed's launcher (one per
+    GPU on a GPU box; CPU ranks with DS_ACCELERATOR=cpu)."""
+    metrics_host: str = "0.0.0.0"
+    """Bind address of the trainer's Prometheus `/metrics` (rank 0)."""
+    metrics_port: int | None = Field(9100, ge=0, le=65535)
+    """Port of the trainer's `/metrics`; 0 picks a free port, None serves none."""
+    weight_sync_timeout_seconds: float = Field(600.0, gt=0)
+    """Most seconds a weight push to the replicas may take, until every one serves the new version."""
+    cache_init_batch_questions: int = Field(256, ge=1)
+    """`rpo cache init`: questions sampled and written to the cache per batch."""
 
 
 class ServicesSection(_Section):
@@ -245,6 +256,8 @@ class ServicesSection(_Section):
     """Read timeout of every HTTP call (a rollout batch can take minutes)."""
     max_attempts: int = Field(3, ge=1)
     """Attempts per HTTP call on transport errors and 5xx (never on 4xx), each on another replica if any."""
+    startup_timeout_seconds: float = Field(600.0, gt=0)
+    """`rpo run` / `rpo eval`: most seconds to wait for a service they start to answer /readyz."""
     max_call_seconds: float = Field(1800.0, gt=0)
     """Bound on one HTTP call with all its attempts and back-off together, in seconds."""
     retry_backoff_seconds: float = Field(0.5, ge=0)
