@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
+
 import redis
 
+from cache_server.embedded import find_server_binary
 from services.config import RunConfig, load_config
 from services.http_client import RetryPolicy
 from services.schemas.cache import GroupUpdate, PutEntry, UpdateCandidate
@@ -48,3 +52,27 @@ def group(qid: str, rewards: list[float], correct: list[bool] | None = None, pre
     return GroupUpdate(
         question_id=qid, prefix_ids=list(prefix), candidates=candidates, policy_version=version, **kw
     )
+
+
+def start_redis_server(port: int, data_dir) -> subprocess.Popen:
+    """A bare `redis-server` (or Valkey) on `port` (AOF in data_dir), waited for until it answers."""
+    proc = subprocess.Popen(
+        [find_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--appendonly", "yes", "--dir", str(data_dir),
+         "--save", ""],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    client = redis.Redis(port=port, socket_timeout=0.5, socket_connect_timeout=0.5)
+    for _ in range(200):
+        try:
+            if client.ping():
+                return proc
+        except redis.RedisError:
+            time.sleep(0.025)
+    proc.kill()
+    raise RuntimeError(f"redis-server did not answer on port {port}")
+
+
+def stop_redis_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    proc.wait(timeout=15)
