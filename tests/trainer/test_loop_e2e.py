@@ -1,0 +1,145 @@
+"""The training loop: its pure parts (data order, step plan, batch split, DAPO refill) and, end to end, a few
+RPO steps through the real services (Redis, cache server, one and two rollout replicas, DeepSpeed on CPU)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import pytest
+
+from services.config import load_config
+from services.schemas.rollout import RolloutGroup, RolloutSample
+from trainer.loop import DataCursor, collect_groups, planned_steps, request_seed
+from trainer.remote import CollectedGroups, RolloutBatch, split_evenly
+
+# ------------------------------------------------------------------------------------------------------------
+# Pure parts
+
+
+def test_cursor_visits_every_question_once_per_epoch_in_a_seeded_order():
+    cursor = DataCursor(size=10, seed=3)
+    first = cursor.take(4) + cursor.take(4) + cursor.take(2)
+    assert sorted(first) == list(range(10))  # one epoch = each question exactly once
+    assert first != list(range(10))  # shuffled
+    assert cursor.epoch == 0 and cursor.position == 10
+    second = cursor.take(10)
+    assert sorted(second) == list(range(10)) and second != first  # a new order per epoch
+    assert DataCursor(size=10, seed=3).take(10) == first  # same seed, same order
+
+
+def test_cursor_resumes_exactly_and_never_repeats_a_question_in_one_batch():
+    a = DataCursor(size=7, seed=1)
+    a.take(5)
+    b = DataCursor(size=7, seed=1)
+    b.load_state_dict(a.state_dict())
+    assert a.take(6) == b.take(6)
+    # A batch that crosses the epoch boundary skips questions it already holds.
+    c = DataCursor(size=3, seed=0)
+    c.take(2)
+    batch = c.take(3)
+    assert len(batch) == 3 and len(set(batch)) == 3
+    # `exclude` (questions already in the step) is honoured, and the batch shrinks only when it must.
+    assert set(c.take(5, exclude={0})) == {1, 2}
+    with pytest.raises(ValueError, match="same dataset"):
+        DataCursor(size=4, seed=1).load_state_dict(a.state_dict())
+
+
+def test_planned_steps():
+    assert planned_steps(100, 32, epochs=1, max_steps=None) == 4  # ceil(100 / 32)
+    assert planned_steps(100, 32, epochs=4, max_steps=None) == 13  # ceil(400 / 32)
+    assert planned_steps(100, 32, epochs=4, max_steps=5) == 5
+
+
+def test_request_seed_varies_per_step_and_round_only():
+    assert request_seed(0, 1, 0) == request_seed(0, 1, 0)
+    assert len({request_seed(0, s, r) for s in range(1, 20) for r in range(3)}) == 57
+
+
+def test_split_evenly():
+    assert split_evenly(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert split_evenly([1], 4) == [[1]]  # never an empty chunk
+    assert split_evenly(list(range(4)), 1) == [[0, 1, 2, 3]]
+
+
+def _group(qid: str, correct: list[bool], prefix: int = 2) -> RolloutGroup:
+    samples = [
+        RolloutSample(
+            response_ids=[5] * (prefix + 3),
+            prefix_len=prefix,
+            suffix_logprobs=[-0.5] * 3,
+            finish_reason="stop",
+            raw_reward=float(c),
+            shaped_reward=0.5 * c,
+            correct=c,
+        )
+        for c in correct
+    ]
+    return RolloutGroup(question_id=qid, cache_hit=True, m=3, prefix_len=prefix, samples=samples)
+
+
+@dataclass
+class FakeRemote:
+    """Answers rollouts from a table of per-question correctness; records what it was asked."""
+
+    correctness: dict[str, list[bool]]
+    asked: list[list[str]] = field(default_factory=list)
+
+    def training_params(self, seed):
+        return {"seed": seed}
+
+    def rollouts(self, replicas, questions, prompts, *, params, min_policy_version, phase):
+        self.asked.append([q.id for q in questions])
+        groups = [_group(q.id, self.correctness[q.id]) for q in questions]
+        return RolloutBatch(
+            groups, min_policy_version, 3 * 2 * len(groups), 2 * 2 * len(groups), 0.1, 0.01, 0, []
+        )
+
+
+def test_dapo_dynamic_sampling_refills_from_the_cursor_and_is_bounded():
+    questions = [SimpleNamespace(id=f"q{i}", answer="1") for i in range(8)]
+    # q0..q3 all wrong or all right (dropped); q4..q7 mixed (kept).
+    table = {f"q{i}": [i % 2 == 0] * 2 if i < 4 else [True, False] for i in range(8)}
+    cfg = load_config(
+        None,
+        ["algorithm.algorithm=dapo", "train.questions_per_step=3", "algorithm.dynamic_sampling_max_rounds=2"],
+    )
+    cursor = DataCursor(size=8, seed=0)
+    remote = FakeRemote(table)
+    collected = collect_groups(remote, cursor, questions, {}, cfg, step=1, replicas=["r"], version=7)
+    kept = [g.question_id for g in collected.train_groups]
+    assert len(kept) <= 3 and all(table[q] == [True, False] for q in kept)
+    assert 1 <= collected.rounds <= 3  # one round + at most 2 refills
+    asked = [q for batch in remote.asked for q in batch]
+    assert len(asked) == len(set(asked))  # a question is never rolled out twice in one step
+    # Each refill asks exactly for the groups still missing.
+    kept_so_far = 0
+    for batch in remote.asked:
+        assert len(batch) == 3 - kept_so_far
+        kept_so_far += sum(1 for q in batch if table[q] == [True, False])
+    # Every rolled-out group (kept or not) is there for the cache update.
+    assert [g.question_id for g in collected.all_groups] == asked
+    assert collected.policy_version == 7
+
+
+def test_grpo_keeps_every_group_in_one_round():
+    questions = [SimpleNamespace(id=f"q{i}", answer="1") for i in range(5)]
+    table = {f"q{i}": [False, False] for i in range(5)}
+    cfg = load_config(None, ["train.questions_per_step=4"])
+    remote = FakeRemote(table)
+    collected = collect_groups(remote, DataCursor(5, 0), questions, {}, cfg, 1, ["r"], 0)
+    assert len(remote.asked) == 1 and len(collected.train_groups) == 4
+
+
+def test_step_record_figures():
+    collected = CollectedGroups()
+    batch = RolloutBatch(
+        [_group("a", [True, False]), _group("b", [False, False])], 0, 12, 8, 2.0, 0.2, 1, ["r"]
+    )
+    collected.add(batch, keep=None, limit=10)
+    record = collected.record(step=1, policy_version=1, epoch=0)
+    assert record["samples"] == 4 and record["accuracy"] == 0.25  # 1 correct of 4
+    assert record["reward_mean"] == 0.125  # shaped 0.5 once, 0 three times
+    assert record["decoded_tokens_per_sample"] == 3.0  # 12 decoded / 4 samples
+    assert record["tokens_per_second"] == 6.0  # 12 tokens in 2 s
+    assert record["response_len_mean"] == 5.0 and record["rollout_retries"] == 1

@@ -1,0 +1,464 @@
+"""The RPO training recipe, top to bottom: setup, train (one step at a time), checkpoint, cleanup.
+
+One step (ARCHITECTURE.md, "One training step", synchronous mode):
+ 1. take the next questions from the data cursor (seeded shuffle per epoch, resumable);
+ 2. rank 0 finds the replicas and pushes the current weights to any replica not serving them (a replica
+    that joined late or restarted), then asks the replicas for group rollouts, the batch split across them
+    (concurrent requests; a failed request is retried on another replica); DAPO's dynamic sampling keeps
+    only groups with 0 < #correct < G and refills the batch from the cursor for a bounded number of rounds;
+ 3. rank 0 turns the groups into training samples and broadcasts them; every rank takes the learner step;
+ 4. the new weights are pushed to every replica, and the step waits until all serve the new version;
+ 5. only then are the step's epsilon-greedy cache updates committed (idempotent per step and question).
+`algorithm.mode: full` is the same loop with the cache off: no cache call is made at all.
+
+Guarantees: a batch never mixes policy versions (every rollout request carries the learner's version as
+`min_policy_version`, and replicas are brought to it first); the cache never holds an answer from a step
+whose weights did not reach every replica; a checkpoint is consistent (weights, optimizer, cache snapshot,
+cursor and version after the same step). Departures from the paper: the cache updates of DAPO groups that
+dynamic sampling drops are committed too (the update rule needs rewards, not gradients, and an all-correct
+group still has a best, shortest answer to keep); PAPER.md leaves this open.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from services.config import RunConfig
+
+log = logging.getLogger("rpo.train")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data order
+
+
+@dataclass
+class DataCursor:
+    """Which questions come next: a seeded shuffle of all question indices per epoch, read in order.
+
+    The order of epoch e depends only on (seed, e), so a cursor restored from `state_dict()` continues with
+    exactly the questions the interrupted run would have taken.
+    """
+
+    size: int
+    seed: int
+    epoch: int = 0
+    position: int = 0
+    _orders: dict[int, list[int]] = field(default_factory=dict, repr=False)
+
+    def order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            indices = list(range(self.size))
+            random.Random(f"rpo-data-{self.seed}-{epoch}").shuffle(indices)
+            self._orders = {epoch: indices}  # keep one epoch's order in memory
+        return self._orders[epoch]
+
+    def take(self, n: int, exclude: set[int] | frozenset[int] = frozenset()) -> list[int]:
+        """The next `n` question indices (fewer only if the dataset has fewer), skipping `exclude`.
+
+        A batch that crosses an epoch boundary continues in the next epoch's order; a question never appears
+        twice in one call (nor in `exclude`), even when the two epochs' orders would repeat it.
+        """
+        want = min(n, self.size - len(exclude))
+        out: list[int] = []
+        seen = set(exclude)
+        while len(out) < want:
+            if self.position >= self.size:
+                self.epoch += 1
+                self.position = 0
+            index = self.order(self.epoch)[self.position]
+            self.position += 1
+            if index not in seen:
+                seen.add(index)
+                out.append(index)
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "size": self.size, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("size", self.size) != self.size:
+            raise ValueError(
+                f"the checkpoint's data cursor is for {state['size']} questions, this run has {self.size}: "
+                "resume with the same dataset and data.max_questions"
+            )
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def planned_steps(num_questions: int, questions_per_step: int, epochs: int, max_steps: int | None) -> int:
+    """Steps of a run: enough batches to see every question `epochs` times, capped by `max_steps`."""
+    steps = math.ceil(epochs * num_questions / questions_per_step)
+    return min(steps, max_steps) if max_steps else steps
+
+
+def request_seed(base: int, step: int, round_index: int) -> int:
+    """The seed of a step's rollout round: varies per step and round (so each step draws new truncation
+    points), identical for every chunk and retry of the round (so a retry asks the same question)."""
+    return random.Random(f"rpo-rollout-{base}-{step}-{round_index}").getrandbits(31)
+
+
+def collect_groups(
+    remote: Any,
+    cursor: DataCursor,
+    questions: list,
+    prompts: dict[str, list[int]],
+    cfg: RunConfig,
+    step: int,
+    replicas: list[str],
+    version: int,
+) -> Any:
+    """Rank 0: the step's rollouts. DAPO keeps groups with 0 < #correct < G and refills the batch from the
+    cursor for at most `algorithm.dynamic_sampling_max_rounds` extra rounds; GRPO keeps every group."""
+    from services.algorithm import dynamic_sampling_keep
+    from trainer.remote import CollectedGroups
+
+    want = cfg.train.questions_per_step
+    dynamic = cfg.algorithm.algorithm == "dapo"
+    rounds = 1 + (cfg.algorithm.dynamic_sampling_max_rounds if dynamic else 0)
+    collected = CollectedGroups()
+    used: set[int] = set()
+    for round_index in range(rounds):
+        need = want - len(collected.train_groups)
+        if need <= 0:
+            break
+        indices = cursor.take(need, exclude=used)
+        if not indices:
+            break
+        used.update(indices)
+        batch = remote.rollouts(
+            replicas,
+            [questions[i] for i in indices],
+            prompts,
+            params=remote.training_params(seed=request_seed(cfg.train.seed, step, round_index)),
+            min_policy_version=version,
+            phase=f"rollout (step {step}, round {round_index + 1})",
+        )
+        keep = (lambda g: dynamic_sampling_keep([s.correct for s in g.samples])) if dynamic else None
+        collected.add(batch, keep=keep, limit=want)
+    if dynamic and len(collected.train_groups) < want:
+        log.warning(
+            "step %d: dynamic sampling kept %d of %d groups after %d rounds (the others had all-equal "
+            "correctness); training on what it kept",
+            step,
+            len(collected.train_groups),
+            want,
+            collected.rounds,
+            extra={"step": step},
+        )
+    return collected
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The recipe
+
+
+class RankZeroFailed(RuntimeError):
+    """Raised on the other ranks when rank 0's part of a collective phase failed (its log has the cause)."""
+
+
+@dataclass(frozen=True)
+class _Failure:
+    message: str
+
+
+class TrainingRecipe:
+    """Setup, the step loop, checkpoints and cleanup of one training process (any rank).
+
+    Rank 0 does all HTTP work; every collective (weight gathers, sample broadcast, learner step, checkpoint)
+    is entered by every rank in the same order. A failure on rank 0 is broadcast, so the other ranks raise
+    too instead of waiting for a collective that never comes.
+    """
+
+    def __init__(self, cfg: RunConfig, resume: bool = False):
+        self.cfg = cfg
+        self.resume = resume
+        self.remote = self.progress = self.metrics = self.stop_request = None
+
+    # ---------------------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        from services.data import encode_prompt, load_questions
+        from trainer import dist
+        from trainer.checkpoint import Checkpointer, StopRequest
+        from trainer.learner import Learner
+        from trainer.model_path import resolve_model_path
+
+        cfg = self.cfg
+        self.dist = dist
+        self.run_dir = Path(cfg.train.run_dir)
+        self.model_path = resolve_model_path(cfg.model.path)
+        # Every rank reads the question list: the step count must agree before the learner exists.
+        self.questions = load_questions(cfg.data.dataset, cfg.data, cfg.data.max_questions)
+        self.total_steps = planned_steps(
+            len(self.questions), cfg.train.questions_per_step, cfg.train.epochs, cfg.train.max_steps
+        )
+        self.learner = Learner(cfg, str(self.model_path), self.total_steps)
+        self.main = dist.is_main()
+        self.cursor = DataCursor(len(self.questions), cfg.train.seed)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.train.keep_checkpoints)
+        self.step = 0
+        self.stop_request = StopRequest()
+        self.prompts: dict[str, list[int]] = {}
+        self.eval_questions: list = []
+        self.eval_prompts: dict[str, list[int]] = {}
+        if self.main:
+            from transformers import AutoTokenizer
+
+            from trainer.metrics import TrainerMetrics
+            from trainer.remote import RemoteServices
+
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+            self.prompts = {q.id: encode_prompt(tokenizer, q.question, cfg.data) for q in self.questions}
+            if cfg.data.eval_dataset:
+                self.eval_questions = load_questions(
+                    cfg.data.eval_dataset, cfg.data, cfg.data.eval_max_questions
+                )
+                self.eval_prompts = {
+                    q.id: encode_prompt(tokenizer, q.question, cfg.data) for q in self.eval_questions
+                }
+            self.remote = RemoteServices(cfg)
+            self.metrics = TrainerMetrics()
+            if cfg.train.metrics_port is not None:
+                self.metrics.serve(cfg.train.metrics_host, cfg.train.metrics_port)
+        if self.resume:
+            self.load_checkpoint()
+        if self.main:
+            from trainer.progress import StepProgress
+
+            self.progress = StepProgress(self.run_dir, self.total_steps, self.step, cfg.train.log_every)
+            self.metrics.policy_version.set(self.learner.policy_version)
+            if self.resume:
+                self.progress.event("resume", step=self.step, policy_version=self.learner.policy_version)
+            log.info(
+                "training %s (%s + %s) on %d questions: %d steps of %d questions x G=%d, from step %d",
+                self.model_path,
+                cfg.algorithm.algorithm,
+                cfg.algorithm.mode,
+                len(self.questions),
+                self.total_steps,
+                cfg.train.questions_per_step,
+                cfg.algorithm.group_size,
+                self.step,
+            )
+
+    # ---------------------------------------------------------------------------------------------- train
+    def train(self) -> dict[str, Any]:
+        """Run the remaining steps; returns what happened (steps done, stopped early or not)."""
+        cfg = self.cfg
+        if self.step == 0:
+            self.evaluate("before")
+        stopped = False
+        while self.step < self.total_steps:
+            record, stopped = self.train_step(self.step + 1)
+            self.step += 1
+            if self.main:
+                self.progress.step(record)
+                self.metrics.observe_step(record)
+            if stopped or self.step % cfg.train.checkpoint_every == 0 or self.step == self.total_steps:
+                self.save_checkpoint()
+            if stopped:
+                log.warning("stopped after step %d (%s)", self.step, self.stop_request.signal_name)
+                break
+            if (
+                cfg.train.eval_every
+                and self.step % cfg.train.eval_every == 0
+                and self.step < self.total_steps
+            ):
+                self.evaluate(f"step {self.step}")
+        if not stopped:
+            final = self.run_dir / "final"
+            self.learner.export_hf(str(final))
+            if self.main:
+                log.info("final policy (version %d) written to %s", self.learner.policy_version, final)
+            self.evaluate("after")
+        return {"steps": self.step, "total_steps": self.total_steps, "stopped": stopped}
+
+    def train_step(self, step: int) -> tuple[dict[str, Any], bool]:
+        """One synchronous step (module docstring, 1-5); returns rank 0's record and whether to stop."""
+        started = time.monotonic()
+        phases = dict.fromkeys(("rollout", "reward", "train", "weight_sync", "cache"), 0.0)
+        version = self.learner.policy_version
+
+        # 1-2. The replicas, brought to the current version first; the step's group rollouts.
+        found, lagging = self.on_main(lambda: self._replicas_at(version), share=lambda r: r[1])
+        replicas = found[0] if found else []
+        if lagging:
+            self.push_weights(lagging, version, reason="catch up")
+        collected, samples = self.on_main(
+            lambda: self._rollouts(step, replicas, version), share=lambda c: c.samples
+        )
+        if self.main:
+            phases["rollout"], phases["reward"] = collected.rollout_seconds, collected.reward_seconds
+
+        # 3. The learner step, on every rank with the same samples.
+        t = time.monotonic()
+        learner_stats = self.learner.train_step(samples) if samples else {}
+        phases["train"] = time.monotonic() - t
+
+        # 4. The new weights to every replica; wait until all serve them.
+        if samples:
+            t = time.monotonic()
+            self.push_weights(replicas, self.learner.policy_version, reason=f"step {step}")
+            phases["weight_sync"] = time.monotonic() - t
+
+        # 5. Only now the step's cache updates (none in full mode).
+        cache_updates, stop = self.on_main(
+            lambda: self._commit_cache(step, collected, phases), share=lambda _: self.stop_request.requested
+        )
+        record: dict[str, Any] = {}
+        if self.main:
+            record = collected.record(step, self.learner.policy_version, self.cursor.epoch)
+            record.update(
+                step_seconds=time.monotonic() - started,
+                phases=phases,
+                weight_sync_seconds=phases["weight_sync"] if samples else None,
+                cache_updates=cache_updates,
+                learner={k: v for k, v in (learner_stats or {}).items() if isinstance(v, int | float)},
+            )
+        return record, bool(stop)
+
+    def _replicas_at(self, version: int) -> tuple[list[str], list[str]]:
+        replicas = self.remote.replicas()
+        lagging = self.remote.lagging(replicas, version)  # drops replicas that do not answer
+        return replicas, lagging
+
+    def _rollouts(self, step: int, replicas: list[str], version: int) -> Any:
+        from trainer.batch import build_samples
+
+        collected = collect_groups(
+            self.remote, self.cursor, self.questions, self.prompts, self.cfg, step, replicas, version
+        )
+        groups = collected.train_groups
+        collected.samples = build_samples(groups, self.prompts, self.cfg.algorithm) if groups else []
+        return collected
+
+    def _commit_cache(self, step: int, collected: Any, phases: dict[str, float]) -> dict[str, int]:
+        if self.cfg.algorithm.mode != "rpo":
+            return {}
+        t = time.monotonic()
+        counts = self.remote.commit_cache_updates(step, collected.all_groups, collected.policy_version)
+        phases["cache"] = time.monotonic() - t
+        return counts
+
+    def push_weights(self, replicas: list[str], version: int, reason: str) -> None:
+        """Every rank takes part in gathering the weights (ZeRO-3); rank 0 pushes them and waits."""
+        weights = self.learner.named_weights()
+        if not self.main and hasattr(weights, "__next__"):  # a lazy gather must be driven on every rank
+            for _ in weights:
+                pass
+        self.on_main(lambda: self.remote.push_weights(replicas, version, weights, reason=reason))
+
+    def evaluate(self, label: str) -> None:
+        """Held-out pass@1 / pass@k through the replicas (rank 0; the others wait at the next collective)."""
+        if not self.cfg.data.eval_dataset:
+            return
+
+        def run() -> None:
+            from trainer.evaluate import evaluate_questions
+
+            result = evaluate_questions(self.remote, self.cfg, self.eval_questions, self.eval_prompts)
+            log.info("evaluation %s: %s", label, result.describe(), extra={"step": self.step})
+            self.progress.event("eval", label=label, step=self.step, **result.as_dict())
+            self.metrics.eval_accuracy.set(result.pass_at_1)
+
+        self.on_main(run)
+
+    def on_main(self, fn: Callable[[], Any], share: Callable[[Any], Any] = lambda _: None) -> tuple[Any, Any]:
+        """Run `fn` on rank 0 and broadcast `share(result)`; returns (result on rank 0 / None, shared).
+
+        If `fn` raises on rank 0, the failure is broadcast and every other rank raises RankZeroFailed.
+        """
+        result = shared = None
+        if self.main:
+            try:
+                result = fn()
+                shared = share(result)
+            except BaseException as exc:
+                self.dist.broadcast_object(_Failure(f"{type(exc).__name__}: {exc}"))
+                raise
+        shared = self.dist.broadcast_object(shared)
+        if isinstance(shared, _Failure):
+            raise RankZeroFailed(f"rank 0 failed: {shared.message}")
+        return result, shared
+
+    # ----------------------------------------------------------------------------------------- checkpoint
+    def save_checkpoint(self) -> None:
+        """Learner state from every rank, then rank 0 adds the cache snapshot and the loop state and
+        renames the directory into place (trainer/checkpoint.py)."""
+        from trainer.checkpoint import LEARNER_DIR, TrainerState, capture_rng
+
+        _, partial = self.on_main(lambda: self.checkpointer.begin(self.step), share=str)
+        self.learner.save_checkpoint(str(Path(partial) / LEARNER_DIR), {"step": self.step})
+
+        def finish() -> None:
+            if self.cfg.algorithm.mode == "rpo":
+                self.remote.export_cache(Path(partial))
+            state = TrainerState(
+                step=self.step,
+                policy_version=self.learner.policy_version,
+                cursor=self.cursor.state_dict(),
+                run_id=self.cfg.services.run_id,
+                mode=self.cfg.algorithm.mode,
+                rng=capture_rng(),
+            )
+            final = self.checkpointer.commit(Path(partial), state)
+            self.progress.event(
+                "checkpoint", step=self.step, policy_version=state.policy_version, path=str(final)
+            )
+            log.info("checkpoint after step %d: %s", self.step, final, extra={"step": self.step})
+
+        self.on_main(finish)
+
+    def load_checkpoint(self) -> None:
+        """Continue from the newest complete checkpoint: learner, version, cursor, RNG, cache snapshot."""
+        from trainer.checkpoint import LEARNER_DIR, Checkpointer, restore_rng
+
+        _, path = self.on_main(lambda: self.checkpointer.latest(), share=lambda p: str(p) if p else None)
+        if path is None:
+            if self.main:
+                log.warning("--resume: no checkpoint under %s; starting at step 0", self.checkpointer.root)
+            return
+        state = Checkpointer.read_state(Path(path))
+        if state.mode != self.cfg.algorithm.mode or state.run_id != self.cfg.services.run_id:
+            raise ValueError(
+                f"checkpoint {path} is of run {state.run_id!r} in mode {state.mode!r}; this config is run "
+                f"{self.cfg.services.run_id!r} in mode {self.cfg.algorithm.mode!r}: resume with the same config"
+            )
+        self.learner.load_checkpoint(str(Path(path) / LEARNER_DIR))
+        self.learner.policy_version = state.policy_version
+        self.cursor.load_state_dict(state.cursor)
+        self.step = state.step
+        restore_rng(state.rng)
+        if state.mode == "rpo":
+            self.on_main(lambda: self.remote.restore_cache(Path(path)))
+        if self.main:
+            log.info(
+                "resumed from %s: step %d, policy version %d",
+                path,
+                state.step,
+                state.policy_version,
+                extra={"step": state.step, "policy_version": state.policy_version},
+            )
+
+    # -------------------------------------------------------------------------------------------- cleanup
+    def cleanup(self) -> None:
+        for closer in (self.stop_request, self.progress, self.metrics, self.remote):
+            if closer is not None:
+                closer.close()
+
+
+def run_training(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
+    """Set up, train, clean up; returns what `TrainingRecipe.train` reports."""
+    recipe = TrainingRecipe(cfg, resume=resume)
+    try:
+        recipe.setup()
+        return recipe.train()
+    finally:
+        recipe.cleanup()

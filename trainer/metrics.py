@@ -1,0 +1,101 @@
+"""Prometheus metrics of the trainer, all in one place, served on `/metrics` by rank 0.
+
+Names follow ARCHITECTURE.md (the Grafana dashboard queries them): `rpo_` prefix, base units, `_total` on
+counters only, ratios in 0..1, no unbounded labels. Each `TrainerMetrics` owns its own registry, so two
+trainers in one process (tests) never collide; the HTTP server binds `train.metrics_host:metrics_port`
+(port 0: any free port; None: no server).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+STEP_SECONDS_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+SYNC_SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+
+
+class TrainerMetrics:
+    """The trainer's gauges, counters and histograms, updated once per step from the step record."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.steps = Counter("rpo_train_steps", "Optimizer steps taken", registry=r)
+        self.step_seconds = Histogram(
+            "rpo_train_step_seconds",
+            "Wall time of one training step",
+            buckets=STEP_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.phase_seconds = Gauge(
+            "rpo_train_phase_seconds",
+            "Wall time of each phase of the last step",
+            ["phase"],
+            registry=r,
+        )
+        self.policy_version = Gauge("rpo_policy_version", "Policy version the trainer holds", registry=r)
+        self.weight_sync_seconds = Histogram(
+            "rpo_weight_sync_seconds",
+            "Push of new weights to every replica until all serve them",
+            buckets=SYNC_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.reward_mean = Gauge(
+            "rpo_reward_mean", "Mean shaped reward of the last step's responses", registry=r
+        )
+        self.accuracy = Gauge(
+            "rpo_accuracy", "Share of the last step's responses that are correct", registry=r
+        )
+        self.eval_accuracy = Gauge(
+            "rpo_eval_accuracy", "pass@1 on the held-out split at the last evaluation", registry=r
+        )
+        self.generated_tokens = Counter(
+            "rpo_generated_tokens", "Response tokens decoded by the rollout replicas for training", registry=r
+        )
+        self.reused_prefix_tokens = Counter(
+            "rpo_reused_prefix_tokens", "Response tokens reused from the experience cache", registry=r
+        )
+        self.rollout_retries = Counter(
+            "rpo_rollout_retries", "Rollout requests retried on another replica after a failure", registry=r
+        )
+        self.cache_updates = Counter(
+            "rpo_train_cache_updates", "Cache entries replaced by the step's updates", ["choice"], registry=r
+        )
+        self._server: Any = None
+        self.port: int | None = None
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the `/metrics` HTTP server in a daemon thread; returns the bound port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._server = server
+        self.port = int(server.server_port)
+        log.info("trainer metrics on http://%s:%d/metrics", host, self.port)
+        return self.port
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def observe_step(self, record: dict[str, Any]) -> None:
+        """Update everything from one step record (see `trainer.progress.StepRecord`)."""
+        self.steps.inc()
+        self.step_seconds.observe(record["step_seconds"])
+        for phase, seconds in record["phases"].items():
+            self.phase_seconds.labels(phase=phase).set(seconds)
+        self.policy_version.set(record["policy_version"])
+        if record.get("weight_sync_seconds") is not None:
+            self.weight_sync_seconds.observe(record["weight_sync_seconds"])
+        self.reward_mean.set(record["reward_mean"])
+        self.accuracy.set(record["accuracy"])
+        self.generated_tokens.inc(record["generated_tokens"])
+        self.reused_prefix_tokens.inc(record["reused_prefix_tokens"])
+        self.rollout_retries.inc(record.get("rollout_retries", 0))
+        for choice, count in record.get("cache_updates", {}).items():
+            self.cache_updates.labels(choice=choice).inc(count)

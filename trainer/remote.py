@@ -1,0 +1,472 @@
+"""Everything the trainer's rank 0 does over HTTP: find replicas, bring them to a policy version, spread
+group rollouts across them, push weights, and commit cache updates, export and restore snapshots.
+
+A batch of questions is split into one contiguous chunk per replica and the chunks are sent concurrently.
+A chunk whose replica fails (transport error, timeout, 5xx, or 409 "serves an older policy") is sent to the
+next replica; each failure is logged with the replica, the phase and what to check, and the step fails only
+when every replica has failed that chunk. Replicas that do not answer their version check before a step
+sit the step out (named in the log); when they come back they are pushed the current weights first.
+Calls go through the shared retry policy (`services.http_client`) and the service clients
+(`services.rollout.client`, `cache_server.client`); this module only decides where each call goes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.config import RunConfig
+from services.http_client import RetryPolicy, ServiceCallError, ServiceClient, ServiceHTTPError
+from services.schemas.rollout import (
+    RolloutGroup,
+    RolloutQuestion,
+    RolloutRequest,
+    RolloutResponse,
+    WeightVersion,
+)
+
+log = logging.getLogger("rpo.remote")
+
+ROLLOUT_PATH = "/v1/rollouts"
+VERSION_PATH = "/v1/weights/version"
+
+
+class RolloutFailed(RuntimeError):
+    """Every replica failed a chunk of a rollout batch; the message names them and what to check."""
+
+
+def what_to_check(phase: str, url: str) -> str:
+    return (
+        f"check that the replica is up (`curl {url}/readyz`) and its log, that it can reach the cache server, "
+        f"and services.request_timeout_seconds if {phase} batches are large"
+    )
+
+
+def split_evenly(items: Sequence[Any], parts: int) -> list[list[Any]]:
+    """Contiguous chunks whose sizes differ by at most one (no empty chunk)."""
+    parts = max(1, min(parts, len(items)))
+    size, extra = divmod(len(items), parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + size + (1 if i < extra else 0)
+        out.append(list(items[start:end]))
+        start = end
+    return out
+
+
+@dataclass
+class RolloutBatch:
+    """The groups of one batch (in question order) and what producing them cost."""
+
+    groups: list[RolloutGroup]
+    policy_version: int
+    generated_tokens: int
+    reused_prefix_tokens: int
+    rollout_seconds: float
+    """Wall time of the batch (requests run concurrently)."""
+    reward_seconds: float
+    """Scoring time reported by the replicas (the slowest chunk's, since chunks run in parallel)."""
+    retries: int
+    replicas: list[str]
+
+
+@dataclass
+class CollectedGroups:
+    """A step's rollouts over all its rounds: every group (for the cache) and the ones it trains on."""
+
+    all_groups: list[RolloutGroup] = field(default_factory=list)
+    train_groups: list[RolloutGroup] = field(default_factory=list)
+    policy_versions: set[int] = field(default_factory=set)
+    generated_tokens: int = 0
+    reused_prefix_tokens: int = 0
+    rollout_seconds: float = 0.0
+    reward_seconds: float = 0.0
+    retries: int = 0
+    rounds: int = 0
+    samples: list = field(default_factory=list)
+    """The learner's samples built from `train_groups` (trainer.batch.build_samples)."""
+
+    @property
+    def policy_version(self) -> int:
+        """The one version every group of the step was produced by."""
+        if len(self.policy_versions) != 1:
+            raise RolloutFailed(f"a step's rollouts came from policy versions {sorted(self.policy_versions)}")
+        return next(iter(self.policy_versions))
+
+    def add(self, batch: RolloutBatch, keep: Callable[[RolloutGroup], bool] | None, limit: int) -> None:
+        self.rounds += 1
+        self.all_groups.extend(batch.groups)
+        for group in batch.groups:
+            if len(self.train_groups) < limit and (keep is None or keep(group)):
+                self.train_groups.append(group)
+        self.policy_versions.add(batch.policy_version)
+        self.generated_tokens += batch.generated_tokens
+        self.reused_prefix_tokens += batch.reused_prefix_tokens
+        self.rollout_seconds += batch.rollout_seconds
+        self.reward_seconds += batch.reward_seconds
+        self.retries += batch.retries
+
+    def record(self, step: int, policy_version: int, epoch: int) -> dict[str, Any]:
+        samples = [s for g in self.all_groups for s in g.samples]
+        n = max(1, len(samples))
+        return {
+            "step": step,
+            "policy_version": policy_version,
+            "epoch": epoch,
+            "questions": len(self.all_groups),
+            "trained_groups": len(self.train_groups),
+            "samples": len(samples),
+            "rounds": self.rounds,
+            "reward_mean": sum(s.shaped_reward for s in samples) / n,
+            "accuracy": sum(1 for s in samples if s.correct) / n,
+            "response_len_mean": sum(len(s.response_ids) for s in samples) / n,
+            "cache_hit_rate": sum(1 for g in self.all_groups if g.cache_hit) / max(1, len(self.all_groups)),
+            "generated_tokens": self.generated_tokens,
+            "reused_prefix_tokens": self.reused_prefix_tokens,
+            "decoded_tokens_per_sample": self.generated_tokens / n,
+            "tokens_per_second": self.generated_tokens / max(1e-9, self.rollout_seconds),
+            "rollout_retries": self.retries,
+        }
+
+
+class RemoteServices:
+    """Rank 0's view of the cache server and the rollout replicas for one run."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.run_id = cfg.services.run_id
+        self.policy = RetryPolicy.from_config(cfg.services)
+        token = cfg.services.api_token
+        self.token = token.get_secret_value() if token is not None else None
+        self._cache = None
+        if cfg.services.cache_url and cfg.algorithm.mode == "rpo":
+            from cache_server.client import SyncCacheClient
+
+            self._cache = SyncCacheClient.from_config(cfg)
+
+    @property
+    def cache(self) -> Any:
+        if self._cache is None:
+            raise RuntimeError("no cache server configured: set services.cache_url")
+        return self._cache
+
+    def close(self) -> None:
+        if self._cache is not None:
+            self._cache.close()
+
+    # ------------------------------------------------------------------------------------------- replicas
+    def replicas(self) -> list[str]:
+        """Every replica the config names (static list, DNS name or registry), re-resolved on each call."""
+        from services.rollout.client import discover_replicas
+
+        replicas = [u.rstrip("/") for u in discover_replicas(self.cfg)]
+        if not replicas:
+            raise RolloutFailed(
+                "no rollout replica found: set services.rollout_urls or services.rollout_discovery"
+            )
+        return replicas
+
+    def versions(self, replicas: Sequence[str]) -> dict[str, int | None]:
+        """The version each replica serves (None: it did not answer; named in the log)."""
+
+        def one(url: str) -> int | None:
+            client = ServiceClient(url, self._short_policy(), token=self.token)
+            try:
+                reply = client.request("GET", VERSION_PATH, phase="weight version check")
+                return WeightVersion.model_validate_json(reply.content).policy_version
+            except ServiceCallError as exc:
+                log.warning(
+                    "replica %s skipped this step: %s; %s",
+                    url,
+                    exc,
+                    what_to_check("rollout", url),
+                    extra={"replica": url, "phase": "weight version check"},
+                )
+                return None
+            finally:
+                client.close()
+
+        with ThreadPoolExecutor(max_workers=max(1, len(replicas))) as pool:
+            return dict(zip(replicas, pool.map(one, replicas), strict=True))
+
+    def lagging(self, replicas: list[str], version: int) -> list[str]:
+        """Replicas that answer but serve another version; drops from `replicas` (in place) those that don't
+        answer. Raises RolloutFailed when none answers."""
+        versions = self.versions(replicas)
+        alive = [r for r in replicas if versions[r] is not None]
+        if not alive:
+            raise RolloutFailed(
+                f"no rollout replica answers ({', '.join(replicas)}): {what_to_check('rollout', replicas[0])}"
+            )
+        replicas[:] = alive
+        return [r for r in alive if versions[r] != version]
+
+    def _short_policy(self) -> RetryPolicy:
+        p = self.policy
+        return RetryPolicy(
+            connect_timeout_seconds=p.connect_timeout_seconds,
+            read_timeout_seconds=min(p.read_timeout_seconds, 30.0),
+            max_attempts=2,
+            max_total_seconds=60.0,
+            backoff_seconds=p.backoff_seconds,
+        )
+
+    # ------------------------------------------------------------------------------------------- rollouts
+    def _params(self, **overrides: Any) -> dict[str, Any]:
+        cfg = self.cfg
+        a = cfg.algorithm
+        params = {
+            "run_id": self.run_id,
+            "mode": a.mode,
+            "group_size": a.group_size,
+            "truncation_limit": a.truncation_limit,
+            "suffix_budget": a.suffix_budget,
+            "max_response_tokens": a.max_response_tokens,
+            "temperature": cfg.sampling.temperature,
+            "top_p": cfg.sampling.top_p,
+            "reward": cfg.reward.function,
+            "dataset": cfg.data.dataset,
+            "alpha": a.alpha,
+            "shaping_low": a.shaping_low,
+            "shaping_high": a.shaping_high,
+            "overlong_buffer_tokens": a.overlong_buffer_tokens if a.algorithm == "dapo" else 0,
+            "seed_cache_on_miss": a.mode == "rpo",
+        }
+        params.update(overrides)
+        return params
+
+    def training_params(self, seed: int) -> dict[str, Any]:
+        """Rollout settings of a training step."""
+        return self._params(seed=seed)
+
+    def init_params(self, seed: int) -> dict[str, Any]:
+        """One full sample per question at the cache-initialisation sampling settings."""
+        s = self.cfg.sampling
+        return self._params(
+            mode="full",
+            group_size=1,
+            temperature=s.init_temperature,
+            top_p=s.init_top_p,
+            max_response_tokens=s.init_max_tokens,
+            seed=seed,
+            seed_cache_on_miss=False,
+        )
+
+    def eval_params(self) -> dict[str, Any]:
+        """k full samples per held-out question at the evaluation sampling settings (fixed seed)."""
+        s = self.cfg.sampling
+        return self._params(
+            mode="full",
+            group_size=s.eval_samples,
+            temperature=s.eval_temperature,
+            top_p=s.eval_top_p,
+            dataset=self.cfg.data.eval_dataset or self.cfg.data.dataset,
+            seed=self.cfg.train.seed,
+            seed_cache_on_miss=False,
+            overlong_buffer_tokens=0,
+        )
+
+    def rollouts(
+        self,
+        replicas: Sequence[str],
+        questions: Sequence[Any],
+        prompts: dict[str, list[int]],
+        *,
+        params: dict[str, Any],
+        min_policy_version: int,
+        phase: str,
+    ) -> RolloutBatch:
+        """Group rollouts of `questions` spread over `replicas`; groups come back in question order."""
+        started = time.monotonic()
+        wire = [RolloutQuestion(id=q.id, prompt_ids=prompts[q.id], reference=q.answer) for q in questions]
+        chunks = split_evenly(wire, len(replicas))
+        with ThreadPoolExecutor(max_workers=len(chunks)) as pool:
+            futures = [
+                pool.submit(self._chunk, chunk, _rotate(replicas, i), params, min_policy_version, phase)
+                for i, chunk in enumerate(chunks)
+            ]
+            results = [f.result() for f in futures]
+        replies = [reply for reply, _ in results]
+        versions = {r.policy_version for r in replies}
+        if len(versions) > 1:  # cannot happen with min_policy_version == the pushed version; guard anyway
+            raise RolloutFailed(
+                f"{phase}: replicas answered with different policy versions {sorted(versions)}"
+            )
+        return RolloutBatch(
+            groups=[g for r in replies for g in r.groups],
+            policy_version=versions.pop(),
+            generated_tokens=sum(r.stats.generated_tokens for r in replies),
+            reused_prefix_tokens=sum(r.stats.reused_prefix_tokens for r in replies),
+            rollout_seconds=time.monotonic() - started,
+            reward_seconds=max(r.stats.reward_seconds for r in replies),
+            retries=sum(retries for _, retries in results),
+            replicas=sorted({r.replica for r in replies}),
+        )
+
+    def _chunk(
+        self,
+        questions: list[RolloutQuestion],
+        order: list[str],
+        params: dict[str, Any],
+        min_policy_version: int,
+        phase: str,
+    ) -> tuple[RolloutResponse, int]:
+        """One chunk: its own replica first, then the next ones in turn (each attempt one call, so a failure
+        moves on at once); with fewer replicas than `services.max_attempts`, they are tried again after a
+        back-off. Returns the reply and how many retries it took."""
+        body = RolloutRequest(questions=questions, min_policy_version=min_policy_version, **params)
+        content = body.model_dump_json().encode()
+        single = dataclasses.replace(self.policy, max_attempts=1)
+        attempts = max(self.policy.max_attempts, len(order))
+        failures = []
+        for attempt in range(attempts):
+            url = order[attempt % len(order)]
+            if attempt >= len(order):
+                time.sleep(min(self.policy.backoff_seconds * 2 ** (attempt - len(order)), 10.0))
+            client = ServiceClient(url, single, token=self.token)
+            try:
+                reply = client.request(
+                    "POST",
+                    ROLLOUT_PATH,
+                    phase=phase,
+                    content=content,
+                    headers={"Content-Type": "application/json"},
+                )
+                return RolloutResponse.model_validate_json(reply.content), attempt
+            except ServiceCallError as exc:
+                if isinstance(exc, ServiceHTTPError) and exc.status not in (409, 429):
+                    raise  # the request itself is wrong: another replica would refuse it too
+                failures.append(f"{url}: {exc}")
+                nxt = order[(attempt + 1) % len(order)] if attempt + 1 < attempts else None
+                log.warning(
+                    "%s: replica %s failed %d questions (%s); %s; %s",
+                    phase,
+                    url,
+                    len(questions),
+                    exc,
+                    f"retrying them on {nxt}" if nxt else "no attempt left",
+                    what_to_check(phase, url),
+                    extra={"replica": url, "phase": phase},
+                )
+            finally:
+                client.close()
+        raise RolloutFailed(
+            f"{phase}: {len(questions)} questions failed on every replica:\n  " + "\n  ".join(failures)
+        )
+
+    # -------------------------------------------------------------------------------------------- weights
+    def push_weights(self, replicas: list[str], version: int, weights: Any, reason: str) -> None:
+        """Push `weights` as `version` to `replicas` and wait until every one serves it."""
+        from services.rollout.client import push_to_all
+
+        started = time.monotonic()
+        push_to_all(
+            replicas,
+            version,
+            weights,
+            cfg=self.cfg,
+            timeout_seconds=self.cfg.train.weight_sync_timeout_seconds,
+        )
+        self.wait_for_version(
+            replicas, version, deadline=started + self.cfg.train.weight_sync_timeout_seconds
+        )
+        log.debug(
+            "pushed version %d to %d replicas (%s) in %.2f s",
+            version,
+            len(replicas),
+            reason,
+            time.monotonic() - started,
+        )
+
+    def wait_for_version(self, replicas: Sequence[str], version: int, deadline: float) -> None:
+        pending = list(replicas)
+        while pending:
+            versions = self.versions(pending)
+            pending = [r for r in pending if versions[r] != version]
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise RolloutFailed(
+                    "weight sync: "
+                    + ", ".join(f"{r} serves version {versions[r]}" for r in pending)
+                    + f", not {version}, after train.weight_sync_timeout_seconds; check those replicas' logs"
+                )
+            time.sleep(0.1)
+
+    # ---------------------------------------------------------------------------------------------- cache
+    def commit_cache_updates(
+        self, step: int, groups: Sequence[RolloutGroup], policy_version: int
+    ) -> dict[str, int]:
+        """The step's epsilon-greedy updates (idempotent per step and question); returns counts by choice."""
+        from services.schemas.cache import GroupUpdate, UpdateCandidate
+        from trainer.cache_init import answer_tokens
+
+        a = self.cfg.algorithm
+        updates = []
+        for group in groups:
+            prefix = group.samples[0].response_ids[: group.prefix_len]
+            candidates = []
+            for s in group.samples:
+                suffix = answer_tokens(s.response_ids[s.prefix_len :], s.finish_reason)
+                if suffix or prefix:
+                    candidates.append(
+                        UpdateCandidate(suffix_ids=suffix, reward=s.shaped_reward, correct=s.correct)
+                    )
+            if candidates:
+                updates.append(
+                    GroupUpdate(
+                        question_id=group.question_id,
+                        prefix_ids=prefix,
+                        candidates=candidates,
+                        policy_version=policy_version,
+                        min_response_len=min(len(s.response_ids) for s in group.samples),
+                    )
+                )
+        counts = {"best": 0, "other": 0, "none": 0}
+        if not updates:
+            return counts
+        results = self.cache.update(
+            self.run_id,
+            step,
+            updates,
+            epsilon=a.epsilon,
+            only_correct=a.replace_only_correct,
+            seed=self.cfg.train.seed,
+        )
+        for r in results:
+            counts[r.choice] += 1
+        return counts
+
+    def cached_question_ids(self, question_ids: Sequence[str], batch: int = 1024) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(question_ids), batch):
+            ids = list(question_ids[start : start + batch])
+            entries = self.cache.read_entries(self.run_id, ids)
+            found.update(q for q, e in zip(ids, entries, strict=True) if e is not None)
+        return found
+
+    def put_cache_entries(self, entries: Sequence[Any]) -> int:
+        """Write new entries, never overwriting (resumable initialisation); returns how many were written."""
+        return self.cache.put_entries(self.run_id, entries, overwrite=False).written
+
+    def export_cache(self, directory: Any) -> int:
+        from trainer.checkpoint import CACHE_FILE
+
+        return self.cache.export_run(self.run_id, directory / CACHE_FILE)
+
+    def restore_cache(self, directory: Any) -> int:
+        """Replace the run's cache (entries and idempotency markers) with the checkpoint's snapshot."""
+        from trainer.checkpoint import CACHE_FILE
+
+        self.cache.delete_run(self.run_id)
+        return self.cache.import_file(self.run_id, directory / CACHE_FILE)
+
+
+def _rotate(items: Sequence[str], k: int) -> list[str]:
+    k %= len(items)
+    return [*items[k:], *items[:k]]
