@@ -114,46 +114,14 @@ class MainJob:
 
     def _run(self, supervisor: Any, run_dir: Path) -> dict[str, Any]:
         from trainer.model_path import resolve_model_path
-        from trainer.processes import free_port, rpo_command, write_run_config
 
-        cfg = self.cfg
         t = time.monotonic()
-        model_path = resolve_model_path(cfg.model.path)  # builds (and warm-starts) the tiny model once
+        model_path = resolve_model_path(self.cfg.model.path)  # builds (and warm-starts) the tiny model once
         setup_seconds = {"model": time.monotonic() - t}
-
-        # One resolved config for every process: concrete model path, ports, URLs, a fresh run id.
-        cache_port, rollout_port = free_port(), free_port()
-        cache_url, rollout_url = f"http://127.0.0.1:{cache_port}", f"http://127.0.0.1:{rollout_port}"
-        run_id = cfg.services.run_id
-        if run_id == "default":
-            run_id = f"run-{time.strftime('%Y%m%d-%H%M%S')}"
-        cfg = cfg.model_copy(deep=True)
-        cfg.model.path = str(model_path)
-        cfg.train.run_dir = str(run_dir)
-        cfg.train.metrics_host = "127.0.0.1"
-        cfg.train.metrics_port = free_port() if cfg.train.metrics_port == 0 else cfg.train.metrics_port
-        cfg.services.run_id = run_id
-        if cfg.services.redis_url is None:  # the cache server starts the embedded Redis, data in the run dir
-            cfg.cache_server.data_dir = str(run_dir / "redis")
-        cfg.services.cache_url = cache_url
-        cfg.services.rollout_urls = [rollout_url]
-        cfg.services.rollout_discovery = None
-        cfg.cache_server.host = cfg.rollout.host = "127.0.0.1"
-        cfg.cache_server.port, cfg.rollout.port = cache_port, rollout_port
-        config_file, env = write_run_config(cfg, run_dir / "config.yaml")
-        self.cfg = cfg
-
         t = time.monotonic()
-        cache = supervisor.start(
-            "cache", rpo_command("serve", "cache", "--config", str(config_file)), env=env, url=cache_url
-        )
-        rollout = supervisor.start(
-            "rollout", rpo_command("serve", "rollout", "--config", str(config_file)), env=env, url=rollout_url
-        )
-        supervisor.wait_ready(cache, cfg.services.startup_timeout_seconds)
-        supervisor.wait_ready(rollout, cfg.services.startup_timeout_seconds)
+        cfg, config_file, env = start_services(supervisor, self.cfg, run_dir, model_path)
+        self.cfg = cfg
         setup_seconds["services"] = time.monotonic() - t
-        log.info("cache server %s and rollout replica %s are ready", cache_url, rollout_url)
 
         # Cache initialisation and the full-path reference, in this process, through the services.
         from trainer.cache_init import seed_cache
@@ -198,6 +166,54 @@ class MainJob:
             sys.executable, "-m", "deepspeed.launcher.runner", "--no_local_rank", "--num_gpus", str(n),
             "--master_port", str(free_port()), "--module", "services.cli", "train", "--config", str(config_file),
         ]  # fmt: skip
+
+
+def start_services(
+    supervisor: Any, cfg: RunConfig, run_dir: Path, model_path: Path, replicas: int = 1
+) -> tuple[RunConfig, Path, dict[str, str]]:
+    """Start the cache server and `replicas` rollout replicas on free localhost ports and wait until all
+    are ready. Returns the resolved config every process shares (concrete model path, URLs, a fresh run
+    id unless one is configured), its file `run_dir/config.yaml`, and the children's environment."""
+    from trainer.processes import free_port, rpo_command, write_run_config
+
+    cache_url = f"http://127.0.0.1:{free_port()}"
+    ports = [free_port() for _ in range(replicas)]
+    cfg = cfg.model_copy(deep=True)
+    cfg.model.path = str(model_path)
+    cfg.train.run_dir = str(run_dir)
+    cfg.train.metrics_host = "127.0.0.1"
+    if cfg.train.metrics_port == 0:
+        cfg.train.metrics_port = free_port()
+    if cfg.services.run_id == "default":
+        cfg.services.run_id = f"run-{time.strftime('%Y%m%d-%H%M%S')}"
+    if cfg.services.redis_url is None:  # the cache server starts the embedded Redis, data in the run dir
+        cfg.cache_server.data_dir = str(run_dir / "redis")
+    cfg.services.cache_url = cache_url
+    cfg.services.rollout_urls = [f"http://127.0.0.1:{p}" for p in ports]
+    cfg.services.rollout_discovery = None
+    cfg.cache_server.host = cfg.rollout.host = "127.0.0.1"
+    cfg.cache_server.port = int(cache_url.rsplit(":", 1)[1])
+    config_file, env = write_run_config(cfg, run_dir / "config.yaml")
+    children = [
+        supervisor.start(
+            "cache", rpo_command("serve", "cache", "--config", str(config_file)), env=env, url=cache_url
+        )
+    ]
+    for n, port in enumerate(ports):
+        children.append(
+            supervisor.start(
+                "rollout" if replicas == 1 else f"rollout-{n}",
+                rpo_command("serve", "rollout", "--config", str(config_file), "--port", str(port)),
+                env=env,
+                url=f"http://127.0.0.1:{port}",
+            )
+        )
+    for child in children:
+        supervisor.wait_ready(child, cfg.services.startup_timeout_seconds)
+    log.info(
+        "cache server %s and rollout replicas %s are ready", cache_url, ", ".join(cfg.services.rollout_urls)
+    )
+    return cfg, config_file, env
 
 
 def full_path_reference(cfg: RunConfig, remote: Any) -> dict[str, Any]:
