@@ -237,7 +237,9 @@ class CacheStore:
         keys = self.keys(run_id)
         args: list[bytes | str | int] = [repr(time.time()), self.marker_ttl_seconds, request.step]
         for gi, group in enumerate(request.groups):
-            for ci in range(len(group.candidates)):
+            longest = max(len(c.suffix_ids) for c in group.candidates)
+            if (len(group.prefix_ids) + longest) // TOKEN_ID_BYTES > self.max_tokens_per_entry:
+                ci = next(i for i, c in enumerate(group.candidates) if len(c.suffix_ids) == longest)
                 self._check_tokens(group.response_len(ci), f"groups.{gi}.candidates.{ci}.suffix_ids")
             if request.seed is not None:
                 rng = random.Random(f"rpo-update:{request.seed}:{request.step}:{group.question_id}")

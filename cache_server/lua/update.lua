@@ -23,17 +23,15 @@ for i = 3, #KEYS do
   if recorded then
     out[#out + 1] = "0:" .. recorded
   else
-    local exists = redis.call("EXISTS", key) == 1
     if choice ~= "none" then
       redis.call("HSET", key,
         "ids", ARGV[a + 3], "len", ARGV[a + 4], "reward", ARGV[a + 5], "correct", ARGV[a + 6],
         "version", ARGV[a + 7], "lgml", ARGV[a + 8], "updated", now, "step", step)
       redis.call("HINCRBY", key, "updates", 1)
-      if not exists then
-        redis.call("HSET", key, "created", now)
+      if redis.call("HSETNX", key, "created", now) == 1 then
         redis.call("SADD", KEYS[1], qid)
       end
-    elseif exists then
+    elseif redis.call("EXISTS", key) == 1 then
       redis.call("HSET", key, "lgml", ARGV[a + 8])
     end
     local outcome = choice .. ":" .. index

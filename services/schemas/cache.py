@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from services.schemas.common import TokenIds, Wire, token_count
+from services.schemas.common import TOKEN_ID_BYTES, TokenIds, Wire, token_count
 
 RUN_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 """Run ids name a key namespace: letters, digits, `.`, `_`, `-` (no glob or hash-tag characters)."""
@@ -222,7 +222,7 @@ class GroupUpdate(Wire):
     def group_min_len(self) -> int:
         if self.min_response_len is not None:
             return self.min_response_len
-        return min(self.response_len(i) for i in range(len(self.candidates)))
+        return (len(self.prefix_ids) + min(len(c.suffix_ids) for c in self.candidates)) // TOKEN_ID_BYTES
 
 
 class UpdateRequest(Wire):
