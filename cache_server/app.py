@@ -63,6 +63,7 @@ def create_app(config: RunConfig, *, redis_url: str | None = None) -> FastAPI:
             max_tokens_per_entry=settings.max_tokens_per_entry,
             retry_after_seconds=settings.retry_after_seconds,
         )
+        app.state.store.runs_seen.add(config.services.run_id)  # the entries gauge shows it from the start
         try:
             await app.state.store.ping()
             log.info("cache server ready on Redis %s", _redact(url))
