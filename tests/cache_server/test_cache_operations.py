@@ -277,3 +277,24 @@ def test_sync_client_export_import_and_a_cut_file(sync_cache, run_id, tmp_path):
     with pytest.raises(ExportFileError, match="line 2"):
         sync_cache.import_file(run_id + "-bad", bad)
     assert sync_cache.stats(run_id + "-cut").entries == 0 and sync_cache.stats(run_id + "-bad").entries == 0
+
+
+async def test_openapi_documents_every_endpoint_and_its_bodies(cache_url):
+    async with httpx.AsyncClient(timeout=10) as http:
+        doc = (await http.get(f"{cache_url}/openapi.json")).json()
+    paths = doc["paths"]
+    for path, method in [
+        ("/v1/runs/{run_id}/entries", "put"),
+        ("/v1/runs/{run_id}/entries/read", "post"),
+        ("/v1/runs/{run_id}/prefixes", "post"),
+        ("/v1/runs/{run_id}/updates", "post"),
+        ("/v1/runs/{run_id}/stats", "get"),
+        ("/v1/runs/{run_id}", "delete"),
+        ("/v1/runs/{run_id}/export", "get"),
+    ]:
+        assert method in paths[path], path
+    schemas = doc["components"]["schemas"]
+    for name in ("PutEntriesRequest", "PrefixRequest", "UpdateRequest", "GroupUpdate", "ErrorResponse"):
+        assert name in schemas, name
+    assert "epsilon" in schemas["UpdateRequest"]["properties"]
+    assert schemas["UpdateCandidate"]["properties"]["suffix_ids"]["type"] == "array"

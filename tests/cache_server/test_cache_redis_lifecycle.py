@@ -183,3 +183,8 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True
+
+
+def test_without_redis_server_on_path_the_valkey_binary_is_chosen(monkeypatch):
+    monkeypatch.setenv("PATH", "")
+    assert Path(find_server_binary()).name == "valkey-server"
