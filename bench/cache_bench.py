@@ -161,6 +161,19 @@ def start_service(redis_url: str) -> tuple[subprocess.Popen, str]:
     raise SystemExit("the cache server did not become ready")
 
 
+def server_means(url: str) -> dict[str, float]:
+    """Mean time the server spent per request (its own histogram), warm-up rounds included."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    sums: dict[str, list[float]] = {}
+    for line in text.splitlines():
+        for suffix in ("_sum", "_count"):
+            head = "rpo_http_request_duration_seconds" + suffix + "{"
+            if line.startswith(head) and ("/prefixes" in line or "/updates" in line):
+                endpoint = line.split('endpoint="')[1].split('"')[0]
+                sums.setdefault(endpoint, [0.0, 0.0])[suffix == "_count"] = float(line.split()[-1])
+    return {e: total / count for e, (total, count) in sums.items() if count}
+
+
 def row(name: str, what: str, t: list[float], questions: int) -> str:
     p50, p99 = percentile(t, 0.5), percentile(t, 0.99)
     return f"| {name} | {what} | {p50 * 1e3:.1f} | {p99 * 1e3:.1f} | {statistics.mean(t) * 1e3:.1f} | {questions / statistics.mean(t):,.0f} |"
@@ -188,6 +201,7 @@ async def main() -> None:
             await cache.put_entries(raw_run, entries)
             service = await service_rounds(url, service_run, qids, args, random.Random(1))
             raw = await raw_rounds(args.redis_url, raw_run, qids, args, random.Random(1))
+            server_side = server_means(url)
             await cache.delete_run(service_run)
             await cache.delete_run(raw_run)
     finally:
@@ -203,6 +217,8 @@ async def main() -> None:
         print(row("service", what, service[what], args.questions))
         print(row("raw redis-py", what, raw[what], args.questions))
     print()
+    for endpoint, mean in server_side.items():
+        print(f"- server-side mean of {endpoint} (rpo_http_request_duration_seconds): {mean * 1e3:.1f} ms")
     for what in ("prefix", "update", "step"):
         ratio = percentile(service[what], 0.5) / percentile(raw[what], 0.5)
         print(f"- {what}: service / raw at p50 = {ratio:.2f}x")

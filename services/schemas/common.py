@@ -30,6 +30,7 @@ if (
 ):  # pragma: no cover - every mainstream platform has 4-byte uint
     raise ImportError("this platform's array('I') is not 4 bytes wide; packed token ids need uint32")
 _BIG_ENDIAN = sys.byteorder == "big"
+_MSGPACK_BUFFER_BYTES = 8 * 2**20
 
 
 class Wire(BaseModel):
@@ -145,7 +146,10 @@ def is_msgpack(media_type: str | None) -> bool:
 def encode_model(model: BaseModel, msgpack_body: bool) -> bytes:
     """A model as a body: msgpack (token ids as bin) or JSON (token ids as lists)."""
     if msgpack_body:
-        return msgpack.packb(model.model_dump(mode="python"), use_bin_type=True)
+        # A large initial buffer saves the repeated grow-and-copy of msgpack's default 256 KiB one (a
+        # 576-question update is ~6 MB: 5 ms -> 1 ms); the memory is only touched as far as it is written.
+        packer = msgpack.Packer(use_bin_type=True, buf_size=_MSGPACK_BUFFER_BYTES)
+        return packer.pack(model.model_dump(mode="python"))
     return model.model_dump_json().encode()
 
 
