@@ -164,7 +164,7 @@ def test_rpo_serve_cache_starts_and_stops_the_embedded_redis(tmp_path):
             proc.kill()
             proc.wait(timeout=10)
     with embedded_redis(data_dir) as server:  # and its data is still there
-        assert redis.Redis.from_url(server.url).scard("rpo:{served}:ids") == 1
+        assert redis.Redis.from_url(server.url, socket_timeout=5).scard("rpo:{served}:ids") == 1
 
 
 def _embedded_pid(data_dir: Path) -> int:
