@@ -143,3 +143,114 @@ def test_step_record_figures():
     assert record["decoded_tokens_per_sample"] == 3.0  # 12 decoded / 4 samples
     assert record["tokens_per_second"] == 6.0  # 12 tokens in 2 s
     assert record["response_len_mean"] == 5.0 and record["rollout_retries"] == 1
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Spreading a batch over replicas, with a failing one (stand-in HTTP replicas: the real ones are below)
+
+
+class _StandIn:
+    """A loopback HTTP server answering /v1/rollouts with one group per question, or with `fail_status`."""
+
+    def __init__(self, fail_status: int | None = None):
+        import http.server
+        import json
+        import threading
+
+        outer = self
+        self.asked: list[list[str]] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                ids = [q["id"] for q in body["questions"]]
+                outer.asked.append(ids)
+                if fail_status is not None:
+                    payload, status = (
+                        {"error": {"type": "unavailable", "message": "engine down"}},
+                        fail_status,
+                    )
+                else:
+                    payload, status = (
+                        {
+                            "policy_version": body["min_policy_version"],
+                            "replica": f"stand-in:{outer.port}",
+                            "groups": [_group(q, [True, False]).model_dump() for q in ids],
+                            "stats": {
+                                "generated_tokens": 6 * len(ids),
+                                "reused_prefix_tokens": 4 * len(ids),
+                                "generation_seconds": 0.01,
+                                "reward_seconds": 0.001,
+                                "cache_seconds": 0.001,
+                            },
+                        },
+                        200,
+                    )
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_batch_is_split_over_replicas_and_a_failed_chunk_moves_to_another(caplog):
+    from trainer.remote import RemoteServices
+
+    good, bad = _StandIn(), _StandIn(fail_status=503)
+    cfg = load_config(None, ["services.max_attempts=2", "services.retry_backoff_seconds=0.01"])
+    remote = RemoteServices(cfg)
+    questions = [SimpleNamespace(id=f"q{i}", answer="1") for i in range(5)]
+    prompts = {q.id: [1, 2, 3] for q in questions}
+    try:
+        batch = remote.rollouts(
+            [good.url, bad.url],
+            questions,
+            prompts,
+            params=remote.training_params(seed=1),
+            min_policy_version=4,
+            phase="rollout (step 3, round 1)",
+        )
+    finally:
+        good.close(), bad.close()
+    assert [g.question_id for g in batch.groups] == [q.id for q in questions]  # question order kept
+    assert good.asked[0] == ["q0", "q1", "q2"] and bad.asked == [["q3", "q4"]]  # split 3 + 2
+    assert good.asked[1] == ["q3", "q4"] and batch.retries == 1  # the failed chunk went to the good one
+    assert batch.policy_version == 4 and batch.generated_tokens == 30
+    warning = next(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert bad.url in warning and "rollout (step 3, round 1)" in warning and "retrying them on" in warning
+    assert "readyz" in warning  # what to check
+
+
+def test_a_chunk_that_fails_everywhere_names_every_replica():
+    from trainer.remote import RemoteServices, RolloutFailed
+
+    a, b = _StandIn(fail_status=500), _StandIn(fail_status=503)
+    cfg = load_config(None, ["services.max_attempts=2", "services.retry_backoff_seconds=0.01"])
+    remote = RemoteServices(cfg)
+    questions = [SimpleNamespace(id="q0", answer="1")]
+    try:
+        with pytest.raises(RolloutFailed) as err:
+            remote.rollouts(
+                [a.url, b.url],
+                questions,
+                {"q0": [1]},
+                params=remote.eval_params(),
+                min_policy_version=0,
+                phase="evaluation",
+            )
+    finally:
+        a.close(), b.close()
+    assert a.url in str(err.value) and b.url in str(err.value) and "evaluation" in str(err.value)
