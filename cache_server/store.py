@@ -21,7 +21,7 @@ from pathlib import Path
 import redis.asyncio as aredis
 from redis import exceptions as rexc
 
-from services.algorithm import draw_truncation, select_for_cache, truncation_limit
+from services.algorithm import draw_truncation, prefix_length, select_for_cache, truncation_limit
 from services.errors import InvalidInput, Unavailable
 from services.schemas.cache import (
     CacheEntry,
@@ -43,17 +43,6 @@ _UNAVAILABLE_REPLIES = ("LOADING", "MASTERDOWN", "READONLY", "CLUSTERDOWN", "TRY
 def load_script(name: str) -> str:
     """The text of `cache_server/lua/<name>.lua`."""
     return (_LUA_DIR / f"{name}.lua").read_text()
-
-
-def prefix_length(answer_len: int, m: int) -> int:
-    """Tokens kept when m are cut from the end: the length of `services.algorithm.truncate(a, m)`.
-
-    The store slices packed bytes (4 per token) instead of building Python lists; tests check that the
-    slice equals `truncate` for every (length, m), m = 0 and m >= length included.
-    """
-    if m < 0:
-        raise ValueError(f"m must be >= 0, got {m}")
-    return max(answer_len - m, 0)
 
 
 class Keys:

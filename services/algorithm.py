@@ -55,12 +55,19 @@ def draw_truncation(limit: int, rng: random.Random) -> int:
     return rng.randint(0, limit)
 
 
-def truncate(answer_ids: Sequence[int], m: int) -> list[int]:
-    """prefix = a[:len(a) - m]; m = 0 keeps everything, m >= len(a) leaves an empty prefix."""
+def prefix_length(answer_len: int, m: int) -> int:
+    """Tokens kept when m are cut from the end of an answer of `answer_len` tokens (never negative).
+
+    The cache server slices packed token bytes with it instead of building Python lists.
+    """
     if m < 0:
         raise ValueError(f"m must be >= 0, got {m}")
-    keep = max(len(answer_ids) - m, 0)
-    return list(answer_ids[:keep])
+    return max(answer_len - m, 0)
+
+
+def truncate(answer_ids: Sequence[int], m: int) -> list[int]:
+    """prefix = a[:len(a) - m]; m = 0 keeps everything, m >= len(a) leaves an empty prefix."""
+    return list(answer_ids[: prefix_length(len(answer_ids), m)])
 
 
 def suffix_budget(m: int, spec: SuffixBudgetSpec, prefix_len: int, max_response_tokens: int) -> int:

@@ -10,8 +10,7 @@ import pytest
 from cache_helpers import TOKEN, entry, group, run_keys
 
 from cache_server.client import CacheClient, ExportFileError, read_export_file
-from cache_server.store import prefix_length
-from services.algorithm import truncate
+from services.algorithm import prefix_length, truncate
 from services.schemas.cache import PutEntry
 from services.schemas.common import pack_token_ids, unpack_token_ids
 
