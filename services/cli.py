@@ -1,6 +1,5 @@
-"""The `rpo` command line: one entry point, each command group registered by the package that owns it.
-
-The command table is services/commands.py. Heavy imports (torch, vLLM, DeepSpeed) happen inside the handlers, so `rpo --help` is instant.
+"""The `rpo` command line. The command table is services/commands.py; each handler lives in the package
+that owns the feature, and heavy imports (torch, vLLM, DeepSpeed) happen inside it, so `--help` is instant.
 A `ConfigError` or `UsageError` ends the command with its message and exit code 2, never a traceback.
 """
 
@@ -43,6 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, UsageError) as exc:
         print(f"rpo {args.command}: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"rpo {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,78 @@
+"""The `rpo` command line as a user runs it: a real subprocess, its output and exit code."""
+
+import json
+import subprocess
+import sys
+
+import yaml
+
+RPO = [sys.executable, "-m", "services.cli"]
+
+
+def rpo(*args, timeout=60):
+    return subprocess.run([*RPO, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_lists_every_command_group():
+    out = rpo("--help")
+    assert out.returncode == 0
+    for group in ("run", "train", "eval", "serve", "cache", "model", "data", "config"):
+        assert f"    {group}" in out.stdout
+    serve = rpo("serve", "--help")
+    assert "cache" in serve.stdout and "rollout" in serve.stdout
+    cache = rpo("cache", "--help")
+    for sub in ("init", "export", "import", "stats"):
+        assert sub in cache.stdout
+
+
+def test_config_show_applies_file_env_and_flags(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("algorithm:\n  group_size: 4\n  epsilon: 0.25\n")
+    out = rpo("config", "show", "--config", str(path), "--set", "algorithm.group_size=3")
+    assert out.returncode == 0, out.stderr
+    shown = yaml.safe_load(out.stdout)
+    assert shown["algorithm"]["group_size"] == 3 and shown["algorithm"]["epsilon"] == 0.25
+
+
+def test_bad_config_is_a_message_not_a_traceback(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("algorithm:\n  group_size: 4\n  epsilom: 0.25\n")
+    out = rpo("config", "show", "--config", str(path))
+    assert out.returncode == 2
+    assert f"{path}, line 3: algorithm.epsilom: unknown key" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = rpo("config", "show", "--set", "algorithm.epsilon=2")
+    assert out.returncode == 2 and "algorithm.epsilon" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_data_synth_writes_the_splits(tmp_path):
+    out = rpo(
+        "data",
+        "synth",
+        "--out",
+        str(tmp_path),
+        "--set",
+        "data.synthetic_train_size=12",
+        "--set",
+        "data.synthetic_eval_size=5",
+    )
+    assert out.returncode == 0, out.stderr
+    train = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    held_out = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert len(train) == 12 and len(held_out) == 5
+    assert train[0]["solution"].endswith("\\boxed{" + train[0]["answer"] + "}")
+
+
+def test_model_tiny_refuses_a_non_empty_directory(tmp_path):
+    (tmp_path / "keep.txt").write_text("x")
+    out = rpo("model", "tiny", "--out", str(tmp_path))
+    assert out.returncode == 2 and "not empty" in out.stderr
+
+
+def test_model_tiny_writes_a_loadable_model(tmp_path):
+    out = rpo("model", "tiny", "--out", str(tmp_path / "m"), timeout=120)
+    assert out.returncode == 0, out.stderr
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert model.config.hidden_size // model.config.num_attention_heads == 64
