@@ -1,0 +1,89 @@
+"""A real Prometheus scrapes our real services, and every dashboard query evaluates against it.
+
+The cache server runs here over the real Redis; the scrape config uses the job names of
+deploy/prometheus/prometheus.yml, so the dashboard's queries run unchanged.
+"""
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from cache_server.app import create_app
+from services.config import load_config
+from services.server_common import serve_in_thread
+from tests.deploy.test_deploy_files import dashboard_queries
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def cache_target():
+    app = create_app(load_config(None, ["services.run_id=prom-test"]), redis_url="redis://127.0.0.1:6379/0")
+    with serve_in_thread(app) as url:
+        httpx.post(
+            f"{url}/v1/runs/prom-test/prefixes",
+            json={"question_ids": ["q1"], "truncation_limit": 5},
+            timeout=10,
+        )
+        yield url.removeprefix("http://")
+
+
+@pytest.fixture
+def prometheus(tmp_path: Path, cache_target: str):
+    assert shutil.which("prometheus"), "scripts/test.sh installs prometheus from the OS packages"
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [{"job_name": "rpo-cache", "static_configs": [{"targets": [cache_target]}]}],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            "prometheus",
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def query(base: str, expr: str) -> dict:
+    resp = httpx.get(f"{base}/api/v1/query", params={"query": expr}, timeout=10)
+    return resp.json()
+
+
+def test_prometheus_scrapes_the_cache_server_and_every_dashboard_query_runs(prometheus):
+    deadline = time.monotonic() + 60
+    series = []
+    while time.monotonic() < deadline:
+        try:
+            series = query(prometheus, 'rpo_cache_misses_total{job="rpo-cache"}')["data"]["result"]
+        except (httpx.HTTPError, KeyError):
+            series = []
+        if series:
+            break
+        time.sleep(0.5)
+    assert series, "Prometheus never scraped rpo_cache_misses_total from the cache server"
+    assert float(series[0]["value"][1]) >= 1  # the miss the fixture caused
+    for expr in dashboard_queries():
+        expr = expr.replace("$__range", "5m")  # Grafana's variable; Prometheus needs a real range
+        answer = query(prometheus, expr)
+        assert answer["status"] == "success", (expr, answer)
