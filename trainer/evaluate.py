@@ -45,8 +45,9 @@ class EvalResult:
     policy_version: int
 
     def describe(self) -> str:
+        at_k = f", pass@{self.k} {100 * self.pass_at_k:.1f}%" if self.k > 1 else ""
         return (
-            f"pass@1 {100 * self.pass_at_1:.1f}%, pass@{self.k} {100 * self.pass_at_k:.1f}% on "
+            f"pass@1 {100 * self.pass_at_1:.1f}%{at_k} on "
             f"{self.questions} questions (policy v{self.policy_version}, mean response "
             f"{self.mean_response_tokens:.1f} tokens, {self.seconds:.1f} s)"
         )
