@@ -21,6 +21,7 @@ group still has a best, shortest answer to keep); PAPER.md leaves this open.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -459,6 +460,7 @@ def run_training(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     recipe = TrainingRecipe(cfg, resume=resume)
     try:
         recipe.setup()
-        return recipe.train()
+        with recipe.progress.logging_above_bar() if recipe.progress else contextlib.nullcontext():
+            return recipe.train()
     finally:
         recipe.cleanup()

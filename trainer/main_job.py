@@ -230,7 +230,7 @@ def full_path_reference(cfg: RunConfig, remote: Any) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     prompts = {q.id: encode_prompt(tokenizer, q.question, cfg.data) for q in chosen}
     params = remote.training_params(seed=request_seed(cfg.train.seed, 1, 0))
-    params["mode"] = "full"
+    params.update(mode="full", seed_cache_on_miss=False)
     t = time.monotonic()
     batch = remote.rollouts(
         remote.replicas(), chosen, prompts, params=params, min_policy_version=0, phase="full-path reference"
