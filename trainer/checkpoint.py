@@ -2,9 +2,10 @@
 
 A checkpoint is one directory `run_dir/checkpoints/step-NNNNNNNN/` holding everything a resumed run needs
 to continue exactly where this one stood after step N:
-- `learner/`: the learner's DeepSpeed checkpoint (weights, optimizer, scheduler; written by every rank);
+- `learner/`: the learner's DeepSpeed checkpoint (weights, optimizer, scheduler, policy version, and each
+  rank's Python/NumPy/torch RNG states; written by every rank, `trainer/learner.py`);
 - `cache.ndjson`: the run's experience cache, exported from the cache server (RPO mode only);
-- `state.json`: step, policy version, data cursor, RNG states, run id and mode.
+- `state.json`: step, policy version, data cursor, run id and mode.
 
 Guarantees: a checkpoint is written into `step-N.partial/` and renamed into place only when complete, so a
 crash mid-save never leaves a directory that `latest()` would pick; only the last `train.keep_checkpoints`
@@ -14,10 +15,8 @@ complete checkpoints are kept; restoring the cache replaces the run's whole name
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
-import random
 import re
 import shutil
 import signal
@@ -47,8 +46,6 @@ class TrainerState:
     """`DataCursor.state_dict()`: epoch and position in the seeded order."""
     run_id: str
     mode: str
-    rng: dict[str, Any] = field(default_factory=dict)
-    """Python, NumPy and torch RNG states of rank 0 (see `capture_rng` / `restore_rng`)."""
     saved_at: float = field(default_factory=time.time)
 
     def to_json(self) -> str:
@@ -57,47 +54,6 @@ class TrainerState:
     @classmethod
     def from_json(cls, text: str) -> TrainerState:
         return cls(**json.loads(text))
-
-
-def capture_rng() -> dict[str, Any]:
-    """The global RNG states, as JSON-able data."""
-    import numpy as np
-    import torch
-
-    version, internal, gauss = random.getstate()
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": [version, list(internal), gauss],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = [
-            base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()
-        ]
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    """Set the global RNG states captured by `capture_rng` (missing parts are left alone)."""
-    import numpy as np
-    import torch
-
-    if "python" in state:
-        version, internal, gauss = state["python"]
-        random.setstate((version, tuple(internal), gauss))
-    if "numpy" in state:
-        name, keys, pos, has_gauss, cached = state["numpy"]
-        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    if "torch" in state:
-        raw = np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()
-        torch.set_rng_state(torch.from_numpy(raw))
-    if "cuda" in state and torch.cuda.is_available():
-        states = [
-            torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy()) for s in state["cuda"]
-        ]
-        if len(states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states)
 
 
 class Checkpointer:

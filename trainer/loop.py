@@ -349,11 +349,10 @@ class TrainingRecipe:
         return counts
 
     def push_weights(self, replicas: list[str], version: int, reason: str) -> None:
-        """Every rank takes part in gathering the weights (ZeRO-3); rank 0 pushes them and waits."""
-        weights = self.learner.named_weights()
-        if not self.main and hasattr(weights, "__next__"):  # a lazy gather must be driven on every rank
-            for _ in weights:
-                pass
+        """Every rank takes part in gathering the weights (ZeRO-3: in lockstep, to the end); rank 0 keeps
+        its CPU copies and pushes them only once the gather is over, so a failed push never leaves the
+        other ranks waiting in a gather."""
+        weights = [(name, tensor) for name, tensor in self.learner.named_weights() if self.main]
         self.on_main(lambda: self.remote.push_weights(replicas, version, weights, reason=reason))
 
     def evaluate(self, label: str) -> None:
@@ -393,7 +392,7 @@ class TrainingRecipe:
     def save_checkpoint(self) -> None:
         """Learner state from every rank, then rank 0 adds the cache snapshot and the loop state and
         renames the directory into place (trainer/checkpoint.py)."""
-        from trainer.checkpoint import LEARNER_DIR, TrainerState, capture_rng
+        from trainer.checkpoint import LEARNER_DIR, TrainerState
 
         _, partial = self.on_main(lambda: self.checkpointer.begin(self.step), share=str)
         self.learner.save_checkpoint(str(Path(partial) / LEARNER_DIR), {"step": self.step})
@@ -407,7 +406,6 @@ class TrainingRecipe:
                 cursor=self.cursor.state_dict(),
                 run_id=self.cfg.services.run_id,
                 mode=self.cfg.algorithm.mode,
-                rng=capture_rng(),
             )
             final = self.checkpointer.commit(Path(partial), state)
             self.progress.event(
@@ -419,7 +417,7 @@ class TrainingRecipe:
 
     def load_checkpoint(self) -> None:
         """Continue from the newest complete checkpoint: learner, version, cursor, RNG, cache snapshot."""
-        from trainer.checkpoint import LEARNER_DIR, Checkpointer, restore_rng
+        from trainer.checkpoint import LEARNER_DIR, Checkpointer
 
         _, path = self.on_main(lambda: self.checkpointer.latest(), share=lambda p: str(p) if p else None)
         if path is None:
@@ -432,11 +430,14 @@ class TrainingRecipe:
                 f"checkpoint {path} is of run {state.run_id!r} in mode {state.mode!r}; this config is run "
                 f"{self.cfg.services.run_id!r} in mode {self.cfg.algorithm.mode!r}: resume with the same config"
             )
-        self.learner.load_checkpoint(str(Path(path) / LEARNER_DIR))
-        self.learner.policy_version = state.policy_version
+        self.learner.load_checkpoint(str(Path(path) / LEARNER_DIR))  # weights, optimizer, version, RNG
+        if self.learner.policy_version != state.policy_version:
+            raise ValueError(
+                f"checkpoint {path}: the learner holds policy version {self.learner.policy_version}, "
+                f"state.json says {state.policy_version}; the checkpoint is inconsistent"
+            )
         self.cursor.load_state_dict(state.cursor)
         self.step = state.step
-        restore_rng(state.rng)
         if state.mode == "rpo":
             self.on_main(lambda: self.remote.restore_cache(Path(path)))
         if self.main:

@@ -1,15 +1,14 @@
-"""Checkpoints: the bookkeeping (atomic completion, newest, pruning), RNG round trips, the stop request;
+"""Checkpoints: the bookkeeping (atomic completion, newest, pruning), the stop request;
 and end to end, a training process killed with SIGKILL mid-run and resumed with `--resume`."""
 
 from __future__ import annotations
 
 import os
-import random
 import signal
 
 import pytest
 
-from trainer.checkpoint import STATE_FILE, Checkpointer, StopRequest, TrainerState, capture_rng, restore_rng
+from trainer.checkpoint import STATE_FILE, Checkpointer, StopRequest, TrainerState
 
 
 def _state(step: int) -> TrainerState:
@@ -43,20 +42,6 @@ def test_saving_the_same_step_twice_replaces_it(tmp_path):
     ckpt.commit(ckpt.begin(4), again)
     assert len(ckpt.complete()) == 1 and Checkpointer.read_state(ckpt.latest()).policy_version == 99
     assert (ckpt.latest() / STATE_FILE).is_file()
-
-
-def test_rng_states_round_trip_through_json():
-    import json
-
-    import numpy as np
-    import torch
-
-    random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    state = json.loads(json.dumps(capture_rng()))
-    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
-    random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    restore_rng(state)
-    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
 
 
 def test_sigterm_asks_for_a_stop_after_the_step():
