@@ -1,0 +1,115 @@
+"""The trainer's process group: start it, ask who we are, move small objects and numbers between ranks.
+
+Guarantees: `init_distributed()` is idempotent and works with or without DeepSpeed's launcher (alone it
+makes a world of one on a free local port); the backend is gloo on CPU (DS_ACCELERATOR=cpu) and the
+accelerator's own (nccl on CUDA) otherwise. Every other helper also works before `init_distributed()`,
+as a world of one. `shard` splits a list the same way on every rank, so the ranks' slices together are the
+whole list, in order, with sizes that differ by at most one.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _torch_dist():
+    import torch.distributed as torch_dist
+
+    return torch_dist
+
+
+def _initialised() -> bool:
+    torch_dist = _torch_dist()
+    return torch_dist.is_available() and torch_dist.is_initialized()
+
+
+def backend_name() -> str:
+    """gloo on the CPU accelerator, the accelerator's communication backend (nccl on CUDA) elsewhere."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    return "gloo" if accelerator.device_name() == "cpu" else accelerator.communication_backend_name()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Join the process group (or make a world of one when no launcher set RANK/WORLD_SIZE).
+
+    Also selects this rank's accelerator device (LOCAL_RANK) on GPUs. Safe to call more than once.
+    """
+    if _initialised():
+        return
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    launched = ("RANK" in os.environ and "WORLD_SIZE" in os.environ) or "OMPI_COMM_WORLD_RANK" in os.environ
+    if not launched:  # a plain process: a world of one (an MPI launch is discovered by DeepSpeed)
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend=backend_name(), verbose=False)
+
+
+def rank() -> int:
+    return _torch_dist().get_rank() if _initialised() else int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return _torch_dist().get_world_size() if _initialised() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if _initialised() and world_size() > 1:
+        _torch_dist().barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """`obj` from rank `src` on every rank (picklable objects; every rank must call it)."""
+    if not _initialised() or world_size() == 1:
+        return obj
+    box = [obj if rank() == src else None]
+    _torch_dist().broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def sum_over_ranks(values: Sequence[float]) -> list[float]:
+    """Element-wise sum of `values` over all ranks (float64; every rank must call it with the same length)."""
+    if not _initialised() or world_size() == 1:
+        return [float(v) for v in values]
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    device = "cpu" if backend_name() == "gloo" else get_accelerator().current_device_name()
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    _torch_dist().all_reduce(tensor)
+    return tensor.cpu().tolist()
+
+
+def shard_bounds(n: int, ranks: int, index: int) -> tuple[int, int]:
+    """[start, end) of rank `index`'s contiguous slice of n items: the first n % ranks ranks get one more."""
+    base, extra = divmod(n, ranks)
+    start = index * base + min(index, extra)
+    return start, start + base + (1 if index < extra else 0)
+
+
+def shard(items: Sequence[T]) -> list[T]:
+    """This rank's contiguous slice of `items` (see `shard_bounds`); may be empty when ranks > len(items)."""
+    start, end = shard_bounds(len(items), world_size(), rank())
+    return list(items[start:end])
