@@ -1,0 +1,510 @@
+"""The DeepSpeed learner: everything that touches the policy's parameters (PAPER.md step 5).
+
+Guarantees:
+- ONE optimizer step per rollout batch (per update when `train.updates_per_batch` > 1), whatever the batch
+  size, micro-batch size and world size: every rank runs the same number of micro-batches (a rank whose
+  slice is short runs zero-weight padding micro-batches, so ZeRO's per-backward collectives line up), and
+  the global normalisers (GRPO: sequences, DAPO: loss tokens) are taken over the WHOLE batch before it is
+  split. DeepSpeed averages gradients over ranks, so each rank's loss is multiplied by the world size
+  before `backward`; the gradient is then exactly that of the whole-batch loss (tests/trainer check
+  world size 1 against 2, ZeRO-2 and ZeRO-3).
+- pi_old is the current policy detached when `updates_per_batch` == 1 (TRL's GRPO does the same: ratio 1,
+  only its gradient matters); with more updates, a no-grad pass before the first update.
+- The reference policy (GRPO with beta > 0) is the starting model, frozen: a plain copy in eval mode for
+  ZeRO stages 0-2 (the policy is replicated there anyway), a ZeRO-3 engine without optimizer (partitioned
+  like the policy, gathered layer by layer) for ZeRO-3.
+- `named_weights`/`export_hf` give the HF state-dict names (`lm_head.weight` only when untied).
+Departures from the paper: none in the objective. Log-probs are of the model's own distribution (no
+temperature scaling, as in TRL 0.14 that the release code runs); with pi_old = pi_theta this changes only
+the KL term's reference point, not the policy gradient's direction.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from services.config import RunConfig
+from trainer import dist
+from trainer.batch import Batch, TrainSample, collate, count_loss_tokens
+from trainer.losses import dapo_loss, grpo_loss
+
+log = logging.getLogger("rpo.learner")
+
+CHECKPOINT_TAG = "state"
+"""DeepSpeed tag (sub-directory) of the learner's checkpoint inside the directory it is given."""
+_CLIENT_KEY = "rpo_learner"
+_WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".index.json")
+
+
+def resolve_dtype(precision: str) -> torch.dtype:
+    """`train.precision` -> the compute dtype: `auto` is bfloat16 on an accelerator, float32 on CPU."""
+    from deepspeed.accelerator import get_accelerator
+
+    if precision == "auto":
+        return torch.float32 if get_accelerator().device_name() == "cpu" else torch.bfloat16
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+@dataclass
+class LRSchedule:
+    """Multiplier of the peak lr after `step` optimizer steps: linear warm-up, then cosine or constant.
+
+    Warm-up covers w = ceil(warmup_ratio * total) steps with factors 1/(w+1) .. w/(w+1) (never 0: the
+    first step learns); cosine then falls from 1 at step w towards 0 at step `total`.
+    """
+
+    total: int
+    warmup: int
+    kind: str
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        if self.kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def token_logprobs(model: Any, batch: Batch) -> torch.Tensor:
+    """[B, T] float32 log pi(response token t | prompt, response[:t]) under `model` (any HF causal LM)."""
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        logits_to_keep=batch.logits_to_keep,
+        use_cache=False,
+    )
+    logits = out.logits[:, :-1].float()  # [B, K-1, V]: window columns first_logit .. L-2
+    targets = batch.input_ids[:, batch.first_logit + 1 :]  # [B, K-1]: the token each column predicts
+    chosen = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, K-1]
+    window = chosen - torch.logsumexp(logits, dim=-1)  # [B, K-1]
+    return window.gather(1, batch.logit_index)  # [B, T]
+
+
+class Learner:
+    """The policy under DeepSpeed, its optimizer and schedule, and the frozen reference when needed.
+
+    Calling contract with several ranks: the constructor, `train_step`, `named_weights` (iterated to the
+    end), `save_checkpoint`, `load_checkpoint` and `export_hf` are collective: every rank calls them, in the
+    same order, with the same arguments (`train_step`: the same full sample list on every rank).
+    """
+
+    def __init__(self, cfg: RunConfig, model_path: str, total_steps: int):
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+        from transformers import AutoConfig
+
+        dist.init_distributed()
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        self.cfg = cfg
+        self.model_path = Path(model_path)
+        self.total_steps = max(1, int(total_steps))
+        self.policy_version = 0
+        self.world = dist.world_size()
+        self.stage = cfg.train.zero_stage
+        self.dtype = resolve_dtype(cfg.train.precision)
+        self.on_cpu = get_accelerator().device_name() == "cpu"
+        self.device = torch.device("cpu" if self.on_cpu else get_accelerator().current_device_name())
+        self.hf_config = AutoConfig.from_pretrained(self.model_path)
+        self.ds_config = self._deepspeed_config()
+
+        model = self._load_model()
+        model.config.use_cache = False
+        if cfg.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        a = cfg.algorithm
+        optimizer_steps = self.total_steps * cfg.train.updates_per_batch
+        self.schedule = LRSchedule(
+            total=optimizer_steps,
+            warmup=math.ceil(cfg.train.warmup_ratio * optimizer_steps),
+            kind=cfg.train.lr_scheduler,
+        )
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=self.ds_config,
+            lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule),
+        )
+        self.engine.train()
+        self.reference = None
+        if a.algorithm == "grpo" and a.beta > 0:
+            self.reference = self._load_reference()
+        if dist.is_main():
+            log.info(
+                "learner: %s, ZeRO-%d on %d rank(s), %s, micro-batch %d, %d optimizer steps planned "
+                "(%d warm-up), reference %s",
+                self.model_path,
+                self.stage,
+                self.world,
+                str(self.dtype).replace("torch.", ""),
+                cfg.train.micro_batch_size,
+                optimizer_steps,
+                self.schedule.warmup,
+                "none" if self.reference is None else ("ZeRO-3 engine" if self.stage == 3 else "frozen copy"),
+            )
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def _deepspeed_config(self) -> dict[str, Any]:
+        t = self.cfg.train
+        zero: dict[str, Any] = {"stage": self.stage}
+        if t.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": not self.on_cpu}
+        if t.offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": not self.on_cpu}
+        return {
+            "train_micro_batch_size_per_gpu": t.micro_batch_size,
+            # Accumulation is ours: the boundary is set explicitly on the last micro-batch of a step.
+            "gradient_accumulation_steps": 1,
+            "train_batch_size": t.micro_batch_size * self.world,
+            "gradient_clipping": t.max_grad_norm,
+            "bf16": {"enabled": self.dtype == torch.bfloat16},
+            "zero_optimization": zero,
+            "optimizer": {
+                "type": "AdamW",
+                "params": {
+                    "lr": t.lr,
+                    "betas": [0.9, 0.999],
+                    "eps": 1e-8,
+                    "weight_decay": t.weight_decay,
+                    # DeepSpeed's fused / CPU Adam kernels need a compiler and a GPU build; on the CPU
+                    # accelerator torch's AdamW does the same update.
+                    "torch_adam": self.on_cpu,
+                },
+            },
+            "zero_force_ds_cpu_optimizer": not self.on_cpu,
+            "steps_per_print": 2**62,
+            "wall_clock_breakdown": False,
+        }
+
+    def _load_model(self) -> Any:
+        """The HF model in the compute dtype, on CPU. Under ZeRO-3 `deepspeed.initialize` then partitions
+        it, so each rank holds a full copy only until then (transformers' zero.Init loading path needs
+        `accelerate`, which this project does not depend on)."""
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.dtype)
+
+    def _load_reference(self) -> Any:
+        import deepspeed
+
+        model = self._load_model()
+        model.config.use_cache = False
+        model.requires_grad_(False)
+        model.eval()
+        if self.stage != 3:
+            return model.to(self.device)
+        zero = {"stage": 3}
+        if self.cfg.train.offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": not self.on_cpu}
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            config={
+                "train_micro_batch_size_per_gpu": self.cfg.train.micro_batch_size,
+                "gradient_accumulation_steps": 1,
+                "train_batch_size": self.cfg.train.micro_batch_size * self.world,
+                "bf16": {"enabled": self.dtype == torch.bfloat16},
+                "zero_optimization": zero,
+                "steps_per_print": 2**62,
+            },
+        )
+        engine.eval()
+        return engine
+
+    @property
+    def module(self) -> Any:
+        """The HF model inside the engine (under ZeRO-3 its parameters are partitioned)."""
+        return self.engine.module
+
+    # ------------------------------------------------------------------------------------------------- step
+    def train_step(self, samples: list[TrainSample]) -> dict[str, Any]:
+        """One optimizer step (per update) over the whole `samples` list; collective (see class docstring).
+
+        Returns, aggregated over ranks: loss (whole-batch objective, mean over updates), kl and
+        clip_fraction (means over loss tokens), grad_norm (before clipping, last update), lr (of the last
+        update), tokens (loss tokens of the batch), sequences, micro_batches (per rank), seconds, and the
+        new policy_version.
+        """
+        if not samples:
+            raise ValueError("train_step needs at least one sample")
+        started = time.monotonic()
+        a, t = self.cfg.algorithm, self.cfg.train
+        suffix_only = a.loss_on_suffix_only
+        num_sequences = len(samples)
+        num_tokens = max(1, count_loss_tokens(samples, suffix_only))
+        mine = dist.shard(samples)
+        # Every rank runs as many micro-batches as the longest slice needs (ceil(n / world) samples).
+        per_rank = math.ceil(num_sequences / self.world)
+        n_micro = math.ceil(per_rank / t.micro_batch_size)
+        batches: list[Batch] = []
+        for i in range(n_micro):
+            chunk = mine[i * t.micro_batch_size : (i + 1) * t.micro_batch_size]
+            batch = collate(chunk or samples[:1], suffix_only)
+            if not chunk:  # padding micro-batch: same graph, zero weight
+                batch.loss_mask.zero_()
+            batches.append(batch.to(self.device))
+
+        refs: list[torch.Tensor | None] = [None] * n_micro
+        olds: list[torch.Tensor | None] = [None] * n_micro
+        with torch.no_grad():
+            if self.reference is not None:
+                refs = [token_logprobs(self.reference, b) for b in batches]
+            if t.updates_per_batch > 1:
+                olds = [token_logprobs(self.engine, b) for b in batches]
+
+        sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "tokens": 0.0}
+        grad_norm, lr = 0.0, 0.0
+        for _update in range(t.updates_per_batch):
+            for i, batch in enumerate(batches):
+                self.engine.set_gradient_accumulation_boundary(i == n_micro - 1)
+                logp = token_logprobs(self.engine, batch)  # [B, T]
+                old = logp.detach() if olds[i] is None else olds[i]
+                if a.algorithm == "grpo":
+                    loss, stats = grpo_loss(
+                        logp,
+                        old,
+                        batch.advantages,
+                        batch.loss_mask,
+                        ref_logp=refs[i],
+                        clip_eps=a.clip_eps,
+                        beta=a.beta,
+                        num_sequences=num_sequences,
+                    )
+                else:
+                    loss, stats = dapo_loss(
+                        logp,
+                        old,
+                        batch.advantages,
+                        batch.loss_mask,
+                        clip_eps_low=a.clip_eps_low,
+                        clip_eps_high=a.clip_eps_high,
+                        num_tokens=num_tokens,
+                    )
+                # DeepSpeed averages gradients over ranks; scaling by the world size makes the reduced
+                # gradient the SUM over ranks, i.e. that of the whole-batch loss.
+                self.engine.backward(loss * self.world)
+                sums["loss"] += stats.loss
+                sums["kl"] += stats.kl * stats.tokens
+                sums["clipped"] += stats.clip_fraction * stats.tokens
+                sums["tokens"] += stats.tokens
+            lr = float(self.engine.get_lr()[0])
+            # ZeRO-0 in float32 clips without recording the norm: take it from the reduced gradients.
+            own_norm = _grad_norm(self.module) if self.stage == 0 else None
+            self.engine.step()
+            norm = self.engine.get_global_grad_norm()
+            grad_norm = float(norm if norm is not None else own_norm)
+            self.policy_version += 1
+
+        loss_sum, kl_sum, clipped_sum, token_sum = dist.sum_over_ranks(
+            [sums["loss"], sums["kl"], sums["clipped"], sums["tokens"]]
+        )
+        token_sum = max(token_sum, 1.0)
+        return {
+            "loss": loss_sum / t.updates_per_batch,
+            "kl": kl_sum / token_sum,
+            "clip_fraction": clipped_sum / token_sum,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "tokens": count_loss_tokens(samples, suffix_only),
+            "sequences": num_sequences,
+            "micro_batches": n_micro,
+            "seconds": time.monotonic() - started,
+            "policy_version": self.policy_version,
+        }
+
+    # ---------------------------------------------------------------------------------------------- weights
+    def _named_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """Parameters (shared ones once: a tied LM head is left out) and persistent buffers, HF names."""
+        module = self.module
+        named: list[tuple[str, torch.Tensor]] = list(module.named_parameters())
+        for name, buf in module.named_buffers():
+            owner_name, _, short = name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            if short not in owner._non_persistent_buffers_set:
+                named.append((name, buf))
+        return named
+
+    def named_weights(self, bucket_bytes: int = 256 * 2**20) -> Iterator[tuple[str, torch.Tensor]]:
+        """Full HF-named weights of the current policy, one tensor at a time (collective under ZeRO-3).
+
+        Contract: EVERY rank calls it and iterates to the end, in lockstep (under ZeRO-3 each bucket of up
+        to `bucket_bytes` is all-gathered with `deepspeed.zero.GatheredParameters`). On rank 0 each tensor
+        is a CPU copy in the training dtype that the caller may keep; on other ranks the same names come
+        with tensors that are only valid until the next item (drop them). A rank 0 consumer that stops
+        early leaves the other ranks waiting in a gather: drain it (or let it fail everywhere).
+        """
+        import deepspeed
+
+        main = dist.is_main()
+        named = self._named_tensors()
+        if self.stage != 3:
+            for name, tensor in named:
+                yield name, (tensor.detach().to("cpu", copy=True) if main else tensor.detach())
+            return
+        for bucket in _buckets(named, bucket_bytes):
+            params = [t for _, t in bucket if hasattr(t, "ds_id")]
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                for name, tensor in bucket:
+                    yield name, (tensor.detach().to("cpu", copy=True) if main else tensor.detach())
+
+    def export_hf(self, out_dir: str, max_shard_bytes: int = 5 * 2**30) -> None:
+        """Write the current policy as an HF model directory (collective; rank 0 writes).
+
+        config.json (dtype = the training dtype), safetensors weights (sharded with an index past
+        `max_shard_bytes`), and every other top-level file of the model path except weights and config
+        (tokenizer, generation config, chat template, licence).
+        """
+        main = dist.is_main()
+        out = Path(out_dir)
+        writer = _ShardWriter(out, max_shard_bytes) if main else None
+        for name, tensor in self.named_weights():
+            if writer is not None:
+                writer.add(name, tensor)
+        if writer is not None:
+            writer.close()
+            config = copy.deepcopy(self.hf_config)
+            config.dtype = self.dtype
+            config.use_cache = True
+            config.save_pretrained(out)
+            for item in self.model_path.iterdir():
+                if item.is_file() and item.name != "config.json" and not item.name.endswith(_WEIGHT_FILES):
+                    shutil.copy2(item, out / item.name)
+        dist.barrier()
+
+    # ------------------------------------------------------------------------------------------- checkpoint
+    def save_checkpoint(self, directory: str, client_state: dict[str, Any]) -> None:
+        """DeepSpeed checkpoint (weights, optimizer, scheduler) of every rank into `directory`, plus
+        `client_state`, the policy version and each rank's RNG states (collective). Resume with the same
+        world size and ZeRO stage; the reference model is not saved (it is the starting model)."""
+        state = {_CLIENT_KEY: {"policy_version": self.policy_version, "client_state": dict(client_state)}}
+        self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state=state)
+        torch.save(_capture_rng(), Path(directory) / f"rng_rank{dist.rank():05d}.pt")
+        dist.barrier()  # every rank's files are on disk before anyone renames or reads the directory
+
+    def load_checkpoint(self, directory: str) -> dict[str, Any]:
+        """Restore what `save_checkpoint` wrote (collective); returns the caller's `client_state`."""
+        if not (Path(directory) / CHECKPOINT_TAG).is_dir():
+            raise FileNotFoundError(f"no learner checkpoint under {directory} (no {CHECKPOINT_TAG}/ in it)")
+        path, client_state = self.engine.load_checkpoint(
+            directory, tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise FileNotFoundError(f"no learner checkpoint under {directory} (tag {CHECKPOINT_TAG!r})")
+        own = (client_state or {}).get(_CLIENT_KEY)
+        if own is None:
+            raise ValueError(f"{directory} is a DeepSpeed checkpoint, but not one a Learner wrote")
+        self.policy_version = int(own["policy_version"])
+        rng_file = Path(directory) / f"rng_rank{dist.rank():05d}.pt"
+        if rng_file.is_file():
+            _restore_rng(torch.load(rng_file, weights_only=False))
+        else:
+            log.warning("no RNG state for rank %d in %s; RNG streams start fresh", dist.rank(), directory)
+        return dict(own["client_state"])
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _grad_norm(module: Any) -> float:
+    """L2 norm of all gradients of a (replicated, not partitioned) module."""
+    grads = [p.grad.detach().float() for p in module.parameters() if p.grad is not None]
+    return (
+        float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        if grads
+        else 0.0
+    )
+
+
+def _buckets(named: list[tuple[str, torch.Tensor]], limit: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Consecutive groups of tensors of at most `limit` bytes (full size; a larger tensor goes alone)."""
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, tensor in named:
+        nbytes = getattr(tensor, "ds_numel", tensor.numel()) * tensor.element_size()
+        if bucket and size + nbytes > limit:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+class _ShardWriter:
+    """Writes tensors into safetensors shards of at most `limit` bytes; one file when it all fits."""
+
+    def __init__(self, out: Path, limit: int):
+        self.out, self.limit = out, limit
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in [*out.glob("model*.safetensors"), *out.glob("model.safetensors.index.json")]:
+            stale.unlink()
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.limit:
+            self._flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        path = self.out / f".shard-{len(self.shards):05d}.safetensors.tmp"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.shards.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.pending or not self.shards:
+            self._flush()
+        if len(self.shards) == 1:
+            self.shards[0][0].replace(self.out / "model.safetensors")
+            return
+        n = len(self.shards)
+        weight_map: dict[str, str] = {}
+        for i, (path, names) in enumerate(self.shards):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            path.replace(self.out / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _capture_rng() -> dict[str, Any]:
+    import numpy as np
+    from deepspeed.accelerator import get_accelerator
+
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        state["accelerator"] = accelerator.get_rng_state()
+    return state
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    import numpy as np
+    from deepspeed.accelerator import get_accelerator
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "accelerator" in state and get_accelerator().device_name() != "cpu":
+        get_accelerator().set_rng_state(state["accelerator"])
