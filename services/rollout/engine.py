@@ -1,0 +1,200 @@
+"""The rollout engine: vLLM's `AsyncLLM` behind a small typed surface (token ids in; token ids, sampling
+log-probs and finish reasons out).
+
+Guarantees:
+- log-probs are those of the distribution actually sampled from (vLLM `logprobs_mode="processed_logprobs"`:
+  after temperature and top-p), one per sampled token, aligned with the token ids;
+- every call is a separate engine request, so callers batch by issuing calls concurrently (vLLM's scheduler
+  packs them); a request's n samples share one prefill (vLLM parallel sampling, seeds seed + j);
+- engine failures surface as `Unavailable` (503), inputs vLLM refuses as `InvalidInput` (422); nothing
+  here lets a request kill the process.
+On CPU the KV cache is sized explicitly (`rollout.kv_cache_bytes`) and the model runs eagerly; weights are
+loaded in place through `services.rollout.vllm_worker` (the one module that knows vLLM's internals).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from services.config import RunConfig
+from services.errors import InvalidInput, Unavailable
+
+log = logging.getLogger("rpo.rollout")
+
+WORKER_EXTENSION = "services.rollout.vllm_worker.RpoWorkerExtension"
+SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
+"""torch dtype name -> safetensors dtype code."""
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One sample of one prompt."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    """Sampling log-prob of each token (after temperature / top-p), aligned with token_ids."""
+    finish_reason: str
+    """`stop` (EOS / stop token, the last id) or `length` (hit max_tokens)."""
+
+
+def served_dtype(cfg: RunConfig, on_cpu: bool) -> str:
+    """`model.dtype` with `auto` resolved: float32 on CPU, bfloat16 on GPU."""
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    return "float32" if on_cpu else "bfloat16"
+
+
+def engine_args(cfg: RunConfig, model_dir: Path, on_cpu: bool) -> Any:
+    """vLLM's `AsyncEngineArgs` for a replica."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    r = cfg.rollout
+    kwargs: dict[str, Any] = {
+        "model": str(model_dir),
+        "dtype": served_dtype(cfg, on_cpu),
+        "max_model_len": cfg.model.max_model_len,
+        "max_num_seqs": r.max_num_seqs,
+        "enforce_eager": True if on_cpu else r.enforce_eager,
+        "seed": r.engine_seed,
+        "logprobs_mode": "processed_logprobs",
+        "worker_extension_cls": WORKER_EXTENSION,
+        "disable_log_stats": False,
+    }
+    if on_cpu:
+        kwargs["kv_cache_memory_bytes"] = r.kv_cache_bytes
+    else:
+        kwargs["gpu_memory_utilization"] = r.gpu_memory_utilization
+    if r.weight_transfer == "nccl":
+        kwargs["weight_transfer_config"] = {"backend": "nccl"}
+    return AsyncEngineArgs(**kwargs)
+
+
+def _is_validation_error(exc: BaseException) -> bool:
+    from vllm.exceptions import VLLMValidationError
+
+    return isinstance(exc, VLLMValidationError | ValueError)
+
+
+class RolloutEngine:
+    """One vLLM engine (API side in this process, engine core in a child process)."""
+
+    def __init__(self, llm: Any, on_cpu: bool, dtype: str):
+        self.llm = llm
+        self.on_cpu = on_cpu
+        self.dtype = dtype
+        model_config = llm.model_config
+        self.max_model_len: int = int(model_config.max_model_len)
+        self.vocab_size: int = int(model_config.get_vocab_size())
+        self.tokenizer = llm.get_tokenizer()
+
+    @classmethod
+    def start(cls, cfg: RunConfig, model_dir: Path) -> RolloutEngine:
+        """Load the model (seconds to minutes; spawns the engine core process)."""
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        on_cpu = current_platform.is_cpu()
+        args = engine_args(cfg, model_dir, on_cpu)
+        llm = AsyncLLM.from_engine_args(args)
+        return cls(llm, on_cpu, args.dtype)
+
+    @property
+    def safetensors_dtype(self) -> str:
+        return SAFETENSORS_DTYPES[self.dtype]
+
+    @property
+    def dead(self) -> bool:
+        return bool(self.llm.errored)
+
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        *,
+        n: int,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+    ) -> list[Generated]:
+        """n samples of one prompt (already checked against the vocabulary and the context)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(
+            n=n,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            logprobs=0,
+            detokenize=False,
+        )
+        request_id = uuid.uuid4().hex
+        final = None
+        try:
+            async for output in self.llm.generate(
+                TokensPrompt(prompt_token_ids=prompt_ids), params, request_id
+            ):
+                final = output
+        except Exception as exc:
+            if _is_validation_error(exc):
+                raise InvalidInput(f"the engine refused the request: {exc}") from None
+            log.exception("engine failed a request")
+            raise Unavailable(
+                f"the engine failed: {type(exc).__name__}: {exc}", retry_after_seconds=5
+            ) from None
+        if final is None:
+            raise Unavailable("the engine returned no output", retry_after_seconds=5)
+        samples = []
+        for completion in sorted(final.outputs, key=lambda c: c.index):
+            ids = list(completion.token_ids)
+            entries = completion.logprobs or []
+            logprobs = [
+                float(entry[token].logprob) if token in entry else float("nan")
+                for token, entry in zip(ids, entries, strict=False)
+            ]
+            samples.append(Generated(ids, logprobs, completion.finish_reason or "length"))
+        return samples
+
+    async def load_weights(self, paths: list[str]) -> int:
+        """Load checked safetensors files in place (callers hold generation off); returns tensors loaded."""
+        results = await self.llm.collective_rpc("rpo_load_weights", args=(paths,))
+        return int(min(results)) if results else 0
+
+    async def reset_prefix_cache(self) -> None:
+        """Drop cached KV blocks, so no prefix computed with the old weights is reused."""
+        ok = await self.llm.reset_prefix_cache()
+        if not ok:
+            log.warning("vLLM did not reset its prefix cache (requests still running?)")
+
+    async def check_health(self) -> None:
+        try:
+            await self.llm.check_health()
+        except Exception as exc:
+            raise Unavailable(
+                f"the engine is not healthy: {type(exc).__name__}: {exc}", retry_after_seconds=5
+            ) from None
+
+    # -- NCCL data plane (vLLM's weight transfer engine; GPU only) ------------------------------------
+    async def nccl_init(self, init_info: dict[str, Any]) -> None:
+        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+
+        await self.llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info))
+
+    async def nccl_start(self) -> None:
+        await self.llm.start_weight_update()
+
+    async def nccl_update(self, update_info: dict[str, Any]) -> None:
+        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+
+        await self.llm.update_weights(WeightTransferUpdateRequest(update_info=update_info))
+
+    async def nccl_finish(self, version: int) -> None:
+        await self.llm.finish_weight_update(str(version))
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()

@@ -1,0 +1,230 @@
+"""HTTP routes of a rollout replica: thin wrappers that decode, call the service's plain classes, count,
+encode. Bodies are JSON, or msgpack when Content-Type / Accept say so. `/v1/rollouts` (it may seed the
+cache) and every weight route require the bearer token when one is configured.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Path, Request, Response
+
+from services.errors import Conflict, ServiceError, Unavailable
+from services.schemas.rollout import (
+    CHECKSUM_HEADER,
+    WEIGHTS_MEDIA_TYPE,
+    GenerateRequest,
+    GenerateResponse,
+    NcclFinishRequest,
+    NcclInitRequest,
+    NcclStartRequest,
+    NcclUpdateRequest,
+    RolloutRequest,
+    RolloutResponse,
+    WeightPushResponse,
+    WeightVersion,
+)
+from services.server_common import ERROR_RESPONSES, RequireToken, body_openapi, typed_body, typed_response
+
+log = logging.getLogger("rpo.rollout")
+router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
+_CONFLICT = {
+    409: ERROR_RESPONSES[422] | {"description": "the replica serves an older policy, or is updating"}
+}
+
+
+def _service(request: Request) -> Any:
+    service = getattr(request.app.state, "rollout", None)
+    if service is None:  # pragma: no cover - the lifespan sets it before any request is accepted
+        raise Unavailable("the model is still loading", retry_after_seconds=5)
+    return service
+
+
+async def _counted(service: Any, mode: str, call: Callable[[], Awaitable[Any]]) -> Any:
+    try:
+        result = await call()
+    except BaseException:
+        service.metrics.rollout_requests.labels(mode, "error").inc()
+        raise
+    service.metrics.rollout_requests.labels(mode, "ok").inc()
+    return result
+
+
+@router.post(
+    "/generate",
+    tags=["rollout"],
+    response_model=GenerateResponse,
+    responses=_CONFLICT,
+    openapi_extra=body_openapi(GenerateRequest),
+)
+async def generate(request: Request, body: GenerateRequest = typed_body(GenerateRequest)) -> Response:
+    """n samples per token-id prompt: token ids, sampling log-probs, finish reasons, the policy version."""
+    service = _service(request)
+    reply = await _counted(service, "generate", lambda: service.generation.run(body))
+    return typed_response(request, reply)
+
+
+@router.post(
+    "/rollouts",
+    tags=["rollout"],
+    response_model=RolloutResponse,
+    responses=_CONFLICT,
+    dependencies=[RequireToken],
+    openapi_extra=body_openapi(RolloutRequest),
+)
+async def rollouts(request: Request, body: RolloutRequest = typed_body(RolloutRequest)) -> Response:
+    """G responses per question (RPO: cached prefix + decoded suffix; full mode: full paths), scored and
+    shaped within each group."""
+    service = _service(request)
+    reply = await _counted(service, body.mode, lambda: service.rollouts.run(body))
+    return typed_response(request, reply)
+
+
+@router.get("/weights/version", tags=["weights"], response_model=WeightVersion)
+async def weight_version(request: Request) -> WeightVersion:
+    """The policy version this replica serves, whether an update is under way, and the dtype a push sends."""
+    service = _service(request)
+    return WeightVersion(
+        policy_version=service.updater.version,
+        replica=service.replica,
+        updating=service.updater.updating,
+        dtype=service.engine.safetensors_dtype,
+        weight_transfer=service.config.rollout.weight_transfer,
+    )
+
+
+@router.put(
+    "/weights/{version}",
+    tags=["weights"],
+    response_model=WeightPushResponse,
+    responses=_CONFLICT,
+    dependencies=[RequireToken],
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {WEIGHTS_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+            "description": f"One safetensors file holding every tensor of the served model; header "
+            f"{CHECKSUM_HEADER} carries the hex sha256 of the whole body.",
+        }
+    },
+)
+async def push_weights(
+    request: Request, version: Annotated[int, Path(ge=1, description="The version these weights become.")]
+) -> WeightPushResponse:
+    """Receive, check and apply new weights as `version` (strictly greater than the served one)."""
+    service = _service(request)
+    metrics = service.metrics
+    started = time.perf_counter()
+    content_type = request.headers.get("content-type", "")
+    try:
+        if content_type.split(";")[0].strip().lower() != WEIGHTS_MEDIA_TYPE:
+            raise HTTPException(
+                415, f"send the safetensors body as {WEIGHTS_MEDIA_TYPE}, not {content_type!r}"
+            )
+        pushed = await service.updater.push(version, request.stream(), request.headers.get(CHECKSUM_HEADER))
+    except ServiceError as exc:
+        metrics.weight_pushes.labels("failed" if exc.status >= 500 else "rejected").inc()
+        raise
+    except Exception:
+        metrics.weight_pushes.labels("rejected").inc()
+        raise
+    metrics.weight_pushes.labels("applied").inc()
+    metrics.weight_push_bytes.inc(pushed.bytes)
+    metrics.weight_sync_seconds.observe(time.perf_counter() - started)
+    metrics.weight_apply_seconds.observe(pushed.apply_seconds)
+    metrics.policy_version.set(pushed.version)
+    log.info(
+        "serving policy version %d: %d tensors, %.1f MB received in %.2f s, applied in %.2f s",
+        pushed.version,
+        pushed.tensors,
+        pushed.bytes / 2**20,
+        pushed.receive_seconds,
+        pushed.apply_seconds,
+        extra={"replica": service.replica, "policy_version": pushed.version},
+    )
+    return WeightPushResponse(
+        policy_version=pushed.version,
+        replica=service.replica,
+        tensors=pushed.tensors,
+        bytes=pushed.bytes,
+        receive_seconds=pushed.receive_seconds,
+        apply_seconds=pushed.apply_seconds,
+    )
+
+
+# -- NCCL data plane (vLLM's weight transfer engine; GPU replicas started with rollout.weight_transfer=nccl) ---
+
+
+def _nccl(request: Request) -> Any:
+    service = _service(request)
+    if service.config.rollout.weight_transfer != "nccl":
+        raise Conflict(
+            f"replica {service.replica} was started with rollout.weight_transfer={service.config.rollout.weight_transfer}; "
+            "NCCL weight transfer needs rollout.weight_transfer=nccl",
+            field="rollout.weight_transfer",
+        )
+    return service
+
+
+@router.post(
+    "/weights/nccl/init",
+    tags=["weights"],
+    dependencies=[RequireToken],
+    openapi_extra=body_openapi(NcclInitRequest),
+)
+async def nccl_init(request: Request, body: NcclInitRequest = typed_body(NcclInitRequest)) -> WeightVersion:
+    """Join the trainer's NCCL group (blocks until the trainer joins too)."""
+    service = _nccl(request)
+    await service.engine.nccl_init(body.init_info)
+    return await weight_version(request)
+
+
+@router.post(
+    "/weights/nccl/start",
+    tags=["weights"],
+    dependencies=[RequireToken],
+    openapi_extra=body_openapi(NcclStartRequest),
+)
+async def nccl_start(
+    request: Request, body: NcclStartRequest = typed_body(NcclStartRequest)
+) -> WeightVersion:
+    """Hold new generation (in-flight requests finish first) and open the update of `version`."""
+    service = _nccl(request)
+    await service.updater.nccl_start(body.version, service.config.services.request_timeout_seconds)
+    return await weight_version(request)
+
+
+@router.post(
+    "/weights/nccl/update",
+    tags=["weights"],
+    dependencies=[RequireToken],
+    openapi_extra=body_openapi(NcclUpdateRequest),
+)
+async def nccl_update(
+    request: Request, body: NcclUpdateRequest = typed_body(NcclUpdateRequest)
+) -> WeightVersion:
+    """Receive one broadcast from the trainer (returns when it has arrived)."""
+    service = _nccl(request)
+    await service.updater.nccl_update(body.version, body.update_info)
+    return await weight_version(request)
+
+
+@router.post(
+    "/weights/nccl/finish",
+    tags=["weights"],
+    dependencies=[RequireToken],
+    openapi_extra=body_openapi(NcclFinishRequest),
+)
+async def nccl_finish(
+    request: Request, body: NcclFinishRequest = typed_body(NcclFinishRequest)
+) -> WeightVersion:
+    """Close the update: reset the prefix cache and serve `version`."""
+    service = _nccl(request)
+    started = time.perf_counter()
+    await service.updater.nccl_finish(body.version)
+    service.metrics.policy_version.set(body.version)
+    service.metrics.weight_apply_seconds.observe(time.perf_counter() - started)
+    return await weight_version(request)

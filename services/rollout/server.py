@@ -1,0 +1,24 @@
+"""`rpo serve rollout`: parse the config, build the replica's app, serve until SIGTERM / Ctrl-C.
+
+On shutdown uvicorn finishes in-flight requests, then the lifespan stops the reward workers, removes the
+weight spool directory and shuts the vLLM engine (and its engine-core process) down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from services.commands import config_from_args
+from services.rollout.app import create_app
+from services.server_common import run_uvicorn
+
+log = logging.getLogger("rpo.rollout")
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    r = config.rollout
+    log.info("rollout replica on http://%s:%d, model %s", r.host, r.port, config.model.path)
+    run_uvicorn(create_app(config), r.host, r.port, graceful_shutdown_seconds=30.0)
+    return 0
