@@ -287,11 +287,14 @@ class TrainingRecipe:
         phases = dict.fromkeys(("rollout", "reward", "train", "weight_sync", "cache"), 0.0)
         version = self.learner.policy_version
 
-        # 1-2. The replicas, brought to the current version first; the step's group rollouts.
-        found, lagging = self.on_main(lambda: self._replicas_at(version), share=lambda r: r[1])
+        # 1-2. The replicas, brought to the learner's weights first; the step's group rollouts.
+        found, (behind, version) = self.on_main(
+            lambda: self._replicas_at(version), share=lambda r: (r[1], r[2])
+        )
         replicas = found[0] if found else []
-        if lagging:
-            self.push_weights(lagging, version, reason="catch up")
+        self.learner.policy_version = version  # moves only when a replica already served a newer one
+        if behind:
+            self.push_weights(behind, version, reason="catch up")
         collected, samples = self.on_main(
             lambda: self._rollouts(step, replicas, version), share=lambda c: c.samples
         )
@@ -325,10 +328,10 @@ class TrainingRecipe:
             )
         return record, bool(stop)
 
-    def _replicas_at(self, version: int) -> tuple[list[str], list[str]]:
+    def _replicas_at(self, version: int) -> tuple[list[str], list[str], int]:
         replicas = self.remote.replicas()
-        lagging = self.remote.lagging(replicas, version)  # drops replicas that do not answer
-        return replicas, lagging
+        behind, version = self.remote.check_replicas(replicas, version)  # drops replicas that do not answer
+        return replicas, behind, version
 
     def _rollouts(self, step: int, replicas: list[str], version: int) -> Any:
         from trainer.batch import build_samples

@@ -16,6 +16,7 @@ an existing run directory is moved aside (`<dir>.<time>`), never overwritten.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import signal
@@ -91,7 +92,10 @@ class MainJob:
         self.cfg = cfg
 
     def run(self) -> dict[str, Any]:
+        from services.data import DatasetError
+        from services.http_client import ServiceCallError
         from trainer.processes import PartFailed, Supervisor
+        from trainer.remote import RolloutFailed
 
         started = time.monotonic()
         cfg = self.cfg
@@ -104,6 +108,9 @@ class MainJob:
         except PartFailed as exc:
             summary["error"] = str(exc)
             log.error("rpo run failed: %s", exc)
+        except (RolloutFailed, ServiceCallError, DatasetError, ValueError, RuntimeError, OSError) as exc:
+            summary["error"] = f"{type(exc).__name__}: {exc}"
+            log.error("rpo run failed: %s (the services' logs are in %s)", summary["error"], run_dir / "logs")
         except KeyboardInterrupt:
             summary["error"] = "interrupted"
             log.warning("rpo run interrupted: every process it started has been stopped")
@@ -285,7 +292,7 @@ def render_summary(summary: dict[str, Any]) -> str:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(record=True, width=100)
+    console = Console(record=True, width=110, file=io.StringIO())  # rendered here, printed by the caller
     if not summary.get("ok"):
         console.print(f"[bold red]rpo run did not finish:[/] {summary.get('error')}")
         console.print(f"run directory: {summary.get('run_dir')}")

@@ -21,19 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.config import RunConfig
-from services.http_client import RetryPolicy, ServiceCallError, ServiceClient, ServiceHTTPError
-from services.schemas.rollout import (
-    RolloutGroup,
-    RolloutQuestion,
-    RolloutRequest,
-    RolloutResponse,
-    WeightVersion,
-)
+from services.http_client import RetryPolicy, ServiceCallError, ServiceHTTPError
+from services.schemas.rollout import RolloutGroup, RolloutQuestion, RolloutRequest, RolloutResponse
 
 log = logging.getLogger("rpo.remote")
-
-ROLLOUT_PATH = "/v1/rollouts"
-VERSION_PATH = "/v1/weights/version"
 
 
 class RolloutFailed(RuntimeError):
@@ -173,30 +164,34 @@ class RemoteServices:
 
     def versions(self, replicas: Sequence[str]) -> dict[str, int | None]:
         """The version each replica serves (None: it did not answer; named in the log)."""
+        from services.rollout.client import RolloutClient
 
         def one(url: str) -> int | None:
-            client = ServiceClient(url, self._short_policy(), token=self.token)
-            try:
-                reply = client.request("GET", VERSION_PATH, phase="weight version check")
-                return WeightVersion.model_validate_json(reply.content).policy_version
-            except ServiceCallError as exc:
-                log.warning(
-                    "replica %s skipped this step: %s; %s",
-                    url,
-                    exc,
-                    what_to_check("rollout", url),
-                    extra={"replica": url, "phase": "weight version check"},
-                )
-                return None
-            finally:
-                client.close()
+            with RolloutClient(url, token=self.token, policy=self._short_policy()) as client:
+                try:
+                    return client.version().policy_version
+                except ServiceCallError as exc:
+                    log.warning(
+                        "replica %s sits this step out: %s; %s",
+                        url,
+                        exc,
+                        what_to_check("rollout", url),
+                        extra={"replica": url, "phase": "weight version check"},
+                    )
+                    return None
 
         with ThreadPoolExecutor(max_workers=max(1, len(replicas))) as pool:
             return dict(zip(replicas, pool.map(one, replicas), strict=True))
 
-    def lagging(self, replicas: list[str], version: int) -> list[str]:
-        """Replicas that answer but serve another version; drops from `replicas` (in place) those that don't
-        answer. Raises RolloutFailed when none answers."""
+    def check_replicas(self, replicas: list[str], version: int) -> tuple[list[str], int]:
+        """Drop (in place) the replicas that do not answer; return those that need the current weights
+        pushed, and the version to push them as.
+
+        A replica serving an older version (it joined late or restarted) gets the weights as `version`. A
+        replica serving a NEWER version than the learner's (a previous run's pushes, or steps lost to a
+        crash before a resume) cannot go back: versions only move forward on a replica. Then every replica
+        gets the learner's weights as a new version above all those served, and the learner continues
+        counting from there. Raises RolloutFailed when no replica answers."""
         versions = self.versions(replicas)
         alive = [r for r in replicas if versions[r] is not None]
         if not alive:
@@ -204,7 +199,19 @@ class RemoteServices:
                 f"no rollout replica answers ({', '.join(replicas)}): {what_to_check('rollout', replicas[0])}"
             )
         replicas[:] = alive
-        return [r for r in alive if versions[r] != version]
+        newest = max(versions[r] for r in alive)
+        if newest > version:
+            log.warning(
+                "replica(s) %s serve version %d, newer than this run's %d (a previous run's weights, or steps "
+                "lost before a resume): pushing this run's weights to every replica as version %d",
+                ", ".join(r for r in alive if versions[r] == newest),
+                newest,
+                version,
+                newest + 1,
+                extra={"phase": "weight version check", "policy_version": version},
+            )
+            return list(alive), newest + 1
+        return [r for r in alive if versions[r] != version], version
 
     def _short_policy(self) -> RetryPolicy:
         p = self.policy
@@ -319,8 +326,9 @@ class RemoteServices:
         """One chunk: its own replica first, then the next ones in turn (each attempt one call, so a failure
         moves on at once); with fewer replicas than `services.max_attempts`, they are tried again after a
         back-off. Returns the reply and how many retries it took."""
-        body = RolloutRequest(questions=questions, min_policy_version=min_policy_version, **params)
-        content = body.model_dump_json().encode()
+        from services.rollout.client import RolloutClient
+
+        request = RolloutRequest(questions=questions, min_policy_version=min_policy_version, **params)
         single = dataclasses.replace(self.policy, max_attempts=1)
         attempts = max(self.policy.max_attempts, len(order))
         failures = []
@@ -328,16 +336,9 @@ class RemoteServices:
             url = order[attempt % len(order)]
             if attempt >= len(order):
                 time.sleep(min(self.policy.backoff_seconds * 2 ** (attempt - len(order)), 10.0))
-            client = ServiceClient(url, single, token=self.token)
+            client = RolloutClient(url, token=self.token, policy=single)
             try:
-                reply = client.request(
-                    "POST",
-                    ROLLOUT_PATH,
-                    phase=phase,
-                    content=content,
-                    headers={"Content-Type": "application/json"},
-                )
-                return RolloutResponse.model_validate_json(reply.content), attempt
+                return client.rollouts(request), attempt
             except ServiceCallError as exc:
                 if isinstance(exc, ServiceHTTPError) and exc.status not in (409, 429):
                     raise  # the request itself is wrong: another replica would refuse it too
@@ -361,42 +362,31 @@ class RemoteServices:
 
     # -------------------------------------------------------------------------------------------- weights
     def push_weights(self, replicas: list[str], version: int, weights: Any, reason: str) -> None:
-        """Push `weights` as `version` to `replicas` and wait until every one serves it."""
-        from services.rollout.client import push_to_all
+        """Push `weights` as `version` to `replicas`; returns once every one serves it (the rollout client
+        confirms each), else raises naming each failed replica and the phase."""
+        from services.rollout.client import WeightPushError, push_to_all
 
         started = time.monotonic()
-        push_to_all(
-            replicas,
-            version,
-            weights,
-            cfg=self.cfg,
-            timeout_seconds=self.cfg.train.weight_sync_timeout_seconds,
-        )
-        self.wait_for_version(
-            replicas, version, deadline=started + self.cfg.train.weight_sync_timeout_seconds
-        )
+        try:
+            push_to_all(
+                replicas,
+                version,
+                weights,
+                cfg=self.cfg,
+                timeout_seconds=self.cfg.train.weight_sync_timeout_seconds,
+            )
+        except WeightPushError as exc:
+            raise RolloutFailed(
+                f"{exc}\ncheck those replicas' logs (a push needs about one model of free disk in "
+                "rollout.spool_dir) and train.weight_sync_timeout_seconds"
+            ) from None
         log.debug(
-            "pushed version %d to %d replicas (%s) in %.2f s",
+            "pushed version %d to %d replica(s) (%s) in %.2f s",
             version,
             len(replicas),
             reason,
             time.monotonic() - started,
         )
-
-    def wait_for_version(self, replicas: Sequence[str], version: int, deadline: float) -> None:
-        pending = list(replicas)
-        while pending:
-            versions = self.versions(pending)
-            pending = [r for r in pending if versions[r] != version]
-            if not pending:
-                return
-            if time.monotonic() > deadline:
-                raise RolloutFailed(
-                    "weight sync: "
-                    + ", ".join(f"{r} serves version {versions[r]}" for r in pending)
-                    + f", not {version}, after train.weight_sync_timeout_seconds; check those replicas' logs"
-                )
-            time.sleep(0.1)
 
     # ---------------------------------------------------------------------------------------------- cache
     def commit_cache_updates(
