@@ -150,12 +150,15 @@ def test_step_record_figures():
 
 
 class _StandIn:
-    """A loopback HTTP server answering /v1/rollouts with one group per question, or with `fail_status`."""
+    """A loopback HTTP server answering /v1/rollouts (msgpack or JSON bodies, JSON replies) with one group
+    per question, or with `fail_status`."""
 
     def __init__(self, fail_status: int | None = None):
         import http.server
         import json
         import threading
+
+        import msgpack
 
         outer = self
         self.asked: list[list[str]] = []
@@ -165,7 +168,8 @@ class _StandIn:
                 pass
 
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                raw = self.rfile.read(int(self.headers["Content-Length"]))
+                body = msgpack.unpackb(raw) if "msgpack" in self.headers["Content-Type"] else json.loads(raw)
                 ids = [q["id"] for q in body["questions"]]
                 outer.asked.append(ids)
                 if fail_status is not None:
