@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.fixtures.rollout"]  # real rollout replicas: rollout_server, rollout_server_factory
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:

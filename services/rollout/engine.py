@@ -123,6 +123,7 @@ class RolloutEngine:
         """n samples of one prompt (already checked against the vocabulary and the context)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
         params = SamplingParams(
             n=n,
@@ -132,6 +133,7 @@ class RolloutEngine:
             seed=seed,
             logprobs=0,
             detokenize=False,
+            output_kind=RequestOutputKind.FINAL_ONLY,  # one output holding all n samples, none streamed
         )
         request_id = uuid.uuid4().hex
         final = None
@@ -149,6 +151,10 @@ class RolloutEngine:
             ) from None
         if final is None:
             raise Unavailable("the engine returned no output", retry_after_seconds=5)
+        if len(final.outputs) != n:
+            raise Unavailable(
+                f"the engine returned {len(final.outputs)} samples, not {n}", retry_after_seconds=5
+            )
         samples = []
         for completion in sorted(final.outputs, key=lambda c: c.index):
             ids = list(completion.token_ids)
