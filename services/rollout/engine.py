@@ -14,6 +14,7 @@ loaded in place through `services.rollout.vllm_worker` (the one module that know
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from dataclasses import dataclass
@@ -120,27 +121,44 @@ class RolloutEngine:
         top_p: float,
         seed: int | None,
     ) -> list[Generated]:
-        """n samples of one prompt (already checked against the vocabulary and the context)."""
+        """n samples of one prompt (already checked against the vocabulary and the context).
+
+        Greedy decoding (temperature 0) with n > 1 is n requests of one sample (vLLM takes n = 1 only).
+        """
+        if temperature == 0.0 and n > 1:
+            groups = await asyncio.gather(
+                *(self._request(prompt_ids, 1, max_tokens, temperature, top_p, seed) for _ in range(n))
+            )
+            return [sample for group in groups for sample in group]
+        return await self._request(prompt_ids, n, max_tokens, temperature, top_p, seed)
+
+    async def _request(
+        self,
+        prompt_ids: list[int],
+        n: int,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+    ) -> list[Generated]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        params = SamplingParams(
-            n=n,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            logprobs=0,
-            detokenize=False,
-            output_kind=RequestOutputKind.FINAL_ONLY,  # one output holding all n samples, none streamed
-        )
-        request_id = uuid.uuid4().hex
         final = None
         try:
-            async for output in self.llm.generate(
-                TokensPrompt(prompt_token_ids=prompt_ids), params, request_id
-            ):
+            params = SamplingParams(
+                n=n,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                logprobs=0,
+                detokenize=False,
+                output_kind=RequestOutputKind.FINAL_ONLY,  # one output holding all n samples, none streamed
+            )
+            prompt = TokensPrompt(prompt_token_ids=prompt_ids)
+            async for output in self.llm.generate(prompt, params, uuid.uuid4().hex):
                 final = output
         except Exception as exc:
             if _is_validation_error(exc):
@@ -149,12 +167,9 @@ class RolloutEngine:
             raise Unavailable(
                 f"the engine failed: {type(exc).__name__}: {exc}", retry_after_seconds=5
             ) from None
-        if final is None:
-            raise Unavailable("the engine returned no output", retry_after_seconds=5)
-        if len(final.outputs) != n:
-            raise Unavailable(
-                f"the engine returned {len(final.outputs)} samples, not {n}", retry_after_seconds=5
-            )
+        if final is None or len(final.outputs) != n:
+            got = 0 if final is None else len(final.outputs)
+            raise Unavailable(f"the engine returned {got} samples, not {n}", retry_after_seconds=5)
         samples = []
         for completion in sorted(final.outputs, key=lambda c: c.index):
             ids = list(completion.token_ids)

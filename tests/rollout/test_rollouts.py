@@ -1,0 +1,190 @@
+"""Group rollouts through the shared replica (warm tiny model) against the real cache server and Redis.
+
+The questions are the synthetic task's; five of eight have a cached (correct) answer, three are misses.
+Everything the replica returns is checked against what it must be: the prefix is the cached answer minus
+the m tokens the cache server draws for (seed, question), suffixes stay within `suffix_budget`, raw rewards
+are the reward function on the decoded response, shaped rewards are `length_shaped_rewards` (plus the
+overlong penalty when on), token counts add up, misses seed the cache, full mode leaves the cache alone.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+import httpx
+import pytest
+from rollout_helpers import decode, encode
+
+from cache_server.client import SyncCacheClient
+from services.algorithm import length_shaped_rewards, overlong_penalty, suffix_budget
+from services.rollout.client import RolloutClient
+from services.rollout.rollouts import answer_without_eos
+from services.schemas.cache import PutEntry
+from services.schemas.common import unpack_token_ids
+from services.schemas.rollout import RolloutQuestion, RolloutRequest
+from services.synthetic import PROMPT_TEMPLATE, SyntheticTaskConfig, check_answer, make_split
+
+ROWS = make_split(SyntheticTaskConfig(train_size=8), "train")
+CACHED = ROWS[:5]
+MISSED = ROWS[5:]
+SEED = 11
+LIMIT = 16
+MAX_RESPONSE = 120
+ALPHA = 0.1
+
+
+def _questions(rows) -> list[RolloutQuestion]:
+    return [
+        RolloutQuestion(
+            id=r["id"],
+            prompt_ids=encode(PROMPT_TEMPLATE.format(question=r["question"])),
+            reference=r["answer"],
+        )
+        for r in rows
+    ]
+
+
+def _request(run_id: str, rows, **overrides) -> RolloutRequest:
+    fields = {
+        "run_id": run_id,
+        "questions": _questions(rows),
+        "mode": "rpo",
+        "group_size": 4,
+        "truncation_limit": LIMIT,
+        "suffix_budget": "m",
+        "max_response_tokens": MAX_RESPONSE,
+        "temperature": 1.0,
+        "seed": SEED,
+        "reward": "exact",
+        "alpha": ALPHA,
+    }
+    return RolloutRequest(**{**fields, **overrides})
+
+
+def _counters(url: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return {
+        k: float(v) for k, v in re.findall(r"^(rpo_[a-z_]+_total(?:\{[^}]*\})?) ([0-9.e+-]+)$", text, re.M)
+    }
+
+
+@pytest.fixture
+def cache(rollout_cache_url):
+    """A fresh run namespace on the real cache server, with the cached answers of CACHED (no EOS)."""
+    run_id = f"rollout-test-{uuid.uuid4().hex[:10]}"
+    client = SyncCacheClient(rollout_cache_url)
+    client.put_entries(
+        run_id, [PutEntry(question_id=r["id"], token_ids=encode(r["solution"])) for r in CACHED]
+    )
+    yield client, run_id
+    client.delete_run(run_id)
+    client.close()
+
+
+def _check_rewards(group, reference: str, req: RolloutRequest) -> None:
+    raw = [check_answer(decode(s.response_ids), reference) for s in group.samples]
+    lengths = [len(s.response_ids) for s in group.samples]
+    shaped = length_shaped_rewards(raw, lengths, req.alpha, req.shaping_low, req.shaping_high)
+    if req.overlong_buffer_tokens:
+        shaped = [
+            r + overlong_penalty(n, req.max_response_tokens, req.overlong_buffer_tokens)
+            for r, n in zip(shaped, lengths, strict=True)
+        ]
+    assert [s.raw_reward for s in group.samples] == raw
+    assert [s.shaped_reward for s in group.samples] == pytest.approx(shaped, abs=1e-12)
+    assert [s.correct for s in group.samples] == [r >= 1.0 for r in raw]
+
+
+def test_rpo_rollouts_take_prefixes_from_the_cache_and_decode_within_the_budget(rollout_server, cache):
+    cache_client, run_id = cache
+    req = _request(run_id, ROWS)
+    before = _counters(rollout_server.url)
+    with RolloutClient(rollout_server.url) as client:
+        reply = client.rollouts(req)
+    after = _counters(rollout_server.url)
+
+    assert reply.policy_version == 0 and reply.replica == rollout_server.url.removeprefix("http://")
+    assert [g.question_id for g in reply.groups] == [r["id"] for r in ROWS]
+    draws = {
+        p.question_id: p for p in cache_client.prefixes(run_id, [r["id"] for r in CACHED], LIMIT, seed=SEED)
+    }
+    generated = reused = 0
+    for row, group in zip(ROWS, reply.groups, strict=True):
+        assert len(group.samples) == 4
+        if row in CACHED:
+            answer = encode(row["solution"])
+            assert group.cache_hit and not group.seeded_cache
+            assert group.m == draws[row["id"]].m <= LIMIT  # the cache server's draw for (seed, question)
+            assert group.prefix_len == max(len(answer) - group.m, 0)
+            budget = suffix_budget(group.m, "m", group.prefix_len, MAX_RESPONSE)
+        else:
+            assert not group.cache_hit and group.m == 0 and group.prefix_len == 0
+            budget = MAX_RESPONSE
+        for sample in group.samples:
+            suffix = sample.response_ids[sample.prefix_len :]
+            assert sample.prefix_len == group.prefix_len
+            if group.cache_hit:
+                assert sample.response_ids[: group.prefix_len] == answer[: group.prefix_len]
+            assert 1 <= len(suffix) <= budget
+            assert len(sample.suffix_logprobs) == len(suffix)
+            assert all(lp <= 0.0 for lp in sample.suffix_logprobs)
+            assert sample.finish_reason in ("stop", "length")
+            generated += len(suffix)
+            reused += sample.prefix_len
+        _check_rewards(group, row["answer"], req)
+    assert reply.stats.generated_tokens == generated
+    assert reply.stats.reused_prefix_tokens == reused > 0
+    assert after["rpo_generated_tokens_total"] - before["rpo_generated_tokens_total"] == generated
+    assert after["rpo_reused_prefix_tokens_total"] - before["rpo_reused_prefix_tokens_total"] == reused
+    assert (
+        after['rpo_rollout_requests_total{mode="rpo",outcome="ok"}']
+        == before['rpo_rollout_requests_total{mode="rpo",outcome="ok"}'] + 1
+    )
+    assert any(s.correct for g in reply.groups for s in g.samples), "the warm model should solve some"
+
+    # Each miss seeded its entry with the group's first non-empty sample, without its trailing EOS.
+    entries = cache_client.read_entries(run_id, [r["id"] for r in MISSED])
+    for group, entry in zip(reply.groups[len(CACHED) :], entries, strict=True):
+        first = next(s for s in group.samples if answer_without_eos(s.response_ids, s.finish_reason))
+        assert group.seeded_cache and entry is not None
+        assert unpack_token_ids(entry.token_ids) == answer_without_eos(
+            first.response_ids, first.finish_reason
+        )
+        assert 2 not in unpack_token_ids(entry.token_ids)[-1:]  # no EOS stored
+        assert entry.policy_version == 0
+        assert entry.last_group_min_len == min(len(s.response_ids) for s in group.samples)
+
+
+def test_full_mode_decodes_whole_responses_and_leaves_the_cache_alone(rollout_server, cache):
+    cache_client, run_id = cache
+    stored = cache_client.read_entries(run_id, [r["id"] for r in ROWS])
+    with RolloutClient(rollout_server.url) as client:
+        rpo = client.rollouts(_request(run_id, CACHED))
+        full_req = _request(run_id, CACHED, mode="full", overlong_buffer_tokens=20, max_response_tokens=60)
+        full = client.rollouts(full_req)
+    assert cache_client.read_entries(run_id, [r["id"] for r in ROWS]) == stored
+
+    for row, group in zip(CACHED, full.groups, strict=True):
+        assert not group.cache_hit and group.m == 0 and group.prefix_len == 0 and not group.seeded_cache
+        for sample in group.samples:
+            assert len(sample.suffix_logprobs) == len(sample.response_ids) <= 60
+        _check_rewards(group, row["answer"], full_req)
+    assert full.stats.reused_prefix_tokens == 0
+    samples = 4 * len(CACHED)
+    rpo_per_sample = rpo.stats.generated_tokens / samples
+    full_per_sample = full.stats.generated_tokens / samples
+    assert full_per_sample > 2 * rpo_per_sample, (full_per_sample, rpo_per_sample)
+
+
+def test_the_same_seed_draws_the_same_prefixes(rollout_server, cache):
+    _, run_id = cache
+    with RolloutClient(rollout_server.url) as client:
+        first = client.rollouts(_request(run_id, CACHED, temperature=0.0))
+        second = client.rollouts(_request(run_id, CACHED, temperature=0.0))
+        other = client.rollouts(_request(run_id, CACHED, temperature=0.0, seed=SEED + 1))
+    assert [(g.m, g.prefix_len) for g in first.groups] == [(g.m, g.prefix_len) for g in second.groups]
+    assert [g.samples[0].response_ids for g in first.groups] == [
+        g.samples[0].response_ids for g in second.groups
+    ]
+    assert [g.m for g in first.groups] != [g.m for g in other.groups]
