@@ -258,3 +258,172 @@ def test_a_chunk_that_fails_everywhere_names_every_replica():
     finally:
         a.close(), b.close()
     assert a.url in str(err.value) and b.url in str(err.value) and "evaluation" in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# End to end: `rpo train` as a subprocess, the real cache server (over the real Redis), two real vLLM replicas
+
+
+@pytest.fixture(scope="module")
+def rpo_run(tmp_path_factory, warm_model_dir, rollout_cache_url, training_replicas):
+    """Three RPO steps of `rpo train` spread over two replicas, with the cache before and after."""
+    from training_helpers import run_config, run_trainer, seed
+
+    from cache_server.client import SyncCacheClient
+    from trainer.progress import read_records
+
+    tmp = tmp_path_factory.mktemp("rpo-run")
+    urls = [r.url for r in training_replicas]
+    cfg, config_file = run_config(tmp, warm_model_dir, rollout_cache_url, urls)
+    seeded = seed(cfg)
+    ids = [f"arith-train-{i:05d}" for i in range(48)]
+    with SyncCacheClient(rollout_cache_url) as cache:
+        before = dict(zip(ids, cache.read_entries(cfg.services.run_id, ids), strict=True))
+        output = run_trainer(config_file, log_path=tmp / "trainer.log")
+        after = dict(zip(ids, cache.read_entries(cfg.services.run_id, ids), strict=True))
+    records = read_records(cfg.train.run_dir, "step")
+    return SimpleNamespace(
+        cfg=cfg, urls=urls, seeded=seeded, before=before, after=after, records=records, output=output
+    )
+
+
+def test_rpo_steps_leave_every_replica_at_the_trainers_version(rpo_run):
+    from training_helpers import replica_version
+
+    assert rpo_run.seeded["written"] + rpo_run.seeded["empty"] == 48
+    assert [r["step"] for r in rpo_run.records] == [1, 2, 3]
+    versions = [r["policy_version"] for r in rpo_run.records]
+    assert versions == list(range(versions[0], versions[0] + 3))  # one new version per step
+    assert [replica_version(url) for url in rpo_run.urls] == [versions[-1]] * 2
+    for r in rpo_run.records:
+        assert r["samples"] == 8 * 4 and r["reused_prefix_tokens"] > 0
+        assert set(r["phases"]) == {"rollout", "reward", "train", "weight_sync", "cache"}
+        assert r["phases"]["weight_sync"] > 0 and r["learner"]["sequences"] == 32
+
+
+def test_rpo_steps_update_the_cache_by_the_epsilon_greedy_rule(rpo_run):
+    """The questions of step s (the cursor's order) have exactly one update, made at step s with the
+    responses of the policy before step s; every other entry is untouched."""
+    trained = {}
+    cursor = DataCursor(48, rpo_run.cfg.train.seed)
+    for record in rpo_run.records:
+        for index in cursor.take(8):
+            trained[f"arith-train-{index:05d}"] = record
+    for qid, entry in rpo_run.after.items():
+        old = rpo_run.before[qid]
+        if qid in trained:
+            assert entry.update_count == 1 and entry.last_step == trained[qid]["step"], qid
+            assert entry.policy_version == trained[qid]["policy_version"] - 1, qid
+            assert entry.last_group_min_len is not None
+        elif old is not None:
+            assert entry.model_dump() == old.model_dump(), qid
+    for record in rpo_run.records:
+        updates = record["cache_updates"]
+        assert updates["best"] + updates["other"] == 8 and updates["none"] == 0  # epsilon 0.5: both kinds
+    assert sum(r["cache_updates"]["best"] for r in rpo_run.records) not in (0, 24)
+
+
+def test_full_path_baseline_decodes_more_tokens_per_sample_and_never_calls_the_cache(
+    rpo_run, tmp_path, warm_model_dir, rollout_cache_url, training_replicas
+):
+    from training_helpers import replica_version, run_config, run_trainer
+
+    from cache_server.client import SyncCacheClient
+    from trainer.progress import read_records
+
+    url = training_replicas[0].url  # the same loop on ONE replica, cache off
+    cfg, config_file = run_config(tmp_path, warm_model_dir, rollout_cache_url, [url], "algorithm.mode=full")
+    run_trainer(config_file, log_path=tmp_path / "trainer.log")
+    records = read_records(cfg.train.run_dir, "step")
+    assert len(records) == 3 and replica_version(url) == records[-1]["policy_version"]
+    full = sum(r["generated_tokens"] for r in records) / sum(r["samples"] for r in records)
+    rpo = sum(r["generated_tokens"] for r in rpo_run.records) / sum(r["samples"] for r in rpo_run.records)
+    assert rpo < 0.8 * full, (rpo, full)
+    assert all(r["reused_prefix_tokens"] == 0 and r["cache_updates"] == {} for r in records)
+    with SyncCacheClient(rollout_cache_url) as cache:
+        assert cache.stats(cfg.services.run_id).entries == 0
+
+
+def test_committed_cache_update_is_the_best_response_or_another(
+    tmp_path, warm_model_dir, rollout_cache_url, training_replicas
+):
+    """Through the real replica and cache server: epsilon 1 stores the best response of each group (the
+    highest shaped reward), epsilon 0 one of the others; the stored answer is prefix + suffix, no EOS."""
+    from training_helpers import replica_version, run_config, seed
+
+    from services.data import encode_prompt, load_questions
+    from trainer.cache_init import answer_tokens
+    from trainer.remote import RemoteServices
+
+    url = training_replicas[0].url
+    for epsilon in (1.0, 0.0):
+        cfg, _ = run_config(
+            tmp_path, warm_model_dir, rollout_cache_url, [url], f"algorithm.epsilon={epsilon}"
+        )
+        seed(cfg)
+        questions = load_questions(cfg.data.dataset, cfg.data, 6)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(warm_model_dir)
+        prompts = {q.id: encode_prompt(tokenizer, q.question, cfg.data) for q in questions}
+        remote = RemoteServices(cfg)
+        try:
+            version = replica_version(url)
+            batch = remote.rollouts(
+                [url],
+                questions,
+                prompts,
+                params=remote.training_params(seed=5),
+                min_policy_version=version,
+                phase="t",
+            )
+            counts = remote.commit_cache_updates(step=1, groups=batch.groups, policy_version=version)
+            entries = remote.cache.read_entries(cfg.services.run_id, [q.id for q in questions])
+        finally:
+            remote.close()
+        assert counts[("best" if epsilon == 1.0 else "other")] == 6
+        for group, entry in zip(batch.groups, entries, strict=True):
+            from services.schemas.common import unpack_token_ids
+
+            stored = unpack_token_ids(entry.token_ids)
+            answers = [answer_tokens(s.response_ids, s.finish_reason) for s in group.samples]
+            best = max(range(len(answers)), key=lambda i: (group.samples[i].shaped_reward, -i))
+            if epsilon == 1.0:
+                assert stored == answers[best]
+            else:
+                assert stored in [a for i, a in enumerate(answers) if i != best]
+
+
+def test_a_replica_killed_between_steps_leaves_the_run_to_the_other(
+    tmp_path, warm_model_dir, rollout_cache_url, training_replicas
+):
+    """Runs last in this module: it kills the second training replica for good."""
+    from training_helpers import Trainer, replica_version, run_config, seed, wait_for_step
+
+    from trainer.progress import read_records
+
+    survivor, victim = training_replicas
+    cfg, config_file = run_config(
+        tmp_path, warm_model_dir, rollout_cache_url, [survivor.url, victim.url], "train.max_steps=4"
+    )
+    # Earlier tests left the two replicas at different versions: seed through one (a batch never mixes
+    # versions); the trainer's first step brings both to one new version.
+    seed(
+        cfg.model_copy(update={"services": cfg.services.model_copy(update={"rollout_urls": [survivor.url]})})
+    )
+    trainer = Trainer(config_file, log_path=tmp_path / "trainer.log")
+    wait_for_step(cfg.train.run_dir, 1, trainer)
+    victim.process.kill()  # SIGKILL: the engine core goes with its process group below
+    import os
+    import signal
+
+    try:
+        os.killpg(victim.process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    assert trainer.wait(300) == 0, trainer.output()[-6000:]
+    records = read_records(cfg.train.run_dir, "step")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert replica_version(survivor.url) == records[-1]["policy_version"]
+    output = trainer.output()
+    assert victim.url in output and ("sits this step out" in output or "retrying them on" in output)
