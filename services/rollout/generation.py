@@ -67,6 +67,11 @@ class Generation:
 
     def check(self, req: GenerateRequest) -> list[int]:
         """Per-prompt caps, after checking every prompt and cap against the model."""
+        if isinstance(req.max_tokens, list) and len(req.max_tokens) != len(req.prompts):
+            raise InvalidInput(
+                f"{len(req.max_tokens)} caps for {len(req.prompts)} prompts: give one per prompt, or one number",
+                field="max_tokens",
+            )
         caps = req.max_tokens if isinstance(req.max_tokens, list) else [req.max_tokens] * len(req.prompts)
         limit = self.engine.max_model_len
         for i, (prompt, cap) in enumerate(zip(req.prompts, caps, strict=True)):

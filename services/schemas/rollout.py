@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from services.schemas.common import Wire
 
@@ -47,14 +47,6 @@ class GenerateRequest(_Wire):
     """Makes sampling reproducible: prompt i is sampled with seed + i (and its n samples with + j)."""
     min_policy_version: int = Field(0, ge=0)
     """Refuse (409) if the replica serves an older policy than this."""
-
-    @model_validator(mode="after")
-    def _one_cap_per_prompt(self) -> GenerateRequest:
-        if isinstance(self.max_tokens, list) and len(self.max_tokens) != len(self.prompts):
-            raise ValueError(
-                f"max_tokens: {len(self.max_tokens)} caps for {len(self.prompts)} prompts (give one per prompt)"
-            )
-        return self
 
 
 class Sample(_Wire):
@@ -110,18 +102,23 @@ class RolloutRequest(_Wire):
     min_policy_version: int = Field(0, ge=0)
     """Refuse (409) if the replica serves an older policy than this."""
 
-    @model_validator(mode="after")
-    def _check(self) -> RolloutRequest:
-        if self.shaping_low > self.shaping_high:
-            raise ValueError(
-                f"shaping_low ({self.shaping_low}) must be <= shaping_high ({self.shaping_high})"
-            )
+    @field_validator("questions")
+    @classmethod
+    def _unique_ids(cls, questions: list[RolloutQuestion]) -> list[RolloutQuestion]:
         seen: set[str] = set()
-        for q in self.questions:
+        for q in questions:
             if q.id in seen:
-                raise ValueError(f"questions: question id {q.id!r} appears twice in one batch")
+                raise ValueError(f"question id {q.id!r} appears twice in one batch")
             seen.add(q.id)
-        return self
+        return questions
+
+    @field_validator("shaping_high")
+    @classmethod
+    def _bounds_in_order(cls, high: float, info: ValidationInfo) -> float:
+        low = info.data.get("shaping_low")
+        if low is not None and low > high:
+            raise ValueError(f"must be >= shaping_low ({low})")
+        return high
 
 
 class RolloutSample(_Wire):
