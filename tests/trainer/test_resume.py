@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
+from training_helpers import Trainer, replica_version, run_config, run_trainer, seed, wait_for_step
 
 from trainer.checkpoint import STATE_FILE, Checkpointer, StopRequest, TrainerState
 
@@ -57,3 +59,55 @@ def test_sigterm_asks_for_a_stop_after_the_step():
     finally:
         stop.close()
     assert signal.getsignal(signal.SIGTERM) is not stop._handle
+
+
+# ------------------------------------------------------------------------------------------------------------
+# End to end: SIGKILL a training process mid-run, then `rpo train --resume`
+
+
+def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint(
+    tmp_path, warm_model_dir, rollout_cache_url, training_replicas
+):
+    from cache_server.client import SyncCacheClient, read_export_file
+    from trainer.checkpoint import CACHE_FILE
+    from trainer.progress import read_records
+
+    url = training_replicas[0].url
+    cfg, config_file = run_config(
+        tmp_path, warm_model_dir, rollout_cache_url, [url], "train.max_steps=6", "train.checkpoint_every=2"
+    )
+    seed(cfg)
+    run_dir = Path(cfg.train.run_dir)
+    trainer = Trainer(config_file, log_path=tmp_path / "first.log")
+    wait_for_step(run_dir, 3, trainer)
+    trainer.kill()  # SIGKILL to the whole process group: no handler runs, nothing is saved
+
+    checkpoint = Checkpointer(run_dir / "checkpoints", keep=2).latest()
+    state = Checkpointer.read_state(checkpoint)
+    assert state.step in (2, 4) and state.step < max(r["step"] for r in read_records(run_dir, "step")) + 1
+    ids = [f"arith-train-{i:05d}" for i in range(48)]
+    with SyncCacheClient(rollout_cache_url) as cache:
+        killed = cache.read_entries(cfg.services.run_id, ids)
+        assert any(
+            e is not None and e.last_step and e.last_step > state.step for e in killed
+        )  # lost steps' updates
+
+        # Resume without further steps: the restored state is exactly the checkpoint's.
+        run_trainer(
+            config_file, "--resume", "--set", f"train.max_steps={state.step}", log_path=tmp_path / "a.log"
+        )
+        resumed = read_records(run_dir, "resume")[-1]
+        assert (resumed["step"], resumed["policy_version"]) == (state.step, state.policy_version)
+        _, snapshot = read_export_file(checkpoint / CACHE_FILE)
+        restored = {e.question_id: e.model_dump() for e in cache.read_entries(cfg.services.run_id, ids) if e}
+        assert restored == {e.question_id: e.model_dump() for e in snapshot}
+
+        # Resume to the end: the lost steps are trained again, the replica ends at the trainer's version.
+        run_trainer(config_file, "--resume", log_path=tmp_path / "b.log")
+    records = read_records(run_dir, None)
+    last_resume = max(i for i, r in enumerate(records) if r["kind"] == "resume")
+    after = [r for r in records[last_resume:] if r["kind"] == "step"]
+    assert [r["step"] for r in after] == list(range(state.step + 1, 7))
+    assert replica_version(url) == after[-1]["policy_version"]
+    assert Checkpointer.read_state(Checkpointer(run_dir / "checkpoints", keep=2).latest()).step == 6
+    assert (run_dir / "final" / "config.json").is_file()
