@@ -9,6 +9,7 @@ whole list, in order, with sizes that differ by at most one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Sequence
@@ -61,6 +62,26 @@ def init_distributed() -> None:
     if accelerator.device_name() != "cpu":
         accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend=backend_name(), verbose=False)
+    if accelerator.device_name() == "cpu":
+        _unlink_shm_allreduce_buffer()
+
+
+def _unlink_shm_allreduce_buffer() -> None:
+    """Workaround: on the CPU accelerator DeepSpeed maps one named POSIX shared-memory buffer per local rank
+    (tens of MB, for its shm all-reduce) and never unlinks it, so every multi-rank run leaves them in
+    /dev/shm, which is RAM (upstream: deepspeedai/DeepSpeed#4115, "the SHM object will remain in /dev/shm
+    after DeepSpeed exit"). Once every rank has mapped every peer's buffer (DeepSpeed does that before
+    `init_distributed` returns; the barrier makes sure all have returned), each rank removes the NAME of
+    its own buffer: the mappings stay valid and the memory goes away with the last process.
+    The name is DeepSpeed's (csrc/cpu/comm/shm.cpp): deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>.
+    """
+    if world_size() == 1 or "LOCAL_SIZE" not in os.environ:  # no shm buffer without a local peer
+        return
+    barrier()
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    name = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank()}"
+    with contextlib.suppress(OSError):
+        os.unlink(name)
 
 
 def rank() -> int:

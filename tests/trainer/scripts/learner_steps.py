@@ -1,0 +1,94 @@
+"""Run a few learner steps on a fixed, seeded batch and write what happened (rank 0) to a JSON file.
+
+Used by tests/trainer/test_learner_distributed.py under DeepSpeed's launcher (any world size) and as a
+plain process (world size 1). Every rank builds the same sample list from the same seed, as the loop's
+broadcast would give it.
+
+    python tests/trainer/scripts/learner_steps.py --model DIR --out FILE [--set section.key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+
+
+def fixed_samples(n: int, seed: int = 0) -> list:
+    """n responses with prompts of 3-9 tokens, responses of 1-12 tokens, prefixes and advantages drawn."""
+    from trainer.batch import TrainSample
+
+    rng = random.Random(seed)
+    samples = []
+    for i in range(n):
+        response = [rng.randrange(3, 131) for _ in range(rng.randint(1, 12))]
+        samples.append(
+            TrainSample(
+                prompt_ids=[rng.randrange(3, 131) for _ in range(rng.randint(3, 9))],
+                response_ids=response,
+                prefix_len=rng.randint(0, len(response)),
+                advantage=rng.uniform(-1.5, 1.5),
+                question_id=f"q{i // 4}",
+            )
+        )
+    return samples
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--samples", type=int, default=11)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--weights", help="also save rank 0's named_weights after the steps here")
+    parser.add_argument("--load", help="resume from this learner checkpoint before the steps")
+    parser.add_argument("--save", help="save a learner checkpoint here after --save-after steps")
+    parser.add_argument("--save-after", type=int, default=1)
+    parser.add_argument("--set", action="append", default=[], dest="overrides")
+    args = parser.parse_args()
+
+    import torch
+
+    from services.config import load_config
+    from trainer import dist
+    from trainer.learner import Learner
+
+    torch.manual_seed(0)
+    cfg = load_config(None, args.overrides)
+    learner = Learner(cfg, args.model, total_steps=10)
+    samples = fixed_samples(args.samples)
+    client_state = learner.load_checkpoint(args.load) if args.load else None
+    steps = []
+    for index in range(args.steps):
+        if args.save and index == args.save_after:
+            learner.save_checkpoint(args.save, {"saved_after": index})
+        steps.append(learner.train_step(samples))
+    weights = {name: tensor.float().clone() for name, tensor in learner.named_weights()}
+    if dist.is_main():
+        if args.weights:
+            from safetensors.torch import save_file
+
+            save_file(weights, args.weights)
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "world_size": dist.world_size(),
+                    "steps": steps,
+                    "names": sorted(weights),
+                    "client_state": client_state,
+                },
+                indent=1,
+            )
+        )
+    dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
