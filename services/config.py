@@ -234,6 +234,18 @@ class TrainSection(_Section):
     cache_init_batch_questions: int = Field(256, ge=1)
     """`rpo cache init`: questions sampled and written to the cache per batch."""
 
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> TrainSection:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(
+                f"offload_params needs zero_stage 3 (got {self.zero_stage}): only ZeRO-3 partitions parameters"
+            )
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError(
+                "offload_optimizer needs zero_stage 1, 2 or 3: ZeRO-0 keeps no optimizer partition to offload"
+            )
+        return self
+
 
 class ServicesSection(_Section):
     """How the processes find and call each other."""
