@@ -401,9 +401,11 @@ def push_to_all(
     """Push `weights` as `version` to every replica at once; return when each serves it.
 
     `weights`: (HF name, tensor) pairs or a mapping, consumed once (a lazy ZeRO-3 gather is fine).
-    `dtype`: "auto" casts floating tensors to the dtype each replica serves (asked first), None sends them
-    as they are, or a safetensors code ("BF16"). Raises WeightPushError naming every replica that failed
-    and the phase: connect, upload, validate (4xx: nothing changed there) or apply.
+    Each replica is asked its version first: one that already serves `version` is left alone (so the
+    trainer can push to every replica, lagging or not). `dtype`: "auto" casts floating tensors to the dtype
+    each replica serves, None sends them as they are, or a safetensors code ("BF16"). Raises
+    WeightPushError naming every replica that failed and the phase: connect, upload, validate (4xx: nothing
+    changed there) or apply.
     """
     if not urls:
         raise ValueError("no replica to push to")
@@ -415,12 +417,13 @@ def push_to_all(
 
     def one(url: str) -> PushResult:
         client, started = clients[url], time.monotonic()
-        wanted = dtype
-        if dtype == "auto":
-            try:
-                wanted = _version_of(client, "weight push: connect").dtype
-            except ServiceCallError as exc:
-                raise _PhaseError("connect", str(exc)) from None
+        try:
+            serving = _version_of(client, "weight push: connect")
+        except ServiceCallError as exc:
+            raise _PhaseError("connect", str(exc)) from None
+        if serving.policy_version == version:  # a retried or catch-up push it already applied
+            return PushResult(url, version, time.monotonic() - started)
+        wanted = serving.dtype if dtype == "auto" else dtype
         body = _prepare(tensors, wanted, bodies, version)
         result = _send(client, url, version, body, started)
         served = _version_of(client, "weight push: confirm").policy_version

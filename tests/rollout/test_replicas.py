@@ -1,16 +1,19 @@
 """Two replicas: both are found, a late one refuses rollouts that need the current policy until it has been
-pushed the current weights, and one push brings both to the same version and the same outputs."""
+pushed the current weights, and one push brings both to the same version and the same outputs. Last, the
+late replica's engine is killed: requests get 503 while the process keeps answering."""
 
 from __future__ import annotations
 
 import socket
 
 import httpx
+import psutil
 import pytest
-from rollout_helpers import FAST, PROMPTS, greedy, hf_greedy, random_weights, version_of
+from rollout_helpers import FAST, PROMPTS, generate, greedy, hf_greedy, random_weights, version_of
 
 from services.config import load_config
 from services.rollout.client import WeightPushError, discover_replicas, push_to_all, resolve_dns_replicas
+from services.schemas.rollout import GenerateRequest
 
 QUESTION = {"id": "q1", "prompt_ids": [40, 41, 42], "reference": "3"}
 
@@ -42,45 +45,49 @@ def test_static_list_and_dns_discovery(monkeypatch):
     ]
 
 
+@pytest.fixture(scope="module")
+def late_replica(tied_replica, rollout_server_factory):
+    """A second replica of the same model on another loopback address, started after the first."""
+    server = rollout_server_factory(tied_replica.model_dir, host="127.0.0.2")
+    yield server
+    server.stop()
+
+
 def test_a_late_replica_refuses_until_pushed_then_both_serve_the_same_version(
-    tied_replica, rollout_server_factory, tmp_path
+    tied_replica, late_replica, tmp_path
 ):
-    a = tied_replica
-    b = rollout_server_factory(a.model_dir, host="127.0.0.2")  # a second replica, started late
-    try:
-        # The trainer's step: replica A serves a newer policy than the late joiner B.
-        a.push(random_weights(tmp_path / "step", tied=True, seed=300 + a.version))
-        current = a.version
-        cfg = load_config(None, [f"services.rollout_urls=[{a.url}, {b.url}]"])
-        replicas = discover_replicas(cfg)
-        assert replicas == [a.url, b.url]
-        assert {url: version_of(url) for url in replicas} == {a.url: current, b.url: 0}
+    a, b = tied_replica, late_replica
+    # The trainer's step: replica A serves a newer policy than the late joiner B.
+    a.push(random_weights(tmp_path / "step", tied=True, seed=300 + a.version))
+    current = a.version
+    cfg = load_config(None, [f"services.rollout_urls=[{a.url}, {b.url}]"])
+    replicas = discover_replicas(cfg)
+    assert replicas == [a.url, b.url]
+    assert {url: version_of(url) for url in replicas} == {a.url: current, b.url: 0}
 
-        reply = httpx.post(
-            b.url + "/v1/rollouts",
-            json={"questions": [QUESTION], "mode": "full", "min_policy_version": current},
-            timeout=60,
-        )
-        assert reply.status_code == 409, reply.text
-        assert f"serves policy version 0; this request needs >= {current}" in reply.json()["error"]["message"]
+    reply = httpx.post(
+        b.url + "/v1/rollouts",
+        json={"questions": [QUESTION], "mode": "full", "min_policy_version": current},
+        timeout=60,
+    )
+    assert reply.status_code == 409, reply.text
+    assert f"serves policy version 0; this request needs >= {current}" in reply.json()["error"]["message"]
 
-        # The trainer pushes the current weights to every replica that lags (A already serves them).
-        results = push_to_all(replicas, current, a.weights, policy=FAST, timeout_seconds=120)
-        assert results[a.url].reply is None  # already served: nothing sent again
-        assert results[b.url].reply is not None and results[b.url].reply.policy_version == current
-        assert {url: version_of(url) for url in replicas} == {a.url: current, b.url: current}
+    # The trainer pushes the current weights to every replica that lags (A already serves them).
+    results = push_to_all(replicas, current, a.weights, policy=FAST, timeout_seconds=120)
+    assert results[a.url].reply is None  # already served: nothing sent again
+    assert results[b.url].reply is not None and results[b.url].reply.policy_version == current
+    assert {url: version_of(url) for url in replicas} == {a.url: current, b.url: current}
 
-        expected = hf_greedy(a.reference(), PROMPTS, 24)
-        assert greedy(a.url) == (current, expected)
-        assert greedy(b.url) == (current, expected)
-        reply = httpx.post(
-            b.url + "/v1/rollouts",
-            json={"questions": [QUESTION], "mode": "full", "min_policy_version": current, "reward": "exact"},
-            timeout=60,
-        )
-        assert reply.status_code == 200 and reply.json()["policy_version"] == current
-    finally:
-        b.stop()
+    expected = hf_greedy(a.reference(), PROMPTS, 24)
+    assert greedy(a.url) == (current, expected)
+    assert greedy(b.url) == (current, expected)
+    reply = httpx.post(
+        b.url + "/v1/rollouts",
+        json={"questions": [QUESTION], "mode": "full", "min_policy_version": current, "reward": "exact"},
+        timeout=60,
+    )
+    assert reply.status_code == 200 and reply.json()["policy_version"] == current
 
 
 def test_push_to_all_names_the_replica_that_failed_and_its_phase(tied_replica, tmp_path):
@@ -92,3 +99,20 @@ def test_push_to_all_names_the_replica_that_failed_and_its_phase(tied_replica, t
     assert list(caught.value.failures) == [dead] and caught.value.failures[dead][0] == "connect"
     assert caught.value.succeeded == [tied_replica.url]
     assert f"{dead} [connect]" in str(caught.value)
+
+
+def test_an_engine_that_dies_gives_503_and_the_process_keeps_answering(late_replica):
+    server = late_replica
+    assert generate(server.url, GenerateRequest(prompts=[[40, 41]], max_tokens=4)).results
+    cores = [
+        p for p in psutil.Process(server.process.pid).children(recursive=True) if "EngineCore" in p.name()
+    ]
+    assert cores, "no vLLM engine core process found"
+    for core in cores:
+        core.kill()
+    psutil.wait_procs(cores, timeout=10)
+    reply = httpx.post(server.url + "/v1/generate", json={"prompts": [[40, 41]], "max_tokens": 4}, timeout=60)
+    assert reply.status_code == 503 and "engine" in reply.json()["error"]["message"], reply.text
+    assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200
+    assert httpx.get(server.url + "/readyz", timeout=10).status_code == 503
+    assert server.process.poll() is None, "the replica process died with its engine"
