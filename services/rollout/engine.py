@@ -120,17 +120,21 @@ class RolloutEngine:
         temperature: float,
         top_p: float,
         seed: int | None,
+        policy_version: int,
     ) -> list[Generated]:
         """n samples of one prompt (already checked against the vocabulary and the context).
 
-        Greedy decoding (temperature 0) with n > 1 is n requests of one sample (vLLM takes n = 1 only).
+        KV blocks are salted with the policy version, so a cached prefix computed with other weights is
+        never reused (on top of the prefix-cache reset after each weight load). Greedy decoding (temperature
+        0) with n > 1 is n requests of one sample (vLLM takes n = 1 only).
         """
+        salt = f"policy-v{policy_version}"
         if temperature == 0.0 and n > 1:
             groups = await asyncio.gather(
-                *(self._request(prompt_ids, 1, max_tokens, temperature, top_p, seed) for _ in range(n))
+                *(self._request(prompt_ids, 1, max_tokens, temperature, top_p, seed, salt) for _ in range(n))
             )
             return [sample for group in groups for sample in group]
-        return await self._request(prompt_ids, n, max_tokens, temperature, top_p, seed)
+        return await self._request(prompt_ids, n, max_tokens, temperature, top_p, seed, salt)
 
     async def _request(
         self,
@@ -140,9 +144,10 @@ class RolloutEngine:
         temperature: float,
         top_p: float,
         seed: int | None,
+        salt: str,
     ) -> list[Generated]:
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
+        from vllm.inputs import tokens_input
         from vllm.sampling_params import RequestOutputKind
 
         final = None
@@ -157,7 +162,7 @@ class RolloutEngine:
                 detokenize=False,
                 output_kind=RequestOutputKind.FINAL_ONLY,  # one output holding all n samples, none streamed
             )
-            prompt = TokensPrompt(prompt_token_ids=prompt_ids)
+            prompt = tokens_input(prompt_ids, cache_salt=salt)
             async for output in self.llm.generate(prompt, params, uuid.uuid4().hex):
                 final = output
         except Exception as exc:

@@ -98,6 +98,7 @@ class Generation:
                         temperature=req.temperature,
                         top_p=req.top_p,
                         seed=None if req.seed is None else (req.seed + i) % 2**SEED_BITS,
+                        policy_version=version,
                     )
                     for i, (prompt, cap) in enumerate(zip(req.prompts, caps, strict=True))
                 )

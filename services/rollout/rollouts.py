@@ -130,6 +130,7 @@ class GroupRollouts:
                         temperature=req.temperature,
                         top_p=req.top_p,
                         seed=derive_seed(req.seed, q.id),
+                        policy_version=version,
                     )
                     for q, plan in zip(req.questions, plans, strict=True)
                 )
