@@ -27,6 +27,8 @@ from services.errors import InvalidInput, Unavailable
 log = logging.getLogger("rpo.rollout")
 
 WORKER_EXTENSION = "services.rollout.vllm_worker.RpoWorkerExtension"
+CPU_MAX_BATCHED_TOKENS = 8192
+"""Tokens one engine step may schedule on CPU (prompts are prefilled whole there; see `engine_args`)."""
 SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
 """torch dtype name -> safetensors dtype code."""
 
@@ -67,6 +69,12 @@ def engine_args(cfg: RunConfig, model_dir: Path, on_cpu: bool) -> Any:
     }
     if on_cpu:
         kwargs["kv_cache_memory_bytes"] = r.kv_cache_bytes
+        # A seeded request whose prompt is prefilled in chunks makes vLLM rewind its torch.Generator with
+        # set_offset (`_bookkeeping_sync` in vllm/v1/worker/gpu_model_runner.py, "relies on cuda-specific
+        # torch-internal impl details", vLLM PR #10097); CPU generators have no offset, the engine core dies
+        # ("CPU Generator does not use offset"). Every rollout is seeded, so prompts are prefilled whole.
+        kwargs["enable_chunked_prefill"] = False
+        kwargs["max_num_batched_tokens"] = max(cfg.model.max_model_len, CPU_MAX_BATCHED_TOKENS)
     else:
         kwargs["gpu_memory_utilization"] = r.gpu_memory_utilization
     if r.weight_transfer == "nccl":

