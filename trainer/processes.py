@@ -76,6 +76,8 @@ class Child:
     log_path: Path | None
     url: str | None = None
     _log_fh: IO | None = None
+    done: bool = False
+    """Waited for to the end (`Supervisor.wait`): its exit is no longer a failure of the job."""
 
     def exited(self) -> int | None:
         return self.popen.poll()
@@ -159,7 +161,7 @@ class Supervisor:
     def check_alive(self, exclude: Sequence[Child] = ()) -> None:
         """Raise PartFailed if any child (other than `exclude`) has exited."""
         for child in self.children:
-            if child in exclude:
+            if child in exclude or child.done:
                 continue
             if child.exited() is not None:
                 raise PartFailed(child.describe_exit())
@@ -170,6 +172,7 @@ class Supervisor:
         while True:
             code = child.exited()
             if code is not None:
+                child.done = True
                 return code
             self.check_alive(exclude=[child])
             if deadline is not None and time.monotonic() > deadline:

@@ -66,6 +66,14 @@ def test_a_part_that_dies_is_named_with_its_log(tmp_path):
             sup.wait(other, timeout_seconds=5)
 
 
+def test_a_child_waited_for_to_the_end_is_not_a_failure(tmp_path):
+    with Supervisor(tmp_path) as sup:
+        first = sup.start("cache-init", [sys.executable, "-c", "pass"])
+        assert sup.wait(first, timeout_seconds=30) == 0
+        second = sup.start("trainer", [sys.executable, "-c", "import time; time.sleep(0.5)"])
+        assert sup.wait(second, timeout_seconds=30) == 0  # the first one's exit is not held against it
+
+
 def test_readiness_wait_has_a_timeout(tmp_path):
     with Supervisor(tmp_path) as sup:
         child = sup.start("rollout", SLEEPER, url=f"http://127.0.0.1:{free_port()}")
