@@ -54,14 +54,27 @@ def init_distributed() -> None:
     from deepspeed.accelerator import get_accelerator
 
     launched = ("RANK" in os.environ and "WORLD_SIZE" in os.environ) or "OMPI_COMM_WORLD_RANK" in os.environ
+    added: dict[str, str] = {}
     if not launched:  # a plain process: a world of one (an MPI launch is discovered by DeepSpeed)
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        wanted = {
+            "RANK": "0",
+            "WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(_free_port()),
+        }
+        added = {k: v for k, v in wanted.items() if k not in os.environ}
+        os.environ.update(added)
+        os.environ.setdefault("LOCAL_RANK", "0")  # kept: deepspeed.initialize requires it
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
         accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(dist_backend=backend_name(), verbose=False)
+    try:
+        deepspeed.init_distributed(dist_backend=backend_name(), verbose=False)
+    finally:
+        # A child process (a trainer or test started from here) must not take this world for a launch
+        # of its own and try to listen on our port.
+        for key in added:
+            os.environ.pop(key, None)
     if accelerator.device_name() == "cpu":
         _unlink_shm_allreduce_buffer()
 

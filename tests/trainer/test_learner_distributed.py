@@ -22,6 +22,28 @@ REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_SECONDS = 180
 
 
+def test_shards_cover_the_list_in_order_and_differ_by_at_most_one():
+    from trainer.dist import shard_bounds
+
+    # 11 items over 2 ranks: 6 + 5; over 4 ranks: 3 + 3 + 3 + 2; 3 items over 4 ranks: 1 + 1 + 1 + 0.
+    assert [shard_bounds(11, 2, r) for r in range(2)] == [(0, 6), (6, 11)]
+    assert [shard_bounds(11, 4, r) for r in range(4)] == [(0, 3), (3, 6), (6, 9), (9, 11)]
+    assert [shard_bounds(3, 4, r) for r in range(4)] == [(0, 1), (1, 2), (2, 3), (3, 3)]
+
+
+def test_a_world_of_one_leaves_no_launch_environment_to_child_processes(tiny_model_dir):
+    """In a plain process the learner makes a world of one; a trainer started from that process (as `rpo run`
+    and the tests do) must not see RANK/MASTER_PORT and take itself for a rank of that world."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from trainer import dist
+
+    before = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    dist.init_distributed()
+    assert dist.world_size() == 1 and dist.rank() == 0 and dist.is_main()
+    assert {k: os.environ.get(k) for k in before} == before
+    assert dist.broadcast_object({"a": 1}) == {"a": 1} and dist.sum_over_ranks([1.5, 2]) == [1.5, 2.0]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
