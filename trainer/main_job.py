@@ -49,7 +49,9 @@ def run_main(args: Any) -> int:
         cfg = load_config(preset_path(), [*shortcut_overrides(args), *getattr(args, "overrides", [])])
     summary = MainJob(cfg).run()
     print(render_summary(summary))
-    return 0 if summary.get("ok") else 1
+    if summary.get("ok"):
+        return 0
+    return 130 if summary.get("error") == "interrupted" else 1
 
 
 def fresh_run_dir(path: Path) -> Path:

@@ -3,11 +3,17 @@ and end to end, the real command with a shortened config."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import signal
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+from training_helpers import REPO
 
 from services.config import load_config
 from trainer.main_job import fresh_run_dir, preset_path, render_summary
@@ -138,3 +144,80 @@ def test_summary_table():
     ):
         assert expected in text, expected
     assert "did not finish" in render_summary({"ok": False, "error": "cache exited 3", "run_dir": "r"})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# End to end: the real `rpo run`, shortened (tiny sizes), as a subprocess
+
+SHORT = (
+    "data.max_questions=64",
+    "data.eval_max_questions=32",
+    "sampling.eval_samples=2",
+    "algorithm.group_size=4",
+    "train.questions_per_step=8",
+    "train.max_steps=2",
+    "train.checkpoint_every=1",
+)
+
+
+def _rpo_run(run_dir: Path, *extra: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RPO_")}
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    sets = [a for item in (*SHORT, f"train.run_dir={run_dir}", *extra) for a in ("--set", item)]
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "run", *sets],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _started_pids(output: str) -> list[int]:
+    return [int(m) for m in re.findall(r"started \S+ \(pid (\d+)\)", output)]
+
+
+def test_rpo_run_completes_and_stops_everything_it_started(tmp_path, warm_model_dir):
+    run_dir = tmp_path / "run"
+    job = _rpo_run(run_dir)
+    output, _ = job.communicate(timeout=600)
+    assert job.returncode == 0, output[-6000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["ok"] and summary["steps"] == 2
+    assert summary["eval_before"]["questions"] == summary["eval_after"]["questions"] == 32
+    assert summary["cache_init"]["written"] + summary["cache_init"]["empty"] == 64
+    ref = summary["full_path_reference"]
+    assert (
+        ref["questions"] == 8
+        and summary["first_step_decoded_tokens_per_sample"] < ref["decoded_tokens_per_sample"]
+    )
+    for text in ("held-out accuracy (pass@1)", "decoded tokens / sample", "wall time"):
+        assert text in output
+    assert (run_dir / "final" / "config.json").is_file() and (run_dir / "config.yaml").is_file()
+    pids = _started_pids(output)
+    assert len(pids) == 3  # cache server, rollout replica, trainer
+    assert not [pid for pid in pids if _alive(pid)]
+
+
+def test_ctrl_c_stops_every_part_and_the_trainer_saves_a_checkpoint(tmp_path, warm_model_dir):
+    from trainer.checkpoint import Checkpointer
+
+    run_dir = tmp_path / "run"
+    job = _rpo_run(run_dir, "train.max_steps=50", "data.eval_dataset=null", "train.checkpoint_every=100")
+    deadline = time.monotonic() + 400
+    while (
+        not (run_dir / "metrics.jsonl").exists()
+        or '"kind": "step"' not in (run_dir / "metrics.jsonl").read_text()
+    ):
+        assert job.poll() is None, job.stdout.read()[-6000:]
+        assert time.monotonic() < deadline, "no training step within 400 s"
+        time.sleep(0.2)
+    job.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground process
+    output, _ = job.communicate(timeout=300)
+    assert job.returncode == 130, output[-6000:]
+    assert "interrupted" in output
+    latest = Checkpointer(run_dir / "checkpoints", keep=2).latest()
+    assert latest is not None and 1 <= Checkpointer.read_state(latest).step < 50  # saved on the way out
+    assert not [pid for pid in _started_pids(output) if _alive(pid)]
