@@ -61,6 +61,28 @@ def test_lr_schedule_by_hand():
     assert [constant(0), constant(1), constant(2), constant(9)] == pytest.approx([1 / 3, 2 / 3, 1, 1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_selected_logprobs_match_log_softmax_in_value_and_gradient(dtype):
+    """The chunked custom autograd function equals log_softmax + gather, forward and backward (3 rows per
+    chunk over 2 x 5 rows, so chunks split a row of the batch)."""
+    from trainer.learner import selected_logprobs
+
+    gen = torch.Generator().manual_seed(0)
+    base = (3 * torch.randn(2, 5, 11, generator=gen)).to(dtype)
+    targets = torch.randint(0, 11, (2, 5), generator=gen)
+    upstream = torch.randn(2, 5, generator=gen)
+    mine_in, ref_in = base.clone().requires_grad_(), base.clone().requires_grad_()
+    mine = selected_logprobs(mine_in, targets, chunk_bytes=3 * 11 * 4)
+    ref = torch.log_softmax(ref_in.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    assert mine.dtype == torch.float32
+    torch.testing.assert_close(mine, ref, rtol=0, atol=1e-6)
+    (mine * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    assert mine_in.grad.dtype == dtype
+    tolerance = 1e-6 if dtype == torch.float32 else 2e-2  # bf16 rounds the gradient itself
+    torch.testing.assert_close(mine_in.grad.float(), ref_in.grad.float(), rtol=0, atol=tolerance)
+
+
 @pytest.mark.parametrize("algorithm", ["grpo", "dapo"])
 def test_one_step_is_adamw_on_the_whole_batch_gradient(tiny_model_dir, algorithm):
     """7 samples in micro-batches of 2 (4 backward passes, the last one short) make ONE AdamW step on the
