@@ -1,22 +1,10 @@
 """The DeepSpeed learner: everything that touches the policy's parameters (PAPER.md step 5).
 
-Guarantees:
-- ONE optimizer step per rollout batch (per update when `train.updates_per_batch` > 1), whatever the batch
-  size, micro-batch size and world size: every rank runs the same number of micro-batches (a rank whose
-  slice is short runs zero-weight padding micro-batches, so ZeRO's per-backward collectives line up), and
-  the global normalisers (GRPO: sequences, DAPO: loss tokens) are taken over the WHOLE batch before it is
-  split. DeepSpeed averages gradients over ranks, so each rank's loss is multiplied by the world size
-  before `backward`; the gradient is then exactly that of the whole-batch loss (tests/trainer check
-  world size 1 against 2, ZeRO-2 and ZeRO-3).
-- pi_old is the current policy detached when `updates_per_batch` == 1 (TRL's GRPO does the same: ratio 1,
-  only its gradient matters); with more updates, a no-grad pass before the first update.
-- The reference policy (GRPO with beta > 0) is the starting model, frozen: a plain copy in eval mode for
-  ZeRO stages 0-2 (the policy is replicated there anyway), a ZeRO-3 engine without optimizer (partitioned
-  like the policy, gathered layer by layer) for ZeRO-3.
-- `named_weights`/`export_hf` give the HF state-dict names (`lm_head.weight` only when untied).
-Departures from the paper: none in the objective. Log-probs are of the model's own distribution (no
-temperature scaling, as in TRL 0.14 that the release code runs); with pi_old = pi_theta this changes only
-the KL term's reference point, not the policy gradient's direction.
+Guarantees: ONE optimizer step per rollout batch (per update with `train.updates_per_batch` > 1), whose
+gradient is that of the whole-batch GRPO/DAPO loss at any micro-batch size, world size and ZeRO stage
+(global normalisers, equal micro-batch counts on every rank, loss x world size against DeepSpeed's
+averaging; tests/trainer compare world sizes 1 and 2); weights come out under their HF names. No departure
+from the paper's objective. The contract for several ranks and the reasons: docs/training.md, "Learner".
 """
 
 from __future__ import annotations
@@ -38,6 +26,7 @@ import torch
 from services.config import RunConfig
 from trainer import dist
 from trainer.batch import Batch, TrainSample, collate, count_loss_tokens
+from trainer.logprobs import token_logprobs
 from trainer.losses import dapo_loss, grpo_loss
 
 log = logging.getLogger("rpo.learner")
@@ -76,65 +65,6 @@ class LRSchedule:
             return 1.0
         progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
         return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-class _SelectedLogProb(torch.autograd.Function):
-    """log_softmax(logits)[target] in float32, keeping no float32 copy of the logits for backward.
-
-    Forward and backward walk the rows in chunks of at most `chunk_bytes` of float32; only the logits
-    themselves (in their own dtype, bf16 on GPUs) and one float per row (the log-sum-exp) are saved. A
-    plain `logits.float().log_softmax()` would keep a [rows, V] float32 copy alive until backward.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor, chunk_bytes: int) -> torch.Tensor:
-        flat = logits.reshape(-1, logits.shape[-1])  # [R, V]
-        index = targets.reshape(-1, 1)  # [R, 1]
-        rows = max(1, chunk_bytes // (4 * flat.shape[1]))
-        lse = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)  # [R]
-        for start in range(0, flat.shape[0], rows):
-            lse[start : start + rows] = torch.logsumexp(flat[start : start + rows].float(), dim=-1)
-        chosen = flat.gather(1, index).squeeze(1).float()  # [R]
-        ctx.save_for_backward(logits, targets, lse)
-        ctx.rows = rows
-        return (chosen - lse).view(targets.shape)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        logits, targets, lse = ctx.saved_tensors
-        flat = logits.reshape(-1, logits.shape[-1])  # [R, V]
-        index = targets.reshape(-1, 1)  # [R, 1]
-        g = grad.reshape(-1, 1).float()  # [R, 1]
-        out = torch.empty_like(flat)
-        for start in range(0, flat.shape[0], ctx.rows):
-            stop = start + ctx.rows
-            # d/dx_j (x_target - lse) = [j = target] - softmax_j
-            part = torch.exp(flat[start:stop].float() - lse[start:stop, None]) * -g[start:stop]
-            part.scatter_add_(1, index[start:stop], g[start:stop])
-            out[start:stop] = part.to(out.dtype)
-        return out.view_as(logits), None, None
-
-
-def selected_logprobs(
-    logits: torch.Tensor, targets: torch.Tensor, chunk_bytes: int = 256 * 2**20
-) -> torch.Tensor:
-    """[...] float32 log_softmax(logits)[..., targets] for logits [..., V] and targets [...]."""
-    return _SelectedLogProb.apply(logits, targets, chunk_bytes)
-
-
-def token_logprobs(model: Any, batch: Batch) -> torch.Tensor:
-    """[B, T] float32 log pi(response token t | prompt, response[:t]) under `model` (any HF causal LM)."""
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        logits_to_keep=batch.logits_to_keep,
-        use_cache=False,
-    )
-    logits = out.logits  # [B, K, V]: window columns first_logit .. L-1
-    # The token each column predicts; the last column predicts past the end (target 0, never gathered).
-    targets = torch.nn.functional.pad(batch.input_ids[:, batch.first_logit + 1 :], (0, 1))  # [B, K]
-    window = selected_logprobs(logits, targets)  # [B, K]
-    return window.gather(1, batch.logit_index)  # [B, T]
 
 
 class Learner:

@@ -105,7 +105,7 @@ def test_padded_log_probs_equal_unpadded_ones(tiny_model_dir):
     """token_logprobs on a padded micro-batch gives each response's log-probs as if it were alone."""
     from transformers import AutoModelForCausalLM
 
-    from trainer.learner import token_logprobs
+    from trainer.logprobs import token_logprobs
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     samples = [
