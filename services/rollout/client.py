@@ -54,7 +54,9 @@ if TYPE_CHECKING:
 GENERATE_PATH = "/v1/generate"
 ROLLOUT_PATH = "/v1/rollouts"
 VERSION_PATH = "/v1/weights/version"
-UPLOAD_CHUNK_BYTES = 16 * 2**20
+UPLOAD_CHUNK_BYTES = 2**20
+"""Pieces a push body is sent in: httpx copies each piece once (h11), and pieces of a few MiB or less keep
+it at raw-socket speed on loopback (16 MiB pieces were 3x slower)."""
 
 
 # ---------------------------------------------------------------------------------------------------------

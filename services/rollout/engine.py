@@ -55,6 +55,11 @@ def engine_args(cfg: RunConfig, model_dir: Path, on_cpu: bool) -> Any:
     """vLLM's `AsyncEngineArgs` for a replica."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
+    return AsyncEngineArgs(**engine_kwargs(cfg, model_dir, on_cpu))
+
+
+def engine_kwargs(cfg: RunConfig, model_dir: Path, on_cpu: bool) -> dict[str, Any]:
+    """The engine settings of a replica, as keyword arguments of vLLM's engine args (or of `vllm.LLM`)."""
     r = cfg.rollout
     kwargs: dict[str, Any] = {
         "model": str(model_dir),
@@ -79,7 +84,7 @@ def engine_args(cfg: RunConfig, model_dir: Path, on_cpu: bool) -> Any:
         kwargs["gpu_memory_utilization"] = r.gpu_memory_utilization
     if r.weight_transfer == "nccl":
         kwargs["weight_transfer_config"] = {"backend": "nccl"}
-    return AsyncEngineArgs(**kwargs)
+    return kwargs
 
 
 def _is_validation_error(exc: BaseException) -> bool:

@@ -260,32 +260,35 @@ async def spool_push(
     """
     started = time.perf_counter()
     hasher = hashlib.sha256()
-    buffer = bytearray()
+    head = bytearray()  # the first bytes, until the header is complete
+    batch: list[bytes] = []  # chunks waiting to be hashed and written (no copy: the thread reads them)
+    batch_bytes = 0
     received = 0
     header: dict[str, Any] | None = None
     data_bytes = expected_total = 0
     pending: asyncio.Future | None = None
     out = target.open("wb")
 
-    def write(chunk: bytes) -> None:
-        hasher.update(chunk)
-        out.write(chunk)
+    def write(chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            hasher.update(chunk)
+            out.write(chunk)
 
     try:
         async for chunk in stream:
             received += len(chunk)
-            buffer += chunk
             if header is None:
-                if len(buffer) < 8:
+                head += chunk
+                if len(head) < 8:
                     continue
-                (length,) = struct.unpack("<Q", bytes(buffer[:8]))
+                (length,) = struct.unpack("<Q", bytes(head[:8]))
                 if length > MAX_HEADER_BYTES or length < 2:
                     await _drain(stream)
                     raise InvalidInput(f"safetensors header length {length} is not plausible", field="body")
-                if len(buffer) < 8 + length:
+                if len(head) < 8 + length:
                     continue
                 try:
-                    header = json.loads(bytes(buffer[8 : 8 + length]))
+                    header = json.loads(bytes(head[8 : 8 + length]))
                     if not isinstance(header, dict):
                         raise ValueError("not an object")
                 except ValueError as exc:
@@ -299,22 +302,24 @@ async def spool_push(
                     await _drain(stream)
                     raise
                 expected_total = 8 + length + data_bytes
+                chunk = bytes(head)
             if received > expected_total:
                 await _drain(stream)
                 raise InvalidInput(
                     f"the body is longer than the {expected_total} bytes its header announces", field="body"
                 )
-            if len(buffer) >= _WRITE_BATCH_BYTES:
+            batch.append(chunk)
+            batch_bytes += len(chunk)
+            if batch_bytes >= _WRITE_BATCH_BYTES:
                 if pending is not None:
                     await pending
-                pending = asyncio.ensure_future(asyncio.to_thread(write, bytes(buffer)))
-                buffer.clear()
+                pending = asyncio.ensure_future(asyncio.to_thread(write, batch))
+                batch, batch_bytes = [], 0
         if pending is not None:
             await pending
             pending = None
-        if buffer:
-            await asyncio.to_thread(write, bytes(buffer))
-            buffer.clear()
+        if batch:
+            await asyncio.to_thread(write, batch)
     finally:
         if pending is not None:
             with contextlib.suppress(Exception):
