@@ -213,6 +213,7 @@ class Learner:
         if not samples:
             raise ValueError("train_step needs at least one sample")
         started = time.monotonic()
+        self.engine.train()
         a, t = self.cfg.algorithm, self.cfg.train
         suffix_only = a.loss_on_suffix_only
         num_sequences = len(samples)

@@ -127,9 +127,15 @@ def test_world_size_two_gives_the_world_size_one_step(tiny_model_dir, tmp_path, 
     lr = 1e-4
     args = ["--set", f"train.lr={lr}", "--set", "train.micro_batch_size=2", *CASES[case]]
     one = _run(1, tiny_model_dir, tmp_path, case, *args)
-    two = _run(2, tiny_model_dir, tmp_path, case, *args)
+    two = _run(2, tiny_model_dir, tmp_path, case, *args, "--export", str(tmp_path / "export"))
     diffs = _compare(one, two, lr)
     print(case, {k: f"{v:.2e}" for k, v in diffs.items()})
+    # The export of the two ranks (gathered under ZeRO-3) holds the weights rank 0 reported.
+    from safetensors.torch import load_file
+
+    exported = load_file(str(tmp_path / "export" / "model.safetensors"))
+    assert sorted(exported) == two["names"]
+    assert all(bool((exported[k].float() == two["weights"][k]).all()) for k in exported)
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -50,6 +50,7 @@ def main() -> int:
     parser.add_argument("--load", help="resume from this learner checkpoint before the steps")
     parser.add_argument("--save", help="save a learner checkpoint here after --save-after steps")
     parser.add_argument("--save-after", type=int, default=1)
+    parser.add_argument("--export", help="export_hf the policy here after the steps")
     parser.add_argument("--set", action="append", default=[], dest="overrides")
     args = parser.parse_args()
 
@@ -70,6 +71,8 @@ def main() -> int:
             learner.save_checkpoint(args.save, {"saved_after": index})
         steps.append(learner.train_step(samples))
     weights = {name: tensor.float().clone() for name, tensor in learner.named_weights()}
+    if args.export:
+        learner.export_hf(args.export)
     if dist.is_main():
         if args.weights:
             from safetensors.torch import save_file
