@@ -227,7 +227,7 @@ class RolloutEngine:
     async def nccl_start(self) -> None:
         await self.llm.start_weight_update()
 
-    async def nccl_update(self, update_info: dict[str, Any]) -> None:
+    async def nccl_update(self, update_info: Any) -> None:
         from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
         await self.llm.update_weights(WeightTransferUpdateRequest(update_info=update_info))

@@ -485,7 +485,7 @@ class WeightUpdater:
         await self.gate.release_exclusive()
         self._update_lock.release()
 
-    async def nccl_update(self, version: int, update_info: dict[str, Any]) -> None:
+    async def nccl_update(self, version: int, update_info: Any) -> None:
         if self._nccl_version != version:
             raise Conflict(f"no NCCL update of version {version} is open (start it first)", field="version")
         try:

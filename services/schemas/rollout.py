@@ -215,7 +215,8 @@ class NcclUpdateRequest(_Wire):
     """`POST /v1/weights/nccl/update`: receive one broadcast (names, dtype_names, shapes of the tensors)."""
 
     version: int = Field(ge=1)
-    update_info: dict[str, Any]
+    update_info: dict[str, Any] | list[dict[str, Any]]
+    """vLLM's update info (names, dtype_names, shapes), or one per worker rank."""
 
 
 class NcclFinishRequest(_Wire):

@@ -139,3 +139,10 @@ def test_a_large_seeded_batch_is_served_whole_and_reproducibly(rollout_server):
         [s.token_ids for s in r] for r in second.results
     ]
     assert httpx.get(rollout_server.url + "/readyz", timeout=10).status_code == 200
+
+
+def test_nccl_routes_refuse_on_a_replica_without_nccl_transfer(rollout_server):
+    """The NCCL data plane needs rollout.weight_transfer=nccl (a GPU replica); elsewhere its routes say so."""
+    error = _error(_post(rollout_server.url, "/v1/weights/nccl/start", {"version": 1}), 409)
+    assert error["field"] == "rollout.weight_transfer" and "nccl" in error["message"]
+    assert httpx.get(rollout_server.url + "/v1/weights/version", timeout=10).json()["policy_version"] == 0
