@@ -5,6 +5,7 @@ cache) and every weight route require the bearer token when one is configured.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -64,7 +65,7 @@ async def generate(request: Request, body: GenerateRequest = typed_body(Generate
     """n samples per token-id prompt: token ids, sampling log-probs, finish reasons, the policy version."""
     service = _service(request)
     reply = await _counted(service, "generate", lambda: service.generation.run(body))
-    return typed_response(request, reply)
+    return await asyncio.to_thread(typed_response, request, reply)  # a large reply is not encoded on the loop
 
 
 @router.post(
@@ -80,7 +81,7 @@ async def rollouts(request: Request, body: RolloutRequest = typed_body(RolloutRe
     shaped within each group."""
     service = _service(request)
     reply = await _counted(service, body.mode, lambda: service.rollouts.run(body))
-    return typed_response(request, reply)
+    return await asyncio.to_thread(typed_response, request, reply)
 
 
 @router.get("/weights/version", tags=["weights"], response_model=WeightVersion)
