@@ -1,6 +1,5 @@
 """The tiny Qwen2 factory: HF loading, head_dim 64, tie settings, the character tokenizer, the cache, warm start."""
 
-import os
 import threading
 
 import pytest
@@ -123,10 +122,6 @@ def test_a_short_warm_start_lowers_the_loss_and_saves_a_loadable_model(tmp_path,
     assert greedy_accuracy(model, tok, make_split(task, "eval")) == metrics["eval_accuracy"]
 
 
-@pytest.mark.skipif(
-    not (tiny_model_path("warm") / "config.json").exists() and not os.environ.get("RPO_SLOW_TESTS"),
-    reason="the warm model is not built yet (about 2 minutes); set RPO_SLOW_TESTS=1 to build it here",
-)
 def test_warm_model_is_partly_right_on_held_out_questions(warm_model_dir):
     model = AutoModelForCausalLM.from_pretrained(warm_model_dir)
     tok = AutoTokenizer.from_pretrained(warm_model_dir)
