@@ -3,7 +3,9 @@
 One step (ARCHITECTURE.md, "One training step", synchronous mode):
  1. take the next questions from the data cursor (seeded shuffle per epoch, resumable);
  2. rank 0 finds the replicas and pushes the current weights to any replica not serving them (a replica
-    that joined late or restarted), then asks the replicas for group rollouts, the batch split across them
+    that joined late or restarted; replicas serving a NEWER version, from a previous run or from steps lost
+    before a resume, get them as a new version, since a replica's version only moves forward), then asks
+    the replicas for group rollouts, the batch split across them
     (concurrent requests; a failed request is retried on another replica); DAPO's dynamic sampling keeps
     only groups with 0 < #correct < G and refills the batch from the cursor for a bounded number of rounds;
  3. rank 0 turns the groups into training samples and broadcasts them; every rank takes the learner step;
@@ -97,6 +99,10 @@ def planned_steps(num_questions: int, questions_per_step: int, epochs: int, max_
     """Steps of a run: enough batches to see every question `epochs` times, capped by `max_steps`."""
     steps = math.ceil(epochs * num_questions / questions_per_step)
     return min(steps, max_steps) if max_steps else steps
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rollouts of one step
 
 
 def request_seed(base: int, step: int, round_index: int) -> int:
