@@ -56,16 +56,23 @@ class EvalResult:
         return asdict(self)
 
 
-def evaluate_questions(remote: Any, cfg: Any, questions: list, prompts: dict[str, list[int]]) -> EvalResult:
-    """Sample k full responses per question through the replicas and score them (rank 0 / the CLI)."""
+def evaluate_questions(
+    remote: Any,
+    cfg: Any,
+    questions: list,
+    prompts: dict[str, list[int]],
+    replicas: list[str] | None = None,
+    min_policy_version: int = 0,
+) -> EvalResult:
+    """Sample k full responses per question through the replicas (default: all configured) and score
+    them; rank 0 of the trainer, or the CLI."""
     started = time.monotonic()
-    replicas = remote.replicas()
     batch = remote.rollouts(
-        replicas,
+        replicas or remote.replicas(),
         questions,
         prompts,
         params=remote.eval_params(),
-        min_policy_version=0,
+        min_policy_version=min_policy_version,
         phase="evaluation",
     )
     k = cfg.sampling.eval_samples

@@ -294,13 +294,8 @@ class TrainingRecipe:
         version = self.learner.policy_version
 
         # 1-2. The replicas, brought to the learner's weights first; the step's group rollouts.
-        found, (behind, version) = self.on_main(
-            lambda: self._replicas_at(version), share=lambda r: (r[1], r[2])
-        )
-        replicas = found[0] if found else []
-        self.learner.policy_version = version  # moves only when a replica already served a newer one
-        if behind:
-            self.push_weights(behind, version, reason="catch up")
+        replicas = self.sync_replicas()
+        version = self.learner.policy_version
         collected, samples = self.on_main(
             lambda: self._rollouts(step, replicas, version), share=lambda c: c.samples
         )
@@ -334,10 +329,20 @@ class TrainingRecipe:
             )
         return record, bool(stop)
 
-    def _replicas_at(self, version: int) -> tuple[list[str], list[str], int]:
-        replicas = self.remote.replicas()
-        behind, version = self.remote.check_replicas(replicas, version)  # drops replicas that do not answer
-        return replicas, behind, version
+    def sync_replicas(self) -> list[str]:
+        """The replicas that answer, each serving the learner's weights (pushed to those that did not);
+        collective. The learner's version moves only when a replica already served a newer one."""
+
+        def check() -> tuple[list[str], list[str], int]:
+            replicas = self.remote.replicas()
+            behind, version = self.remote.check_replicas(replicas, self.learner.policy_version)
+            return replicas, behind, version
+
+        found, (behind, version) = self.on_main(check, share=lambda r: (r[1], r[2]))
+        self.learner.policy_version = version
+        if behind:
+            self.push_weights(behind, version, reason="catch up")
+        return found[0] if found else []
 
     def _rollouts(self, step: int, replicas: list[str], version: int) -> Any:
         from trainer.batch import build_samples
@@ -368,11 +373,21 @@ class TrainingRecipe:
         """Held-out pass@1 / pass@k through the replicas (rank 0; the others wait at the next collective)."""
         if not self.cfg.data.eval_dataset:
             return
+        replicas = (
+            self.sync_replicas()
+        )  # e.g. before the first step: replicas may serve another run's weights
 
         def run() -> None:
             from trainer.evaluate import evaluate_questions
 
-            result = evaluate_questions(self.remote, self.cfg, self.eval_questions, self.eval_prompts)
+            result = evaluate_questions(
+                self.remote,
+                self.cfg,
+                self.eval_questions,
+                self.eval_prompts,
+                replicas=replicas,
+                min_policy_version=self.learner.policy_version,
+            )
             log.info("evaluation %s: %s", label, result.describe(), extra={"step": self.step})
             self.progress.event("eval", label=label, step=self.step, **result.as_dict())
             self.metrics.eval_accuracy.set(result.pass_at_1)

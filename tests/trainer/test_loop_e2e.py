@@ -332,10 +332,24 @@ def test_full_path_baseline_decodes_more_tokens_per_sample_and_never_calls_the_c
     from trainer.progress import read_records
 
     url = training_replicas[0].url  # the same loop on ONE replica, cache off
-    cfg, config_file = run_config(tmp_path, warm_model_dir, rollout_cache_url, [url], "algorithm.mode=full")
+    cfg, config_file = run_config(
+        tmp_path,
+        warm_model_dir,
+        rollout_cache_url,
+        [url],
+        "algorithm.mode=full",
+        "data.eval_dataset=builtin:arith-eval",
+        "data.eval_max_questions=8",
+        "sampling.eval_samples=1",
+    )
     run_trainer(config_file, log_path=tmp_path / "trainer.log")
     records = read_records(cfg.train.run_dir, "step")
     assert len(records) == 3 and replica_version(url) == records[-1]["policy_version"]
+    # The replica served the RPO run's last weights; the evaluation before training ran on this run's.
+    before = next(r for r in read_records(cfg.train.run_dir, "eval") if r["label"] == "before")
+    assert (
+        before["policy_version"] == records[0]["policy_version"] - 1 > rpo_run.records[-1]["policy_version"]
+    )
     full = sum(r["generated_tokens"] for r in records) / sum(r["samples"] for r in records)
     rpo = sum(r["generated_tokens"] for r in rpo_run.records) / sum(r["samples"] for r in rpo_run.records)
     assert rpo < 0.8 * full, (rpo, full)
