@@ -427,10 +427,11 @@ def push_to_all(
             return PushResult(url, version, time.monotonic() - started)
         wanted = serving.dtype if dtype == "auto" else dtype
         body = _prepare(tensors, wanted, bodies, version)
-        result = _send(client, url, version, body, started)
-        served = _version_of(client, "weight push: confirm").policy_version
-        if served != version:
-            raise _PhaseError("apply", f"the push returned but the replica serves version {served}")
+        result = _send(client, url, version, body, started)  # answers once the version serves
+        if result.policy_version != version:
+            raise _PhaseError(
+                "apply", f"the push returned but the replica serves version {result.policy_version}"
+            )
         return result
 
     try:
