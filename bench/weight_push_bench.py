@@ -107,12 +107,15 @@ def main() -> None:
     server = start_rollout_server(model_dir, Path(args.models_dir).parent / "bench-logs", overrides=overrides)
     policy = RetryPolicy(read_timeout_seconds=300, max_attempts=1, max_total_seconds=300)
     sink = LoopbackSink()
-    copies, pushes, receives, applies = [], [], [], []
+    copies, pushes, receives, applies, hashes = [], [], [], [], []
     try:
         sink.copy(reference_body)  # warm-up of both paths (version 1)
         push_weights(server.url, weights, 1, policy=policy)
         for round_ in range(args.rounds):
             copies.append(sink.copy(reference_body))
+            started = time.perf_counter()
+            SafetensorsBody(tensors)  # what the client's layout + sha256 costs alone
+            hashes.append(time.perf_counter() - started)
             started = time.perf_counter()
             result = push_weights(server.url, weights, round_ + 2, policy=policy)
             pushes.append(time.perf_counter() - started)
@@ -139,9 +142,10 @@ def main() -> None:
     )
     print()
     print(
-        f"Inside the push (replica's own figures, median): receiving, checking, hashing and spooling the body "
-        f"{statistics.median(receives):.3f} s; waiting for generation, loading into vLLM and resetting the "
-        f"prefix cache {statistics.median(applies):.3f} s."
+        f"Inside the push (medians): the client's layout + sha256 of the body {statistics.median(hashes):.3f} s; "
+        f"the replica receiving, checking, hashing and spooling the body {statistics.median(receives):.3f} s; "
+        f"waiting for generation, loading into vLLM and resetting the prefix cache "
+        f"{statistics.median(applies):.3f} s."
     )
 
 
