@@ -539,22 +539,24 @@ class _NcclFanOut:
 class NcclReplicaGroup:
     """Weights to every replica over NCCL with vLLM's trainer-side engine (`rollout.weight_transfer: nccl`).
 
-    Create once per training run on the trainer's sending rank (it opens one NCCL group with all the
-    replicas' workers), then `push(version)` after each step. `module` is the policy (its
-    `named_parameters()` are sent as they are: names must be the HF checkpoint's). GPU only; untested here.
+    Create once per training run on every trainer rank (rank 0 sends and drives the replicas' routes; other
+    ranks only take part in gathering), then `push(version)` after each step on every rank. `source` is a
+    vLLM `WeightSource` yielding HF-named full tensors, or a module whose `named_parameters()` are (plain or
+    FSDP; DeepSpeed ZeRO-3 needs a source that gathers). GPU only: not exercised by CI, check on a GPU box.
     """
 
     def __init__(
         self,
         urls: Sequence[str],
-        module: Any,
+        source: Any,
         *,
         master_address: str,
         master_port: int,
+        rank: int = 0,
         token: str | None = None,
         timeout_seconds: float = 600.0,
     ):
-        from vllm.distributed.weight_transfer.base import ModuleSource
+        from vllm.distributed.weight_transfer.base import ModuleSource, WeightSource
         from vllm.distributed.weight_transfer.nccl_engine import (
             NCCLTrainerInitInfo,
             NCCLTrainerWeightTransferEngine,
@@ -562,14 +564,16 @@ class NcclReplicaGroup:
 
         self.client = _NcclFanOut(list(urls), token, timeout_seconds)
         info = NCCLTrainerInitInfo(
-            master_address=master_address, master_port=master_port, world_size=1 + len(self.client.urls)
+            master_address=master_address,
+            master_port=master_port,
+            world_size=1 + len(self.client.urls),
+            rank=rank,
         )
-        self.engine = NCCLTrainerWeightTransferEngine.trainer_init(
-            info, client=self.client, source=ModuleSource(module)
-        )
+        weights = source if isinstance(source, WeightSource) else ModuleSource(source)
+        self.engine = NCCLTrainerWeightTransferEngine.trainer_init(info, client=self.client, source=weights)
 
     def push(self, version: int) -> None:
-        """Broadcast the module's current weights; every replica serves `version` when this returns."""
+        """Broadcast the current weights; every replica serves `version` when this returns (on rank 0)."""
         self.client.version = version
         self.engine.send_weights()
 

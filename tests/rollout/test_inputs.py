@@ -146,3 +146,17 @@ def test_nccl_routes_refuse_on_a_replica_without_nccl_transfer(rollout_server):
     error = _error(_post(rollout_server.url, "/v1/weights/nccl/start", {"version": 1}), 409)
     assert error["field"] == "rollout.weight_transfer" and "nccl" in error["message"]
     assert httpx.get(rollout_server.url + "/v1/weights/version", timeout=10).json()["policy_version"] == 0
+
+
+def test_the_nccl_fan_out_names_a_replica_that_refuses(rollout_server):
+    """The trainer-side control client of the NCCL data plane (its data path needs GPUs, not run here)."""
+    from services.rollout.client import WeightPushError, _NcclFanOut
+
+    fan_out = _NcclFanOut([rollout_server.url], token=None, timeout_seconds=30, version=1)
+    try:
+        with pytest.raises(WeightPushError) as caught:
+            fan_out.start_weight_update()
+    finally:
+        fan_out.close()
+    phase, message = caught.value.failures[rollout_server.url]
+    assert phase == "validate" and "rollout.weight_transfer" in message
