@@ -398,7 +398,9 @@ def cached_tiny_model(kind: str = "warm", cache_dir: str | Path | None = None) -
                 random_dir = build_tiny_model(tmp / "random", **recipe["build"])
                 warm = dict(recipe["warm"])
                 task = SyntheticTaskConfig(**warm.pop("task"))
-                warm_start(random_dir, tmp / "model", task_cfg=task, **warm)
+                # No time cap: the cached model must not depend on how busy the machine is (a capped run
+                # on a loaded machine stops short of the accuracy cliff near 500 steps).
+                warm_start(random_dir, tmp / "model", task_cfg=task, max_seconds=math.inf, **warm)
                 shutil.rmtree(random_dir)
             else:
                 build_tiny_model(tmp / "model", **recipe["build"])
