@@ -82,7 +82,9 @@ def create_app(config: RunConfig, *, model_dir: str | Path | None = None) -> Fas
         updater = scorer = cache = None
         try:
             manifest = WeightManifest.from_model_dir(directory, engine.safetensors_dtype)
-            updater = WeightUpdater(engine, manifest, checkpoint_files(directory), r.spool_dir)
+            updater = WeightUpdater(
+                engine, manifest, checkpoint_files(directory), r.spool_dir, metrics.policy_version.set
+            )
             scorer = RewardScorer(r.reward_workers, r.reward_timeout_seconds)
             await asyncio.to_thread(scorer.start)
             if config.services.cache_url:

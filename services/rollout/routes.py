@@ -136,7 +136,6 @@ async def push_weights(
     metrics.weight_push_bytes.inc(pushed.bytes)
     metrics.weight_sync_seconds.observe(time.perf_counter() - started)
     metrics.weight_apply_seconds.observe(pushed.apply_seconds)
-    metrics.policy_version.set(pushed.version)
     log.info(
         "serving policy version %d: %d tensors, %.1f MB received in %.2f s, applied in %.2f s",
         pushed.version,
@@ -226,6 +225,5 @@ async def nccl_finish(
     service = _nccl(request)
     started = time.perf_counter()
     await service.updater.nccl_finish(body.version)
-    service.metrics.policy_version.set(body.version)
     service.metrics.weight_apply_seconds.observe(time.perf_counter() - started)
     return await weight_version(request)

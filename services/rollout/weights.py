@@ -27,7 +27,7 @@ import shutil
 import struct
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -357,9 +357,16 @@ class WeightUpdater:
     """Owns the served version and every change of weights (HTTP pushes and the NCCL data plane)."""
 
     def __init__(
-        self, engine: Any, manifest: WeightManifest, initial_files: list[Path], spool_dir: str | None
+        self,
+        engine: Any,
+        manifest: WeightManifest,
+        initial_files: list[Path],
+        spool_dir: str | None,
+        on_version: Callable[[int], None] = lambda version: None,
     ):
         self.engine = engine
+        self.on_version = on_version
+        """Called with each version the replica starts serving (the `rpo_policy_version` gauge)."""
         self.manifest = manifest
         self.gate = PolicyGate()
         self.version = 0
@@ -418,15 +425,20 @@ class WeightUpdater:
                 self._receiving = False
             final = target.with_name(f"v{version}.safetensors")
             os.replace(target, final)
-            try:
-                apply_seconds = await self._apply([str(final)], version)
-            except BaseException:
-                final.unlink(missing_ok=True)
-                raise
-            previous, self._spooled = self._spooled, final
-            if previous is not None:
-                previous.unlink(missing_ok=True)
-            return AppliedPush(version, spooled.tensors, spooled.bytes, spooled.seconds, apply_seconds)
+            # Shielded: once a load has started it runs to its end (version moved, or the old weights back)
+            # and keeps its files in order, even if the pusher disconnects or the server shuts down meanwhile.
+            return await asyncio.shield(self._apply_spooled(final, version, spooled))
+
+    async def _apply_spooled(self, final: Path, version: int, spooled: SpooledPush) -> AppliedPush:
+        try:
+            apply_seconds = await self._apply([str(final)], version)
+        except BaseException:
+            final.unlink(missing_ok=True)
+            raise
+        previous, self._spooled = self._spooled, final
+        if previous is not None:
+            previous.unlink(missing_ok=True)
+        return AppliedPush(version, spooled.tensors, spooled.bytes, spooled.seconds, apply_seconds)
 
     async def _apply(self, files: list[str], version: int) -> float:
         async with self.gate.exclusive():
@@ -451,6 +463,7 @@ class WeightUpdater:
                 ) from None
             await self.engine.reset_prefix_cache()
             self.version = version
+            self.on_version(version)
             self._current_files = files
             return time.perf_counter() - started
 
@@ -503,6 +516,7 @@ class WeightUpdater:
             await self.engine.nccl_finish(version)
             await self.engine.reset_prefix_cache()
             self.version = version
+            self.on_version(version)
         finally:
             self._nccl_version = None
             if self._nccl_watchdog is not None:
