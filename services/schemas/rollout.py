@@ -20,8 +20,6 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from services.schemas.common import Wire
 
-_Wire = Wire
-
 TokenIds = list[Annotated[int, Field(ge=0)]]
 MaxTokens = Annotated[int, Field(ge=1)]
 
@@ -31,7 +29,7 @@ CHECKSUM_HEADER = "X-Content-SHA256"
 """Header of a weight push: hex sha256 of the whole body, checked before anything changes."""
 
 
-class GenerateRequest(_Wire):
+class GenerateRequest(Wire):
     """Plain sampling: token-id prompts in, n samples per prompt out."""
 
     prompts: list[TokenIds] = Field(min_length=1)
@@ -49,7 +47,7 @@ class GenerateRequest(_Wire):
     """Refuse (409) if the replica serves an older policy than this."""
 
 
-class Sample(_Wire):
+class Sample(Wire):
     token_ids: TokenIds
     logprobs: list[float]
     """Log-probability of each sampled token, aligned with token_ids."""
@@ -57,20 +55,20 @@ class Sample(_Wire):
     """`stop` (EOS or stop token, included in token_ids) or `length`."""
 
 
-class GenerateResponse(_Wire):
+class GenerateResponse(Wire):
     policy_version: int
     results: list[list[Sample]]
     """results[i] holds the n samples of prompts[i]."""
 
 
-class RolloutQuestion(_Wire):
+class RolloutQuestion(Wire):
     id: str = Field(min_length=1, max_length=512)
     prompt_ids: TokenIds = Field(min_length=1)
     reference: str
     """Reference answer the reward function checks against."""
 
 
-class RolloutRequest(_Wire):
+class RolloutRequest(Wire):
     """One batch of group rollouts: for each question, G responses (RPO: cached prefix + new suffix)."""
 
     run_id: str = Field("default", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]{1,128}$")
@@ -121,7 +119,7 @@ class RolloutRequest(_Wire):
         return high
 
 
-class RolloutSample(_Wire):
+class RolloutSample(Wire):
     response_ids: TokenIds
     """Cached prefix followed by the decoded suffix (the EOS token, when produced, is the last id)."""
     prefix_len: int = Field(ge=0)
@@ -136,7 +134,7 @@ class RolloutSample(_Wire):
     """raw_reward >= 1.0 (binary verifiable correctness)."""
 
 
-class RolloutGroup(_Wire):
+class RolloutGroup(Wire):
     question_id: str
     cache_hit: bool
     """False in full mode, and on a miss (then the group is full-path samples)."""
@@ -148,7 +146,7 @@ class RolloutGroup(_Wire):
     """True when this group's miss seeded the cache entry (its first non-empty sample, without EOS)."""
 
 
-class RolloutStats(_Wire):
+class RolloutStats(Wire):
     generated_tokens: int
     """Tokens decoded by the engine for this batch."""
     reused_prefix_tokens: int
@@ -158,7 +156,7 @@ class RolloutStats(_Wire):
     cache_seconds: float
 
 
-class RolloutResponse(_Wire):
+class RolloutResponse(Wire):
     policy_version: int
     replica: str
     """The replica's id (host:port or a configured name), for logs and errors."""
@@ -170,7 +168,7 @@ class RolloutResponse(_Wire):
 # Weights
 
 
-class WeightVersion(_Wire):
+class WeightVersion(Wire):
     """What a replica serves: `GET /v1/weights/version`."""
 
     policy_version: int
@@ -183,7 +181,7 @@ class WeightVersion(_Wire):
     """Data planes the replica accepts besides HTTP (`nccl`: vLLM's NCCL engine is configured)."""
 
 
-class WeightPushResponse(_Wire):
+class WeightPushResponse(Wire):
     """Reply to `PUT /v1/weights/{version}` once the new weights serve."""
 
     policy_version: int
@@ -198,20 +196,20 @@ class WeightPushResponse(_Wire):
     """Waiting for in-flight generation, loading the weights and resetting the prefix cache."""
 
 
-class NcclInitRequest(_Wire):
+class NcclInitRequest(Wire):
     """`POST /v1/weights/nccl/init`: join the trainer's NCCL group (vLLM `init_weight_transfer_engine`)."""
 
     init_info: dict[str, Any]
     """vLLM's NCCL init info: master_address, master_port, rank_offset, world_size, packed, ..."""
 
 
-class NcclStartRequest(_Wire):
+class NcclStartRequest(Wire):
     """`POST /v1/weights/nccl/start`: hold generation and open an update that will serve as `version`."""
 
     version: int = Field(ge=1)
 
 
-class NcclUpdateRequest(_Wire):
+class NcclUpdateRequest(Wire):
     """`POST /v1/weights/nccl/update`: receive one broadcast (names, dtype_names, shapes of the tensors)."""
 
     version: int = Field(ge=1)
@@ -219,7 +217,7 @@ class NcclUpdateRequest(_Wire):
     """vLLM's update info (names, dtype_names, shapes), or one per worker rank."""
 
 
-class NcclFinishRequest(_Wire):
+class NcclFinishRequest(Wire):
     """`POST /v1/weights/nccl/finish`: close the update, reset the prefix cache, serve `version`."""
 
     version: int = Field(ge=1)
