@@ -363,7 +363,8 @@ class RemoteServices:
     # -------------------------------------------------------------------------------------------- weights
     def push_weights(self, replicas: list[str], version: int, weights: Any, reason: str) -> None:
         """Push `weights` as `version` to `replicas`; returns once every one serves it (the rollout client
-        confirms each), else raises naming each failed replica and the phase."""
+        confirms each), else raises naming each failed replica and the phase. Replicas that cannot even be
+        connected to are left out with a warning when at least one other replica took the version."""
         from services.rollout.client import WeightPushError, push_to_all
 
         started = time.monotonic()
@@ -376,6 +377,20 @@ class RemoteServices:
                 timeout_seconds=self.cfg.train.weight_sync_timeout_seconds,
             )
         except WeightPushError as exc:
+            unreachable = [url for url, (phase, _) in exc.failures.items() if phase == "connect"]
+            if exc.succeeded and len(unreachable) == len(exc.failures):
+                # Replicas that cannot be reached (stopped, killed) sit out: they serve no rollouts of this
+                # version, and the next step's version check pushes to them if they come back.
+                for url in unreachable:
+                    log.warning(
+                        "replica %s is unreachable and sits out version %d: %s; %s",
+                        url,
+                        version,
+                        exc.failures[url][1],
+                        what_to_check("rollout", url),
+                        extra={"replica": url, "phase": "weight push", "policy_version": version},
+                    )
+                return
             raise RolloutFailed(
                 f"{exc}\ncheck those replicas' logs (a push needs about one model of free disk in "
                 "rollout.spool_dir) and train.weight_sync_timeout_seconds"
