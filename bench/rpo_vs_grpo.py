@@ -28,8 +28,8 @@ sys.path.insert(0, str(REPO))
 
 from services.config import load_config  # noqa: E402
 from services.logs import setup_logging  # noqa: E402
+from services.model_path import resolve_model_path  # noqa: E402
 from trainer.main_job import preset_path, start_services  # noqa: E402
-from trainer.model_path import resolve_model_path  # noqa: E402
 from trainer.processes import PartFailed, Supervisor, rpo_command  # noqa: E402
 from trainer.progress import read_records  # noqa: E402
 

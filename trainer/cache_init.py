@@ -41,7 +41,7 @@ def seed_cache(
     if prompts is None:
         from transformers import AutoTokenizer
 
-        from trainer.model_path import resolve_model_path
+        from services.model_path import resolve_model_path
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.path))
         prompts = {q.id: encode_prompt(tokenizer, q.question, cfg.data) for q in questions}

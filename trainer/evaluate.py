@@ -99,7 +99,7 @@ def eval_main(args: Any) -> int:
     """`rpo eval --model PATH --dataset FILE`: print pass@1 / pass@k (and write them with --set train.run_dir)."""
     from services.commands import UsageError, config_from_args
     from services.data import encode_prompt, load_questions
-    from trainer.model_path import resolve_model_path
+    from services.model_path import resolve_model_path
     from trainer.remote import RemoteServices
 
     cfg = config_from_args(args)

@@ -191,10 +191,10 @@ class TrainingRecipe:
     # ---------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
         from services.data import encode_prompt, load_questions
+        from services.model_path import resolve_model_path
         from trainer import dist
         from trainer.checkpoint import Checkpointer, StopRequest
         from trainer.learner import Learner
-        from trainer.model_path import resolve_model_path
 
         cfg = self.cfg
         self.dist = dist

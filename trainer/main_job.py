@@ -122,7 +122,7 @@ class MainJob:
         return summary
 
     def _run(self, supervisor: Any, run_dir: Path) -> dict[str, Any]:
-        from trainer.model_path import resolve_model_path
+        from services.model_path import resolve_model_path
 
         t = time.monotonic()
         model_path = resolve_model_path(self.cfg.model.path)  # builds (and warm-starts) the tiny model once

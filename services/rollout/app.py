@@ -54,7 +54,7 @@ def replica_name(config: RunConfig) -> str:
 
 def resolve_model_dir(spec: str) -> Path:
     """`model.path` as a directory (the built-in tiny models are built on first use)."""
-    from trainer.model_path import resolve_model_path  # torch-free; one table of built-in names
+    from services.model_path import resolve_model_path  # torch-free; one table of built-in names
 
     return Path(resolve_model_path(spec)).resolve()
 
