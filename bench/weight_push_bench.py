@@ -2,11 +2,13 @@
 
 The model is a Qwen2 built locally (hidden 1024, 2 layers, random float32 weights: ~101 MB). "push" is the
 trainer's call, `services.rollout.client.push_weights`, to `rpo serve rollout` running as its own process:
-it asks the replica's version, lays the tensors out as one safetensors body (header + sha256 over the
-tensors, read in place), streams it over HTTP; the replica checks the header, hashes and spools the body,
-loads it into vLLM in place, resets the prefix cache and answers with the new version. "loopback copy" sends
-the very same bytes (the same pieces of the same body) over a plain TCP socket on 127.0.0.1 to a thread of
-this process that reads them into a buffer and acknowledges. The two take turns for R rounds; medians.
+it asks the replica's version (and weight port), lays the tensors out as one safetensors body (header +
+XXH3-128 over the tensors, read in place), streams it over HTTP to the weight port; the replica checks the
+header, reads the body into its spool file while hashing it, loads it into vLLM in place, resets the prefix
+cache and answers with the new version. "transfer" is that call less the replica's apply (what the HTTP data
+plane costs); "whole call" includes the load into vLLM. "loopback copy" sends the very same bytes (the same
+pieces of the same body) over a plain TCP socket on 127.0.0.1 to a thread of this process that reads them
+into a buffer and acknowledges. The two take turns for R rounds; medians.
 
     python bench/weight_push_bench.py [--rounds 5] [--hidden 1024] [--layers 2]
 
@@ -114,7 +116,7 @@ def main() -> None:
         for round_ in range(args.rounds):
             copies.append(sink.copy(reference_body))
             started = time.perf_counter()
-            SafetensorsBody(tensors)  # what the client's layout + sha256 costs alone
+            SafetensorsBody(tensors)  # what the client's layout + checksum cost alone
             hashes.append(time.perf_counter() - started)
             started = time.perf_counter()
             result = push_weights(server.url, weights, round_ + 2, policy=policy)
@@ -125,6 +127,7 @@ def main() -> None:
         server.stop()
 
     copy_s, push_s = statistics.median(copies), statistics.median(pushes)
+    transfer_s = statistics.median(p - a for p, a in zip(pushes, applies, strict=True))
     gb = size / 1e9
     print(
         f"Command: python bench/weight_push_bench.py --rounds {args.rounds} --hidden {args.hidden} --layers {args.layers}"
@@ -138,12 +141,16 @@ def main() -> None:
     print("|---|---|---|---|")
     print(f"| loopback copy (TCP, same bytes) | {copy_s:.3f} | {gb / copy_s:.2f} | 100% |")
     print(
+        f"| HTTP push, transfer (body sent, received, checked) | {transfer_s:.3f} | {gb / transfer_s:.2f} | "
+        f"{copy_s / transfer_s:.0%} |"
+    )
+    print(
         f"| HTTP push, whole call (until the new version serves) | {push_s:.3f} | {gb / push_s:.2f} | {copy_s / push_s:.0%} |"
     )
     print()
     print(
-        f"Inside the push (medians): the client's layout + sha256 of the body {statistics.median(hashes):.3f} s; "
-        f"the replica receiving, checking, hashing and spooling the body {statistics.median(receives):.3f} s; "
+        f"Inside the push (medians): the client's layout + XXH3-128 of the body {statistics.median(hashes):.3f} s; "
+        f"the replica receiving the body into its spool file and checking it {statistics.median(receives):.3f} s; "
         f"waiting for generation, loading into vLLM and resetting the prefix cache "
         f"{statistics.median(applies):.3f} s."
     )

@@ -323,15 +323,20 @@ class RolloutSection(_Section):
     """Skip CUDA graph capture (always eager on CPU)."""
     weight_transfer: Literal["http", "nccl"] = "http"
     """Data plane for weight pushes: chunked safetensors over HTTP, or vLLM's NCCL engine on GPUs."""
+    weight_port: int = Field(0, ge=0, le=65535)
+    """Port of the replica's weight data plane (HTTP weight pushes; 0: any free port, announced by
+    `GET /v1/weights/version`). Fix it where a firewall sits between trainer and replicas."""
     max_body_bytes: int = Field(8 * 2**30, ge=1024)
-    """Largest request body (a weight push) accepted, in bytes."""
+    """Largest weight push accepted on the weight port, in bytes."""
+    max_request_bytes: int = Field(256 * 2**20, ge=1024)
+    """Largest request body the API port accepts (generate and rollout requests), in bytes."""
     replica_name: str | None = None
     """This replica's id in replies, logs and errors; None: host:port."""
     engine_seed: int = Field(0, ge=0)
     """vLLM's global seed (requests without a seed sample from it)."""
     spool_dir: str | None = None
-    """Where a weight push is written before it is checked and loaded (about one model of disk, twice during
-    a push); None: the system's temporary directory."""
+    """Where weight pushes are written before they are checked and loaded (two files of one model each);
+    None: shared memory (/dev/shm) when it has room, else the system's temporary directory."""
     reward_workers: int = Field(2, ge=0, le=64)
     """Processes that score rewards (math-verify's timeout only works in a process's main thread); 0 scores
     in a thread of the server process, without that timeout."""

@@ -2,7 +2,7 @@
 
 The lifespan owns every resource: the vLLM engine (loaded before the first request is accepted; a model that
 fails to load ends start-up with an error), the weight updater and its spool directory, the reward worker
-processes, and the cache server client. Routes (`services.rollout.routes`) stay thin: they decode, call one
+processes, the weight data plane (its own port), and the cache server client. Routes (`services.rollout.routes`) stay thin: they decode, call one
 of the plain classes built here, count, encode.
 """
 
@@ -36,6 +36,7 @@ class RolloutService:
     replica: str
     engine: Any
     updater: Any
+    weight_plane: Any
     generation: Any
     rollouts: Any
     scorer: Any
@@ -71,6 +72,7 @@ def create_app(config: RunConfig, *, model_dir: str | Path | None = None) -> Fas
         from services.rollout.generation import Generation
         from services.rollout.rollouts import GroupRollouts
         from services.rollout.scoring import RewardScorer
+        from services.rollout.weight_plane import WeightPlane
         from services.rollout.weights import WeightManifest, WeightUpdater, checkpoint_files
 
         directory = (
@@ -79,12 +81,22 @@ def create_app(config: RunConfig, *, model_dir: str | Path | None = None) -> Fas
         log.info("loading %s into vLLM", directory, extra={"replica": name})
         engine = RolloutEngine.start(config, directory)
         r = config.rollout
-        updater = scorer = cache = None
+        updater = plane = scorer = cache = None
         try:
             manifest = WeightManifest.from_model_dir(directory, engine.safetensors_dtype)
             updater = WeightUpdater(
                 engine, manifest, checkpoint_files(directory), r.spool_dir, metrics.policy_version.set
             )
+            plane = WeightPlane(
+                updater,
+                metrics,
+                name,
+                loop=asyncio.get_running_loop(),
+                host=r.host,
+                port=r.weight_port,
+                api_token=config.services.api_token,
+                max_body_bytes=r.max_body_bytes,
+            ).start()
             scorer = RewardScorer(r.reward_workers, r.reward_timeout_seconds)
             await asyncio.to_thread(scorer.start)
             if config.services.cache_url:
@@ -97,6 +109,7 @@ def create_app(config: RunConfig, *, model_dir: str | Path | None = None) -> Fas
                 replica=name,
                 engine=engine,
                 updater=updater,
+                weight_plane=plane,
                 generation=Generation(engine, updater, metrics, name),
                 rollouts=GroupRollouts(engine, updater, scorer, cache, metrics, name),
                 scorer=scorer,
@@ -104,7 +117,7 @@ def create_app(config: RunConfig, *, model_dir: str | Path | None = None) -> Fas
                 metrics=metrics,
             )
             log.info(
-                "replica %s ready: %s (%d tensors, %.1f MB as %s), context %d, cache %s",
+                "replica %s ready: %s (%d tensors, %.1f MB as %s), context %d, cache %s, weight port %d",
                 name,
                 directory.name,
                 len(manifest.expected),
@@ -112,6 +125,7 @@ def create_app(config: RunConfig, *, model_dir: str | Path | None = None) -> Fas
                 engine.dtype,
                 engine.max_model_len,
                 config.services.cache_url or "none",
+                plane.port,
                 extra={"replica": name, "policy_version": 0},
             )
             yield
@@ -120,6 +134,8 @@ def create_app(config: RunConfig, *, model_dir: str | Path | None = None) -> Fas
                 await cache.aclose()
             if scorer is not None:
                 scorer.close()
+            if plane is not None:
+                plane.close()
             if updater is not None:
                 updater.close()
             engine.shutdown()
@@ -147,7 +163,7 @@ def create_app(config: RunConfig, *, model_dir: str | Path | None = None) -> Fas
         registry=registry,
         readiness=readiness,
         api_token=config.services.api_token,
-        max_body_bytes=config.rollout.max_body_bytes,
+        max_body_bytes=config.rollout.max_request_bytes,
     )
     from services.rollout.routes import router
 

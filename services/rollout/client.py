@@ -4,9 +4,10 @@
   `services.rollout_discovery: dns://host:port`, every address `host` resolves to (call it before each step);
 - `RolloutClient` / `AsyncRolloutClient`: generate, rollouts, version, on the one retry policy
   (`services.http_client`: transport errors and 5xx retried, 4xx never);
-- `push_weights` / `push_to_all`: one streamed safetensors body per replica and version (metadata announced
-  once in its header, sha256 in `X-Content-SHA256`); the tensors are read in place, never copied into one
-  body; `push_to_all` pushes every replica concurrently from the same tensors and raises `WeightPushError`
+- `push_weights` / `push_to_all`: one streamed safetensors body per replica and version, sent to the port
+  of the replica's weight data plane (metadata announced once in its header, XXH3-128 in
+  `X-Content-XXH3-128`); the tensors are read in place, never copied into one body; `push_to_all` pushes
+  every replica concurrently from the same tensors and raises `WeightPushError`
   naming each failed replica and the phase (connect, upload, validate, apply);
 - `NcclReplicaGroup`: vLLM's own NCCL weight transfer to replicas started with `rollout.weight_transfer:
   nccl` (GPU only; not exercised by CI).
@@ -14,7 +15,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import json
 import math
@@ -26,6 +26,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import httpx
+import xxhash
 
 from services.http_client import (
     AsyncServiceClient,
@@ -245,7 +248,7 @@ def _byte_view(tensor: Any) -> memoryview:
 class SafetensorsBody:
     """One safetensors file, never assembled: the header, then each tensor's bytes read in place.
 
-    `sha256` covers the whole body (computed once, in one pass over the tensors)."""
+    `checksum` is the XXH3-128 of the whole body (one pass over the tensors, a few ms per 100 MB)."""
 
     def __init__(self, tensors: list[tuple[str, Any]], metadata: Mapping[str, str] | None = None):
         header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
@@ -265,10 +268,10 @@ class SafetensorsBody:
         self.prefix = struct.pack("<Q", len(raw)) + raw
         self.length = len(self.prefix) + offset
         self.tensors = len(tensors)
-        hasher = hashlib.sha256(self.prefix)
+        hasher = xxhash.xxh3_128(self.prefix)
         for view in self.views:
             hasher.update(view)
-        self.sha256 = hasher.hexdigest()
+        self.checksum = hasher.hexdigest()
 
     def pieces(self, chunk_bytes: int = UPLOAD_CHUNK_BYTES) -> Iterator[memoryview | bytes]:
         yield self.prefix
@@ -335,10 +338,21 @@ def _version_of(client: ServiceClient, phase: str) -> WeightVersion:
     return _parse(WeightVersion, client.request("GET", VERSION_PATH, phase=phase))
 
 
-def _send(client: ServiceClient, url: str, version: int, body: SafetensorsBody, started: float) -> PushResult:
+def weight_plane_url(replica_url: str, serving: WeightVersion) -> str:
+    """Where a replica takes pushes: its host, the weight port it announced."""
+    if serving.weight_port is None:
+        raise _PhaseError("connect", "the replica announces no weight port (is it still starting?)")
+    url = httpx.URL(replica_url)
+    return str(url.copy_with(port=serving.weight_port, path="/", query=None)).rstrip("/")
+
+
+def _send(
+    client: ServiceClient, data: ServiceClient, url: str, version: int, body: SafetensorsBody, started: float
+) -> PushResult:
+    """PUT the body to the replica's weight port (`data`); `client` (its API) answers a version check."""
     upload = _Upload(body)
     try:
-        reply = client.request(
+        reply = data.request(
             "PUT",
             f"/v1/weights/{version}",
             phase=f"weight push v{version}",
@@ -346,7 +360,7 @@ def _send(client: ServiceClient, url: str, version: int, body: SafetensorsBody, 
             headers={
                 "Content-Type": WEIGHTS_MEDIA_TYPE,
                 "Content-Length": str(body.length),
-                CHECKSUM_HEADER: body.sha256,
+                CHECKSUM_HEADER: body.checksum,
             },
         )
     except ServiceHTTPError as exc:
@@ -427,7 +441,11 @@ def push_to_all(
             return PushResult(url, version, time.monotonic() - started)
         wanted = serving.dtype if dtype == "auto" else dtype
         body = _prepare(tensors, wanted, bodies, version)
-        result = _send(client, url, version, body, started)  # answers once the version serves
+        data = ServiceClient(weight_plane_url(url, serving), base, token=secret)
+        try:
+            result = _send(client, data, url, version, body, started)  # answers once the version serves
+        finally:
+            data.close()
         if result.policy_version != version:
             raise _PhaseError(
                 "apply", f"the push returned but the replica serves version {result.policy_version}"

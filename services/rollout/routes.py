@@ -11,12 +11,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path, Request, Response
+from fastapi import APIRouter, Path, Request, Response
+from fastapi.responses import JSONResponse
 
-from services.errors import Conflict, ServiceError, Unavailable
+from services.errors import Conflict, Unavailable
+from services.schemas.common import ErrorResponse
 from services.schemas.rollout import (
     CHECKSUM_HEADER,
-    WEIGHTS_MEDIA_TYPE,
     GenerateRequest,
     GenerateResponse,
     NcclFinishRequest,
@@ -25,7 +26,6 @@ from services.schemas.rollout import (
     NcclUpdateRequest,
     RolloutRequest,
     RolloutResponse,
-    WeightPushResponse,
     WeightVersion,
 )
 from services.server_common import ERROR_RESPONSES, RequireToken, body_openapi, typed_body, typed_response
@@ -94,65 +94,38 @@ async def weight_version(request: Request) -> WeightVersion:
         updating=service.updater.updating,
         dtype=service.engine.safetensors_dtype,
         weight_transfer=service.config.rollout.weight_transfer,
+        weight_port=service.weight_plane.port,
     )
 
 
 @router.put(
     "/weights/{version}",
     tags=["weights"],
-    response_model=WeightPushResponse,
-    responses=_CONFLICT,
-    dependencies=[RequireToken],
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {WEIGHTS_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
-            "description": f"One safetensors file holding every tensor of the served model; header "
-            f"{CHECKSUM_HEADER} carries the hex sha256 of the whole body.",
-        }
-    },
+    status_code=307,
+    response_model=ErrorResponse,
+    responses={307: {"description": "Pushes go to the weight port: see `Location`."}},
 )
-async def push_weights(
+async def push_weights_here(
     request: Request, version: Annotated[int, Path(ge=1, description="The version these weights become.")]
-) -> WeightPushResponse:
-    """Receive, check and apply new weights as `version` (strictly greater than the served one)."""
+) -> JSONResponse:
+    """Weights are pushed to the replica's weight data plane, a port of its own (`weight_port` of
+    `GET /v1/weights/version`): this answers 307 with its address, so `curl -L -T model.safetensors` works."""
     service = _service(request)
-    metrics = service.metrics
-    started = time.perf_counter()
-    content_type = request.headers.get("content-type", "")
-    try:
-        if content_type.split(";")[0].strip().lower() != WEIGHTS_MEDIA_TYPE:
-            raise HTTPException(
-                415, f"send the safetensors body as {WEIGHTS_MEDIA_TYPE}, not {content_type!r}"
-            )
-        pushed = await service.updater.push(version, request.stream(), request.headers.get(CHECKSUM_HEADER))
-    except ServiceError as exc:
-        metrics.weight_pushes.labels("failed" if exc.status >= 500 else "rejected").inc()
-        raise
-    except Exception:
-        metrics.weight_pushes.labels("rejected").inc()
-        raise
-    metrics.weight_pushes.labels("applied").inc()
-    metrics.weight_push_bytes.inc(pushed.bytes)
-    metrics.weight_sync_seconds.observe(time.perf_counter() - started)
-    metrics.weight_apply_seconds.observe(pushed.apply_seconds)
-    log.info(
-        "serving policy version %d: %d tensors, %.1f MB received in %.2f s, applied in %.2f s",
-        pushed.version,
-        pushed.tensors,
-        pushed.bytes / 2**20,
-        pushed.receive_seconds,
-        pushed.apply_seconds,
-        extra={"replica": service.replica, "policy_version": pushed.version},
+    host = request.url.hostname or "127.0.0.1"
+    location = (
+        f"http://{f'[{host}]' if ':' in host else host}:{service.weight_plane.port}/v1/weights/{version}"
     )
-    return WeightPushResponse(
-        policy_version=pushed.version,
-        replica=service.replica,
-        tensors=pushed.tensors,
-        bytes=pushed.bytes,
-        receive_seconds=pushed.receive_seconds,
-        apply_seconds=pushed.apply_seconds,
+    body = ErrorResponse.model_validate(
+        {
+            "error": {
+                "type": "moved",
+                "message": f"weight pushes go to the weight port: PUT {location} "
+                f"(safetensors body, {CHECKSUM_HEADER} header)",
+                "field": None,
+            }
+        }
     )
+    return JSONResponse(body.model_dump(mode="json"), status_code=307, headers={"Location": location})
 
 
 # -- NCCL data plane (vLLM's weight transfer engine; GPU replicas started with rollout.weight_transfer=nccl) ---

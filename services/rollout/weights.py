@@ -1,10 +1,13 @@
 """Versioned weight updates of a replica: receive one safetensors body, check it, apply it atomically.
 
+Bodies arrive through the replica's weight data plane (`services.rollout.weight_plane`, its own port) and are
+read in a thread straight into one of two spool files; the NCCL data plane drives the same updater.
+
 Guarantees:
 - nothing changes until the whole push is checked: the version is strictly greater than the served one
   (409 otherwise), the header names exactly the served model's tensors with their shapes and the served
-  dtype, the byte layout is consistent, and the sha256 of the whole body equals the `X-Content-SHA256`
-  header (422 naming the field or tensor otherwise); a rejected push leaves the old weights serving;
+  dtype, the byte layout is consistent, and the XXH3-128 of the whole body equals the
+  `X-Content-XXH3-128` header (422 naming the field or tensor otherwise); a rejected push leaves the old weights serving;
 - generation requests never fail because of a push: each holds a shared slot of `PolicyGate` for its whole
   decode, and the apply takes the exclusive slot, so in-flight requests finish on the old weights, new ones
   wait and run on the new weights; the version a reply carries is the one its tokens came from;
@@ -18,10 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import math
+import mmap
 import os
 import shutil
 import struct
@@ -31,6 +34,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import xxhash
 
 from services.errors import Conflict, InvalidInput, Unavailable
 from services.schemas.rollout import CHECKSUM_HEADER
@@ -54,7 +59,9 @@ DTYPE_BYTES = {
     "F8_E5M2": 1,
 }
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
-_WRITE_BATCH_BYTES = 8 * 2**20
+_RECEIVE_CHUNK_BYTES = 8 * 2**20
+"""Bytes read from the socket and hashed at a time (big enough to amortise the calls, small enough to stay in
+cache between landing and hashing)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -245,99 +252,119 @@ class SpooledPush:
     seconds: float
 
 
-async def _drain(stream: AsyncIterator[bytes]) -> None:
-    async for _ in stream:
-        pass
+class PushBody:
+    """The body of one push as the data plane hands it over: `length` bytes (its Content-Length) still to be
+    read from `reader`, a blocking file-like object with `readinto` (the request's socket stream)."""
 
+    def __init__(self, reader: Any, length: int):
+        self.reader = reader
+        self.length = length
+        self.consumed = 0
 
-async def spool_push(
-    stream: AsyncIterator[bytes], manifest: WeightManifest, checksum: str, target: Path
-) -> SpooledPush:
-    """Read a safetensors body from `stream` into `target`, checking header and sha256 on the way.
-
-    The header is checked as soon as it has arrived; on a bad header the rest of the body is read and
-    dropped (so the client gets the 422 instead of a broken pipe) and nothing is kept.
-    """
-    started = time.perf_counter()
-    hasher = hashlib.sha256()
-    head = bytearray()  # the first bytes, until the header is complete
-    batch: list[bytes] = []  # chunks waiting to be hashed and written (no copy: the thread reads them)
-    batch_bytes = 0
-    received = 0
-    header: dict[str, Any] | None = None
-    data_bytes = expected_total = 0
-    pending: asyncio.Future | None = None
-    out = target.open("wb")
-
-    def write(chunks: list[bytes]) -> None:
-        for chunk in chunks:
-            hasher.update(chunk)
-            out.write(chunk)
-
-    try:
-        async for chunk in stream:
-            received += len(chunk)
-            if header is None:
-                head += chunk
-                if len(head) < 8:
-                    continue
-                (length,) = struct.unpack("<Q", bytes(head[:8]))
-                if length > MAX_HEADER_BYTES or length < 2:
-                    await _drain(stream)
-                    raise InvalidInput(f"safetensors header length {length} is not plausible", field="body")
-                if len(head) < 8 + length:
-                    continue
-                try:
-                    header = json.loads(bytes(head[8 : 8 + length]))
-                    if not isinstance(header, dict):
-                        raise ValueError("not an object")
-                except ValueError as exc:
-                    await _drain(stream)
-                    raise InvalidInput(
-                        f"the safetensors header is not a JSON object: {exc}", field="body"
-                    ) from None
-                try:
-                    data_bytes = manifest.check(header)
-                except InvalidInput:
-                    await _drain(stream)
-                    raise
-                expected_total = 8 + length + data_bytes
-                chunk = bytes(head)
-            if received > expected_total:
-                await _drain(stream)
+    def readinto(self, view: memoryview) -> int:
+        """Fill `view` from the body (never past its end); raises if the sender stops early."""
+        got = 0
+        while got < len(view):
+            n = self.reader.readinto(view[got:])
+            if not n:
                 raise InvalidInput(
-                    f"the body is longer than the {expected_total} bytes its header announces", field="body"
+                    f"the body ended after {self.consumed + got} of its {self.length} bytes (Content-Length)",
+                    field="body",
                 )
-            batch.append(chunk)
-            batch_bytes += len(chunk)
-            if batch_bytes >= _WRITE_BATCH_BYTES:
-                if pending is not None:
-                    await pending
-                pending = asyncio.ensure_future(asyncio.to_thread(write, batch))
-                batch, batch_bytes = [], 0
-        if pending is not None:
-            await pending
-            pending = None
-        if batch:
-            await asyncio.to_thread(write, batch)
-    finally:
-        if pending is not None:
-            with contextlib.suppress(Exception):
-                await pending
-        out.close()
-    if header is None or received != expected_total:
+            got += n
+        self.consumed += got
+        return got
+
+    def read(self, size: int) -> bytes:
+        buffer = bytearray(size)
+        self.readinto(memoryview(buffer))
+        return bytes(buffer)
+
+    def discard(self) -> None:
+        """Read and drop what is left, so the sender gets the answer rather than a broken pipe."""
+        scratch = memoryview(bytearray(min(_RECEIVE_CHUNK_BYTES, max(1, self.length - self.consumed))))
+        while self.consumed < self.length:
+            self.readinto(scratch[: min(len(scratch), self.length - self.consumed)])
+
+
+def _checked_header(body: PushBody, manifest: WeightManifest) -> tuple[bytes, int, int]:
+    """(the body's first 8 + header bytes, their header's tensor count, its data size), checked against the
+    manifest and the body's length before any tensor byte is read."""
+    if body.length < 10:
+        raise InvalidInput(f"a body of {body.length} bytes is no safetensors file", field="body")
+    (length,) = struct.unpack("<Q", body.read(8))
+    if length > MAX_HEADER_BYTES or length < 2 or 8 + length > body.length:
         raise InvalidInput(
-            f"the body has {received} bytes; its header announces {expected_total or 'no complete header'}",
+            f"safetensors header length {length} is not plausible for a body of {body.length} bytes",
             field="body",
         )
+    raw = body.read(length)
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("not an object")
+    except ValueError as exc:
+        raise InvalidInput(f"the safetensors header is not a JSON object: {exc}", field="body") from None
+    data_bytes = manifest.check(header)
+    if 8 + length + data_bytes != body.length:
+        raise InvalidInput(
+            f"the body has {body.length} bytes (Content-Length); its header announces {8 + length + data_bytes}",
+            field="body",
+        )
+    tensors = sum(1 for k in header if k != "__metadata__")
+    return struct.pack("<Q", length) + raw, tensors, data_bytes
+
+
+def receive_push(body: PushBody, manifest: WeightManifest, checksum: str, target: Path) -> SpooledPush:
+    """Read one safetensors body into the file `target`, checking its header first and its XXH3-128 on the
+    way (one pass: each piece is hashed right after it lands). Blocking: runs in a thread.
+
+    The bytes go straight from the socket into `target`'s pages (a shared memory map of the file, which the
+    vLLM worker then maps again to load it), so the body is never copied in user space. On a bad header the
+    rest of the body is read and dropped and `target` is left as it was.
+    """
+    started = time.perf_counter()
+    try:
+        prefix, tensors, data_bytes = _checked_header(body, manifest)
+    except InvalidInput:
+        body.discard()
+        raise
+    hasher = xxhash.xxh3_128(prefix)
+    size = len(prefix) + data_bytes
+    fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_size != size:
+            os.ftruncate(fd, size)
+        mapped = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+    finally:
+        os.close(fd)
+    with mapped, memoryview(mapped) as view:
+        view[: len(prefix)] = prefix
+        position = len(prefix)
+        while position < size:
+            with view[position : min(size, position + _RECEIVE_CHUNK_BYTES)] as piece:
+                body.readinto(piece)
+                hasher.update(piece)
+                position += len(piece)
     digest = hasher.hexdigest()
     if digest != checksum.lower():
         raise InvalidInput(
-            f"sha256 of the body is {digest}, the {CHECKSUM_HEADER} header says {checksum}",
+            f"XXH3-128 of the body is {digest}, the {CHECKSUM_HEADER} header says {checksum}",
             field=CHECKSUM_HEADER,
         )
-    tensors = sum(1 for k in header if k != "__metadata__")
-    return SpooledPush(target, tensors, received, time.perf_counter() - started)
+    return SpooledPush(target, tensors, size, time.perf_counter() - started)
+
+
+def spool_root(configured: str | None, model_bytes: int) -> Path:
+    """Where pushes are written: `rollout.spool_dir`, else shared memory (/dev/shm) when it has room for two
+    models and some margin, else the system's temporary directory."""
+    if configured:
+        return Path(configured)
+    shm = Path("/dev/shm")
+    with contextlib.suppress(OSError):
+        if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 2 * model_bytes + 2**28:
+            return shm
+    return Path(tempfile.gettempdir())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -375,8 +402,10 @@ class WeightUpdater:
         self._update_lock = asyncio.Lock()
         self._receiving = False
         self._current_files = [str(p) for p in initial_files]
-        self._spooled: Path | None = None
-        root = Path(spool_dir) if spool_dir else Path(tempfile.gettempdir())
+        self._serving_slot: int | None = None
+        """Which of the two spool files holds the served weights (None: the checkpoint they were loaded from).
+        A push is written into the other one, so the served weights stay on disk to fall back to."""
+        root = spool_root(spool_dir, manifest.total_bytes)
         root.mkdir(parents=True, exist_ok=True)
         self.spool_dir = Path(tempfile.mkdtemp(prefix="rpo-weights-", dir=root))
         self._nccl_version: int | None = None
@@ -396,49 +425,43 @@ class WeightUpdater:
                 field="version",
             )
 
-    async def push(self, version: int, stream: AsyncIterator[bytes], checksum: str | None) -> AppliedPush:
-        """Receive, check and apply one HTTP push (see the module docstring for what is guaranteed)."""
-        if not checksum or len(checksum) != 64 or any(c not in "0123456789abcdefABCDEF" for c in checksum):
-            await _drain(stream)
-            raise InvalidInput(
-                f"a push needs the hex sha256 of its body in {CHECKSUM_HEADER}", field=CHECKSUM_HEADER
-            )
+    async def push(self, version: int, body: PushBody, checksum: str | None) -> AppliedPush:
+        """Receive, check and apply one HTTP push (see the module docstring for what is guaranteed).
+
+        `body` is read in a worker thread; a push refused before its body is read still reads and drops the
+        body, so the pusher gets the answer instead of a broken pipe."""
         try:
+            if (
+                not checksum
+                or len(checksum) != 32
+                or any(c not in "0123456789abcdefABCDEF" for c in checksum)
+            ):
+                raise InvalidInput(
+                    f"a push needs the hex XXH3-128 of its body (32 hex digits) in {CHECKSUM_HEADER}",
+                    field=CHECKSUM_HEADER,
+                )
             self._check_version(version)
-        except Conflict:
-            await _drain(stream)
+        except (InvalidInput, Conflict):
+            await asyncio.to_thread(body.discard)
             raise
         async with self._update_lock:  # one push at a time; a retry of the same version waits, then gets 409
             try:
                 self._check_version(version)
             except Conflict:
-                await _drain(stream)
+                await asyncio.to_thread(body.discard)
                 raise
             self._receiving = True
-            target = self.spool_dir / f"v{version}.safetensors.partial"
+            slot = 0 if self._serving_slot is None else 1 - self._serving_slot
+            target = self.spool_dir / f"slot-{slot}.safetensors"
             try:
-                spooled = await spool_push(stream, self.manifest, checksum, target)
-            except BaseException:
-                target.unlink(missing_ok=True)
-                raise
+                spooled = await asyncio.to_thread(receive_push, body, self.manifest, checksum, target)
             finally:
                 self._receiving = False
-            final = target.with_name(f"v{version}.safetensors")
-            os.replace(target, final)
             # Shielded: once a load has started it runs to its end (version moved, or the old weights back)
-            # and keeps its files in order, even if the pusher disconnects or the server shuts down meanwhile.
-            return await asyncio.shield(self._apply_spooled(final, version, spooled))
-
-    async def _apply_spooled(self, final: Path, version: int, spooled: SpooledPush) -> AppliedPush:
-        try:
-            apply_seconds = await self._apply([str(final)], version)
-        except BaseException:
-            final.unlink(missing_ok=True)
-            raise
-        previous, self._spooled = self._spooled, final
-        if previous is not None:
-            previous.unlink(missing_ok=True)
-        return AppliedPush(version, spooled.tensors, spooled.bytes, spooled.seconds, apply_seconds)
+            # even if the pusher disconnects or the server shuts down meanwhile.
+            apply_seconds = await asyncio.shield(self._apply([str(target)], version))
+            self._serving_slot = slot
+            return AppliedPush(version, spooled.tensors, spooled.bytes, spooled.seconds, apply_seconds)
 
     async def _apply(self, files: list[str], version: int) -> float:
         async with self.gate.exclusive():

@@ -25,8 +25,10 @@ MaxTokens = Annotated[int, Field(ge=1)]
 
 WEIGHTS_MEDIA_TYPE = "application/octet-stream"
 """Content-Type of a weight push: one safetensors file as the body."""
-CHECKSUM_HEADER = "X-Content-SHA256"
-"""Header of a weight push: hex sha256 of the whole body, checked before anything changes."""
+CHECKSUM_HEADER = "X-Content-XXH3-128"
+"""Header of a weight push: hex XXH3-128 (32 digits) of the whole body, checked before anything changes; a
+checksum against corruption and mix-ups (the bearer token is what keeps strangers out), fast enough to cost a
+few percent of the transfer."""
 
 
 class GenerateRequest(Wire):
@@ -179,10 +181,13 @@ class WeightVersion(Wire):
     """Dtype of the served weights in safetensors notation (F32, BF16, F16): what a push must send."""
     weight_transfer: Literal["http", "nccl"] = "http"
     """Data planes the replica accepts besides HTTP (`nccl`: vLLM's NCCL engine is configured)."""
+    weight_port: int | None = None
+    """Port of the replica's weight data plane: HTTP pushes go to `PUT http://<replica host>:<weight_port>
+    /v1/weights/{version}` (`rollout.weight_port`; None while the replica starts)."""
 
 
 class WeightPushResponse(Wire):
-    """Reply to `PUT /v1/weights/{version}` once the new weights serve."""
+    """Reply to a weight push (`PUT /v1/weights/{version}` on the weight port) once the new weights serve."""
 
     policy_version: int
     replica: str

@@ -32,6 +32,8 @@ def test_compose_file_is_valid_for_docker_compose():
     assert "container_name" not in rollout and "ports" not in rollout
     assert rollout["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert services["trainer"]["environment"]["RPO_SERVICES__ROLLOUT_DISCOVERY"] == "dns://rollout:8200"
+    # the trainer pushes weights to each replica's weight port, which must be reachable on the network
+    assert rollout["environment"]["RPO_ROLLOUT__WEIGHT_PORT"] == "8201" and "8201" in rollout["expose"]
     assert services["cache"]["depends_on"]["redis"]["condition"] == "service_healthy"
     assert {d["condition"] for d in services["trainer"]["depends_on"].values()} == {"service_healthy"}
     assert all("healthcheck" in services[n] for n in ("redis", "cache", "rollout"))

@@ -3,23 +3,29 @@ tokens come from the version it names; the version and its gauge move forward.""
 
 from __future__ import annotations
 
-import hashlib
 import re
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import xxhash
 from rollout_helpers import FAST, PROMPTS, generate, greedy, hf_greedy, hf_model, random_weights, version_of
 
 from services.rollout.client import SafetensorsBody, WeightPushError, materialize, push_weights
 from services.schemas.rollout import CHECKSUM_HEADER, WEIGHTS_MEDIA_TYPE, GenerateRequest
 
 
+def _weight_url(url: str) -> str:
+    """The replica's weight data plane, as its API announces it."""
+    port = httpx.get(url + "/v1/weights/version", timeout=10).json()["weight_port"]
+    return f"http://127.0.0.1:{port}"
+
+
 def _raw_push(url: str, version: int, body: bytes, checksum: str | None, content_type=WEIGHTS_MEDIA_TYPE):
     headers = {"content-type": content_type}
     if checksum is not None:
         headers[CHECKSUM_HEADER] = checksum
-    return httpx.put(f"{url}/v1/weights/{version}", content=body, headers=headers, timeout=60)
+    return httpx.put(f"{_weight_url(url)}/v1/weights/{version}", content=body, headers=headers, timeout=60)
 
 
 def _body(weights) -> bytes:
@@ -28,7 +34,7 @@ def _body(weights) -> bytes:
 
 
 def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    return xxhash.xxh3_128_hexdigest(data)
 
 
 @pytest.fixture
@@ -169,6 +175,7 @@ def test_version_gauge_and_sync_histogram_follow_a_push(tied_replica, tmp_path):
         == before['rpo_weight_pushes_total{outcome="applied"}'] + 1
     )
     version = httpx.get(tied_replica.url + "/v1/weights/version", timeout=10).json()
+    assert isinstance(version.pop("weight_port"), int)
     assert version == {
         "policy_version": tied_replica.version,
         "replica": tied_replica.url.removeprefix("http://"),
@@ -176,3 +183,18 @@ def test_version_gauge_and_sync_histogram_follow_a_push(tied_replica, tmp_path):
         "dtype": "F32",
         "weight_transfer": "http",
     }
+
+
+def test_the_api_port_redirects_a_push_to_the_weight_port(tied_replica, served, tmp_path):
+    """`curl -L -T`-style clients find the data plane: 307 to the weight port, where the push is checked."""
+    body = _body(random_weights(tmp_path / "new", tied=True, seed=321))
+    url = f"{tied_replica.url}/v1/weights/{tied_replica.version + 1}"
+    headers = {"content-type": WEIGHTS_MEDIA_TYPE, CHECKSUM_HEADER: _sha(body + b"x")}
+    moved = httpx.put(url, content=b"", headers=headers, timeout=30)
+    assert moved.status_code == 307, moved.text
+    assert (
+        moved.headers["location"] == f"{_weight_url(tied_replica.url)}/v1/weights/{tied_replica.version + 1}"
+    )
+    assert "weight port" in moved.json()["error"]["message"]
+    followed = httpx.put(url, content=body, headers=headers, timeout=60, follow_redirects=True)
+    assert followed.status_code == 422 and followed.json()["error"]["field"] == CHECKSUM_HEADER, followed.text
