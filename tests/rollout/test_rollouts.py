@@ -13,16 +13,23 @@ import re
 import uuid
 
 import httpx
+import msgpack
 import pytest
 from rollout_helpers import decode, encode
 
 from cache_server.client import SyncCacheClient
 from services.algorithm import length_shaped_rewards, overlong_penalty, suffix_budget
-from services.rollout.client import RolloutClient
+from services.rollout.client import ROLLOUT_PATH, RolloutClient
 from services.rollout.rollouts import answer_without_eos
 from services.schemas.cache import PutEntry
-from services.schemas.common import unpack_token_ids
-from services.schemas.rollout import RolloutQuestion, RolloutRequest
+from services.schemas.common import (
+    JSON_MEDIA_TYPE,
+    MSGPACK_MEDIA_TYPE,
+    decode_model,
+    encode_model,
+    unpack_token_ids,
+)
+from services.schemas.rollout import RolloutQuestion, RolloutRequest, RolloutResponse
 from services.synthetic import PROMPT_TEMPLATE, SyntheticTaskConfig, check_answer, make_split
 
 ROWS = make_split(SyntheticTaskConfig(train_size=8), "train")
@@ -188,3 +195,52 @@ def test_the_same_seed_draws_the_same_prefixes(rollout_server, cache):
         g.samples[0].response_ids for g in second.groups
     ]
     assert [g.m for g in first.groups] != [g.m for g in other.groups]
+
+
+def test_msgpack_and_json_bodies_carry_the_same_rollouts(rollout_server, cache):
+    """The services' clients (the trainer's among them) speak msgpack both ways; a JSON caller gets the same
+    typed answer. Greedy and seeded, so the same request decodes the same ids."""
+    _, run_id = cache
+    request = _request(run_id, CACHED[:3], temperature=0.0, group_size=2, max_response_tokens=40)
+    url = rollout_server.url + ROLLOUT_PATH
+
+    as_json = httpx.post(
+        url, content=encode_model(request, False), headers={"Content-Type": JSON_MEDIA_TYPE}, timeout=120
+    )
+    assert as_json.status_code == 200 and as_json.headers["content-type"] == JSON_MEDIA_TYPE
+    json_reply = decode_model(RolloutResponse, as_json.content, False)
+
+    packed = {"Content-Type": MSGPACK_MEDIA_TYPE, "Accept": MSGPACK_MEDIA_TYPE}
+    as_msgpack = httpx.post(url, content=encode_model(request, True), headers=packed, timeout=120)
+    assert as_msgpack.status_code == 200 and as_msgpack.headers["content-type"] == MSGPACK_MEDIA_TYPE
+    raw = msgpack.unpackb(as_msgpack.content)  # a msgpack body, not JSON under another name
+    assert raw["groups"][0]["samples"][0]["response_ids"] == json_reply.groups[0].samples[0].response_ids
+    msgpack_reply = decode_model(RolloutResponse, as_msgpack.content, True)
+
+    wire: list[tuple[str, str, str]] = []  # (request Content-Type, Accept, reply Content-Type) per call
+    with RolloutClient(rollout_server.url) as client:
+        client.http._http.event_hooks["response"].append(
+            lambda r: wire.append(
+                (r.request.headers["content-type"], r.request.headers["accept"], r.headers["content-type"])
+            )
+        )
+        client_reply = client.rollouts(request)
+    assert wire == [(MSGPACK_MEDIA_TYPE, MSGPACK_MEDIA_TYPE, MSGPACK_MEDIA_TYPE)]
+
+    def decoded(reply: RolloutResponse) -> list:
+        return [
+            (
+                g.question_id,
+                g.m,
+                g.prefix_len,
+                [(s.response_ids, s.raw_reward, s.shaped_reward) for s in g.samples],
+            )
+            for g in reply.groups
+        ]
+
+    assert all(g.cache_hit for g in json_reply.groups)  # the prefixes came from the cache
+    assert decoded(msgpack_reply) == decoded(json_reply) == decoded(client_reply)
+    for a, b in zip(json_reply.groups, msgpack_reply.groups, strict=True):
+        for sa, sb in zip(a.samples, b.samples, strict=True):
+            assert sb.suffix_logprobs == pytest.approx(sa.suffix_logprobs, abs=1e-4)
+    assert msgpack_reply.stats.generated_tokens == json_reply.stats.generated_tokens
