@@ -22,6 +22,7 @@ import math
 import re
 import secrets
 import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -79,7 +80,7 @@ class WeightPlane:
         self.api_token = api_token
         self.max_body_bytes = max_body_bytes
         handler = type("WeightPushHandler", (_Handler,), {"plane": self})
-        server_class = _Server6 if ":" in host else ThreadingHTTPServer
+        server_class = _Server6 if ":" in host else _Server
         self.server = server_class((host, port), handler)
         self.server.daemon_threads = True
         self.port: int = self.server.server_address[1]
@@ -140,7 +141,14 @@ class WeightPlane:
         )
 
 
-class _Server6(ThreadingHTTPServer):
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A pusher that went away mid-answer is one log line, not a traceback on stderr."""
+        exc = sys.exc_info()[1]
+        log.warning("weight push from %s ended early: %s: %s", client_address[0], type(exc).__name__, exc)
+
+
+class _Server6(_Server):
     address_family = socket.AF_INET6
 
 
