@@ -103,6 +103,7 @@ def machine() -> str:
 
 def render(results: dict[str, dict], args: argparse.Namespace, wall: float) -> str:
     rpo, full = results["rpo"], results["full"]
+    algo = load_config(preset_path(), []).algorithm
     rows = [
         ("decoded tokens / sample", "decoded_tokens_per_sample", "{:.1f}"),
         ("response length (tokens)", "response_len_mean", "{:.1f}"),
@@ -125,8 +126,10 @@ def render(results: dict[str, dict], args: argparse.Namespace, wall: float) -> s
         [
             SECTION,
             "",
-            "`bench/rpo_vs_grpo.py` trains the tiny model (`builtin:tiny-warm`, the `tiny-demo` preset: G = 6,",
-            'L = "0.5l", suffix budget m, responses of about 50 tokens) on the synthetic task with RPO and with',
+            "`bench/rpo_vs_grpo.py` trains the tiny model (`builtin:tiny-warm`, the `tiny-demo` preset: "
+            f"G = {algo.group_size},",
+            f"L = {algo.truncation_limit}, suffix budget {algo.suffix_budget}, responses of about "
+            f"{full['response_len_mean']:.0f} tokens) on the synthetic task with RPO and with",
             "full-path GRPO, one after the other in one run, each with fresh services (cache server, one vLLM",
             f"replica, the DeepSpeed trainer on CPU): {args.steps} steps of {args.questions_per_step} questions x G each, same",
             "seed and question order. Step time is the mean over steps 2 onwards; the phases are those of the",
