@@ -3,7 +3,7 @@ RPO steps through the real services (Redis, cache server, one and two rollout re
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 
 import pytest
@@ -406,6 +406,81 @@ def test_committed_cache_update_is_the_best_response_or_another(
                 assert stored == answers[best]
             else:
                 assert stored in [a for i, a in enumerate(answers) if i != best]
+
+
+def test_dapo_refill_asks_the_real_replica_again_until_the_batch_is_full(
+    tmp_path, warm_model_dir, rollout_cache_url, rollout_server
+):
+    """DAPO's dynamic sampling through the real replica (its real rewards decide what is kept): the questions
+    the cursor hands out first get a reference answer the model never writes, so their groups come back
+    all wrong and are dropped; the step must ask the replica again for the groups still missing."""
+    import re
+
+    import httpx
+    from training_helpers import replica_version, run_config
+    from transformers import AutoTokenizer
+
+    from services.data import encode_prompt, load_questions
+    from trainer.batch import build_samples
+    from trainer.remote import RemoteServices
+
+    want, group_size = 2, 6
+    cfg, _ = run_config(
+        tmp_path,
+        warm_model_dir,
+        rollout_cache_url,
+        [rollout_server.url],
+        "algorithm.algorithm=dapo",
+        "algorithm.mode=full",
+        f"algorithm.group_size={group_size}",
+        "algorithm.dynamic_sampling_max_rounds=3",
+        f"train.questions_per_step={want}",
+        "data.max_questions=12",
+    )
+    questions = load_questions(cfg.data.dataset, cfg.data, cfg.data.max_questions)
+    unsolvable = {questions[i].id for i in DataCursor(len(questions), cfg.train.seed).take(want)}
+    questions = [replace(q, answer="unsolvable") if q.id in unsolvable else q for q in questions]
+    tokenizer = AutoTokenizer.from_pretrained(warm_model_dir)
+    prompts = {q.id: encode_prompt(tokenizer, q.question, cfg.data) for q in questions}
+
+    def requests_served() -> float:
+        text = httpx.get(rollout_server.url + "/metrics", timeout=10).text
+        return float(
+            re.search(r'^rpo_rollout_requests_total\{mode="full",outcome="ok"\} (\S+)$', text, re.M)[1]
+        )
+
+    version, before = replica_version(rollout_server.url), requests_served()
+    remote = RemoteServices(cfg)
+    try:
+        collected = collect_groups(
+            remote,
+            DataCursor(len(questions), cfg.train.seed),
+            questions,
+            prompts,
+            cfg,
+            step=1,
+            replicas=[rollout_server.url],
+            version=version,
+        )
+    finally:
+        remote.close()
+
+    rolled_out = [g.question_id for g in collected.all_groups]
+    assert set(rolled_out[:want]) == unsolvable  # round 1: every group all wrong ...
+    assert not any(s.correct for g in collected.all_groups[:want] for s in g.samples)
+    assert collected.rounds >= 2 and len(rolled_out) > want  # ... so the step asked again
+    assert requests_served() - before == collected.rounds  # each round one request to the replica
+    assert len(rolled_out) == len(set(rolled_out)) and collected.policy_version == version
+    # The batch is full, and only of groups whose rewards differ (their advantages are not all zero).
+    kept = collected.train_groups
+    assert len(kept) == want and not unsolvable & {g.question_id for g in kept}
+    for group in kept:
+        assert 0 < sum(s.correct for s in group.samples) < group_size
+        assert len({s.shaped_reward for s in group.samples}) > 1
+    assert any(s.advantage != 0 for s in build_samples(kept, prompts, cfg.algorithm))
+    for group in collected.all_groups:  # a group was dropped only for all-equal correctness
+        if not any(group is k for k in kept):
+            assert len({s.correct for s in group.samples}) == 1, group.question_id
 
 
 def test_a_replica_killed_between_steps_leaves_the_run_to_the_other(
