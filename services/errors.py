@@ -60,3 +60,20 @@ class Unauthorized(ServiceError):
 
     status = 401
     type = "unauthorized"
+
+
+class MethodNotAllowed(ServiceError):
+    status = 405
+    type = "method_not_allowed"
+
+
+class LengthRequired(ServiceError):
+    """A body sent without a Content-Length where one is needed (a weight push)."""
+
+    status = 411
+    type = "length_required"
+
+
+class UnsupportedMediaType(ServiceError):
+    status = 415
+    type = "unsupported_media_type"

@@ -153,20 +153,29 @@ def install_error_handlers(app: FastAPI) -> None:
 # Auth
 
 
+MISSING_TOKEN = "missing or wrong bearer token (Authorization: Bearer <RPO_API_TOKEN>)"
+
+
+def bearer_token_ok(authorization: str | None, expected: SecretStr | None) -> bool:
+    """Whether an `Authorization` header carries the configured token (always, when none is configured);
+    compared in constant time."""
+    if expected is None:
+        return True
+    scheme, _, given = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and secrets.compare_digest(
+        given.strip().encode(), expected.get_secret_value().encode()
+    )
+
+
 async def require_token(request: Request) -> None:
     """Dependency of mutating routes: 401 unless `Authorization: Bearer <token>` matches the configured token.
 
     No token configured (`app.state.rpo_api_token is None`) lets every request through.
     """
-    expected: SecretStr | None = getattr(request.app.state, "rpo_api_token", None)
-    if expected is None:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    ok = scheme.lower() == "bearer" and secrets.compare_digest(
-        given.strip().encode(), expected.get_secret_value().encode()
-    )
-    if not ok:
-        raise Unauthorized("missing or wrong bearer token (Authorization: Bearer <RPO_API_TOKEN>)")
+    if not bearer_token_ok(
+        request.headers.get("authorization"), getattr(request.app.state, "rpo_api_token", None)
+    ):
+        raise Unauthorized(MISSING_TOKEN)
 
 
 RequireToken = Depends(require_token)

@@ -20,7 +20,6 @@ import contextlib
 import logging
 import math
 import re
-import secrets
 import socket
 import sys
 import threading
@@ -30,32 +29,26 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from services.errors import NotFound, PayloadTooLarge, ServiceError, Unauthorized
+from services.errors import (
+    LengthRequired,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    ServiceError,
+    Unauthorized,
+    UnsupportedMediaType,
+)
 from services.rollout.metrics import RolloutMetrics
 from services.rollout.weights import PushBody, WeightUpdater
 from services.schemas.common import ErrorResponse
 from services.schemas.rollout import CHECKSUM_HEADER, WEIGHTS_MEDIA_TYPE, WeightPushResponse
+from services.server_common import MISSING_TOKEN, bearer_token_ok
 
 log = logging.getLogger("rpo.rollout.weights")
 
 PUSH_PATH = re.compile(r"^/v1/weights/(\d{1,18})$")
 IDLE_TIMEOUT_SECONDS = 120.0
 """A push whose sender sends nothing for this long is dropped (the socket read times out)."""
-
-
-class _LengthRequired(ServiceError):
-    status = 411
-    type = "length_required"
-
-
-class _UnsupportedMediaType(ServiceError):
-    status = 415
-    type = "unsupported_media_type"
-
-
-class _MethodNotAllowed(ServiceError):
-    status = 405
-    type = "method_not_allowed"
 
 
 class WeightPlane:
@@ -98,14 +91,6 @@ class WeightPlane:
         self._thread.join(timeout=10)
 
     # -- one push ------------------------------------------------------------------------------------------
-    def authorized(self, header: str | None) -> bool:
-        if self.api_token is None:
-            return True
-        scheme, _, given = (header or "").partition(" ")
-        return scheme.lower() == "bearer" and secrets.compare_digest(
-            given.strip().encode(), self.api_token.get_secret_value().encode()
-        )
-
     def push(self, version: int, body: PushBody, checksum: str | None) -> WeightPushResponse:
         """Run the updater's push on the event loop (it reads `body` in a worker thread) and wait for it."""
         started = time.perf_counter()
@@ -169,7 +154,7 @@ class _Handler(BaseHTTPRequestHandler):
             body = self._body()
             content_type = self.headers.get("Content-Type", "")
             if content_type.split(";")[0].strip().lower() != WEIGHTS_MEDIA_TYPE:
-                raise _UnsupportedMediaType(
+                raise UnsupportedMediaType(
                     f"send the safetensors body as {WEIGHTS_MEDIA_TYPE}, not {content_type!r}",
                     field="Content-Type",
                 )
@@ -192,7 +177,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, reply.model_dump_json().encode(), {})
 
     def do_GET(self) -> None:  # noqa: N802
-        self._error(_MethodNotAllowed("the weight port takes PUT /v1/weights/{version} only"), complete=False)
+        self._error(MethodNotAllowed("the weight port takes PUT /v1/weights/{version} only"), complete=False)
 
     do_POST = do_DELETE = do_PATCH = do_GET  # noqa: N815
 
@@ -201,17 +186,17 @@ class _Handler(BaseHTTPRequestHandler):
         match = PUSH_PATH.match(self.path.split("?", 1)[0])
         if match is None:
             raise NotFound(f"no such path {self.path!r} on the weight port: PUT /v1/weights/{{version}}")
-        if not self.plane.authorized(self.headers.get("Authorization")):
-            raise Unauthorized("missing or wrong bearer token (Authorization: Bearer <RPO_API_TOKEN>)")
+        if not bearer_token_ok(self.headers.get("Authorization"), self.plane.api_token):
+            raise Unauthorized(MISSING_TOKEN)
         return int(match.group(1))
 
     def _body(self) -> PushBody:
         """The body, once its Content-Length is known and within `rollout.max_body_bytes`."""
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            raise _LengthRequired("send the body with a Content-Length, not chunked", field="Content-Length")
+            raise LengthRequired("send the body with a Content-Length, not chunked", field="Content-Length")
         raw_length = self.headers.get("Content-Length")
         if raw_length is None or not raw_length.strip().isdigit():
-            raise _LengthRequired(
+            raise LengthRequired(
                 f"a push needs a Content-Length header (got {raw_length!r})", field="Content-Length"
             )
         length = int(raw_length)
