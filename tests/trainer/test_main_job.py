@@ -164,8 +164,14 @@ def _rpo_run(run_dir: Path, *extra: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RPO_")}
     env.setdefault("DS_ACCELERATOR", "cpu")
     sets = [a for item in (*SHORT, f"train.run_dir={run_dir}", *extra) for a in ("--set", item)]
+    # Ctrl-C must reach the job even when pytest itself was started with SIGINT ignored (a shell's background
+    # job is), which a child process would inherit: the job gets Python's own handler back first.
+    restore_sigint = (
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from services.cli import main; sys.exit(main())"
+    )
     return subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "run", *sets],
+        [sys.executable, "-c", restore_sigint, "run", *sets],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
