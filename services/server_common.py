@@ -127,15 +127,20 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
     return error_response(422, "validation_error", message, field)
 
 
-async def _on_service_error(request: Request, exc: ServiceError) -> JSONResponse:
+def error_headers(exc: ServiceError) -> dict[str, str]:
+    """The headers an error answer carries: Retry-After when the caller may retry, the auth scheme on 401."""
     headers = {}
     if exc.retry_after_seconds is not None:
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_seconds)))
     if exc.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
+    return headers
+
+
+async def _on_service_error(request: Request, exc: ServiceError) -> JSONResponse:
     if exc.status >= 500:
         log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
-    return error_response(exc.status, exc.type, exc.message, exc.field, headers or None)
+    return error_response(exc.status, exc.type, exc.message, exc.field, error_headers(exc) or None)
 
 
 async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

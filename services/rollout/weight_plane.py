@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import re
 import socket
 import sys
@@ -42,7 +41,7 @@ from services.rollout.metrics import RolloutMetrics
 from services.rollout.weights import PushBody, WeightUpdater
 from services.schemas.common import ErrorResponse
 from services.schemas.rollout import CHECKSUM_HEADER, WEIGHTS_MEDIA_TYPE, WeightPushResponse
-from services.server_common import MISSING_TOKEN, bearer_token_ok
+from services.server_common import MISSING_TOKEN, bearer_token_ok, error_headers
 
 log = logging.getLogger("rpo.rollout.weights")
 
@@ -95,14 +94,7 @@ class WeightPlane:
         """Run the updater's push on the event loop (it reads `body` in a worker thread) and wait for it."""
         started = time.perf_counter()
         future = asyncio.run_coroutine_threadsafe(self.updater.push(version, body, checksum), self.loop)
-        try:
-            pushed = future.result()
-        except ServiceError as exc:
-            self.metrics.weight_pushes.labels("failed" if exc.status >= 500 else "rejected").inc()
-            raise
-        except Exception:
-            self.metrics.weight_pushes.labels("failed").inc()
-            raise
+        pushed = future.result()
         self.metrics.weight_pushes.labels("applied").inc()
         self.metrics.weight_push_bytes.inc(pushed.bytes)
         self.metrics.weight_sync_seconds.observe(time.perf_counter() - started)
@@ -148,7 +140,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_PUT(self) -> None:  # noqa: N802 - http.server's naming
         body: PushBody | None = None
-        handed_over = False  # past this point the plane's push counts the outcome
         try:
             version = self._version()
             body = self._body()
@@ -158,11 +149,9 @@ class _Handler(BaseHTTPRequestHandler):
                     f"send the safetensors body as {WEIGHTS_MEDIA_TYPE}, not {content_type!r}",
                     field="Content-Type",
                 )
-            handed_over = True
             reply = self.plane.push(version, body, self.headers.get(CHECKSUM_HEADER))
         except ServiceError as exc:
-            if not handed_over:
-                self.plane.metrics.weight_pushes.labels("rejected").inc()
+            self.plane.metrics.weight_pushes.labels("failed" if exc.status >= 500 else "rejected").inc()
             if exc.status >= 500:
                 log.warning("push of %s -> %d: %s", self.path, exc.status, exc.message)
             if body is not None and body.consumed == 0 and exc.status < 500:
@@ -171,6 +160,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(exc, complete=body is not None and body.consumed == body.length)
             return
         except Exception as exc:  # the thread must answer, whatever happened
+            self.plane.metrics.weight_pushes.labels("failed").inc()
             log.exception("push of %s failed", self.path)
             self._error(ServiceError(f"{type(exc).__name__}: {exc}"), complete=False)
             return
@@ -213,11 +203,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = ErrorResponse.model_validate(
             {"error": {"type": exc.type, "message": exc.message, "field": exc.field}}
         )
-        headers = {}
-        if exc.retry_after_seconds is not None:
-            headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_seconds)))
-        if exc.status == 401:
-            headers["WWW-Authenticate"] = "Bearer"
+        headers = error_headers(exc)
         if not complete:
             headers["Connection"] = "close"
             self.close_connection = True
