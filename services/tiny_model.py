@@ -47,8 +47,16 @@ WARM_LAYERS = 4
 """The warm-started model is deeper than the random ones: 4 layers learn the task much faster than 2."""
 RANDOM_INIT_STD = 0.2
 """Init scale of the cached random kinds (see `build_tiny_model`)."""
-WARM_STEPS = 600
-"""Default warm-start length, about 110 s on a 2-core CPU; leaves the policy partly right (room for RL)."""
+WARM_STEPS = 1200
+"""Default warm-start length: 1,200 steps of 16 examples, about 3.5 minutes on a 2-core CPU. It leaves the
+policy mostly right (82% greedy on 200 held-out questions) and sharp enough that RL improves it: a model
+stopped at 800 steps (58% greedy, but flatter: 51% when sampled at T = 0.6) lost accuracy under every RL
+learning rate we tried, while this one gained 4.7 points of pass@1 in the default `rpo run`."""
+WARM_BATCH_SIZE = 16
+WARM_LR = 1e-3
+"""Small batches at this learning rate cross the task's accuracy cliff on the fewest examples: 800 steps of
+16 at 1e-3 reach the greedy accuracy (58%) of the earlier recipe, 600 steps of 64 at 2e-3, with a third of
+the examples and 40% of the time; with 16 per step, 2e-3 and 5e-4 both stayed below 10% after 600 steps."""
 
 
 def _byte_symbols() -> dict[int, str]:
@@ -219,8 +227,8 @@ def warm_start(
     task_cfg: SyntheticTaskConfig,
     max_seconds: float = 240.0,
     steps: int = WARM_STEPS,
-    batch_size: int = 64,
-    lr: float = 2e-3,
+    batch_size: int = WARM_BATCH_SIZE,
+    lr: float = WARM_LR,
     seed: int = 0,
     progress: bool = True,
     eval_questions: int = 200,
@@ -325,7 +333,13 @@ def _recipe(kind: str) -> dict[str, Any]:
         task = SyntheticTaskConfig()
         return {
             "build": {"tie_word_embeddings": True, "num_layers": WARM_LAYERS, "seed": 0},
-            "warm": {"task": asdict(task), "steps": WARM_STEPS, "batch_size": 64, "lr": 2e-3, "seed": 0},
+            "warm": {
+                "task": asdict(task),
+                "steps": WARM_STEPS,
+                "batch_size": WARM_BATCH_SIZE,
+                "lr": WARM_LR,
+                "seed": 0,
+            },
         }
     raise ValueError(f"unknown tiny model kind {kind!r}; choose one of {', '.join(KINDS)}")
 
@@ -399,7 +413,7 @@ def cached_tiny_model(kind: str = "warm", cache_dir: str | Path | None = None) -
                 warm = dict(recipe["warm"])
                 task = SyntheticTaskConfig(**warm.pop("task"))
                 # No time cap: the cached model must not depend on how busy the machine is (a capped run
-                # on a loaded machine stops short of the accuracy cliff near 500 steps).
+                # on a loaded machine stops short of the accuracy cliff near the end).
                 warm_start(random_dir, tmp / "model", task_cfg=task, max_seconds=math.inf, **warm)
                 shutil.rmtree(random_dir)
             else:
