@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
@@ -55,3 +56,8 @@ def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
     root.setLevel(level)
     for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not sys.stderr.isatty():
+        # Hugging Face libraries draw tqdm bars ("Loading weights", "Writing model shards") whatever the
+        # output is; written to a log file each is a line of carriage returns. transformers reads this at
+        # import, which the CLI defers until a handler runs, so setting it here takes effect.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -57,6 +57,8 @@ WARM_LR = 1e-3
 """Small batches at this learning rate cross the task's accuracy cliff on the fewest examples: 800 steps of
 16 at 1e-3 reach the greedy accuracy (58%) of the earlier recipe, 600 steps of 64 at 2e-3, with a third of
 the examples and 40% of the time; with 16 per step, 2e-3 and 5e-4 both stayed below 10% after 600 steps."""
+WARM_LOG_EVERY = 200
+"""Warm-start steps between log lines when no progress bar is drawn (stderr not a terminal)."""
 
 
 def _byte_symbols() -> dict[int, str]:
@@ -270,7 +272,9 @@ def warm_start(
 
     losses: list[float] = []
     done = 0
-    with tqdm(total=steps, desc="warm start", unit="step", disable=not progress) as bar:
+    # A bar on a terminal; elsewhere (CI, `rpo run` logs) a log line every WARM_LOG_EVERY steps instead,
+    # since a redrawn bar written to a file is one line of a thousand carriage returns.
+    with tqdm(total=steps, desc="warm start", unit="step", disable=None if progress else True) as bar:
         for index in batches():
             if done >= steps or time.monotonic() - started > max_seconds:
                 break
@@ -288,6 +292,15 @@ def warm_start(
             bar.update(1)
             if done % 20 == 0:
                 bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+            if progress and bar.disable and (done % WARM_LOG_EVERY == 0 or done == steps):
+                elapsed = time.monotonic() - started
+                log.info(
+                    "warm start step %d/%d loss %.3f (%.1f steps/s)",
+                    done,
+                    steps,
+                    sum(losses[-20:]) / len(losses[-20:]),
+                    done / elapsed,
+                )
     train_seconds = time.monotonic() - started
     eval_rows = make_split(task_cfg, "eval")[:eval_questions]
     accuracy = greedy_accuracy(model, tokenizer, eval_rows)

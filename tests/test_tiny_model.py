@@ -1,5 +1,6 @@
 """The tiny Qwen2 factory: HF loading, head_dim 64, tie settings, the character tokenizer, the cache, warm start."""
 
+import logging
 import threading
 
 import pytest
@@ -107,13 +108,20 @@ def test_cache_builds_once_under_concurrency(tmp_path):
         cached_tiny_model("huge", tmp_path)
 
 
-def test_a_short_warm_start_lowers_the_loss_and_saves_a_loadable_model(tmp_path, tiny_model_dir):
+def test_a_short_warm_start_lowers_the_loss_and_saves_a_loadable_model(
+    tmp_path, tiny_model_dir, caplog, capfd
+):
     task = SyntheticTaskConfig(num_terms=2, max_digits=2, train_size=256, eval_size=8)
     start = build_tiny_model(tmp_path / "start", num_layers=2)
-    metrics = warm_start(
-        start, tmp_path / "warm", task_cfg=task, steps=40, batch_size=32, progress=False, eval_questions=8
-    )
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO, logger="services.tiny_model"):
+        metrics = warm_start(
+            start, tmp_path / "warm", task_cfg=task, steps=40, batch_size=32, eval_questions=8
+        )
     assert metrics["steps"] == 40 and metrics["eval_questions"] == 8
+    # stderr is not a terminal under pytest: progress comes as log lines, not a redrawn bar.
+    assert any("warm start step 40/40 loss" in r.getMessage() for r in caplog.records)
+    assert "warm start:" not in capfd.readouterr().err  # the bar's own text
     assert metrics["final_loss"] < 0.5 * metrics["first_loss"]
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "warm")

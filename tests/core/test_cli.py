@@ -72,6 +72,8 @@ def test_model_tiny_refuses_a_non_empty_directory(tmp_path):
 def test_model_tiny_writes_a_loadable_model(tmp_path):
     out = rpo("model", "tiny", "--out", str(tmp_path / "m"), timeout=120)
     assert out.returncode == 0, out.stderr
+    # stderr is a pipe, not a terminal: no library progress bar ("Writing model shards") is drawn into it.
+    assert "\r" not in out.stderr and "shards" not in out.stderr
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
