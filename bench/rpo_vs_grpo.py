@@ -9,6 +9,7 @@ other, never concurrently, so their step times do not share the CPU.
 
     .venv/bin/python bench/rpo_vs_grpo.py --steps 15            # prints a markdown table
     .venv/bin/python bench/rpo_vs_grpo.py --steps 15 --write-docs  # and updates docs/benchmarks.md
+    .venv/bin/python bench/rpo_vs_grpo.py --set rollout.max_num_seqs=16   # a preset setting changed, both arms
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def run_arm(mode: str, args: argparse.Namespace, work: Path, model_path: Path) -
         f"train.checkpoint_every={args.steps}",
         "data.eval_dataset=null",
         f"services.run_id=bench-{mode}-{int(time.time())}",
+        *args.set,
     ]
     cfg = load_config(preset_path(), overrides)
     run_dir = work / mode
@@ -103,7 +105,7 @@ def machine() -> str:
 
 def render(results: dict[str, dict], args: argparse.Namespace, wall: float) -> str:
     rpo, full = results["rpo"], results["full"]
-    algo = load_config(preset_path(), []).algorithm
+    algo = load_config(preset_path(), args.set).algorithm
     rows = [
         ("decoded tokens / sample", "decoded_tokens_per_sample", "{:.1f}"),
         ("response length (tokens)", "response_len_mean", "{:.1f}"),
@@ -122,7 +124,13 @@ def render(results: dict[str, dict], args: argparse.Namespace, wall: float) -> s
         r, f = rpo["phases"][phase], full["phases"][phase]
         ratio = f"{r / f:.2f}" if f else "-"  # the cache phase of the full-path arm is zero
         lines.append(f"| {phase} phase, s | {r:.3f} | {f:.3f} | {ratio} |")
-    command = f".venv/bin/python bench/rpo_vs_grpo.py --steps {args.steps} --questions-per-step {args.questions_per_step}"
+    command = " ".join(
+        [
+            f".venv/bin/python bench/rpo_vs_grpo.py --steps {args.steps}",
+            f"--questions-per-step {args.questions_per_step}",
+            *(f"--set {override}" for override in args.set),
+        ]
+    )
     return "\n".join(
         [
             SECTION,
@@ -154,7 +162,8 @@ def write_docs(section: str) -> None:
     except ValueError:
         new = text.rstrip("\n") + "\n\n" + section
     else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        # Up to the next heading of any level: a hand-written "###" subsection after the table survives.
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("#")), len(lines))
         new = (
             "\n".join(
                 [
@@ -173,6 +182,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--questions-per-step", type=int, default=32)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for both arms, as `rpo train --set` takes it (repeatable)",
+    )
     parser.add_argument(
         "--write-docs", action="store_true", help="update the Training section of docs/benchmarks.md"
     )
