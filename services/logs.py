@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from typing import TextIO
 
 CORRELATION_FIELDS = ("replica", "phase", "step", "policy_version", "request_id", "run_id")
 
@@ -43,13 +44,32 @@ class _PlainFormatter(logging.Formatter):
         return line
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record is emitted, not the stream it was created with.
+
+    A process that swaps stderr (pytest's capture, a daemon that redirects it) would otherwise leave the
+    handler writing to a closed file, and every later log line would print a "Logging error" traceback.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass  # StreamHandler.__init__ and setStream assign it; stderr is looked up when used instead
+
+
 def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
     """Configure the root logger once per process (idempotent)."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, "_rpo", False):
             root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler._rpo = True  # type: ignore[attr-defined]
     handler.setFormatter(_JsonFormatter() if json_lines else _PlainFormatter())
     root.addHandler(handler)
