@@ -1,6 +1,6 @@
 -- read_prefixes: the fields prefix retrieval needs, for a batch of one run's entries, in one call.
 -- One script reply replaces a pipeline of HMGETs: redis-py packs and parses one command instead of one
--- per question, which was most of the service's time per batch (docs/cache.md, "Performance").
+-- per question, which was most of the service's time per batch (docs/benchmarks.md, "Cache server").
 -- Read-only: it changes nothing, so a retried call is harmless.
 --
 -- KEYS[i]     the i-th question's entry hash       <prefix>:{<run>}:e:<question id>
