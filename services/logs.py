@@ -64,7 +64,8 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
-    """Configure the root logger once per process (idempotent)."""
+    """Configure the root logger once per process (idempotent). Off a terminal, Hugging Face's progress
+    bars are turned off too: there, progress is our own log lines."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, "_rpo", False):

@@ -272,6 +272,12 @@ def warm_start(
 
     losses: list[float] = []
     done = 0
+
+    def recent_loss() -> float:
+        """Mean of the last 20 steps' losses: what the bar, the log lines and `final_loss` report."""
+        tail = losses[-20:] or [float("nan")]
+        return sum(tail) / len(tail)
+
     # A bar on a terminal; elsewhere (CI, `rpo run` logs) a log line every WARM_LOG_EVERY steps instead,
     # since a redrawn bar written to a file is one line of a thousand carriage returns.
     with tqdm(total=steps, desc="warm start", unit="step", disable=None if progress else True) as bar:
@@ -291,26 +297,19 @@ def warm_start(
             done += 1
             bar.update(1)
             if done % 20 == 0:
-                bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+                bar.set_postfix(loss=f"{recent_loss():.3f}")
             if progress and bar.disable and (done % WARM_LOG_EVERY == 0 or done == steps):
-                elapsed = time.monotonic() - started
-                log.info(
-                    "warm start step %d/%d loss %.3f (%.1f steps/s)",
-                    done,
-                    steps,
-                    sum(losses[-20:]) / len(losses[-20:]),
-                    done / elapsed,
-                )
+                rate = done / (time.monotonic() - started)
+                log.info("warm start step %d/%d loss %.3f (%.1f steps/s)", done, steps, recent_loss(), rate)
     train_seconds = time.monotonic() - started
     eval_rows = make_split(task_cfg, "eval")[:eval_questions]
     accuracy = greedy_accuracy(model, tokenizer, eval_rows)
-    tail = losses[-20:] or [float("nan")]
     metrics = {
         "steps": done,
         "train_seconds": round(train_seconds, 2),
         "seconds": round(time.monotonic() - started, 2),
         "first_loss": losses[0] if losses else float("nan"),
-        "final_loss": sum(tail) / len(tail),
+        "final_loss": recent_loss(),
         "eval_accuracy": accuracy,
         "eval_questions": len(eval_rows),
         "task": asdict(task_cfg),
