@@ -184,6 +184,10 @@ class TrainSection(_Section):
     """Questions per optimizer step; the batch holds questions_per_step * G responses (paper: 576 / 6)."""
     micro_batch_size: int = Field(8, ge=1)
     """Responses per forward/backward on one rank; gradient accumulation covers the rest."""
+    share_prefix: bool = True
+    """Feed each group's shared prompt and cached prefix to the learner's model once, its G suffixes behind
+    a block attention mask; off: one row per response. Same loss and gradients either way
+    (docs/training.md, "Shared layout")."""
     lr: float = Field(1e-6, gt=0.0)
     """Peak learning rate. Paper: 1e-6."""
     lr_scheduler: Literal["cosine", "constant"] = "cosine"

@@ -1,13 +1,15 @@
-"""Rollout groups -> training samples -> padded tensors for the learner.
+"""Rollout groups -> training samples -> micro-batches of tensors for the learner.
 
 Guarantees:
-- every sample of a group gets the group-relative advantage of its shaped reward (PAPER.md step 4,
+- every sample of a group gets the group-relative advantage of its shaped reward (the paper's Eq. 3,
   `services.algorithm.group_advantages`); samples keep the groups' order;
-- `collate` lays each row out as prompt + response, right-padded, so position ids are the plain
-  0..L-1 of an unpadded sequence and no query row is fully masked (left padding would leave fully
-  masked rows whose NaNs can leak into gradients);
+- two layouts give the same per-token log-probs, so the same loss and gradients: `collate` lays each row
+  out as prompt + response, right-padded (positions 0..L-1 as unpadded, no fully masked query row);
+  `pack` (`train.share_prefix`) feeds a group's shared prompt and cached prefix to the model once, then
+  each response's own tokens behind a block attention mask (docs/training.md, "Shared layout");
 - the loss mask covers every response token (cached prefix + new suffix, the paper's Eq. 5) unless
-  `algorithm.loss_on_suffix_only`, and nothing past a response's end.
+  `algorithm.loss_on_suffix_only`, and nothing past a response's end; in both layouts it is per response,
+  so a shared prefix counts in every normaliser once per response, as the objective says.
 Dynamic sampling (DAPO) is the caller's choice: `keep_group` is the filter; `build_samples` keeps every
 group it is given, and a kept group with all-equal rewards would count in the normalisers with zero
 advantage.
@@ -81,62 +83,228 @@ def count_loss_tokens(samples: Sequence[TrainSample], suffix_only: bool) -> int:
 
 @dataclass
 class Batch:
-    """Padded tensors of a micro-batch (B rows). Row i holds prompt_i + response_i, then padding.
+    """Tensors of one micro-batch of B responses, laid out in R rows (R = B unless the layout shares).
 
-    Response token t of row i sits at column P_i + t of `input_ids` and is predicted by the logits at
-    column P_i + t - 1. The model is asked only for the logits from column `first_logit` = min_i(P_i) - 1
-    on (`logits_to_keep = L - first_logit`); `logit_index` points into that window.
+    Per-response layout (`collate`): row i holds prompt_i + response_i, right-padded; `attention_mask` is the
+    [R, L] padding mask and positions are the plain 0..L-1. Shared layout (`pack`): a row holds the shared
+    part of some responses (prompt + cached prefix) once, then each one's own tokens; `attention_mask` is an
+    [R, L, L] bool block mask (query attends key) and `position_ids` restart at the shared part's end for
+    every response, so each response sees exactly the context it has in the per-response layout.
+
+    Response token t of response b is predicted by the logits of row `row_index[b, t]` at window column
+    `logit_index[b, t]`; the model is asked only for the logits from column `first_logit` on
+    (`logits_to_keep = L - first_logit`).
     """
 
-    input_ids: torch.Tensor  # [B, L] long, L = max_i (P_i + T_i)
-    attention_mask: torch.Tensor  # [B, L] long, 1 on real tokens
-    response_ids: torch.Tensor  # [B, T] long, T = max_i T_i (at least 1), 0 past a response's end
-    logit_index: torch.Tensor  # [B, T] long, window column whose logits predict response_ids[:, t]
+    input_ids: torch.Tensor  # [R, L] long
+    attention_mask: torch.Tensor  # [R, L] long padding mask, or [R, L, L] bool block mask
+    response_ids: torch.Tensor  # [B, T] long, T = max_b T_b (at least 1), 0 past a response's end
+    row_index: torch.Tensor  # [B, T] long, row whose logits predict response_ids[b, t]
+    logit_index: torch.Tensor  # [B, T] long, window column whose logits predict response_ids[b, t]
     loss_mask: torch.Tensor  # [B, T] float32, 1 on trained tokens
     advantages: torch.Tensor  # [B] float32
     first_logit: int
+    position_ids: torch.Tensor | None = None  # [R, L] long (shared layout only)
+    fed_tokens: int = 0
+    """Real (non-padding) tokens the model is fed: what the layout costs."""
 
     @property
     def logits_to_keep(self) -> int:
         return self.input_ids.shape[1] - self.first_logit
+
+    @property
+    def shared(self) -> bool:
+        return self.attention_mask.dim() == 3
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
             input_ids=self.input_ids.to(device),
             attention_mask=self.attention_mask.to(device),
             response_ids=self.response_ids.to(device),
+            row_index=self.row_index.to(device),
             logit_index=self.logit_index.to(device),
             loss_mask=self.loss_mask.to(device),
             advantages=self.advantages.to(device),
             first_logit=self.first_logit,
+            position_ids=None if self.position_ids is None else self.position_ids.to(device),
+            fed_tokens=self.fed_tokens,
         )
 
 
-def collate(samples: Sequence[TrainSample], suffix_only: bool, pad_id: int = 0) -> Batch:
-    """Pad `samples` into a `Batch` (see its docstring for the layout)."""
+def _check_prompts(samples: Sequence[TrainSample]) -> None:
     if not samples:
-        raise ValueError("collate needs at least one sample")
-    prompt_lens = [len(s.prompt_ids) for s in samples]
-    if min(prompt_lens) < 1:
+        raise ValueError("a micro-batch needs at least one sample")
+    if min(len(s.prompt_ids) for s in samples) < 1:
         raise ValueError("every prompt needs at least one token (its last position predicts the response)")
+
+
+def _response_tensors(
+    samples: Sequence[TrainSample], suffix_only: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """response_ids [B, T], loss_mask [B, T], advantages [B] and T, the same in both layouts."""
+    response_lens = [len(s.response_ids) for s in samples]
+    width = max(1, max(response_lens))
+    response_ids = torch.zeros((len(samples), width), dtype=torch.long)  # [B, T]
+    for b, s in enumerate(samples):
+        response_ids[b, : len(s.response_ids)] = torch.tensor(s.response_ids, dtype=torch.long)
+    loss_mask = response_loss_mask(
+        torch.tensor([s.prefix_len for s in samples]), torch.tensor(response_lens), width, suffix_only
+    )  # [B, T]
+    advantages = torch.tensor([s.advantage for s in samples], dtype=torch.float32)  # [B]
+    return response_ids, loss_mask, advantages, width
+
+
+def collate(samples: Sequence[TrainSample], suffix_only: bool, pad_id: int = 0) -> Batch:
+    """The per-response layout: one right-padded row per sample (see `Batch`)."""
+    _check_prompts(samples)
+    prompt_lens = [len(s.prompt_ids) for s in samples]
     response_lens = [len(s.response_ids) for s in samples]
     rows = len(samples)
     width = max(p + r for p, r in zip(prompt_lens, response_lens, strict=True))
-    resp_width = max(1, max(response_lens))
     first_logit = min(prompt_lens) - 1
+    response_ids, loss_mask, advantages, resp_width = _response_tensors(samples, suffix_only)
     input_ids = torch.full((rows, width), pad_id, dtype=torch.long)  # [B, L]
     attention_mask = torch.zeros((rows, width), dtype=torch.long)  # [B, L]
-    response_ids = torch.zeros((rows, resp_width), dtype=torch.long)  # [B, T]
     logit_index = torch.zeros((rows, resp_width), dtype=torch.long)  # [B, T]
     for i, s in enumerate(samples):
         p, r = prompt_lens[i], response_lens[i]
         input_ids[i, : p + r] = torch.tensor(s.prompt_ids + s.response_ids, dtype=torch.long)
         attention_mask[i, : p + r] = 1
-        if r:
-            response_ids[i, :r] = torch.tensor(s.response_ids, dtype=torch.long)
-            logit_index[i, :r] = torch.arange(p - 1, p - 1 + r) - first_logit
-    loss_mask = response_loss_mask(
-        torch.tensor([s.prefix_len for s in samples]), torch.tensor(response_lens), resp_width, suffix_only
-    )  # [B, T]
-    advantages = torch.tensor([s.advantage for s in samples], dtype=torch.float32)  # [B]
-    return Batch(input_ids, attention_mask, response_ids, logit_index, loss_mask, advantages, first_logit)
+        logit_index[i, :r] = torch.arange(p - 1, p - 1 + r) - first_logit
+    row_index = torch.arange(rows).unsqueeze(1).expand(rows, resp_width).clone()  # [B, T]
+    return Batch(
+        input_ids,
+        attention_mask,
+        response_ids,
+        row_index,
+        logit_index,
+        loss_mask,
+        advantages,
+        first_logit,
+        fed_tokens=sum(prompt_lens) + sum(response_lens),
+    )
+
+
+def shared_tokens(sample: TrainSample) -> list[int]:
+    """What a response shares with the rest of its group: its prompt and its cached prefix."""
+    return sample.prompt_ids + sample.response_ids[: sample.prefix_len]
+
+
+def share_groups(samples: Sequence[TrainSample]) -> list[list[int]]:
+    """Indices of `samples` grouped by identical shared part, in order of first appearance.
+
+    A rollout group is one such set (one prompt, one cached prefix); the key is the tokens themselves, so
+    samples are only ever packed together when their contexts are the same token for token.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(tuple(shared_tokens(s)), []).append(i)
+    return list(groups.values())
+
+
+def plan_micro_batches(
+    samples: Sequence[TrainSample], micro_batch_size: int, share: bool
+) -> list[list[list[int]]]:
+    """Micro-batches of at most `micro_batch_size` responses, each a list of rows of sample indices.
+
+    Per-response layout: consecutive chunks, one sample per row. Shared layout: one row per group; a group
+    starts a new micro-batch rather than be split, unless it holds more than `micro_batch_size` responses,
+    and then its rows each repeat the shared part (still exact).
+    """
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    n = len(samples)
+    if not share:
+        return [[[i] for i in range(k, min(k + micro_batch_size, n))] for k in range(0, n, micro_batch_size)]
+    plan: list[list[list[int]]] = []
+    micro: list[list[int]] = []
+    used = 0
+    for members in share_groups(samples):
+        if micro and len(members) > micro_batch_size - used and len(members) <= micro_batch_size:
+            plan.append(micro)
+            micro, used = [], 0
+        while members:
+            take, members = members[: micro_batch_size - used], members[micro_batch_size - used :]
+            micro.append(take)
+            used += len(take)
+            if used == micro_batch_size:
+                plan.append(micro)
+                micro, used = [], 0
+    if micro:
+        plan.append(micro)
+    return plan
+
+
+def pack(rows: Sequence[Sequence[TrainSample]], suffix_only: bool, pad_id: int = 0) -> Batch:
+    """The shared layout: one row per list of samples with the same shared part (see `Batch`).
+
+    Row r is S + o_1 + ... + o_k, S = prompt + cached prefix and o_j = response_j without that prefix.
+    S is causal in itself; o_j attends to S and causally to itself, at positions |S|, |S| + 1, ...; padding
+    attends only to itself (a fully masked query row would give NaNs). Response b's token t sits in S when
+    t < c (its prefix length) and is predicted at S's column P + t - 1; its first own token is predicted by
+    S's last column, the others by their own segment's previous column.
+    """
+    samples = [s for row in rows for s in row]
+    _check_prompts(samples)
+    response_ids, loss_mask, advantages, resp_width = _response_tensors(samples, suffix_only)
+    layouts = []  # per row: shared tokens, [(own tokens, start column)], length
+    for row in rows:
+        shared = shared_tokens(row[0])
+        if any(shared_tokens(s) != shared for s in row):
+            raise ValueError("pack: the samples of a row must share the same prompt and cached prefix")
+        own, start = [], len(shared)
+        for s in row:
+            tail = s.response_ids[s.prefix_len :]
+            own.append((tail, start))
+            start += len(tail)
+        layouts.append((shared, own, start))
+    width = max(length for _, _, length in layouts)
+    first_logit = min(len(row[0].prompt_ids) for row in rows) - 1
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [R, L]
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)  # [R, L]
+    allowed = torch.zeros((len(rows), width, width), dtype=torch.bool)  # [R, L(query), L(key)]
+    row_index = torch.zeros((len(samples), resp_width), dtype=torch.long)  # [B, T]
+    logit_index = torch.zeros((len(samples), resp_width), dtype=torch.long)  # [B, T]
+    b = 0
+    for r, (row, (shared, own, length)) in enumerate(zip(rows, layouts, strict=True)):
+        n_shared = len(shared)
+        input_ids[r, :n_shared] = torch.tensor(shared, dtype=torch.long)
+        position_ids[r, :n_shared] = torch.arange(n_shared)
+        allowed[r, :n_shared, :n_shared] = torch.ones(n_shared, n_shared, dtype=torch.bool).tril()
+        for sample, (tail, start) in zip(row, own, strict=True):
+            stop = start + len(tail)
+            if tail:
+                input_ids[r, start:stop] = torch.tensor(tail, dtype=torch.long)
+                position_ids[r, start:stop] = torch.arange(n_shared, n_shared + len(tail))
+                allowed[r, start:stop, :n_shared] = True
+                allowed[r, start:stop, start:stop] = torch.ones(len(tail), len(tail), dtype=torch.bool).tril()
+            p, c = len(sample.prompt_ids), len(sample.response_ids) - len(tail)
+            columns = list(range(p - 1, p - 1 + c))  # cached prefix: inside S
+            if tail:
+                columns += [n_shared - 1, *range(start, stop - 1)]  # own tokens
+            row_index[b, : len(columns)] = r
+            logit_index[b, : len(columns)] = torch.tensor(columns, dtype=torch.long) - first_logit
+            b += 1
+        pad = torch.arange(length, width)
+        allowed[r, pad, pad] = True
+    return Batch(
+        input_ids,
+        allowed,
+        response_ids,
+        row_index,
+        logit_index,
+        loss_mask,
+        advantages,
+        first_logit,
+        position_ids=position_ids,
+        fed_tokens=sum(length for _, _, length in layouts),
+    )
+
+
+def make_micro_batch(
+    samples: Sequence[TrainSample], rows: Sequence[Sequence[int]], suffix_only: bool, share: bool
+) -> Batch:
+    """The micro-batch of `rows` (indices into `samples`) in the chosen layout."""
+    if share:
+        return pack([[samples[i] for i in row] for row in rows], suffix_only)
+    return collate([samples[i] for row in rows for i in row], suffix_only)

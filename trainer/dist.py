@@ -13,9 +13,7 @@ import contextlib
 import os
 import socket
 from collections.abc import Sequence
-from typing import Any, TypeVar
-
-T = TypeVar("T")
+from typing import Any
 
 
 def _torch_dist():
@@ -141,9 +139,3 @@ def shard_bounds(n: int, ranks: int, index: int) -> tuple[int, int]:
     base, extra = divmod(n, ranks)
     start = index * base + min(index, extra)
     return start, start + base + (1 if index < extra else 0)
-
-
-def shard(items: Sequence[T]) -> list[T]:
-    """This rank's contiguous slice of `items` (see `shard_bounds`); may be empty when ranks > len(items)."""
-    start, end = shard_bounds(len(items), world_size(), rank())
-    return list(items[start:end])

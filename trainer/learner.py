@@ -25,7 +25,7 @@ import torch
 
 from services.config import RunConfig
 from trainer import dist
-from trainer.batch import Batch, TrainSample, collate, count_loss_tokens
+from trainer.batch import Batch, TrainSample, count_loss_tokens, make_micro_batch, plan_micro_batches
 from trainer.logprobs import token_logprobs
 from trainer.losses import dapo_loss, grpo_loss
 
@@ -202,6 +202,31 @@ class Learner:
         return self.engine.module
 
     # ------------------------------------------------------------------------------------------------- step
+    def _micro_batches(self, samples: list[TrainSample]) -> list[Batch]:
+        """This rank's micro-batches of `samples`, in the configured layout, on the device.
+
+        Each rank takes a contiguous slice of the samples (sizes differ by at most one) and plans its
+        micro-batches in it; every rank plans every slice, so all run the count of the longest plan,
+        padding with zero-weight micro-batches (same graph, no gradient). A group that straddles two
+        slices is packed twice, once per rank: exact, as any split is.
+        """
+        t = self.cfg.train
+        share, suffix_only = t.share_prefix, self.cfg.algorithm.loss_on_suffix_only
+        plans = [
+            plan_micro_batches(
+                samples[slice(*dist.shard_bounds(len(samples), self.world, r))], t.micro_batch_size, share
+            )
+            for r in range(self.world)
+        ]
+        mine = samples[slice(*dist.shard_bounds(len(samples), self.world, dist.rank()))]
+        batches = [make_micro_batch(mine, rows, suffix_only, share) for rows in plans[dist.rank()]]
+        while len(batches) < max(len(plan) for plan in plans):
+            padding = make_micro_batch(samples, [[0]], suffix_only, share)
+            padding.loss_mask.zero_()
+            padding.fed_tokens = 0
+            batches.append(padding)
+        return [batch.to(self.device) for batch in batches]
+
     def train_step(self, samples: list[TrainSample]) -> dict[str, Any]:
         """One optimizer step (per update) over the whole `samples` list; collective (see class docstring).
 
@@ -218,32 +243,23 @@ class Learner:
         suffix_only = a.loss_on_suffix_only
         num_sequences = len(samples)
         num_tokens = max(1, count_loss_tokens(samples, suffix_only))
-        mine = dist.shard(samples)
-        # Every rank runs as many micro-batches as the longest slice needs (ceil(n / world) samples).
-        per_rank = math.ceil(num_sequences / self.world)
-        n_micro = math.ceil(per_rank / t.micro_batch_size)
-        batches: list[Batch] = []
-        for i in range(n_micro):
-            chunk = mine[i * t.micro_batch_size : (i + 1) * t.micro_batch_size]
-            batch = collate(chunk or samples[:1], suffix_only)
-            if not chunk:  # padding micro-batch: same graph, zero weight
-                batch.loss_mask.zero_()
-            batches.append(batch.to(self.device))
+        batches = self._micro_batches(samples)
+        n_micro = len(batches)
 
         refs: list[torch.Tensor | None] = [None] * n_micro
         olds: list[torch.Tensor | None] = [None] * n_micro
         with torch.no_grad():
             if self.reference is not None:
-                refs = [token_logprobs(self.reference, b) for b in batches]
+                refs = [token_logprobs(self.reference, b, self.dtype) for b in batches]
             if t.updates_per_batch > 1:
-                olds = [token_logprobs(self.engine, b) for b in batches]
+                olds = [token_logprobs(self.engine, b, self.dtype) for b in batches]
 
         sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "tokens": 0.0}
         grad_norm, lr = 0.0, 0.0
         for _update in range(t.updates_per_batch):
             for i, batch in enumerate(batches):
                 self.engine.set_gradient_accumulation_boundary(i == n_micro - 1)
-                logp = token_logprobs(self.engine, batch)  # [B, T]
+                logp = token_logprobs(self.engine, batch, self.dtype)  # [B, T]
                 old = logp.detach() if olds[i] is None else olds[i]
                 if a.algorithm == "grpo":
                     loss, stats = grpo_loss(
@@ -294,6 +310,7 @@ class Learner:
             "tokens": count_loss_tokens(samples, suffix_only),
             "sequences": num_sequences,
             "micro_batches": n_micro,
+            "model_tokens": int(dist.sum_over_ranks([sum(b.fed_tokens for b in batches)])[0]),
             "seconds": time.monotonic() - started,
             "policy_version": self.policy_version,
         }

@@ -1,7 +1,7 @@
 """World size 2 under DeepSpeed's launcher (CPU ranks, gloo) against world size 1 on the same batch.
 
 Each run is `tests/trainer/scripts/learner_steps.py` in subprocesses: two learner steps on a fixed batch of
-11 samples (split 6 / 5 over two ranks, so one rank's last micro-batch is short or a zero-weight padding
+11 samples in groups of 4 (split 6 / 5 over two ranks, so one rank's last micro-batch is short or a zero-weight padding
 one), then the weights. Step 1's loss and gradient norm must agree to float tolerance (the gradient is that
 of the whole-batch loss on both); step 2's loss depends on the update, so it checks the step too. Two of
 the cases also save a two-rank checkpoint after step 1 and resume it in two fresh ranks.
@@ -120,7 +120,16 @@ CASES = {
     "zero3-grpo": ["--set", "train.zero_stage=3", "--set", "algorithm.beta=0.04", "--set", "train.micro_batch_size=4"],
     # ZeRO-3 with 3 samples: ranks hold 2 and 1, micro-batches of 1: rank 1 runs one zero-weight padding pass.
     "zero3-padding": ["--set", "train.zero_stage=3", "--set", "train.micro_batch_size=1", "--samples", "3"],
+    # ZeRO-3, GRPO with the KL term, micro-batches of 3, gradient checkpointing: two ranks in the shared
+    # layout (the group of q1 straddles them) against one rank in the per-response layout.
+    "zero3-shared": [
+        "--set", "train.zero_stage=3", "--set", "algorithm.beta=0.04", "--set", "train.micro_batch_size=3",
+        "--set", "train.gradient_checkpointing=true",
+    ],
 }  # fmt: skip
+
+WORLD_OF_ONE = {"zero3-shared": ["--set", "train.share_prefix=false"]}
+"""Extra arguments of a case's world-size-1 run."""
 
 
 RESUMED = {"zero2-grpo", "zero3-grpo"}
@@ -133,7 +142,7 @@ def test_world_size_two_gives_the_world_size_one_step(tiny_model_dir, tmp_path, 
     args = ["--set", f"train.lr={lr}", "--set", "train.micro_batch_size=2", *CASES[case]]
     ckpt = tmp_path / "learner"
     extra = ["--save", str(ckpt), "--save-after", "1"] if case in RESUMED else []
-    one = _run(1, tiny_model_dir, tmp_path, case, *args)
+    one = _run(1, tiny_model_dir, tmp_path, case, *args, *WORLD_OF_ONE.get(case, []))
     two = _run(2, tiny_model_dir, tmp_path, case, *args, "--export", str(tmp_path / "export"), *extra)
     diffs = _compare(one, two, lr)
     print(case, {k: f"{v:.2e}" for k, v in diffs.items()})

@@ -21,18 +21,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 
 def fixed_samples(n: int, seed: int = 0) -> list:
-    """n responses with prompts of 3-9 tokens, responses of 1-12 tokens, prefixes and advantages drawn."""
+    """n responses in groups of 4 (the last may be short): each group one prompt of 3-9 tokens and one cached
+    prefix of 0-6 tokens, each response that prefix plus 0-6 tokens of its own; advantages drawn."""
     from trainer.batch import TrainSample
 
     rng = random.Random(seed)
     samples = []
     for i in range(n):
-        response = [rng.randrange(3, 131) for _ in range(rng.randint(1, 12))]
+        if i % 4 == 0:
+            prompt = [rng.randrange(3, 131) for _ in range(rng.randint(3, 9))]
+            prefix = [rng.randrange(3, 131) for _ in range(rng.randint(0, 6))]
+        own = [rng.randrange(3, 131) for _ in range(rng.randint(0 if prefix else 1, 6))]
         samples.append(
             TrainSample(
-                prompt_ids=[rng.randrange(3, 131) for _ in range(rng.randint(3, 9))],
-                response_ids=response,
-                prefix_len=rng.randint(0, len(response)),
+                prompt_ids=prompt,
+                response_ids=prefix + own,
+                prefix_len=len(prefix),
                 advantage=rng.uniform(-1.5, 1.5),
                 question_id=f"q{i // 4}",
             )

@@ -1,0 +1,148 @@
+"""Our full-path and RPO steps against TRL's `GRPOTrainer`, on the same warm model, questions, batch, G and
+lengths, one after the other in one run (never concurrently), on CPU.
+
+- `full` and `rpo`: `rpo train` over fresh services (cache server, one vLLM replica, the DeepSpeed trainer),
+  the `tiny-demo` preset with `algorithm.mode` full or rpo (bench/rpo_vs_grpo.py's arm);
+- `trl`: TRL's `GRPOTrainer` in this process (HF `generate` on CPU), with the preset's numbers: G = 6,
+  questions x G completions per step, at most `algorithm.max_response_tokens` new tokens, temperature 1,
+  beta 0.04 with a reference model, `loss_type="grpo"`, lr 2e-5 constant, float32, no checkpointing,
+  the same reward function (`exact` on the built-in task).
+Step time is the mean over steps 2 onwards (step 1 holds every part's warm-up). TRL is the optional
+`bench` extra (`bash scripts/bootstrap.sh cpu dev bench`), not a dependency of the project.
+
+    .venv/bin/python bench/vs_trl.py --steps 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from rpo_vs_grpo import machine, run_arm  # noqa: E402
+
+from services.config import load_config  # noqa: E402
+from services.logs import setup_logging  # noqa: E402
+from services.model_path import resolve_model_path  # noqa: E402
+from trainer.main_job import preset_path  # noqa: E402
+
+
+def run_trl(args: argparse.Namespace, work: Path, model_path: Path) -> dict:
+    """TRL's GRPOTrainer for `args.steps` steps on the preset's numbers; per-step wall times."""
+    try:
+        import datasets
+        from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+        from trl import GRPOConfig, GRPOTrainer
+    except ImportError as exc:
+        raise SystemExit(
+            f"vs_trl: TRL is missing ({exc}); install the bench extra: bash scripts/bootstrap.sh cpu dev bench"
+        ) from None
+    from services.data import build_prompt_text, load_questions
+    from services.rewards import resolve_reward
+
+    cfg = load_config(preset_path(), args.set)
+    a = cfg.algorithm
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    questions = load_questions(cfg.data.dataset, cfg.data, limit=args.steps * args.questions_per_step)
+    rows = [
+        {"prompt": build_prompt_text(tokenizer, q.question, cfg.data), "answer": q.answer} for q in questions
+    ]
+    reward = resolve_reward(cfg.reward.function, cfg.data.dataset)
+
+    def reward_func(prompts, completions, answer, **_):
+        return [reward(c, ref) for c, ref in zip(completions, answer, strict=True)]
+
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *_args, **_kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *_args, **_kwargs):
+            times.append(time.perf_counter() - self.started)
+            print(f"[trl] step {len(times)}: {times[-1]:.2f} s", flush=True)
+
+    config = GRPOConfig(
+        output_dir=str(work / "trl"),
+        per_device_train_batch_size=args.questions_per_step * a.group_size,
+        num_generations=a.group_size,
+        max_completion_length=a.max_response_tokens,
+        temperature=cfg.sampling.temperature,
+        beta=a.beta,
+        loss_type="grpo",
+        epsilon=a.clip_eps,
+        learning_rate=cfg.train.lr,
+        lr_scheduler_type="constant",
+        max_steps=args.steps,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        seed=cfg.train.seed,
+        disable_tqdm=True,
+    )
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype="float32")
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=reward_func,
+        args=config,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tokenizer,
+        callbacks=[StepTimer()],
+    )
+    trainer.train()
+    later = times[1:] or times
+    return {"steps": len(times), "first_step_seconds": times[0], "step_seconds": statistics.fmean(later)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--questions-per-step", type=int, default=16)
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override, all arms"
+    )
+    parser.add_argument("--arms", default="full,rpo,trl", help="comma-separated: full, rpo, trl")
+    args = parser.parse_args()
+    setup_logging("INFO")
+    started = time.monotonic()
+    model_path = resolve_model_path("builtin:tiny-warm")
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="rpo-vs-trl-") as tmp:
+        for arm in args.arms.split(","):
+            if arm == "trl":
+                results[arm] = run_trl(args, Path(tmp), model_path)
+            else:
+                results[arm] = run_arm(arm, args, Path(tmp), model_path)
+    command = f".venv/bin/python bench/vs_trl.py --steps {args.steps} --questions-per-step {args.questions_per_step}"
+    command += "".join(f" --set {o}" for o in args.set)
+    print(f"\nCommand: `{command}` ({(time.monotonic() - started) / 60:.1f} min in all), on {machine()}.\n")
+    print(
+        "| arm | step time, s (steps 2..) | first step, s | train phase, s | rollout phase, s | step / TRL's |"
+    )
+    print("|---|---|---|---|---|---|")
+    trl = results.get("trl", {}).get("step_seconds")
+    for arm, r in results.items():
+        phases = r.get("phases", {})
+        ratio = f"{r['step_seconds'] / trl:.2f}" if trl else "-"
+        train = f"{phases['train']:.2f}" if "train" in phases else "(inside)"
+        rollout = f"{phases['rollout']:.2f}" if "rollout" in phases else "(inside)"
+        print(
+            f"| {arm} | {r['step_seconds']:.2f} | {r['first_step_seconds']:.2f} | {train} | {rollout} | {ratio} |"
+        )
+    print(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
