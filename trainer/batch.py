@@ -247,46 +247,41 @@ def pack(rows: Sequence[Sequence[TrainSample]], suffix_only: bool, pad_id: int =
     samples = [s for row in rows for s in row]
     _check_prompts(samples)
     response_ids, loss_mask, advantages, resp_width = _response_tensors(samples, suffix_only)
-    layouts = []  # per row: shared tokens, [(own tokens, start column)], length
+    first_logit = min(len(row[0].prompt_ids) for row in rows) - 1
+    tokens: list[list[int]] = []  # per row
+    positions: list[list[int]] = []
+    segments: list[list[int]] = []  # 0: shared part, j: the j-th response's own tokens
+    columns: list[list[int]] = []  # per response: window column predicting each of its tokens
     for row in rows:
         shared = shared_tokens(row[0])
         if any(shared_tokens(s) != shared for s in row):
             raise ValueError("pack: the samples of a row must share the same prompt and cached prefix")
-        own, start = [], len(shared)
-        for s in row:
-            tail = s.response_ids[s.prefix_len :]
-            own.append((tail, start))
-            start += len(tail)
-        layouts.append((shared, own, start))
-    width = max(length for _, _, length in layouts)
-    first_logit = min(len(row[0].prompt_ids) for row in rows) - 1
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [R, L]
-    position_ids = torch.zeros((len(rows), width), dtype=torch.long)  # [R, L]
-    allowed = torch.zeros((len(rows), width, width), dtype=torch.bool)  # [R, L(query), L(key)]
-    row_index = torch.zeros((len(samples), resp_width), dtype=torch.long)  # [B, T]
-    logit_index = torch.zeros((len(samples), resp_width), dtype=torch.long)  # [B, T]
-    b = 0
-    for r, (row, (shared, own, length)) in enumerate(zip(rows, layouts, strict=True)):
         n_shared = len(shared)
-        input_ids[r, :n_shared] = torch.tensor(shared, dtype=torch.long)
-        position_ids[r, :n_shared] = torch.arange(n_shared)
-        allowed[r, :n_shared, :n_shared] = torch.ones(n_shared, n_shared, dtype=torch.bool).tril()
-        for sample, (tail, start) in zip(row, own, strict=True):
-            stop = start + len(tail)
-            if tail:
-                input_ids[r, start:stop] = torch.tensor(tail, dtype=torch.long)
-                position_ids[r, start:stop] = torch.arange(n_shared, n_shared + len(tail))
-                allowed[r, start:stop, :n_shared] = True
-                allowed[r, start:stop, start:stop] = torch.ones(len(tail), len(tail), dtype=torch.bool).tril()
+        row_tokens, row_positions, row_segments = list(shared), list(range(n_shared)), [0] * n_shared
+        for j, sample in enumerate(row, start=1):
+            tail = sample.response_ids[sample.prefix_len :]
+            start = len(row_tokens)
             p, c = len(sample.prompt_ids), len(sample.response_ids) - len(tail)
-            columns = list(range(p - 1, p - 1 + c))  # cached prefix: inside S
-            if tail:
-                columns += [n_shared - 1, *range(start, stop - 1)]  # own tokens
-            row_index[b, : len(columns)] = r
-            logit_index[b, : len(columns)] = torch.tensor(columns, dtype=torch.long) - first_logit
-            b += 1
-        pad = torch.arange(length, width)
-        allowed[r, pad, pad] = True
+            own = [n_shared - 1, *range(start, start + len(tail) - 1)] if tail else []
+            columns.append([col - first_logit for col in (*range(p - 1, p - 1 + c), *own)])
+            row_tokens += tail
+            row_positions += range(n_shared, n_shared + len(tail))
+            row_segments += [j] * len(tail)
+        tokens.append(row_tokens)
+        positions.append(row_positions)
+        segments.append(row_segments)
+    width = max(len(t) for t in tokens)
+    input_ids = _padded(tokens, width, pad_id)  # [R, L]
+    position_ids = _padded(positions, width, 0)  # [R, L]
+    segment = _padded(segments, width, -1)  # [R, L], -1 on padding
+    # Query q attends key k <= q of the shared part or of its own segment; padding attends only to itself.
+    causal = torch.ones(width, width, dtype=torch.bool).tril()  # [L, L]
+    seg_q, seg_k = segment.unsqueeze(2), segment.unsqueeze(1)  # [R, L, 1], [R, 1, L]
+    allowed = causal & (seg_q >= 0) & ((seg_k == 0) | (seg_k == seg_q))  # [R, L, L]
+    allowed |= torch.eye(width, dtype=torch.bool) & (seg_q < 0)
+    logit_index = _padded(columns, resp_width, 0)  # [B, T]
+    row_of = [r for r, row in enumerate(rows) for _ in row]
+    row_index = torch.tensor(row_of, dtype=torch.long).unsqueeze(1).expand(-1, resp_width).clone()  # [B, T]
     return Batch(
         input_ids,
         allowed,
@@ -297,8 +292,13 @@ def pack(rows: Sequence[Sequence[TrainSample]], suffix_only: bool, pad_id: int =
         advantages,
         first_logit,
         position_ids=position_ids,
-        fed_tokens=sum(length for _, _, length in layouts),
+        fed_tokens=sum(len(t) for t in tokens),
     )
+
+
+def _padded(rows: Sequence[Sequence[int]], width: int, fill: int) -> torch.Tensor:
+    """[len(rows), width] long tensor of `rows`, each right-padded with `fill`."""
+    return torch.tensor([[*row, *([fill] * (width - len(row)))] for row in rows], dtype=torch.long)
 
 
 def make_micro_batch(

