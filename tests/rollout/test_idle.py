@@ -1,0 +1,54 @@
+"""An idle replica leaves the cores to the learner: vLLM's engine processes park within milliseconds of the
+last request instead of busy-waiting for a second (`rollout.engine_busy_wait_seconds`, applied in every vLLM
+process by the project's vLLM plugin), and a CPU replica's worker is bound as configured."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import psutil
+from rollout_helpers import PROMPTS, generate
+
+from services.config import load_config
+from services.rollout.engine import engine_environment
+from services.schemas.rollout import GenerateRequest
+
+
+def _cpu_seconds(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for p in processes:
+        try:
+            times = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def test_a_replica_sleeps_between_requests(rollout_server):
+    """After a request, the replica's processes (API server, engine core, worker) use little CPU over the
+    next second. With vLLM's own 1 s busy-wait, the engine core and the worker each spin a core for that
+    second (about 1.5-2 CPU-seconds in all on 2 cores, measured with py-spy under `rpo run`)."""
+    replica = psutil.Process(rollout_server.process.pid)
+    processes = [replica, *replica.children(recursive=True)]
+    assert len(processes) >= 3, [p.name() for p in processes]  # the server, the engine core, its worker
+    generate(rollout_server.url, GenerateRequest(prompts=PROMPTS, n=4, max_tokens=16, temperature=1.0, seed=1))
+    time.sleep(0.1)  # replies are sent; the engine's last step is done
+    before = _cpu_seconds(processes)
+    time.sleep(1.0)
+    used = _cpu_seconds(processes) - before
+    assert used < 0.4, f"an idle replica used {used:.2f} CPU-seconds in 1 s"
+
+
+def test_engine_environment_binds_every_core_and_sets_the_busy_wait():
+    cfg = load_config(None, ["rollout.engine_busy_wait_seconds=0.005"])
+    env = engine_environment(cfg, on_cpu=True)
+    cores = sorted(os.sched_getaffinity(0))
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, cores))
+    assert env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    assert float(env["RPO_VLLM_BUSY_WAIT_SECONDS"]) == 0.005
+    auto = engine_environment(load_config(None, ["rollout.cpu_threads_bind=auto"]), on_cpu=True)
+    assert auto["VLLM_CPU_OMP_THREADS_BIND"] == "auto" and "VLLM_CPU_NUM_OF_RESERVED_CPU" not in auto
+    gpu = engine_environment(cfg, on_cpu=False)
+    assert set(gpu) == {"RPO_VLLM_BUSY_WAIT_SECONDS"}
