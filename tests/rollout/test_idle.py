@@ -33,7 +33,9 @@ def test_a_replica_sleeps_between_requests(rollout_server):
     replica = psutil.Process(rollout_server.process.pid)
     processes = [replica, *replica.children(recursive=True)]
     assert len(processes) >= 3, [p.name() for p in processes]  # the server, the engine core, its worker
-    generate(rollout_server.url, GenerateRequest(prompts=PROMPTS, n=4, max_tokens=16, temperature=1.0, seed=1))
+    generate(
+        rollout_server.url, GenerateRequest(prompts=PROMPTS, n=4, max_tokens=16, temperature=1.0, seed=1)
+    )
     time.sleep(0.1)  # replies are sent; the engine's last step is done
     before = _cpu_seconds(processes)
     time.sleep(1.0)
