@@ -7,6 +7,7 @@ lengths, one after the other in one run (never concurrently), on CPU.
   questions x G completions per step, at most `algorithm.max_response_tokens` new tokens, temperature 1,
   beta 0.04 with a reference model, `loss_type="grpo"`, lr 2e-5 constant, float32, no checkpointing,
   the same reward function (`exact` on the built-in task).
+- `decode`: one step's full-path decode alone, vLLM's offline engine against HF `generate`, no service.
 Step time is the mean over steps 2 onwards (step 1 holds every part's warm-up). TRL is the optional
 `bench` extra (`bash scripts/bootstrap.sh cpu dev bench`), not a dependency of the project.
 
@@ -105,6 +106,56 @@ def run_trl(args: argparse.Namespace, work: Path, model_path: Path) -> dict:
     return {"steps": len(times), "first_step_seconds": times[0], "step_seconds": statistics.fmean(later)}
 
 
+def run_decode(args: argparse.Namespace, model_path: Path, rounds: int = 4) -> dict:
+    """One step's full-path decode alone, no service around it: vLLM's offline `LLM.generate` (the engine
+    settings and environment of a replica) against HF `generate` (what TRL decodes with), same prompts, n,
+    max tokens and temperature; median seconds over `rounds` after a warm-up round."""
+    import os
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import tokens_input
+
+    from services.data import encode_prompt, load_questions
+    from services.rollout.engine import engine_environment, engine_kwargs
+
+    cfg = load_config(preset_path(), args.set)
+    a = cfg.algorithm
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    questions = load_questions(cfg.data.dataset, cfg.data, limit=args.questions_per_step)
+    prompts = [encode_prompt(tokenizer, q.question, cfg.data) for q in questions]
+    os.environ.update(engine_environment(cfg, on_cpu=True))
+    llm = LLM(**engine_kwargs(cfg, model_path, on_cpu=True))
+    params = SamplingParams(
+        n=a.group_size, max_tokens=a.max_response_tokens, temperature=1.0, logprobs=0, detokenize=False
+    )
+    vllm_times = []
+    for _round in range(rounds + 1):
+        started = time.perf_counter()
+        llm.generate([tokens_input(p) for p in prompts], params, use_tqdm=False)
+        vllm_times.append(time.perf_counter() - started)
+    del llm
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left-padded, as TRL does
+    mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    hf_times = []
+    for _round in range(rounds + 1):
+        started = time.perf_counter()
+        with torch.no_grad():
+            model.generate(
+                input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                max_new_tokens=a.max_response_tokens, num_return_sequences=a.group_size, pad_token_id=pad,
+            )  # fmt: skip
+        hf_times.append(time.perf_counter() - started)
+    return {
+        "vllm_offline_seconds": statistics.median(vllm_times[1:]),
+        "hf_generate_seconds": statistics.median(hf_times[1:]),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8)
@@ -112,7 +163,9 @@ def main() -> int:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="config override, all arms"
     )
-    parser.add_argument("--arms", default="full,rpo,trl", help="comma-separated: full, rpo, trl")
+    parser.add_argument(
+        "--arms", default="full,rpo,trl,decode", help="comma-separated: full, rpo, trl, decode"
+    )
     args = parser.parse_args()
     setup_logging("INFO")
     started = time.monotonic()
@@ -122,6 +175,8 @@ def main() -> int:
         for arm in args.arms.split(","):
             if arm == "trl":
                 results[arm] = run_trl(args, Path(tmp), model_path)
+            elif arm == "decode":
+                results[arm] = run_decode(args, model_path)
             else:
                 results[arm] = run_arm(arm, args, Path(tmp), model_path)
     command = f".venv/bin/python bench/vs_trl.py --steps {args.steps} --questions-per-step {args.questions_per_step}"
@@ -133,12 +188,20 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     trl = results.get("trl", {}).get("step_seconds")
     for arm, r in results.items():
+        if arm == "decode":
+            continue
         phases = r.get("phases", {})
         ratio = f"{r['step_seconds'] / trl:.2f}" if trl else "-"
         train = f"{phases['train']:.2f}" if "train" in phases else "(inside)"
         rollout = f"{phases['rollout']:.2f}" if "rollout" in phases else "(inside)"
         print(
             f"| {arm} | {r['step_seconds']:.2f} | {r['first_step_seconds']:.2f} | {train} | {rollout} | {ratio} |"
+        )
+    if "decode" in results:
+        d = results["decode"]
+        print(
+            f"\nOne step's full-path decode alone: vLLM offline {d['vllm_offline_seconds']:.2f} s, "
+            f"HF generate {d['hf_generate_seconds']:.2f} s"
         )
     print(json.dumps(results, indent=1))
     return 0
