@@ -325,13 +325,14 @@ class RolloutSection(_Section):
     """Most sequences vLLM decodes at once."""
     enforce_eager: bool = True
     """Skip CUDA graph capture (always eager on CPU)."""
-    engine_busy_wait_seconds: float = Field(0.002, ge=0.0, le=10.0)
+    engine_busy_wait_seconds: float = Field(0.03, ge=0.0, le=10.0)
     """How long vLLM's engine processes busy-wait for the next message before they sleep (vLLM's own: 1 s).
-    A replica idles while the learner trains; a longer wait spins a core the learner needs."""
-    cpu_threads_bind: str = "all"
-    """vLLM on CPU: the cores its worker's threads are bound to. `all`: every core this process may use (the
-    replica decodes while the learner waits, and sleeps while it trains); `auto`: vLLM's choice (one core
-    kept for its scheduler); `nobind`; or a list such as `0-3` (VLLM_CPU_OMP_THREADS_BIND)."""
+    Longer than the gap between engine steps keeps decoding fast; a replica idles while the learner trains,
+    and a longer wait spins the cores the learner needs (docs/training.md, "Where a step's time goes")."""
+    cpu_threads_bind: str = "auto"
+    """vLLM on CPU: the cores its worker's threads are bound to (VLLM_CPU_OMP_THREADS_BIND). `auto`: vLLM's
+    choice (one core kept for its scheduler); `all`: every core this process may use; `nobind`; or a list
+    such as `0-3` (several replicas on one box)."""
     weight_transfer: Literal["http", "nccl"] = "http"
     """Data plane for weight pushes: chunked safetensors over HTTP, or vLLM's NCCL engine on GPUs."""
     weight_port: int = Field(0, ge=0, le=65535)
