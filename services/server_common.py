@@ -420,20 +420,42 @@ def _uvicorn_config(app: FastAPI, graceful_shutdown_seconds: float, **kwargs: An
     )
 
 
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (IPv6 when the host has a colon), for uvicorn's `sockets=`."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def run_uvicorn(app: FastAPI, host: str, port: int, *, graceful_shutdown_seconds: float = 10.0) -> None:
     """Serve `app` until SIGINT/SIGTERM, then finish in-flight requests (up to the grace period) and run the
     lifespan's shutdown. A SIGTERM ends in SystemExit(0) once uvicorn is done, so callers' `finally`/`with`
-    blocks (e.g. an embedded Redis) still run; SIGINT ends in KeyboardInterrupt as usual."""
+    blocks (e.g. an embedded Redis) still run; SIGINT ends in KeyboardInterrupt as usual.
+
+    The port is bound BEFORE the lifespan starts: uvicorn would bind it only after start-up, and a start-up
+    that takes free ports of its own (vLLM's engine does) could take the very port this server was given.
+    """
     import signal
 
     def _exit_on_term(signum: int, frame: Any) -> None:
         raise SystemExit(0)
 
+    try:
+        sock = bind_listener(host, port)
+    except OSError as exc:
+        logging.getLogger("rpo.server").error("cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
+        raise SystemExit(1) from None
     previous = signal.signal(signal.SIGTERM, _exit_on_term)
     try:
-        uvicorn.Server(_uvicorn_config(app, graceful_shutdown_seconds, host=host, port=port)).run()
+        uvicorn.Server(_uvicorn_config(app, graceful_shutdown_seconds)).run(sockets=[sock])
     finally:
         signal.signal(signal.SIGTERM, previous)
+        sock.close()
 
 
 @contextlib.contextmanager
@@ -445,9 +467,7 @@ def serve_in_thread(
     For tests and for a process that hosts a service beside other work. Port 0 picks a free port (the socket
     is bound before the server starts, so there is no race).
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    sock = bind_listener(host, port)
     server = uvicorn.Server(_uvicorn_config(app, 5.0))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
     thread.start()
