@@ -1,4 +1,5 @@
-"""The cache service's Prometheus metrics, in its own registry (names fixed by ARCHITECTURE.md).
+"""The cache service's Prometheus metrics, in its own registry (names fixed by the Grafana dashboard in
+deploy/grafana).
 
 No label carries an id: hits and misses are counted over all runs and questions; `rpo_cache_entries` is the
 number of entries of the runs this process has served, refreshed at each scrape.

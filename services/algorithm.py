@@ -1,7 +1,7 @@
 """The RPO algorithm core: pure functions, no I/O, no torch (losses live in `trainer/losses.py`).
 
-Everything here follows ../PAPER.md ("The algorithm, step by step") and is unit-tested against values
-derived by hand. Guarantees:
+Everything here follows docs/algorithm.md ("Steps, and the function that does each"; arXiv 2601.19404)
+and is unit-tested against values derived by hand. Guarantees:
 - truncation never cuts more than the answer holds, and m = 0 keeps the whole answer (no `a[:-0]` bug);
 - length-aware shaping is computed per group and touches correct responses only;
 - epsilon is the probability of storing the BEST response; otherwise one of the OTHER responses,
@@ -29,7 +29,7 @@ def truncation_limit(spec: TruncationSpec, last_group_min_len: int | None, cache
     """Resolve L to a token count for one question.
 
     A relative spec uses l = the shortest response in the question's last group; when no group has been
-    seen yet (only the seeded answer exists) we use the cached answer's length, as PAPER.md says.
+    seen yet (only the seeded answer exists) we use the cached answer's length, as docs/algorithm.md says.
     "0.5l" rounds down.
     """
     if isinstance(spec, bool):  # bool is an int subclass; refuse it explicitly
@@ -90,7 +90,7 @@ def length_shaped_rewards(
     low: float = 0.5,
     high: float = 1.0,
 ) -> list[float]:
-    """Length-aware shaping over ONE group of G responses (PAPER.md step 3).
+    """Length-aware shaping over ONE group of G responses (docs/algorithm.md, step 3).
 
     R_i = raw_i * clip(sigmoid(alpha * (l_ref - len_i)), low, high) for responses with raw_i > 0, and 0
     otherwise; l_ref is the mean length of all G responses of the group. For the binary rewards of the paper
@@ -131,7 +131,7 @@ def overlong_penalty(length: int, max_response_tokens: int, buffer_tokens: int) 
 
 
 def group_advantages(rewards: Sequence[float], eps: float = 1e-4, unbiased_std: bool = True) -> list[float]:
-    """A_i = (R_i - mean(R)) / (std(R) + eps) over one group (PAPER.md step 4).
+    """A_i = (R_i - mean(R)) / (std(R) + eps) over one group (docs/algorithm.md, step 4).
 
     std is the sample standard deviation (Bessel-corrected, as torch.std in TRL's GRPO that the release code
     runs); `unbiased_std=False` gives the population one. A group of equal rewards gives all zeros; so does a
@@ -169,7 +169,7 @@ def select_for_cache(
     rng: random.Random,
     only_correct: bool = False,
 ) -> CacheChoice | None:
-    """Epsilon-greedy cache update (PAPER.md step 6).
+    """Epsilon-greedy cache update (docs/algorithm.md, step 6).
 
     Draw u ~ U(0,1): if u <= epsilon store the response with the highest shaped reward (the first on ties),
     otherwise a uniformly chosen OTHER response. `only_correct=True` restricts the pool to correct

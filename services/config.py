@@ -92,7 +92,7 @@ class RewardSection(_Section):
 
 
 class AlgorithmSection(_Section):
-    """RPO and its base algorithm (PAPER.md steps 2-6)."""
+    """RPO and its base algorithm (docs/algorithm.md, steps 2-6)."""
 
     algorithm: Literal["grpo", "dapo"] = "grpo"
     """Base algorithm whose objective RPO keeps unchanged."""

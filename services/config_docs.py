@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from services.config import RunConfig
 
-# The paper's (or its release code's) value for settings it fixes; PAPER.md is the source.
+# The paper's (or its release code's) value for settings it fixes (arXiv 2601.19404; docs/algorithm.md).
 PAPER_VALUES: dict[str, str] = {
     "algorithm.algorithm": "grpo, dapo",
     "algorithm.group_size": "6",

@@ -1,4 +1,5 @@
-"""`rpo cache init`: seed the experience cache with one sampled answer per training question (PAPER.md step 1).
+"""`rpo cache init`: seed the experience cache with one sampled answer per training question
+(docs/algorithm.md, step 1).
 
 Each answer is one full-path sample of the starting policy through the rollout service (mode `full`, G = 1,
 at `sampling.init_temperature` / `init_top_p`, up to `sampling.init_max_tokens`), scored by the replica; it

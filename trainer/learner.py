@@ -1,4 +1,4 @@
-"""The DeepSpeed learner: everything that touches the policy's parameters (PAPER.md step 5).
+"""The DeepSpeed learner: everything that touches the policy's parameters (docs/algorithm.md, step 5).
 
 Guarantees: ONE optimizer step per rollout batch (per update with `train.updates_per_batch` > 1), whose
 gradient is that of the whole-batch GRPO/DAPO loss at any micro-batch size, world size and ZeRO stage

@@ -1,6 +1,6 @@
 """The RPO training recipe, top to bottom: setup, train (one step at a time), checkpoint, cleanup.
 
-One step (ARCHITECTURE.md, "One training step", synchronous mode):
+One step (docs/architecture.md, synchronous mode):
  1. take the next questions from the data cursor (seeded shuffle per epoch, resumable);
  2. rank 0 finds the replicas and pushes the current weights to any replica not serving them (a replica
     that joined late or restarted; replicas serving a NEWER version, from a previous run or from steps lost
@@ -18,7 +18,7 @@ Guarantees: a batch never mixes policy versions (every rollout request carries t
 whose weights did not reach every replica; a checkpoint is consistent (weights, optimizer, cache snapshot,
 cursor and version after the same step). Departures from the paper: the cache updates of DAPO groups that
 dynamic sampling drops are committed too (the update rule needs rewards, not gradients, and an all-correct
-group still has a best, shortest answer to keep); PAPER.md leaves this open.
+group still has a best, shortest answer to keep); the paper leaves this open.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""GRPO and DAPO policy losses over prefix+suffix tokens (PAPER.md step 5), as pure torch functions.
+"""GRPO and DAPO policy losses over prefix+suffix tokens (docs/algorithm.md, step 5), as pure torch functions.
 
 Tensors are [B, T]: B responses, T response positions (right-padded). `loss_mask` is 1 where a token is
 trained on: by default every real token of o_i = cached prefix + new suffix (the paper's Eq. 5 and the

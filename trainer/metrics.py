@@ -1,6 +1,6 @@
 """Prometheus metrics of the trainer, all in one place, served on `/metrics` by rank 0.
 
-Names follow ARCHITECTURE.md (the Grafana dashboard queries them): `rpo_` prefix, base units, `_total` on
+Names follow the Grafana dashboard's queries: `rpo_` prefix, base units, `_total` on
 counters only, ratios in 0..1, no unbounded labels. Each `TrainerMetrics` owns its own registry, so two
 trainers in one process (tests) never collide; the HTTP server binds `train.metrics_host:metrics_port`
 (port 0: any free port; None: no server).

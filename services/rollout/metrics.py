@@ -1,6 +1,6 @@
 """Every metric of a rollout replica, in the replica's own registry (served at /metrics).
 
-Names are the ones the dashboards use (ARCHITECTURE.md): `rpo_generated_tokens_total`,
+Names are the ones the dashboards use (deploy/grafana): `rpo_generated_tokens_total`,
 `rpo_reused_prefix_tokens_total`, `rpo_policy_version`, `rpo_weight_sync_seconds`,
 `rpo_rollout_requests_total`. Labels are bounded (mode, outcome, phase); never a question or request id.
 vLLM's own engine metrics (`vllm:*`, recorded by its Prometheus stat logger in this process's default

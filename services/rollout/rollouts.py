@@ -1,4 +1,4 @@
-"""Group rollouts (`/v1/rollouts`, PAPER.md step 2 and 3): the one place RPO saves decoding.
+"""Group rollouts (`/v1/rollouts`, docs/algorithm.md, step 2 and 3): the one place RPO saves decoding.
 
 For a batch of questions: ONE batched cache call fetches every prefix (the cache server draws m and
 truncates); each question's G suffixes are decoded within the suffix budget (`services.algorithm`), all

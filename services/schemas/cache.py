@@ -145,7 +145,7 @@ class ReadEntriesResponse(Wire):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Prefix retrieval (PAPER.md step 2)
+# Prefix retrieval (docs/algorithm.md, step 2)
 
 
 class PrefixRequest(Wire):
@@ -181,7 +181,7 @@ class PrefixResponse(Wire):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Epsilon-greedy update (PAPER.md step 6)
+# Epsilon-greedy update (docs/algorithm.md, step 6)
 
 
 class UpdateCandidate(Wire):

@@ -98,7 +98,7 @@ class RolloutRequest(Wire):
     overlong_buffer_tokens: int = Field(0, ge=0)
     """DAPO soft overlong punishment (0: off), added to the shaped reward."""
     seed_cache_on_miss: bool = True
-    """A cache miss falls back to one full sample that seeds the entry (PAPER.md step 1)."""
+    """A cache miss falls back to one full sample that seeds the entry (docs/algorithm.md, step 1)."""
     min_policy_version: int = Field(0, ge=0)
     """Refuse (409) if the replica serves an older policy than this."""
 

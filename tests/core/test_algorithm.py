@@ -1,4 +1,4 @@
-"""The algorithm core against values derived by hand from PAPER.md (derivations in comments)."""
+"""The algorithm core against values derived by hand from docs/algorithm.md (derivations in comments)."""
 
 import math
 import random
