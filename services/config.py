@@ -329,7 +329,7 @@ class RolloutSection(_Section):
     """How long vLLM's engine processes busy-wait for the next message before they sleep (vLLM's own: 1 s).
     Longer than the gap between engine steps keeps decoding fast; a replica idles while the learner trains,
     and a longer wait spins the cores the learner needs (docs/training.md, "Where a step's time goes")."""
-    cpu_threads_bind: str = "auto"
+    cpu_threads_bind: str = Field("auto", pattern=r"^(auto|all|nobind|\d+(-\d+)?(,\d+(-\d+)?)*)$")
     """vLLM on CPU: the cores its worker's threads are bound to (VLLM_CPU_OMP_THREADS_BIND). `auto`: vLLM's
     choice (one core kept for its scheduler); `all`: every core this process may use; `nobind`; or a list
     such as `0-3` (several replicas on one box)."""

@@ -8,9 +8,10 @@ import os
 import time
 
 import psutil
+import pytest
 from rollout_helpers import PROMPTS, generate
 
-from services.config import load_config
+from services.config import ConfigError, load_config
 from services.rollout.engine import engine_environment
 from services.schemas.rollout import GenerateRequest
 
@@ -53,3 +54,9 @@ def test_engine_environment_sets_the_busy_wait_and_the_binding():
     assert every["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
     gpu = engine_environment(cfg, on_cpu=False)
     assert set(gpu) == {"RPO_VLLM_BUSY_WAIT_SECONDS"}
+
+
+def test_a_bad_binding_is_refused_with_the_setting_named():
+    assert load_config(None, ["rollout.cpu_threads_bind=0-3,6"]).rollout.cpu_threads_bind == "0-3,6"
+    with pytest.raises(ConfigError, match="rollout.cpu_threads_bind"):
+        load_config(None, ["rollout.cpu_threads_bind=every-core"])
