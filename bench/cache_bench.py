@@ -28,12 +28,12 @@ from pathlib import Path
 import httpx
 import redis.asyncio as aredis
 
-from cache_server.client import CacheClient
 from cache_server.embedded import free_port
 from cache_server.store import Keys, prefix_length
-from services.algorithm import draw_truncation, select_for_cache, truncation_limit
-from services.http_client import RetryPolicy
-from services.schemas.cache import GroupUpdate, PutEntry, UpdateCandidate
+from services.core.algorithm import draw_truncation, select_for_cache, truncation_limit
+from services.core.clients.cache import CacheClient
+from services.core.http_client import RetryPolicy
+from services.core.schemas.cache import GroupUpdate, PutEntry, UpdateCandidate
 
 REPO = Path(__file__).resolve().parents[1]
 

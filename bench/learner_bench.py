@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from services.config import RunConfig, load_config  # noqa: E402
+from services.core.config import RunConfig, load_config  # noqa: E402
 from trainer.batch import TrainSample, count_loss_tokens, make_micro_batch, plan_micro_batches  # noqa: E402
 
 SHAPES = {
@@ -150,7 +150,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="preset,paper", help="comma-separated: preset, paper")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
-    from services.tiny_model import WARM_LAYERS, build_tiny_model
+    from services.demo.tiny_model import WARM_LAYERS, build_tiny_model
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:

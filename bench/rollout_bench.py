@@ -45,7 +45,7 @@ MODELS = {
 
 
 def build_model(out: Path, layers: int, hidden: int, intermediate: int) -> Path:
-    from services.tiny_model import build_tiny_model
+    from services.demo.tiny_model import build_tiny_model
 
     if not (out / "config.json").exists():
         build_tiny_model(
@@ -65,7 +65,7 @@ class Offline:
     def __init__(self, model_dir: Path, args: argparse.Namespace):
         from vllm import LLM
 
-        from services.config import load_config
+        from services.core.config import load_config
         from services.rollout.engine import engine_kwargs
 
         self.args = args
@@ -104,7 +104,7 @@ class Served:
     """The same prompts through `rpo serve rollout` (its own process), with the typed client (msgpack)."""
 
     def __init__(self, model_dir: Path, args: argparse.Namespace, log_dir: Path):
-        from services.http_client import RetryPolicy
+        from services.core.http_client import RetryPolicy
         from tests.fixtures.rollout import start_rollout_server
 
         self.args = args
@@ -112,7 +112,7 @@ class Served:
         self.policy = RetryPolicy(read_timeout_seconds=600, max_attempts=1, max_total_seconds=600)
 
     def _request(self, prompts: list[list[int]], start: int, stop: int):
-        from services.schemas.rollout import GenerateRequest
+        from services.core.schemas.rollout import GenerateRequest
 
         return GenerateRequest(
             prompts=prompts[start:stop],
@@ -124,7 +124,7 @@ class Served:
 
     def run(self, prompts: list[list[int]], concurrency: int) -> tuple[int, float]:
         """All prompts in `concurrency` requests sent at once (1: one request holding every prompt)."""
-        from services.rollout.client import RolloutClient
+        from services.core.clients.rollout import RolloutClient
 
         chunk = -(-len(prompts) // concurrency)
         clients = [RolloutClient(self.server.url, policy=self.policy) for _ in range(concurrency)]

@@ -27,11 +27,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from services.config import load_config  # noqa: E402
-from services.logs import setup_logging  # noqa: E402
-from services.model_path import resolve_model_path  # noqa: E402
-from trainer.main_job import preset_path, start_services  # noqa: E402
-from trainer.processes import PartFailed, Supervisor, rpo_command  # noqa: E402
+from services.core.config import load_config  # noqa: E402
+from services.core.logs import setup_logging  # noqa: E402
+from services.demo.model_path import resolve_model_path  # noqa: E402
+from services.supervisor.main_job import preset_path, start_services  # noqa: E402
+from services.supervisor.processes import PartFailed, Supervisor, rpo_command  # noqa: E402
 from trainer.progress import read_records  # noqa: E402
 
 SECTION = "## Training"

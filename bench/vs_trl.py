@@ -30,10 +30,10 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from rpo_vs_grpo import machine, run_arm  # noqa: E402
 
-from services.config import load_config  # noqa: E402
-from services.logs import setup_logging  # noqa: E402
-from services.model_path import resolve_model_path  # noqa: E402
-from trainer.main_job import preset_path  # noqa: E402
+from services.core.config import load_config  # noqa: E402
+from services.core.logs import setup_logging  # noqa: E402
+from services.demo.model_path import resolve_model_path  # noqa: E402
+from services.supervisor.main_job import preset_path  # noqa: E402
 
 
 def run_trl(args: argparse.Namespace, work: Path, model_path: Path) -> dict:
@@ -46,8 +46,8 @@ def run_trl(args: argparse.Namespace, work: Path, model_path: Path) -> dict:
         raise SystemExit(
             f"vs_trl: TRL is missing ({exc}); install the bench extra: bash scripts/bootstrap.sh cpu dev bench"
         ) from None
-    from services.data import build_prompt_text, load_questions
-    from services.rewards import resolve_reward
+    from services.core.data import build_prompt_text, load_questions
+    from services.core.rewards import resolve_reward
 
     cfg = load_config(preset_path(), args.set)
     a = cfg.algorithm
@@ -117,7 +117,7 @@ def run_decode(args: argparse.Namespace, model_path: Path, rounds: int = 4) -> d
     from vllm import LLM, SamplingParams
     from vllm.inputs import tokens_input
 
-    from services.data import encode_prompt, load_questions
+    from services.core.data import encode_prompt, load_questions
     from services.rollout.engine import engine_environment, engine_kwargs
 
     cfg = load_config(preset_path(), args.set)

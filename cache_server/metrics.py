@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from services.schemas.cache import PrefixResponse, UpdateResponse
-from services.schemas.common import TOKEN_ID_BYTES
+from services.core.schemas.cache import PrefixResponse, UpdateResponse
+from services.core.schemas.common import TOKEN_ID_BYTES
 
 
 class CacheMetrics:

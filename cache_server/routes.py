@@ -1,7 +1,7 @@
 """HTTP routes of the cache service: thin wrappers that decode, call `CacheStore`, count, encode.
 
 Mutating routes (put, update, delete) require the bearer token when one is configured. Bodies and replies
-are JSON, or msgpack when Content-Type / Accept say so (what `cache_server.client` sends).
+are JSON, or msgpack when Content-Type / Accept say so (what `services.core.clients.cache` sends).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 
 from cache_server.metrics import CacheMetrics
 from cache_server.store import CacheStore
-from services.schemas.cache import (
+from services.core.schemas.cache import (
     RUN_ID_PATTERN,
     CacheEntry,
     DeleteRunResponse,
@@ -32,7 +32,7 @@ from services.schemas.cache import (
     UpdateRequest,
     UpdateResponse,
 )
-from services.server_common import ERROR_RESPONSES, RequireToken, body_openapi, typed_body, typed_response
+from services.core.server_kit import ERROR_RESPONSES, RequireToken, body_openapi, typed_body, typed_response
 
 RunId = Annotated[str, Path(pattern=RUN_ID_PATTERN, description="The run's key namespace.")]
 NDJSON_MEDIA_TYPE = "application/x-ndjson"

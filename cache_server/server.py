@@ -12,8 +12,8 @@ import logging
 
 from cache_server.app import create_app
 from cache_server.embedded import embedded_redis
-from services.commands import UsageError, config_from_args
-from services.server_common import run_uvicorn
+from services.cli.args import UsageError, config_from_args
+from services.core.server_kit import run_uvicorn
 
 log = logging.getLogger("rpo.cache")
 

@@ -6,7 +6,7 @@ Guarantees:
   step's marker hash inside the same script, and a replay returns the recorded outcome and changes nothing;
 - every key of a run lives under `<prefix>:{<run_id>}:` (one Redis Cluster slot), so runs share one Redis;
 - token ids stay packed (uint32 LE) from the wire to Redis and back; the truncation draw uses
-  services.algorithm; a request with a seed gets the same draws whatever its batch order;
+  services.core.algorithm; a request with a seed gets the same draws whatever its batch order;
 - Redis unreachable, loading or read-only raises `Unavailable` (503 with Retry-After), nothing else is hidden.
 """
 
@@ -21,9 +21,9 @@ from pathlib import Path
 import redis.asyncio as aredis
 from redis import exceptions as rexc
 
-from services.algorithm import draw_truncation, prefix_length, select_for_cache, truncation_limit
-from services.errors import InvalidInput, Unavailable
-from services.schemas.cache import (
+from services.core.algorithm import draw_truncation, prefix_length, select_for_cache, truncation_limit
+from services.core.errors import InvalidInput, Unavailable
+from services.core.schemas.cache import (
     CacheEntry,
     PrefixRequest,
     PrefixResponse,
@@ -34,7 +34,7 @@ from services.schemas.cache import (
     UpdateResponse,
     UpdateResult,
 )
-from services.schemas.common import TOKEN_ID_BYTES
+from services.core.schemas.common import TOKEN_ID_BYTES
 
 _LUA_DIR = Path(__file__).resolve().parent / "lua"
 _UNAVAILABLE_REPLIES = ("LOADING", "MASTERDOWN", "READONLY", "CLUSTERDOWN", "TRYAGAIN")
@@ -177,7 +177,7 @@ class CacheStore:
     # Prefix retrieval
 
     async def prefixes(self, run_id: str, request: PrefixRequest) -> PrefixResponse:
-        """Draw m per question (services.algorithm) and cut it from the end of the cached answer."""
+        """Draw m per question (services.core.algorithm) and cut it from the end of the cached answer."""
         self._check_batch(len(request.question_ids), "question_ids")
         keys = self.keys(run_id)
         with self._redis_errors():
@@ -219,7 +219,7 @@ class CacheStore:
     # Epsilon-greedy update
 
     async def update(self, run_id: str, request: UpdateRequest) -> UpdateResponse:
-        """Choose per group with services.algorithm.select_for_cache, apply all groups in one script."""
+        """Choose per group with services.core.algorithm.select_for_cache, apply all groups in one script."""
         self._check_batch(len(request.groups), "groups")
         keys = self.keys(run_id)
         args: list[bytes | str | int] = [repr(time.time()), self.marker_ttl_seconds, request.step]

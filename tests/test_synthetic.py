@@ -5,9 +5,9 @@ import re
 
 import pytest
 
-from services.config import DataSection
-from services.data import load_questions
-from services.synthetic import (
+from services.core.config import DataSection
+from services.core.data import load_questions
+from services.core.synthetic import (
     PROMPT_TEMPLATE,
     SyntheticTaskConfig,
     check_answer,

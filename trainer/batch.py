@@ -2,7 +2,7 @@
 
 Guarantees:
 - every sample of a group gets the group-relative advantage of its shaped reward (the paper's Eq. 3,
-  `services.algorithm.group_advantages`); samples keep the groups' order;
+  `services.core.algorithm.group_advantages`); samples keep the groups' order;
 - two layouts give the same per-token log-probs, so the same loss and gradients: `collate` lays each row
   out as prompt + response, right-padded (positions 0..L-1 as unpadded, no fully masked query row);
   `pack` (`train.share_prefix`) feeds a group's shared prompt and cached prefix to the model once, then
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from services.algorithm import dynamic_sampling_keep, group_advantages
-from services.config import AlgorithmSection
-from services.schemas.rollout import RolloutGroup
+from services.core.algorithm import dynamic_sampling_keep, group_advantages
+from services.core.config import AlgorithmSection
+from services.core.schemas.rollout import RolloutGroup
 from trainer.losses import response_loss_mask
 
 

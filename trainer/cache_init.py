@@ -18,31 +18,31 @@ import logging
 import time
 from typing import Any
 
+from tqdm.auto import tqdm
+
+from services.cli.args import UsageError, config_from_args
+from services.core.algorithm import cached_answer
+from services.core.config import RunConfig
+from services.core.data import encode_prompt, load_questions
+from services.core.schemas.cache import PutEntry
+from services.demo.model_path import resolve_model_path
+from trainer.remote import RemoteServices
+from trainer.schedule import request_seed
+
 log = logging.getLogger("rpo.cache_init")
 
 
-def answer_tokens(response_ids: list[int], finish_reason: str) -> list[int]:
-    """The answer to store: the response without the EOS/stop token a `stop` finish ends with."""
-    return list(response_ids[:-1]) if finish_reason == "stop" and response_ids else list(response_ids)
-
-
 def seed_cache(
-    cfg: Any, remote: Any, questions: list | None = None, prompts: dict | None = None
+    cfg: RunConfig, remote: RemoteServices, questions: list | None = None, prompts: dict | None = None
 ) -> dict[str, Any]:
     """Fill the cache for every training question that has no entry; returns counts and timings."""
-    from tqdm.auto import tqdm
-
-    from services.data import encode_prompt, load_questions
-    from services.schemas.cache import PutEntry
-    from trainer.loop import request_seed
 
     started = time.monotonic()
     if questions is None:
         questions = load_questions(cfg.data.dataset, cfg.data, cfg.data.max_questions)
     if prompts is None:
+        # lazy: heavy import (transformers), paid only on this path
         from transformers import AutoTokenizer
-
-        from services.model_path import resolve_model_path
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.path))
         prompts = {q.id: encode_prompt(tokenizer, q.question, cfg.data) for q in questions}
@@ -80,7 +80,7 @@ def seed_cache(
             entries = []
             for group in batch.groups:
                 sample = group.samples[0]
-                tokens = answer_tokens(sample.response_ids, sample.finish_reason)
+                tokens = cached_answer(sample.response_ids, sample.finish_reason)
                 if not tokens:
                     stats["empty"] += 1
                     continue
@@ -111,8 +111,6 @@ def seed_cache(
 
 def cache_init_main(args: Any) -> int:
     """`rpo cache init --config FILE`: needs `services.cache_url` and the rollout replicas."""
-    from services.commands import UsageError, config_from_args
-    from trainer.remote import RemoteServices
 
     cfg = config_from_args(args)
     if cfg.algorithm.mode != "rpo":

@@ -17,6 +17,7 @@ from typing import Any
 
 
 def _torch_dist():
+    # lazy: heavy import (torch), paid only on this path
     import torch.distributed as torch_dist
 
     return torch_dist
@@ -29,6 +30,7 @@ def _initialised() -> bool:
 
 def backend_name() -> str:
     """gloo on the CPU accelerator, the accelerator's communication backend (nccl on CUDA) elsewhere."""
+    # lazy: heavy import (deepspeed), paid only on this path
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
@@ -48,7 +50,10 @@ def init_distributed() -> None:
     """
     if _initialised():
         return
+    # lazy: heavy import (deepspeed), paid only on this path
     import deepspeed
+
+    # lazy: heavy import (deepspeed), paid only on this path
     from deepspeed.accelerator import get_accelerator
 
     launched = ("RANK" in os.environ and "WORLD_SIZE" in os.environ) or "OMPI_COMM_WORLD_RANK" in os.environ
@@ -125,7 +130,10 @@ def sum_over_ranks(values: Sequence[float]) -> list[float]:
     """Element-wise sum of `values` over all ranks (float64; every rank must call it with the same length)."""
     if not _initialised() or world_size() == 1:
         return [float(v) for v in values]
+    # lazy: heavy import (torch), paid only on this path
     import torch
+
+    # lazy: heavy import (deepspeed), paid only on this path
     from deepspeed.accelerator import get_accelerator
 
     device = "cpu" if backend_name() == "gloo" else get_accelerator().current_device_name()

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from services.config import RunConfig
+from services.core.config import RunConfig
 from trainer import dist
 from trainer.batch import Batch, TrainSample, count_loss_tokens, make_micro_batch, plan_micro_batches
 from trainer.logprobs import token_logprobs
@@ -39,6 +40,7 @@ _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".ind
 
 def resolve_dtype(precision: str) -> torch.dtype:
     """`train.precision` -> the compute dtype: `auto` is bfloat16 on an accelerator, float32 on CPU."""
+    # lazy: heavy import (deepspeed), paid only on this path
     from deepspeed.accelerator import get_accelerator
 
     if precision == "auto":
@@ -76,8 +78,13 @@ class Learner:
     """
 
     def __init__(self, cfg: RunConfig, model_path: str, total_steps: int):
+        # lazy: heavy import (deepspeed), paid only on this path
         import deepspeed
+
+        # lazy: heavy import (deepspeed), paid only on this path
         from deepspeed.accelerator import get_accelerator
+
+        # lazy: heavy import (transformers), paid only on this path
         from transformers import AutoConfig
 
         dist.init_distributed()
@@ -166,11 +173,13 @@ class Learner:
         """The HF model in the compute dtype, on CPU. Under ZeRO-3 `deepspeed.initialize` then partitions
         it, so each rank holds a full copy only until then (transformers' zero.Init loading path needs
         `accelerate`, which this project does not depend on)."""
+        # lazy: heavy import (transformers), paid only on this path
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.dtype)
 
     def _load_reference(self) -> Any:
+        # lazy: heavy import (deepspeed), paid only on this path
         import deepspeed
 
         model = self._load_model()
@@ -336,6 +345,7 @@ class Learner:
         with tensors that are only valid until the next item (drop them). A rank 0 consumer that stops
         early leaves the other ranks waiting in a gather: drain it (or let it fail everywhere).
         """
+        # lazy: heavy import (deepspeed), paid only on this path
         import deepspeed
 
         main = dist.is_main()
@@ -453,6 +463,7 @@ class _ShardWriter:
         self.total += nbytes
 
     def _flush(self) -> None:
+        # lazy: heavy import (safetensors), paid only on this path
         from safetensors.torch import save_file
 
         path = self.out / f".shard-{len(self.shards):05d}.safetensors.tmp"
@@ -477,7 +488,7 @@ class _ShardWriter:
 
 
 def _capture_rng() -> dict[str, Any]:
-    import numpy as np
+    # lazy: heavy import (deepspeed), paid only on this path
     from deepspeed.accelerator import get_accelerator
 
     state: dict[str, Any] = {
@@ -492,7 +503,7 @@ def _capture_rng() -> dict[str, Any]:
 
 
 def _restore_rng(state: dict[str, Any]) -> None:
-    import numpy as np
+    # lazy: heavy import (deepspeed), paid only on this path
     from deepspeed.accelerator import get_accelerator
 
     random.setstate(state["python"])

@@ -25,94 +25,36 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.config import RunConfig
+from services.core.algorithm import dynamic_sampling_keep
+from services.core.config import RunConfig
+from services.core.data import encode_prompt, load_questions
+from services.demo.model_path import resolve_model_path
+from trainer import dist
+from trainer.batch import build_samples
+from trainer.checkpoint import LEARNER_DIR, Checkpointer, StopRequest, TrainerState
+from trainer.evaluate import evaluate_questions
+from trainer.learner import Learner
+from trainer.metrics import TrainerMetrics
+from trainer.progress import StepProgress
+from trainer.records import StepRecord
+from trainer.remote import CollectedGroups, RemoteServices
+from trainer.schedule import DataCursor, planned_steps, request_seed
 
 log = logging.getLogger("rpo.train")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Data order
-
-
-@dataclass
-class DataCursor:
-    """Which questions come next: a seeded shuffle of all question indices per epoch, read in order.
-
-    The order of epoch e depends only on (seed, e), so a cursor restored from `state_dict()` continues with
-    exactly the questions the interrupted run would have taken.
-    """
-
-    size: int
-    seed: int
-    epoch: int = 0
-    position: int = 0
-    _orders: dict[int, list[int]] = field(default_factory=dict, repr=False)
-
-    def order(self, epoch: int) -> list[int]:
-        if epoch not in self._orders:
-            indices = list(range(self.size))
-            random.Random(f"rpo-data-{self.seed}-{epoch}").shuffle(indices)
-            self._orders = {epoch: indices}  # keep one epoch's order in memory
-        return self._orders[epoch]
-
-    def take(self, n: int, exclude: set[int] | frozenset[int] = frozenset()) -> list[int]:
-        """The next `n` question indices (fewer only if the dataset has fewer), skipping `exclude`.
-
-        A batch that crosses an epoch boundary continues in the next epoch's order; a question never appears
-        twice in one call (nor in `exclude`), even when the two epochs' orders would repeat it.
-        """
-        want = min(n, self.size - len(exclude))
-        out: list[int] = []
-        seen = set(exclude)
-        while len(out) < want:
-            if self.position >= self.size:
-                self.epoch += 1
-                self.position = 0
-            index = self.order(self.epoch)[self.position]
-            self.position += 1
-            if index not in seen:
-                seen.add(index)
-                out.append(index)
-        return out
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "size": self.size, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if state.get("size", self.size) != self.size:
-            raise ValueError(
-                f"the checkpoint's data cursor is for {state['size']} questions, this run has {self.size}: "
-                "resume with the same dataset and data.max_questions"
-            )
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-
-
-def planned_steps(num_questions: int, questions_per_step: int, epochs: int, max_steps: int | None) -> int:
-    """Steps of a run: enough batches to see every question `epochs` times, capped by `max_steps`."""
-    steps = math.ceil(epochs * num_questions / questions_per_step)
-    return min(steps, max_steps) if max_steps else steps
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Rollouts of one step
 
 
-def request_seed(base: int, step: int, round_index: int) -> int:
-    """The seed of a step's rollout round: varies per step and round (so each step draws new truncation
-    points), identical for every chunk and retry of the round (so a retry asks the same question)."""
-    return random.Random(f"rpo-rollout-{base}-{step}-{round_index}").getrandbits(31)
-
-
 def collect_groups(
-    remote: Any,
+    remote: RemoteServices,
     cursor: DataCursor,
     questions: list,
     prompts: dict[str, list[int]],
@@ -120,11 +62,9 @@ def collect_groups(
     step: int,
     replicas: list[str],
     version: int,
-) -> Any:
+) -> CollectedGroups:
     """Rank 0: the step's rollouts. DAPO keeps groups with 0 < #correct < G and refills the batch from the
     cursor for at most `algorithm.dynamic_sampling_max_rounds` extra rounds; GRPO keeps every group."""
-    from services.algorithm import dynamic_sampling_keep
-    from trainer.remote import CollectedGroups
 
     want = cfg.train.questions_per_step
     dynamic = cfg.algorithm.algorithm == "dapo"
@@ -190,11 +130,6 @@ class TrainingRecipe:
 
     # ---------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
-        from services.data import encode_prompt, load_questions
-        from services.model_path import resolve_model_path
-        from trainer import dist
-        from trainer.checkpoint import Checkpointer, StopRequest
-        from trainer.learner import Learner
 
         cfg = self.cfg
         self.dist = dist
@@ -215,10 +150,8 @@ class TrainingRecipe:
         self.eval_questions: list = []
         self.eval_prompts: dict[str, list[int]] = {}
         if self.main:
+            # lazy: heavy import (transformers), paid only on this path
             from transformers import AutoTokenizer
-
-            from trainer.metrics import TrainerMetrics
-            from trainer.remote import RemoteServices
 
             self.run_dir.mkdir(parents=True, exist_ok=True)
             tokenizer = AutoTokenizer.from_pretrained(self.model_path)
@@ -237,8 +170,6 @@ class TrainingRecipe:
         if self.resume:
             self.load_checkpoint()
         if self.main:
-            from trainer.progress import StepProgress
-
             self.progress = StepProgress(self.run_dir, self.total_steps, self.step, cfg.train.log_every)
             self.metrics.policy_version.set(self.learner.policy_version)
             if self.resume:
@@ -265,7 +196,7 @@ class TrainingRecipe:
         while self.step < self.total_steps:
             record, stopped = self.train_step(self.step + 1)
             self.step += 1
-            if self.main:
+            if record is not None:
                 self.progress.step(record)
                 self.metrics.observe_step(record)
             if stopped or self.step % cfg.train.checkpoint_every == 0 or self.step == self.total_steps:
@@ -287,8 +218,9 @@ class TrainingRecipe:
             self.evaluate("after")
         return {"steps": self.step, "total_steps": self.total_steps, "stopped": stopped}
 
-    def train_step(self, step: int) -> tuple[dict[str, Any], bool]:
-        """One synchronous step (module docstring, 1-5); returns rank 0's record and whether to stop."""
+    def train_step(self, step: int) -> tuple[StepRecord | None, bool]:
+        """One synchronous step (module docstring, 1-5); returns the record (rank 0; None elsewhere) and
+        whether to stop."""
         started = time.monotonic()
         phases = dict.fromkeys(("rollout", "reward", "train", "weight_sync", "cache"), 0.0)
         version = self.learner.policy_version
@@ -317,16 +249,14 @@ class TrainingRecipe:
         cache_updates, stop = self.on_main(
             lambda: self._commit_cache(step, collected, phases), share=lambda _: self.stop_request.requested
         )
-        record: dict[str, Any] = {}
+        record = None
         if self.main:
             record = collected.record(step, self.learner.policy_version, self.cursor.epoch)
-            record.update(
-                step_seconds=time.monotonic() - started,
-                phases=phases,
-                weight_sync_seconds=phases["weight_sync"] if samples else None,
-                cache_updates=cache_updates,
-                learner={k: v for k, v in (learner_stats or {}).items() if isinstance(v, int | float)},
-            )
+            record.step_seconds = time.monotonic() - started
+            record.phases = phases
+            record.weight_sync_seconds = phases["weight_sync"] if samples else None
+            record.cache_updates = cache_updates
+            record.learner = {k: v for k, v in (learner_stats or {}).items() if isinstance(v, int | float)}
         return record, bool(stop)
 
     def sync_replicas(self) -> list[str]:
@@ -344,8 +274,7 @@ class TrainingRecipe:
             self.push_weights(behind, version, reason="catch up")
         return found[0] if found else []
 
-    def _rollouts(self, step: int, replicas: list[str], version: int) -> Any:
-        from trainer.batch import build_samples
+    def _rollouts(self, step: int, replicas: list[str], version: int) -> CollectedGroups:
 
         collected = collect_groups(
             self.remote, self.cursor, self.questions, self.prompts, self.cfg, step, replicas, version
@@ -378,7 +307,6 @@ class TrainingRecipe:
         )  # e.g. before the first step: replicas may serve another run's weights
 
         def run() -> None:
-            from trainer.evaluate import evaluate_questions
 
             result = evaluate_questions(
                 self.remote,
@@ -416,7 +344,6 @@ class TrainingRecipe:
     def save_checkpoint(self) -> None:
         """Learner state from every rank, then rank 0 adds the cache snapshot and the loop state and
         renames the directory into place (trainer/checkpoint.py)."""
-        from trainer.checkpoint import LEARNER_DIR, TrainerState
 
         _, partial = self.on_main(lambda: self.checkpointer.begin(self.step), share=str)
         self.learner.save_checkpoint(str(Path(partial) / LEARNER_DIR), {"step": self.step})
@@ -441,7 +368,6 @@ class TrainingRecipe:
 
     def load_checkpoint(self) -> None:
         """Continue from the newest complete checkpoint: learner, version, cursor, RNG, cache snapshot."""
-        from trainer.checkpoint import LEARNER_DIR, Checkpointer
 
         _, path = self.on_main(lambda: self.checkpointer.latest(), share=lambda p: str(p) if p else None)
         if path is None:

@@ -13,6 +13,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from trainer.records import StepRecord
+
 log = logging.getLogger(__name__)
 
 STEP_SECONDS_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
@@ -38,9 +40,11 @@ class TrainerMetrics:
             ["phase"],
             registry=r,
         )
-        self.policy_version = Gauge("rpo_policy_version", "Policy version the trainer holds", registry=r)
+        self.policy_version = Gauge(
+            "rpo_train_policy_version", "Policy version the trainer holds", registry=r
+        )
         self.weight_sync_seconds = Histogram(
-            "rpo_weight_sync_seconds",
+            "rpo_train_weight_sync_seconds",
             "Push of new weights to every replica until all serve them",
             buckets=SYNC_SECONDS_BUCKETS,
             registry=r,
@@ -55,10 +59,14 @@ class TrainerMetrics:
             "rpo_eval_accuracy", "pass@1 on the held-out split at the last evaluation", registry=r
         )
         self.generated_tokens = Counter(
-            "rpo_generated_tokens", "Response tokens decoded by the rollout replicas for training", registry=r
+            "rpo_train_generated_tokens",
+            "Response tokens decoded by the rollout replicas for training",
+            registry=r,
         )
         self.reused_prefix_tokens = Counter(
-            "rpo_reused_prefix_tokens", "Response tokens reused from the experience cache", registry=r
+            "rpo_train_reused_prefix_tokens",
+            "Response tokens reused from the experience cache, in training batches",
+            registry=r,
         )
         self.rollout_retries = Counter(
             "rpo_rollout_retries", "Rollout requests retried on another replica after a failure", registry=r
@@ -83,19 +91,19 @@ class TrainerMetrics:
             self._server.server_close()
             self._server = None
 
-    def observe_step(self, record: dict[str, Any]) -> None:
-        """Update everything from one step record (see `trainer.progress.StepRecord`)."""
+    def observe_step(self, record: StepRecord) -> None:
+        """Update everything from one step's record."""
         self.steps.inc()
-        self.step_seconds.observe(record["step_seconds"])
-        for phase, seconds in record["phases"].items():
+        self.step_seconds.observe(record.step_seconds)
+        for phase, seconds in record.phases.items():
             self.phase_seconds.labels(phase=phase).set(seconds)
-        self.policy_version.set(record["policy_version"])
-        if record.get("weight_sync_seconds") is not None:
-            self.weight_sync_seconds.observe(record["weight_sync_seconds"])
-        self.reward_mean.set(record["reward_mean"])
-        self.accuracy.set(record["accuracy"])
-        self.generated_tokens.inc(record["generated_tokens"])
-        self.reused_prefix_tokens.inc(record["reused_prefix_tokens"])
-        self.rollout_retries.inc(record.get("rollout_retries", 0))
-        for choice, count in record.get("cache_updates", {}).items():
+        self.policy_version.set(record.policy_version)
+        if record.weight_sync_seconds is not None:
+            self.weight_sync_seconds.observe(record.weight_sync_seconds)
+        self.reward_mean.set(record.reward_mean)
+        self.accuracy.set(record.accuracy)
+        self.generated_tokens.inc(record.generated_tokens)
+        self.reused_prefix_tokens.inc(record.reused_prefix_tokens)
+        self.rollout_retries.inc(record.rollout_retries)
+        for choice, count in record.cache_updates.items():
             self.cache_updates.labels(choice=choice).inc(count)

@@ -16,6 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from trainer.records import StepRecord
+
 log = logging.getLogger("rpo.train")
 
 PHASES = ("rollout", "reward", "train", "weight_sync", "cache")
@@ -25,15 +30,15 @@ reported on its own because it runs on CPU even on a GPU box); the others are se
 METRICS_FILE = "metrics.jsonl"
 
 
-def format_step_line(r: dict[str, Any], total_steps: int) -> str:
+def format_step_line(r: StepRecord, total_steps: int) -> str:
     """One human line per step, e.g. `step 3/40 v3 | reward 0.41 acc 52.1% len 41.2 | decoded 1,204 ...`."""
-    p = r["phases"]
+    p = r.phases
     return (
-        f"step {r['step']}/{total_steps} v{r['policy_version']} | reward {r['reward_mean']:.3f} "
-        f"acc {100 * r['accuracy']:.1f}% len {r['response_len_mean']:.1f} | "
-        f"decoded {r['generated_tokens']:,} ({r['decoded_tokens_per_sample']:.1f}/sample) "
-        f"reused {r['reused_prefix_tokens']:,} | {r['tokens_per_second']:,.0f} tok/s | "
-        f"{r['step_seconds']:.2f}s: rollout {p['rollout']:.2f} (reward {p['reward']:.2f}) "
+        f"step {r.step}/{total_steps} v{r.policy_version} | reward {r.reward_mean:.3f} "
+        f"acc {100 * r.accuracy:.1f}% len {r.response_len_mean:.1f} | "
+        f"decoded {r.generated_tokens:,} ({r.decoded_tokens_per_sample:.1f}/sample) "
+        f"reused {r.reused_prefix_tokens:,} | {r.tokens_per_second:,.0f} tok/s | "
+        f"{r.step_seconds:.2f}s: rollout {p['rollout']:.2f} (reward {p['reward']:.2f}) "
         f"train {p['train']:.2f} sync {p['weight_sync']:.2f} cache {p['cache']:.2f}"
     )
 
@@ -56,11 +61,15 @@ def read_records(run_dir: str | Path, kind: str | None = "step") -> list[dict[st
     return records
 
 
+def read_step_records(run_dir: str | Path) -> list[StepRecord]:
+    """The step records of a run's metrics.jsonl, typed."""
+    return [StepRecord.from_json(r) for r in read_records(run_dir, "step")]
+
+
 class StepProgress:
     """Progress bar + per-step log line + JSONL records for one training process (rank 0)."""
 
     def __init__(self, run_dir: str | Path, total_steps: int, start_step: int, log_every: int = 1):
-        from tqdm.auto import tqdm
 
         self.total_steps = total_steps
         self.log_every = log_every
@@ -74,18 +83,18 @@ class StepProgress:
         """A non-step record (`resume`, `eval`, `checkpoint`, `stop`, ...)."""
         self._write({"kind": kind, "time": time.time(), **fields})
 
-    def step(self, record: dict[str, Any]) -> None:
-        self._write({"kind": "step", "time": time.time(), **record})
+    def step(self, record: StepRecord) -> None:
+        self._write({"kind": "step", "time": time.time(), **record.to_json()})
         self._bar.update(1)
         self._bar.set_postfix(
-            reward=f"{record['reward_mean']:.3f}",
-            acc=f"{100 * record['accuracy']:.0f}%",
-            decoded=f"{record['decoded_tokens_per_sample']:.0f}/sample",
+            reward=f"{record.reward_mean:.3f}",
+            acc=f"{100 * record.accuracy:.0f}%",
+            decoded=f"{record.decoded_tokens_per_sample:.0f}/sample",
         )
-        if record["step"] % self.log_every == 0 or record["step"] == self.total_steps:
+        if record.step % self.log_every == 0 or record.step == self.total_steps:
             log.info(
                 format_step_line(record, self.total_steps),
-                extra={"step": record["step"], "policy_version": record["policy_version"]},
+                extra={"step": record.step, "policy_version": record.policy_version},
             )
 
     def _write(self, record: dict[str, Any]) -> None:
@@ -102,7 +111,6 @@ class StepProgress:
         if self._bar.disable:
             yield
             return
-        from tqdm.contrib.logging import logging_redirect_tqdm
 
         with logging_redirect_tqdm():
             yield

@@ -6,8 +6,8 @@ A chunk whose replica fails (transport error, timeout, 5xx, or 409 "serves an ol
 next replica; each failure is logged with the replica, the phase and what to check, and the step fails only
 when every replica has failed that chunk. Replicas that do not answer their version check before a step
 sit the step out (named in the log); when they come back they are pushed the current weights first.
-Calls go through the shared retry policy (`services.http_client`) and the service clients
-(`services.rollout.client`, `cache_server.client`); this module only decides where each call goes.
+Calls go through the shared retry policy (`services.core.http_client`) and the service clients
+(`services.core.clients.rollout`, `services.core.clients.cache`); this module only decides where each call goes.
 """
 
 from __future__ import annotations
@@ -18,11 +18,19 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from services.config import RunConfig
-from services.http_client import RetryPolicy, ServiceCallError, ServiceHTTPError
-from services.schemas.rollout import RolloutGroup, RolloutQuestion, RolloutRequest, RolloutResponse
+from services.core.algorithm import cached_answer
+from services.core.clients.cache import SyncCacheClient
+from services.core.clients.rollout import RolloutClient, discover_replicas
+from services.core.config import RunConfig
+from services.core.http_client import RetryPolicy, ServiceCallError, ServiceHTTPError
+from services.core.schemas.cache import GroupUpdate, UpdateCandidate
+from services.core.schemas.rollout import RolloutGroup, RolloutQuestion, RolloutRequest, RolloutResponse
+from trainer.checkpoint import CACHE_FILE
+from trainer.records import StepRecord
+from trainer.weight_push import WeightPushError, push_to_all
 
 log = logging.getLogger("rpo.remote")
 
@@ -102,27 +110,28 @@ class CollectedGroups:
         self.reward_seconds += batch.reward_seconds
         self.retries += batch.retries
 
-    def record(self, step: int, policy_version: int, epoch: int) -> dict[str, Any]:
+    def record(self, step: int, policy_version: int, epoch: int) -> StepRecord:
+        """The step's record, without the loop's timings (set by the loop)."""
         samples = [s for g in self.all_groups for s in g.samples]
         n = max(1, len(samples))
-        return {
-            "step": step,
-            "policy_version": policy_version,
-            "epoch": epoch,
-            "questions": len(self.all_groups),
-            "trained_groups": len(self.train_groups),
-            "samples": len(samples),
-            "rounds": self.rounds,
-            "reward_mean": sum(s.shaped_reward for s in samples) / n,
-            "accuracy": sum(1 for s in samples if s.correct) / n,
-            "response_len_mean": sum(len(s.response_ids) for s in samples) / n,
-            "cache_hit_rate": sum(1 for g in self.all_groups if g.cache_hit) / max(1, len(self.all_groups)),
-            "generated_tokens": self.generated_tokens,
-            "reused_prefix_tokens": self.reused_prefix_tokens,
-            "decoded_tokens_per_sample": self.generated_tokens / n,
-            "tokens_per_second": self.generated_tokens / max(1e-9, self.rollout_seconds),
-            "rollout_retries": self.retries,
-        }
+        return StepRecord(
+            step=step,
+            policy_version=policy_version,
+            epoch=epoch,
+            questions=len(self.all_groups),
+            trained_groups=len(self.train_groups),
+            samples=len(samples),
+            rounds=self.rounds,
+            reward_mean=sum(s.shaped_reward for s in samples) / n,
+            accuracy=sum(1 for s in samples if s.correct) / n,
+            response_len_mean=sum(len(s.response_ids) for s in samples) / n,
+            cache_hit_rate=sum(1 for g in self.all_groups if g.cache_hit) / max(1, len(self.all_groups)),
+            generated_tokens=self.generated_tokens,
+            reused_prefix_tokens=self.reused_prefix_tokens,
+            decoded_tokens_per_sample=self.generated_tokens / n,
+            tokens_per_second=self.generated_tokens / max(1e-9, self.rollout_seconds),
+            rollout_retries=self.retries,
+        )
 
 
 class RemoteServices:
@@ -136,12 +145,10 @@ class RemoteServices:
         self.token = token.get_secret_value() if token is not None else None
         self._cache = None
         if cfg.services.cache_url and cfg.algorithm.mode == "rpo":
-            from cache_server.client import SyncCacheClient
-
             self._cache = SyncCacheClient.from_config(cfg)
 
     @property
-    def cache(self) -> Any:
+    def cache(self) -> SyncCacheClient:
         if self._cache is None:
             raise RuntimeError("no cache server configured: set services.cache_url")
         return self._cache
@@ -153,7 +160,6 @@ class RemoteServices:
     # ------------------------------------------------------------------------------------------- replicas
     def replicas(self) -> list[str]:
         """Every replica the config names (static list, DNS name or registry), re-resolved on each call."""
-        from services.rollout.client import discover_replicas
 
         replicas = [u.rstrip("/") for u in discover_replicas(self.cfg)]
         if not replicas:
@@ -164,7 +170,6 @@ class RemoteServices:
 
     def versions(self, replicas: Sequence[str]) -> dict[str, int | None]:
         """The version each replica serves (None: it did not answer; named in the log)."""
-        from services.rollout.client import RolloutClient
 
         def one(url: str) -> int | None:
             with RolloutClient(url, token=self.token, policy=self._short_policy()) as client:
@@ -326,7 +331,6 @@ class RemoteServices:
         """One chunk: its own replica first, then the next ones in turn (each attempt one call, so a failure
         moves on at once); with fewer replicas than `services.max_attempts`, they are tried again after a
         back-off. Returns the reply and how many retries it took."""
-        from services.rollout.client import RolloutClient
 
         request = RolloutRequest(questions=questions, min_policy_version=min_policy_version, **params)
         single = dataclasses.replace(self.policy, max_attempts=1)
@@ -365,7 +369,6 @@ class RemoteServices:
         """Push `weights` as `version` to `replicas`; returns once every one serves it (the rollout client
         confirms each), else raises naming each failed replica and the phase. Replicas that cannot even be
         connected to are left out with a warning when at least one other replica took the version."""
-        from services.rollout.client import WeightPushError, push_to_all
 
         started = time.monotonic()
         try:
@@ -408,8 +411,6 @@ class RemoteServices:
         self, step: int, groups: Sequence[RolloutGroup], policy_version: int
     ) -> dict[str, int]:
         """The step's epsilon-greedy updates (idempotent per step and question); returns counts by choice."""
-        from services.schemas.cache import GroupUpdate, UpdateCandidate
-        from trainer.cache_init import answer_tokens
 
         a = self.cfg.algorithm
         updates = []
@@ -417,7 +418,7 @@ class RemoteServices:
             prefix = group.samples[0].response_ids[: group.prefix_len]
             candidates = []
             for s in group.samples:
-                suffix = answer_tokens(s.response_ids[s.prefix_len :], s.finish_reason)
+                suffix = cached_answer(s.response_ids[s.prefix_len :], s.finish_reason)
                 if suffix or prefix:
                     candidates.append(
                         UpdateCandidate(suffix_ids=suffix, reward=s.shaped_reward, correct=s.correct)
@@ -459,14 +460,12 @@ class RemoteServices:
         """Write new entries, never overwriting (resumable initialisation); returns how many were written."""
         return self.cache.put_entries(self.run_id, entries, overwrite=False).written
 
-    def export_cache(self, directory: Any) -> int:
-        from trainer.checkpoint import CACHE_FILE
+    def export_cache(self, directory: Path) -> int:
 
         return self.cache.export_run(self.run_id, directory / CACHE_FILE)
 
-    def restore_cache(self, directory: Any) -> int:
+    def restore_cache(self, directory: Path) -> int:
         """Replace the run's cache (entries and idempotency markers) with the checkpoint's snapshot."""
-        from trainer.checkpoint import CACHE_FILE
 
         self.cache.delete_run(self.run_id)
         return self.cache.import_file(self.run_id, directory / CACHE_FILE)

@@ -13,12 +13,13 @@ import logging
 import os
 from typing import Any
 
+from services.cli.args import config_from_args
+from trainer.loop import run_training
+
 log = logging.getLogger("rpo.train")
 
 
 def train_main(args: Any) -> int:
-    from services.commands import config_from_args
-    from trainer.loop import run_training
 
     cfg = config_from_args(args)
     if int(os.environ.get("RANK", "0")) != 0:

@@ -1,4 +1,6 @@
 """The rollout replica (`rpo serve rollout`): vLLM behind FastAPI. See docs/rollout.md.
 
-Importing `services.rollout.client` needs neither torch nor vLLM (they load when a push or an engine needs them).
+`app` builds the service and holds its state; `routes` is the HTTP API; `engine` and `vllm_worker` wrap vLLM;
+`generation`, `rollouts` and `scoring` decode and score; `weight_plane` (the weight port), `weight_receive`,
+`weight_manifest`, `weight_updater` and `policy_gate` take weight pushes.
 """

@@ -13,35 +13,28 @@ import contextlib
 import logging
 import socket
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from services.config import RunConfig
-from services.errors import Unavailable
+from services.core.clients.cache import CacheClient
+from services.core.config import RunConfig
+from services.core.errors import Unavailable
+from services.core.server_kit import install_common
+from services.demo.model_path import resolve_model_path
+from services.rollout.engine import RolloutEngine
+from services.rollout.generation import Generation
 from services.rollout.metrics import RolloutMetrics
-from services.server_common import install_common
+from services.rollout.rollouts import GroupRollouts
+from services.rollout.routes import router
+from services.rollout.scoring import RewardScorer
+from services.rollout.state import RolloutService
+from services.rollout.weight_manifest import WeightManifest, checkpoint_files
+from services.rollout.weight_plane import WeightPlane
+from services.rollout.weight_updater import WeightUpdater
 
 log = logging.getLogger("rpo.rollout")
-
-
-@dataclass
-class RolloutService:
-    """What the routes use; built by the lifespan."""
-
-    config: RunConfig
-    replica: str
-    engine: Any
-    updater: Any
-    weight_plane: Any
-    generation: Any
-    rollouts: Any
-    scorer: Any
-    cache: Any | None
-    metrics: RolloutMetrics
 
 
 def replica_name(config: RunConfig) -> str:
@@ -55,7 +48,6 @@ def replica_name(config: RunConfig) -> str:
 
 def resolve_model_dir(spec: str) -> Path:
     """`model.path` as a directory (the built-in tiny models are built on first use)."""
-    from services.model_path import resolve_model_path  # torch-free; one table of built-in names
 
     return Path(resolve_model_path(spec)).resolve()
 
@@ -68,12 +60,6 @@ def create_app(config: RunConfig, *, model_dir: str | Path | None = None) -> Fas
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        from services.rollout.engine import RolloutEngine
-        from services.rollout.generation import Generation
-        from services.rollout.rollouts import GroupRollouts
-        from services.rollout.scoring import RewardScorer
-        from services.rollout.weight_plane import WeightPlane
-        from services.rollout.weights import WeightManifest, WeightUpdater, checkpoint_files
 
         directory = (
             Path(model_dir).resolve() if model_dir is not None else resolve_model_dir(config.model.path)
@@ -100,8 +86,6 @@ def create_app(config: RunConfig, *, model_dir: str | Path | None = None) -> Fas
             scorer = RewardScorer(r.reward_workers, r.reward_timeout_seconds)
             await asyncio.to_thread(scorer.start)
             if config.services.cache_url:
-                from cache_server.client import CacheClient
-
                 cache = CacheClient.from_config(config)
             metrics.policy_version.set(0)
             app.state.rollout = RolloutService(
@@ -165,7 +149,6 @@ def create_app(config: RunConfig, *, model_dir: str | Path | None = None) -> Fas
         api_token=config.services.api_token,
         max_body_bytes=config.rollout.max_request_bytes,
     )
-    from services.rollout.routes import router
 
     app.include_router(router)
     return app

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.config import RunConfig
-from services.errors import InvalidInput, Unavailable
+from services.core.config import RunConfig
+from services.core.errors import InvalidInput, Unavailable
 from services.rollout.vllm_worker import BUSY_WAIT_ENV
 
 log = logging.getLogger("rpo.rollout")
@@ -69,6 +69,7 @@ def engine_environment(cfg: RunConfig, on_cpu: bool) -> dict[str, str]:
 
 def engine_args(cfg: RunConfig, model_dir: Path, on_cpu: bool) -> Any:
     """vLLM's `AsyncEngineArgs` for a replica."""
+    # lazy: heavy import (vllm), paid only on this path
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     return AsyncEngineArgs(**engine_kwargs(cfg, model_dir, on_cpu))
@@ -104,6 +105,7 @@ def engine_kwargs(cfg: RunConfig, model_dir: Path, on_cpu: bool) -> dict[str, An
 
 
 def _is_validation_error(exc: BaseException) -> bool:
+    # lazy: heavy import (vllm), paid only on this path
     from vllm.exceptions import VLLMValidationError
 
     return isinstance(exc, VLLMValidationError | ValueError)
@@ -124,7 +126,10 @@ class RolloutEngine:
     @classmethod
     def start(cls, cfg: RunConfig, model_dir: Path) -> RolloutEngine:
         """Load the model (seconds to minutes; spawns the engine core process)."""
+        # lazy: heavy import (vllm), paid only on this path
         from vllm.platforms import current_platform
+
+        # lazy: heavy import (vllm), paid only on this path
         from vllm.v1.engine.async_llm import AsyncLLM
 
         on_cpu = current_platform.is_cpu()
@@ -176,8 +181,13 @@ class RolloutEngine:
         seed: int | None,
         salt: str,
     ) -> list[Generated]:
+        # lazy: heavy import (vllm), paid only on this path
         from vllm import SamplingParams
+
+        # lazy: heavy import (vllm), paid only on this path
         from vllm.inputs import tokens_input
+
+        # lazy: heavy import (vllm), paid only on this path
         from vllm.sampling_params import RequestOutputKind
 
         final = None
@@ -237,6 +247,7 @@ class RolloutEngine:
 
     # -- NCCL data plane (vLLM's weight transfer engine; GPU only) ------------------------------------
     async def nccl_init(self, init_info: dict[str, Any]) -> None:
+        # lazy: heavy import (vllm), paid only on this path
         from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
 
         await self.llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info))
@@ -245,6 +256,7 @@ class RolloutEngine:
         await self.llm.start_weight_update()
 
     async def nccl_update(self, update_info: Any) -> None:
+        # lazy: heavy import (vllm), paid only on this path
         from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
         await self.llm.update_weights(WeightTransferUpdateRequest(update_info=update_info))

@@ -13,8 +13,11 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any
 
-from services.errors import Conflict, InvalidInput, Unavailable
-from services.schemas.rollout import GenerateRequest, GenerateResponse, Sample
+from services.core.errors import Conflict, InvalidInput, Unavailable
+from services.core.schemas.rollout import GenerateRequest, GenerateResponse, Sample
+from services.rollout.engine import RolloutEngine
+from services.rollout.metrics import RolloutMetrics
+from services.rollout.weight_updater import WeightUpdater
 
 SEED_BITS = 62
 
@@ -59,7 +62,7 @@ def check_serving(updater: Any, min_policy_version: int, replica: str) -> int:
 class Generation:
     """`/v1/generate`: every prompt is its own engine request, all issued at once."""
 
-    def __init__(self, engine: Any, updater: Any, metrics: Any, replica: str):
+    def __init__(self, engine: RolloutEngine, updater: WeightUpdater, metrics: RolloutMetrics, replica: str):
         self.engine = engine
         self.updater = updater
         self.metrics = metrics

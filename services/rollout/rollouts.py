@@ -1,7 +1,7 @@
 """Group rollouts (`/v1/rollouts`, docs/algorithm.md, step 2 and 3): the one place RPO saves decoding.
 
 For a batch of questions: ONE batched cache call fetches every prefix (the cache server draws m and
-truncates); each question's G suffixes are decoded within the suffix budget (`services.algorithm`), all
+truncates); each question's G suffixes are decoded within the suffix budget (`services.core.algorithm`), all
 questions concurrently, under one policy version; prefix + suffix is scored with the configured reward and
 shaped within its group. `mode="full"` skips the cache (full-path GRPO/DAPO: the only difference). A miss
 decodes G full samples and, when asked, seeds the entry with the first one (its trailing EOS stripped: the
@@ -16,18 +16,25 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from services.algorithm import length_shaped_rewards, overlong_penalty, suffix_budget
-from services.errors import InvalidInput, Unavailable
-from services.rewards import RewardSpecError, resolve_reward
-from services.rollout.generation import check_prompt, check_serving, derive_seed
-from services.schemas.common import pack_token_ids, unpack_token_ids
-from services.schemas.rollout import (
+from services.core.algorithm import cached_answer, length_shaped_rewards, overlong_penalty, suffix_budget
+from services.core.clients.cache import CacheClient
+from services.core.errors import InvalidInput, Unavailable
+from services.core.http_client import ServiceCallError, ServiceHTTPError
+from services.core.rewards import RewardSpecError, resolve_reward
+from services.core.schemas.cache import PutEntry
+from services.core.schemas.common import pack_token_ids, unpack_token_ids
+from services.core.schemas.rollout import (
     RolloutGroup,
     RolloutRequest,
     RolloutResponse,
     RolloutSample,
     RolloutStats,
 )
+from services.rollout.engine import RolloutEngine
+from services.rollout.generation import check_prompt, check_serving, derive_seed
+from services.rollout.metrics import RolloutMetrics
+from services.rollout.scoring import RewardScorer
+from services.rollout.weight_updater import WeightUpdater
 
 log = logging.getLogger("rpo.rollout")
 
@@ -43,18 +50,21 @@ class _Plan:
     max_tokens: int
 
 
-def answer_without_eos(response_ids: list[int], finish_reason: str) -> list[int]:
-    """The answer the cache stores: the response minus the EOS / stop token a `stop` finish ends with."""
-    return list(response_ids[:-1]) if finish_reason == "stop" and response_ids else list(response_ids)
-
-
 class GroupRollouts:
-    def __init__(self, engine: Any, updater: Any, scorer: Any, cache: Any | None, metrics: Any, replica: str):
+    def __init__(
+        self,
+        engine: RolloutEngine,
+        updater: WeightUpdater,
+        scorer: RewardScorer,
+        cache: CacheClient | None,
+        metrics: RolloutMetrics,
+        replica: str,
+    ):
         self.engine = engine
         self.updater = updater
         self.scorer = scorer
         self.cache = cache
-        """`cache_server.client.CacheClient`, or None when the replica has no cache server configured."""
+        """`services.core.clients.cache.CacheClient`, or None when the replica has no cache server configured."""
         self.metrics = metrics
         self.replica = replica
 
@@ -78,7 +88,6 @@ class GroupRollouts:
     async def _prefixes(self, req: RolloutRequest) -> list[Any] | None:
         if req.mode != "rpo":
             return None
-        from services.http_client import ServiceCallError, ServiceHTTPError
 
         ids = [q.id for q in req.questions]
         try:
@@ -211,15 +220,13 @@ class GroupRollouts:
         """Write one entry per missed question (never overwriting one that appeared meanwhile)."""
         if req.mode != "rpo" or not req.seed_cache_on_miss:
             return 0.0
-        from services.http_client import ServiceCallError
-        from services.schemas.cache import PutEntry
 
         entries, seeded = [], []
         for group in groups:
             if group.cache_hit:
                 continue
             for sample in group.samples:
-                answer = answer_without_eos(sample.response_ids, sample.finish_reason)
+                answer = cached_answer(sample.response_ids, sample.finish_reason)
                 if answer:
                     entries.append(
                         PutEntry(

@@ -14,9 +14,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
 
-from services.errors import Conflict, Unavailable
-from services.schemas.common import ErrorResponse
-from services.schemas.rollout import (
+from services.core.errors import Conflict, Unavailable
+from services.core.schemas.common import ErrorResponse
+from services.core.schemas.rollout import (
     CHECKSUM_HEADER,
     GenerateRequest,
     GenerateResponse,
@@ -28,7 +28,8 @@ from services.schemas.rollout import (
     RolloutResponse,
     WeightVersion,
 )
-from services.server_common import ERROR_RESPONSES, RequireToken, body_openapi, typed_body, typed_response
+from services.core.server_kit import ERROR_RESPONSES, RequireToken, body_openapi, typed_body, typed_response
+from services.rollout.state import RolloutService
 
 log = logging.getLogger("rpo.rollout")
 router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
@@ -37,14 +38,14 @@ _CONFLICT = {
 }
 
 
-def _service(request: Request) -> Any:
+def _service(request: Request) -> RolloutService:
     service = getattr(request.app.state, "rollout", None)
     if service is None:  # pragma: no cover - the lifespan sets it before any request is accepted
         raise Unavailable("the model is still loading", retry_after_seconds=5)
     return service
 
 
-async def _counted(service: Any, mode: str, call: Callable[[], Awaitable[Any]]) -> Any:
+async def _counted(service: RolloutService, mode: str, call: Callable[[], Awaitable[Any]]) -> Any:
     try:
         result = await call()
     except BaseException:
@@ -131,7 +132,7 @@ async def push_weights_here(
 # -- NCCL data plane (vLLM's weight transfer engine; GPU replicas started with rollout.weight_transfer=nccl) ---
 
 
-def _nccl(request: Request) -> Any:
+def _nccl(request: Request) -> RolloutService:
     service = _service(request)
     if service.config.rollout.weight_transfer != "nccl":
         raise Conflict(

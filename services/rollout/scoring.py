@@ -3,7 +3,7 @@
 math-verify bounds its own time with signal.alarm, which only works in a process's main thread, so groups are
 scored in a pool of spawned processes where it does (`rollout.reward_workers`; 0 scores in a thread, without
 that bound). Guarantees: scoring never raises into a request for a bad response or reward function (it
-scores 0, `services.rewards.score_safely`); a group that takes longer than `reward_timeout_seconds` scores
+scores 0, `services.core.rewards.score_safely`); a group that takes longer than `reward_timeout_seconds` scores
 0 with a warning and its stuck worker is replaced; a crashed pool is rebuilt once, then 503.
 """
 
@@ -15,8 +15,8 @@ import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-from services.errors import Unavailable
-from services.rewards import RewardFn, resolve_reward, score_safely
+from services.core.errors import Unavailable
+from services.core.rewards import RewardFn, resolve_reward, score_safely
 
 log = logging.getLogger("rpo.rollout.rewards")
 
@@ -33,7 +33,6 @@ def score_group(spec: str, dataset: str, texts: list[str], reference: str, quest
 
 
 def _warm() -> int:
-    import services.rewards  # noqa: F401 - import once so the first real task does not pay for it
 
     return 0
 

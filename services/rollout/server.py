@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from services.commands import config_from_args
+from services.cli.args import config_from_args
+from services.core.server_kit import run_uvicorn
 from services.rollout.app import create_app
-from services.server_common import run_uvicorn
 
 log = logging.getLogger("rpo.rollout")
 

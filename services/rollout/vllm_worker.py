@@ -32,6 +32,7 @@ import torch
 
 
 def _iter_safetensors(paths: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    # lazy: heavy import (safetensors), paid only on this path
     from safetensors import safe_open
 
     for path in paths:
@@ -42,6 +43,7 @@ def _iter_safetensors(paths: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]
 
 def _linear_weight_loader(module: torch.nn.Module):
     """The loader the layer's constructor gave its weight (mirrors `vllm/model_executor/layers/linear.py`)."""
+    # lazy: heavy import (vllm), paid only on this path
     from vllm.model_executor.layers.linear import WEIGHT_LOADER_V2_SUPPORTED, ReplicatedLinear
 
     if isinstance(module, ReplicatedLinear):
@@ -53,7 +55,10 @@ def _linear_weight_loader(module: torch.nn.Module):
 
 def _cpu_modules(model: torch.nn.Module) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:
     """(linear layers, vocab embeddings / LM heads); raises for anything quantized (not supported here)."""
+    # lazy: heavy import (vllm), paid only on this path
     from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+
+    # lazy: heavy import (vllm), paid only on this path
     from vllm.model_executor.layers.vocab_parallel_embedding import (
         UnquantizedEmbeddingMethod,
         VocabParallelEmbedding,
@@ -101,7 +106,10 @@ class RpoWorkerExtension:
         The caller has checked names, shapes and dtypes and holds generation off. Returns how many
         parameters the model reported as loaded.
         """
+        # lazy: heavy import (vllm), paid only on this path
         from vllm.config import set_current_vllm_config
+
+        # lazy: heavy import (vllm), paid only on this path
         from vllm.platforms import current_platform
 
         model = self.get_model()
@@ -134,7 +142,8 @@ def shorten_busy_waits() -> None:
     value = os.environ.get(BUSY_WAIT_ENV)
     if value is None:
         return
-    from vllm.distributed.device_communicators import shm_broadcast  # deferred: vLLM is heavy to import
+    # lazy: heavy import (vllm); this plugin runs in every vLLM process, which has imported it already
+    from vllm.distributed.device_communicators import shm_broadcast
 
     init = shm_broadcast.SpinCondition.__init__
     params = list(inspect.signature(init).parameters)

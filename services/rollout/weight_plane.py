@@ -28,7 +28,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from services.errors import (
+from services.core.errors import (
     LengthRequired,
     MethodNotAllowed,
     NotFound,
@@ -37,11 +37,12 @@ from services.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
+from services.core.schemas.common import ErrorResponse
+from services.core.schemas.rollout import CHECKSUM_HEADER, WEIGHTS_MEDIA_TYPE, WeightPushResponse
+from services.core.server_kit import MISSING_TOKEN, bearer_token_ok, error_headers
 from services.rollout.metrics import RolloutMetrics
-from services.rollout.weights import PushBody, WeightUpdater
-from services.schemas.common import ErrorResponse
-from services.schemas.rollout import CHECKSUM_HEADER, WEIGHTS_MEDIA_TYPE, WeightPushResponse
-from services.server_common import MISSING_TOKEN, bearer_token_ok, error_headers
+from services.rollout.weight_receive import PushBody
+from services.rollout.weight_updater import WeightUpdater
 
 log = logging.getLogger("rpo.rollout.weights")
 

@@ -8,9 +8,9 @@ import time
 import redis
 
 from cache_server.embedded import find_server_binary
-from services.config import RunConfig, load_config
-from services.http_client import RetryPolicy
-from services.schemas.cache import GroupUpdate, PutEntry, UpdateCandidate
+from services.core.config import RunConfig, load_config
+from services.core.http_client import RetryPolicy
+from services.core.schemas.cache import GroupUpdate, PutEntry, UpdateCandidate
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 TOKEN = "test-token-0123456789"

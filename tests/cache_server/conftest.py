@@ -12,8 +12,8 @@ import redis
 from cache_helpers import FAST_RETRIES, REDIS_URL, TOKEN, make_config, run_keys
 
 from cache_server.app import create_app
-from cache_server.client import CacheClient, SyncCacheClient
-from services.server_common import serve_in_thread
+from services.core.clients.cache import CacheClient, SyncCacheClient
+from services.core.server_kit import serve_in_thread
 
 
 @pytest.fixture(scope="session")

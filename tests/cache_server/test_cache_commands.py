@@ -6,7 +6,7 @@ import json
 
 from cache_helpers import TOKEN, entry
 
-from services.cli import main
+from services.cli.main import main
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

@@ -9,10 +9,10 @@ import httpx
 import pytest
 from cache_helpers import TOKEN, entry, group, run_keys
 
-from cache_server.client import CacheClient, ExportFileError, read_export_file
-from services.algorithm import prefix_length, truncate
-from services.schemas.cache import PutEntry
-from services.schemas.common import pack_token_ids, unpack_token_ids
+from services.core.algorithm import prefix_length, truncate
+from services.core.clients.cache import CacheClient, ExportFileError, read_export_file
+from services.core.schemas.cache import PutEntry
+from services.core.schemas.common import pack_token_ids, unpack_token_ids
 
 # ---------------------------------------------------------------------------------------------------------
 # Pure pieces

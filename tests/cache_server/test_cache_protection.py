@@ -12,7 +12,7 @@ from cache_helpers import MAX_BODY_BYTES, TOKEN, run_keys
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from services.server_common import install_common
+from services.core.server_kit import install_common
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 GOOD_ENTRY = {"question_id": "ok", "token_ids": [1, 2, 3]}

@@ -25,11 +25,11 @@ from cache_helpers import (
 )
 
 from cache_server.app import create_app
-from cache_server.client import CacheClient
 from cache_server.embedded import embedded_redis, find_server_binary, free_port
-from services.http_client import ServiceCallError
-from services.schemas.common import unpack_token_ids
-from services.server_common import serve_in_thread
+from services.core.clients.cache import CacheClient
+from services.core.http_client import ServiceCallError
+from services.core.schemas.common import unpack_token_ids
+from services.core.server_kit import serve_in_thread
 
 REPO = Path(__file__).resolve().parents[2]
 

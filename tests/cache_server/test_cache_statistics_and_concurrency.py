@@ -10,7 +10,7 @@ from collections import Counter
 
 from cache_helpers import FAST_RETRIES, TOKEN, group
 
-from cache_server.client import CacheClient
+from services.core.clients.cache import CacheClient
 
 
 async def test_epsilon_point_one_stores_the_best_about_ten_percent_and_others_uniformly(cache, run_id):

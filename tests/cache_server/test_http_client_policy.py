@@ -1,4 +1,4 @@
-"""The one client retry policy (services.http_client) against a real local server: retries transport
+"""The one client retry policy (services.core.http_client) against a real local server: retries transport
 errors and 5xx (honouring Retry-After), never 4xx, rotates over base URLs, bounds attempts and total time,
 and names the URL and phase when it gives up."""
 
@@ -13,15 +13,15 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from cache_server.embedded import free_port
-from services.errors import Conflict, Unavailable
-from services.http_client import (
+from services.core.errors import Conflict, Unavailable
+from services.core.http_client import (
     AsyncServiceClient,
     RetryPolicy,
     ServiceCallError,
     ServiceClient,
     ServiceHTTPError,
 )
-from services.server_common import install_common, serve_in_thread
+from services.core.server_kit import install_common, serve_in_thread
 
 calls: Counter[str] = Counter()
 

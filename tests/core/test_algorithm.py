@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from services import algorithm as A
+from services.core import algorithm as A
 
 
 def sigmoid(z):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from services.config import ConfigError, RunConfig, load_config
+from services.core.config import ConfigError, RunConfig, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -91,7 +91,7 @@ def test_every_shipped_config_file_parses():
 
 
 def test_every_setting_is_documented_and_the_docs_are_current():
-    from services.config_docs import render
+    from services.cli.config_docs import render
 
     undocumented = [
         f"{section}.{name}"
@@ -101,5 +101,5 @@ def test_every_setting_is_documented_and_the_docs_are_current():
     ]
     assert undocumented == []
     assert (REPO / "docs" / "configuration.md").read_text() == render(), (
-        "docs/configuration.md is stale: python -m services.config_docs > docs/configuration.md"
+        "docs/configuration.md is stale: python -m services.cli.config_docs > docs/configuration.md"
     )

@@ -8,8 +8,8 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from services.config import DataSection
-from services.data import DatasetError, build_prompt_text, encode_prompt, load_questions
+from services.core.config import DataSection
+from services.core.data import DatasetError, build_prompt_text, encode_prompt, load_questions
 
 ROWS = [{"id": "a", "question": "1+1=?", "answer": "2"}, {"id": "b", "question": "2+3=?", "answer": 5}]
 

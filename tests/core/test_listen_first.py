@@ -16,7 +16,7 @@ SERVER = textwrap.dedent(
     """
     import contextlib, json, os, signal, socket, sys
     from fastapi import FastAPI
-    from services.server_common import run_uvicorn
+    from services.core.server_kit import run_uvicorn
 
     port, out = int(sys.argv[1]), sys.argv[2]
 

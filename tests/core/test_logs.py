@@ -4,7 +4,7 @@ import io
 import logging
 import sys
 
-from services.logs import setup_logging
+from services.core.logs import setup_logging
 
 
 def test_log_lines_follow_sys_stderr_when_it_is_swapped(monkeypatch):

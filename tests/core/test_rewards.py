@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from services.rewards import (
+from services.core.rewards import (
     RewardSpecError,
     exact_boxed_reward,
     last_boxed,

@@ -64,6 +64,8 @@ def test_dashboard_uses_only_metric_names_from_the_spec():
         "rpo_cache_updates_total",
         "rpo_policy_version",
         "rpo_weight_sync_seconds",
+        "rpo_train_policy_version",
+        "rpo_train_weight_sync_seconds",
         "rpo_train_step_seconds",
         "rpo_train_steps_total",
         "rpo_reward_mean",

@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from cache_server.app import create_app
-from services.config import load_config
-from services.server_common import serve_in_thread
+from services.core.config import load_config
+from services.core.server_kit import serve_in_thread
 from tests.deploy.test_deploy_files import dashboard_queries
 
 

@@ -11,9 +11,9 @@ import psutil
 import pytest
 from rollout_helpers import PROMPTS, generate
 
-from services.config import ConfigError, load_config
+from services.core.config import ConfigError, load_config
+from services.core.schemas.rollout import GenerateRequest
 from services.rollout.engine import engine_environment
-from services.schemas.rollout import GenerateRequest
 
 
 def _cpu_seconds(processes: list[psutil.Process]) -> float:

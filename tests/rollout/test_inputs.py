@@ -7,8 +7,8 @@ import httpx
 import pytest
 from rollout_helpers import PROMPTS, encode, generate
 
-from services.rollout.client import RolloutClient
-from services.schemas.rollout import GenerateRequest
+from services.core.clients.rollout import RolloutClient
+from services.core.schemas.rollout import GenerateRequest
 
 OK_QUESTION = {"id": "q1", "prompt_ids": encode("Q: 1+2=?\nA: "), "reference": "3"}
 
@@ -150,7 +150,8 @@ def test_nccl_routes_refuse_on_a_replica_without_nccl_transfer(rollout_server):
 
 def test_the_nccl_fan_out_names_a_replica_that_refuses(rollout_server):
     """The trainer-side control client of the NCCL data plane (its data path needs GPUs, not run here)."""
-    from services.rollout.client import WeightPushError, _NcclFanOut
+    from trainer.weight_nccl import _NcclFanOut
+    from trainer.weight_push import WeightPushError
 
     fan_out = _NcclFanOut([rollout_server.url], token=None, timeout_seconds=30, version=1)
     try:

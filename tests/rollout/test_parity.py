@@ -20,7 +20,7 @@ from rollout_helpers import (
     random_weights,
 )
 
-from services.schemas.rollout import GenerateRequest
+from services.core.schemas.rollout import GenerateRequest
 
 MAX_TOKENS = 24
 

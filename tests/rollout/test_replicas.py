@@ -11,9 +11,10 @@ import psutil
 import pytest
 from rollout_helpers import FAST, PROMPTS, generate, greedy, hf_greedy, random_weights, version_of
 
-from services.config import load_config
-from services.rollout.client import WeightPushError, discover_replicas, push_to_all, resolve_dns_replicas
-from services.schemas.rollout import GenerateRequest
+from services.core.clients.rollout import discover_replicas, resolve_dns_replicas
+from services.core.config import load_config
+from services.core.schemas.rollout import GenerateRequest
+from trainer.weight_push import WeightPushError, push_to_all
 
 QUESTION = {"id": "q1", "prompt_ids": [40, 41, 42], "reference": "3"}
 

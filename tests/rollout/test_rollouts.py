@@ -17,20 +17,19 @@ import msgpack
 import pytest
 from rollout_helpers import decode, encode
 
-from cache_server.client import SyncCacheClient
-from services.algorithm import length_shaped_rewards, overlong_penalty, suffix_budget
-from services.rollout.client import ROLLOUT_PATH, RolloutClient
-from services.rollout.rollouts import answer_without_eos
-from services.schemas.cache import PutEntry
-from services.schemas.common import (
+from services.core.algorithm import cached_answer, length_shaped_rewards, overlong_penalty, suffix_budget
+from services.core.clients.cache import SyncCacheClient
+from services.core.clients.rollout import ROLLOUT_PATH, RolloutClient
+from services.core.schemas.cache import PutEntry
+from services.core.schemas.common import (
     JSON_MEDIA_TYPE,
     MSGPACK_MEDIA_TYPE,
     decode_model,
     encode_model,
     unpack_token_ids,
 )
-from services.schemas.rollout import RolloutQuestion, RolloutRequest, RolloutResponse
-from services.synthetic import PROMPT_TEMPLATE, SyntheticTaskConfig, check_answer, make_split
+from services.core.schemas.rollout import RolloutQuestion, RolloutRequest, RolloutResponse
+from services.core.synthetic import PROMPT_TEMPLATE, SyntheticTaskConfig, check_answer, make_split
 
 ROWS = make_split(SyntheticTaskConfig(train_size=8), "train")
 CACHED = ROWS[:5]
@@ -153,11 +152,9 @@ def test_rpo_rollouts_take_prefixes_from_the_cache_and_decode_within_the_budget(
     # Each miss seeded its entry with the group's first non-empty sample, without its trailing EOS.
     entries = cache_client.read_entries(run_id, [r["id"] for r in MISSED])
     for group, entry in zip(reply.groups[len(CACHED) :], entries, strict=True):
-        first = next(s for s in group.samples if answer_without_eos(s.response_ids, s.finish_reason))
+        first = next(s for s in group.samples if cached_answer(s.response_ids, s.finish_reason))
         assert group.seeded_cache and entry is not None
-        assert unpack_token_ids(entry.token_ids) == answer_without_eos(
-            first.response_ids, first.finish_reason
-        )
+        assert unpack_token_ids(entry.token_ids) == cached_answer(first.response_ids, first.finish_reason)
         assert 2 not in unpack_token_ids(entry.token_ids)[-1:]  # no EOS stored
         assert entry.policy_version == 0
         assert entry.last_group_min_len == min(len(s.response_ids) for s in group.samples)

@@ -19,11 +19,13 @@ from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 from rollout_helpers import load_weights
 
-from services.rollout.client import SafetensorsBody, materialize
+from services.core.schemas.rollout import CHECKSUM_HEADER, WEIGHTS_MEDIA_TYPE
 from services.rollout.metrics import RolloutMetrics
+from services.rollout.weight_manifest import WeightManifest
 from services.rollout.weight_plane import WeightPlane
-from services.rollout.weights import PushBody, WeightManifest, WeightUpdater, receive_push
-from services.schemas.rollout import CHECKSUM_HEADER, WEIGHTS_MEDIA_TYPE
+from services.rollout.weight_receive import PushBody, receive_push
+from services.rollout.weight_updater import WeightUpdater
+from trainer.weight_push import SafetensorsBody, materialize
 
 TOKEN = "weights-secret"
 

@@ -11,8 +11,8 @@ import pytest
 import xxhash
 from rollout_helpers import FAST, PROMPTS, generate, greedy, hf_greedy, hf_model, random_weights, version_of
 
-from services.rollout.client import SafetensorsBody, WeightPushError, materialize, push_weights
-from services.schemas.rollout import CHECKSUM_HEADER, WEIGHTS_MEDIA_TYPE, GenerateRequest
+from services.core.schemas.rollout import CHECKSUM_HEADER, WEIGHTS_MEDIA_TYPE, GenerateRequest
+from trainer.weight_push import SafetensorsBody, WeightPushError, materialize, push_weights
 
 
 def _weight_url(url: str) -> str:

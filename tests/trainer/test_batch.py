@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from services.config import AlgorithmSection
-from services.schemas.rollout import RolloutGroup, RolloutSample
+from services.core.config import AlgorithmSection
+from services.core.schemas.rollout import RolloutGroup, RolloutSample
 from trainer.batch import TrainSample, build_samples, collate, count_loss_tokens, keep_group
 
 

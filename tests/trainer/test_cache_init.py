@@ -7,22 +7,22 @@ import sys
 
 from training_helpers import REPO, run_config, seed
 
-from trainer.cache_init import answer_tokens
+from services.core.algorithm import cached_answer
 
 
 def test_the_stored_answer_drops_the_stop_token_only():
-    assert answer_tokens([7, 8, 2], "stop") == [7, 8]  # EOS (or a stop token) ends a `stop` finish
-    assert answer_tokens([7, 8, 9], "length") == [7, 8, 9]  # cut by the length cap: nothing to drop
-    assert answer_tokens([2], "stop") == []  # nothing left to store: the question stays a miss
+    assert cached_answer([7, 8, 2], "stop") == [7, 8]  # EOS (or a stop token) ends a `stop` finish
+    assert cached_answer([7, 8, 9], "length") == [7, 8, 9]  # cut by the length cap: nothing to drop
+    assert cached_answer([2], "stop") == []  # nothing left to store: the question stays a miss
 
 
 def test_cache_init_samples_once_per_question_and_resumes_without_overwriting(
     tmp_path, warm_model_dir, rollout_cache_url, rollout_server
 ):
     """Through the session's read-only replica (policy version 0) and the real cache server."""
-    from cache_server.client import SyncCacheClient
-    from services.schemas.cache import PutEntry
-    from services.schemas.common import unpack_token_ids
+    from services.core.clients.cache import SyncCacheClient
+    from services.core.schemas.cache import PutEntry
+    from services.core.schemas.common import unpack_token_ids
 
     cfg, config_file = run_config(
         tmp_path, warm_model_dir, rollout_cache_url, [rollout_server.url], "data.max_questions=40"

@@ -24,7 +24,7 @@ def test_pass_at_k_unbiased_estimator():
 
 def test_rpo_eval_through_a_configured_replica(tmp_path, warm_model_dir, rollout_server):
     """`rpo eval --model PATH --dataset FILE` on held-out questions, through the session's replica."""
-    from services.synthetic import SyntheticTaskConfig, make_dataset_files
+    from services.core.synthetic import SyntheticTaskConfig, make_dataset_files
 
     files = make_dataset_files(SyntheticTaskConfig(eval_size=24), tmp_path / "data")
     done = subprocess.run(

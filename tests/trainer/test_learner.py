@@ -12,7 +12,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import pytest
 import torch
 
-from services.config import load_config
+from services.core.config import load_config
 from trainer.batch import TrainSample, collate
 from trainer.losses import dapo_loss, grpo_loss
 

@@ -8,10 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from services.config import load_config
-from services.schemas.rollout import RolloutGroup, RolloutSample
-from trainer.loop import DataCursor, collect_groups, planned_steps, request_seed
+from services.core.config import load_config
+from services.core.schemas.rollout import RolloutGroup, RolloutSample
+from trainer.loop import collect_groups
 from trainer.remote import CollectedGroups, RolloutBatch, split_evenly
+from trainer.schedule import DataCursor, planned_steps, request_seed
 
 # ------------------------------------------------------------------------------------------------------------
 # Pure parts
@@ -138,11 +139,11 @@ def test_step_record_figures():
     )
     collected.add(batch, keep=None, limit=10)
     record = collected.record(step=1, policy_version=1, epoch=0)
-    assert record["samples"] == 4 and record["accuracy"] == 0.25  # 1 correct of 4
-    assert record["reward_mean"] == 0.125  # shaped 0.5 once, 0 three times
-    assert record["decoded_tokens_per_sample"] == 3.0  # 12 decoded / 4 samples
-    assert record["tokens_per_second"] == 6.0  # 12 tokens in 2 s
-    assert record["response_len_mean"] == 5.0 and record["rollout_retries"] == 1
+    assert record.samples == 4 and record.accuracy == 0.25  # 1 correct of 4
+    assert record.reward_mean == 0.125  # shaped 0.5 once, 0 three times
+    assert record.decoded_tokens_per_sample == 3.0  # 12 decoded / 4 samples
+    assert record.tokens_per_second == 6.0  # 12 tokens in 2 s
+    assert record.response_len_mean == 5.0 and record.rollout_retries == 1
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -269,7 +270,7 @@ def rpo_run(tmp_path_factory, warm_model_dir, rollout_cache_url, training_replic
     """Three RPO steps of `rpo train` spread over two replicas, with the cache before and after."""
     from training_helpers import run_config, run_trainer, seed
 
-    from cache_server.client import SyncCacheClient
+    from services.core.clients.cache import SyncCacheClient
     from trainer.progress import read_records
 
     tmp = tmp_path_factory.mktemp("rpo-run")
@@ -328,7 +329,7 @@ def test_full_path_baseline_decodes_more_tokens_per_sample_and_never_calls_the_c
 ):
     from training_helpers import replica_version, run_config, run_trainer
 
-    from cache_server.client import SyncCacheClient
+    from services.core.clients.cache import SyncCacheClient
     from trainer.progress import read_records
 
     url = training_replicas[0].url  # the same loop on ONE replica, cache off
@@ -365,8 +366,8 @@ def test_committed_cache_update_is_the_best_response_or_another(
     highest shaped reward), epsilon 0 one of the others; the stored answer is prefix + suffix, no EOS."""
     from training_helpers import replica_version, run_config, seed
 
-    from services.data import encode_prompt, load_questions
-    from trainer.cache_init import answer_tokens
+    from services.core.algorithm import cached_answer
+    from services.core.data import encode_prompt, load_questions
     from trainer.remote import RemoteServices
 
     url = training_replicas[0].url
@@ -397,10 +398,10 @@ def test_committed_cache_update_is_the_best_response_or_another(
             remote.close()
         assert counts[("best" if epsilon == 1.0 else "other")] == 6
         for group, entry in zip(batch.groups, entries, strict=True):
-            from services.schemas.common import unpack_token_ids
+            from services.core.schemas.common import unpack_token_ids
 
             stored = unpack_token_ids(entry.token_ids)
-            answers = [answer_tokens(s.response_ids, s.finish_reason) for s in group.samples]
+            answers = [cached_answer(s.response_ids, s.finish_reason) for s in group.samples]
             best = max(range(len(answers)), key=lambda i: (group.samples[i].shaped_reward, -i))
             if epsilon == 1.0:
                 assert stored == answers[best]
@@ -420,7 +421,7 @@ def test_dapo_refill_asks_the_real_replica_again_until_the_batch_is_full(
     from training_helpers import replica_version, run_config
     from transformers import AutoTokenizer
 
-    from services.data import encode_prompt, load_questions
+    from services.core.data import encode_prompt, load_questions
     from trainer.batch import build_samples
     from trainer.remote import RemoteServices
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from training_helpers import REPO
 
-from services.config import load_config
-from trainer.main_job import fresh_run_dir, preset_path, render_summary
-from trainer.processes import PartFailed, Supervisor, free_port, write_run_config
+from services.core.config import load_config
+from services.supervisor.main_job import fresh_run_dir, preset_path, render_summary
+from services.supervisor.processes import PartFailed, Supervisor, free_port, write_run_config
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
 
@@ -168,7 +168,7 @@ def _rpo_run(run_dir: Path, *extra: str) -> subprocess.Popen:
     # job is), which a child process would inherit: the job gets Python's own handler back first.
     restore_sigint = (
         "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-        "from services.cli import main; sys.exit(main())"
+        "from services.cli.main import main; sys.exit(main())"
     )
     return subprocess.Popen(
         [sys.executable, "-c", restore_sigint, "run", *sets],

@@ -68,7 +68,7 @@ def test_sigterm_asks_for_a_stop_after_the_step():
 def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint(
     tmp_path, warm_model_dir, rollout_cache_url, training_replicas
 ):
-    from cache_server.client import SyncCacheClient, read_export_file
+    from services.core.clients.cache import SyncCacheClient, read_export_file
     from trainer.checkpoint import CACHE_FILE
     from trainer.progress import read_records
 

@@ -13,7 +13,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import pytest
 import torch
 
-from services.config import load_config
+from services.core.config import load_config
 from trainer.batch import TrainSample, collate, pack, plan_micro_batches, share_groups
 from trainer.losses import dapo_loss, grpo_loss
 

@@ -13,9 +13,9 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from services.config import RunConfig, load_config
-from trainer.main_job import preset_path
-from trainer.processes import write_run_config
+from services.core.config import RunConfig, load_config
+from services.supervisor.main_job import preset_path
+from services.supervisor.processes import write_run_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -127,7 +127,7 @@ def wait_for_step(run_dir: Path, step: int, trainer: Trainer, timeout_seconds: f
 
 
 def replica_version(url: str) -> int:
-    from services.rollout.client import RolloutClient
+    from services.core.clients.rollout import RolloutClient
 
     with RolloutClient(url) as client:
         return client.version().policy_version

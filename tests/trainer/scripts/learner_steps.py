@@ -60,7 +60,7 @@ def main() -> int:
 
     import torch
 
-    from services.config import load_config
+    from services.core.config import load_config
     from trainer import dist
     from trainer.learner import Learner
 

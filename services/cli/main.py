@@ -1,0 +1,55 @@
+"""The `rpo` command line. The command table is services/cli/table.py; each handler lives in the package
+that owns the feature, and heavy imports (torch, vLLM, DeepSpeed) happen inside it, so `--help` is instant.
+A `ConfigError` or `UsageError` ends the command with its message and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from services.cli.args import UsageError
+from services.cli.table import register
+from services.core.config import ConfigError
+from services.core.logs import setup_logging
+
+log = logging.getLogger("rpo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rpo",
+        description="RPO reinforcement fine-tuning: decode only the tails of reasoning paths.",
+    )
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-json", action="store_true", help="structured JSON log lines")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    setup_logging(args.log_level, json_lines=args.log_json)
+    handler: Callable[[argparse.Namespace], int | None] = args.handler
+    try:
+        return int(handler(args) or 0)
+    except (ConfigError, UsageError) as exc:
+        print(f"rpo {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print(f"rpo {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The table of `rpo` commands. Each handler lives in the package that owns the feature ("module:function")
+and is imported only when its command runs; handlers read their config through `services.cli.args`, never
+through this table.
+
+Shortcut flags (`--model`, `--port`, ...) are sugar for `--set section.field=VALUE`, so a flag, a YAML key
+and an environment variable always name the same setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+from services.cli.args import Command, Flag, UsageError, add_config_args
+
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        ("run",),
+        "the main job: start Redis, the cache server, a rollout replica and the trainer on localhost, "
+        "train, evaluate and print a summary",
+        "services.supervisor.main_job:run_main",
+        (Flag("--run-dir", "where the run's logs, checkpoints and final model go", "train.run_dir"),),
+    ),
+    Command(
+        ("train",),
+        "run the DeepSpeed trainer against running cache and rollout services",
+        "trainer.train:train_main",
+        (
+            Flag(
+                "--resume",
+                "continue from the last checkpoint in the run directory",
+                None,
+                {"action": "store_true"},
+            ),
+        ),
+    ),
+    Command(
+        ("eval",),
+        "pass@1 / pass@k of a model on a dataset through the rollout service",
+        "services.supervisor.eval_job:eval_main",
+        (
+            Flag("--model", "HF model directory", "model.path"),
+            Flag("--dataset", "questions to evaluate on (jsonl, parquet, datasets dir)", "data.eval_dataset"),
+        ),
+    ),
+    Command(
+        ("serve", "cache"),
+        "the experience cache service (FastAPI over Redis)",
+        "cache_server.server:serve_main",
+        (
+            Flag("--host", "bind address", "cache_server.host"),
+            Flag("--port", "port", "cache_server.port"),
+            Flag("--redis-url", "Redis to use; omit to start the embedded server", "services.redis_url"),
+        ),
+    ),
+    Command(
+        ("serve", "rollout"),
+        "a rollout replica (vLLM behind FastAPI)",
+        "services.rollout.server:serve_main",
+        (
+            Flag("--model", "HF model directory", "model.path"),
+            Flag("--host", "bind address", "rollout.host"),
+            Flag("--port", "port", "rollout.port"),
+            Flag("--cache-url", "cache server base URL", "services.cache_url"),
+        ),
+    ),
+    Command(
+        ("cache", "init"),
+        "seed the cache with one sampled answer per training question (resumable)",
+        "trainer.cache_init:cache_init_main",
+    ),
+    Command(
+        ("cache", "export"),
+        "stream a run's cache entries to a file",
+        "cache_server.admin:export_main",
+        (Flag("--out", "file to write", None, {"required": True}),),
+    ),
+    Command(
+        ("cache", "import"),
+        "load cache entries from an export file",
+        "cache_server.admin:import_main",
+        (Flag("--file", "export file to read", None, {"required": True, "dest": "in_file"}),),
+    ),
+    Command(("cache", "stats"), "count a run's entries", "cache_server.admin:stats_main"),
+    Command(
+        ("model", "tiny"),
+        "build the embedded tiny model (optionally warm-started on the synthetic task)",
+        "services.demo.make:tiny_model_main",
+        (
+            Flag("--out", "directory to write the HF model to", None, {"required": True}),
+            Flag("--warm-start", "teach it the synthetic task first", None, {"action": "store_true"}),
+        ),
+    ),
+    Command(
+        ("data", "synth"),
+        "write the synthetic arithmetic task as train.jsonl / eval.jsonl",
+        "services.demo.make:synth_data_main",
+        (Flag("--out", "directory to write to", None, {"required": True}),),
+    ),
+    Command(
+        ("config", "show"),
+        "print the resolved configuration as YAML",
+        "services.cli.config_docs:config_show_main",
+    ),
+)
+
+
+def _run_handler(args: argparse.Namespace) -> int | None:
+    module_name, func_name = args.command_spec.handler.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise UsageError(f"this install has no {module_name} (the command is not available)") from None
+        raise
+    return getattr(module, func_name)(args)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for command in COMMANDS:
+        if len(command.path) == 1:
+            parser = subparsers.add_parser(command.path[0], help=command.help, description=command.help)
+        else:
+            group, name = command.path
+            if group not in groups:
+                group_parser = subparsers.add_parser(group, help=f"{group} commands")
+                groups[group] = group_parser.add_subparsers(
+                    dest="subcommand", metavar="SUBCOMMAND", required=True
+                )
+            parser = groups[group].add_parser(name, help=command.help, description=command.help)
+        add_config_args(parser)
+        for flag in command.flags:
+            parser.add_argument(flag.name, help=flag.help, **flag.kwargs)
+        parser.set_defaults(handler=_run_handler, command_spec=command)

@@ -1,0 +1,199 @@
+"""The RPO algorithm core: pure functions, no I/O, no torch (losses live in `trainer/losses.py`).
+
+Everything here follows docs/algorithm.md ("Steps, and the function that does each"; arXiv 2601.19404)
+and is unit-tested against values derived by hand. Guarantees:
+- truncation never cuts more than the answer holds, and m = 0 keeps the whole answer (no `a[:-0]` bug);
+- length-aware shaping is computed per group and touches correct responses only;
+- epsilon is the probability of storing the BEST response; otherwise one of the OTHER responses,
+  uniformly, is stored (the paper's direction, not the release code's comment).
+
+Where we choose something the paper leaves open, the docstring says so and `docs/algorithm.md` repeats it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from services.core.schemas.common import TruncationLimit
+
+"""L: a fixed number of tokens, or relative to l, the shortest response length in the question's last group."""
+
+SuffixBudgetSpec = int | Literal["m"]
+"""How many new tokens a suffix may have: "m" (the release code's cap, paper-faithful) or a fixed maximum."""
+
+
+def truncation_limit(spec: TruncationLimit, last_group_min_len: int | None, cached_len: int) -> int:
+    """Resolve L to a token count for one question.
+
+    A relative spec uses l = the shortest response in the question's last group; when no group has been
+    seen yet (only the seeded answer exists) we use the cached answer's length, as docs/algorithm.md says.
+    "0.5l" rounds down.
+    """
+    if isinstance(spec, bool):  # bool is an int subclass; refuse it explicitly
+        raise ValueError(f"truncation limit must be a token count or '0.5l'/'l', got {spec!r}")
+    if isinstance(spec, int):
+        if spec < 0:
+            raise ValueError(f"truncation limit must be >= 0 tokens, got {spec}")
+        return spec
+    base = last_group_min_len if last_group_min_len is not None else cached_len
+    if base < 0:
+        raise ValueError(f"response length must be >= 0, got {base}")
+    if spec == "l":
+        return base
+    if spec == "0.5l":
+        return base // 2
+    raise ValueError(f"unknown truncation limit {spec!r}; use an integer, '0.5l' or 'l'")
+
+
+def draw_truncation(limit: int, rng: random.Random) -> int:
+    """Draw m ~ U{0..L}: how many tokens to cut from the END of the cached answer (both ends inclusive)."""
+    if limit < 0:
+        raise ValueError(f"truncation limit must be >= 0, got {limit}")
+    return rng.randint(0, limit)
+
+
+def prefix_length(answer_len: int, m: int) -> int:
+    """Tokens kept when m are cut from the end of an answer of `answer_len` tokens (never negative).
+
+    The cache server slices packed token bytes with it instead of building Python lists.
+    """
+    if m < 0:
+        raise ValueError(f"m must be >= 0, got {m}")
+    return max(answer_len - m, 0)
+
+
+def truncate(answer_ids: Sequence[int], m: int) -> list[int]:
+    """prefix = a[:len(a) - m]; m = 0 keeps everything, m >= len(a) leaves an empty prefix."""
+    return list(answer_ids[: prefix_length(len(answer_ids), m)])
+
+
+def cached_answer(response_ids: Sequence[int], finish_reason: str) -> list[int]:
+    """The answer the cache stores for a response: without the EOS / stop token a `stop` finish ends with
+    (the prompt template adds it back when a prefix is continued); a `length` finish is kept whole."""
+    return list(response_ids[:-1]) if finish_reason == "stop" and response_ids else list(response_ids)
+
+
+def suffix_budget(m: int, spec: SuffixBudgetSpec, prefix_len: int, max_response_tokens: int) -> int:
+    """Max new tokens for the suffixes of one question.
+
+    "m" caps each suffix at the number of tokens cut (the release code; the paper's token counts only match
+    with this cap); an integer is a fixed cap. Either way the whole response stays within
+    `max_response_tokens`. At least one token is always decoded: with m = 0 the paper's cap would give G
+    copies of the cached answer (a zero-advantage group) and vLLM needs max_tokens >= 1.
+    """
+    cap = m if spec == "m" else int(spec)
+    room = max_response_tokens - prefix_len
+    return max(1, min(cap, room))
+
+
+def length_shaped_rewards(
+    raw_rewards: Sequence[float],
+    lengths: Sequence[int],
+    alpha: float,
+    low: float = 0.5,
+    high: float = 1.0,
+) -> list[float]:
+    """Length-aware shaping over ONE group of G responses (docs/algorithm.md, step 3).
+
+    R_i = raw_i * clip(sigmoid(alpha * (l_ref - len_i)), low, high) for responses with raw_i > 0, and 0
+    otherwise; l_ref is the mean length of all G responses of the group. For the binary rewards of the paper
+    raw_i is 1 or 0, so this is exactly the paper's formula; a fractional custom reward is scaled. alpha = 0
+    gives every correct response 0.5: a scaled binary reward, as the formula says.
+    """
+    if len(raw_rewards) != len(lengths):
+        raise ValueError(f"{len(raw_rewards)} rewards but {len(lengths)} lengths")
+    if not raw_rewards:
+        return []
+    if low > high:
+        raise ValueError(f"shaping bounds inverted: low={low} > high={high}")
+    l_ref = sum(lengths) / len(lengths)
+    shaped = []
+    for raw, length in zip(raw_rewards, lengths, strict=True):
+        if raw <= 0:
+            shaped.append(0.0)
+            continue
+        z = alpha * (l_ref - length)
+        sig = 1.0 / (1.0 + math.exp(-z)) if z >= -700 else 0.0
+        shaped.append(raw * min(max(sig, low), high))
+    return shaped
+
+
+def overlong_penalty(length: int, max_response_tokens: int, buffer_tokens: int) -> float:
+    """DAPO's soft overlong punishment, added to the reward.
+
+    0 while length <= L_max - L_cache; then falls linearly to -1 at L_max; -1 beyond L_max.
+    """
+    if buffer_tokens <= 0:
+        return -1.0 if length > max_response_tokens else 0.0
+    soft_start = max_response_tokens - buffer_tokens
+    if length <= soft_start:
+        return 0.0
+    if length <= max_response_tokens:
+        return (soft_start - length) / buffer_tokens
+    return -1.0
+
+
+def group_advantages(rewards: Sequence[float], eps: float = 1e-4, unbiased_std: bool = True) -> list[float]:
+    """A_i = (R_i - mean(R)) / (std(R) + eps) over one group (docs/algorithm.md, step 4).
+
+    std is the sample standard deviation (Bessel-corrected, as torch.std in TRL's GRPO that the release code
+    runs); `unbiased_std=False` gives the population one. A group of equal rewards gives all zeros; so does a
+    group of one.
+    """
+    n = len(rewards)
+    if n == 0:
+        return []
+    mean = sum(rewards) / n
+    if n == 1:
+        return [0.0]
+    denom = (n - 1) if unbiased_std else n
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / denom)
+    return [(r - mean) / (std + eps) for r in rewards]
+
+
+def dynamic_sampling_keep(correct: Sequence[bool]) -> bool:
+    """DAPO's dynamic-sampling filter: keep a group only when 0 < #correct < G."""
+    k = sum(1 for c in correct if c)
+    return 0 < k < len(correct)
+
+
+@dataclass(frozen=True)
+class CacheChoice:
+    """Which response of a group replaces the cache entry, and whether it was the best one."""
+
+    index: int
+    choice: Literal["best", "other"]
+
+
+def select_for_cache(
+    shaped_rewards: Sequence[float],
+    correct: Sequence[bool],
+    epsilon: float,
+    rng: random.Random,
+    only_correct: bool = False,
+) -> CacheChoice | None:
+    """Epsilon-greedy cache update (docs/algorithm.md, step 6).
+
+    Draw u ~ U(0,1): if u <= epsilon store the response with the highest shaped reward (the first on ties),
+    otherwise a uniformly chosen OTHER response. `only_correct=True` restricts the pool to correct
+    responses before the draw (our reading of "only replace with a correct response": the cache stays
+    correct where it can and still explores); with no correct response it returns None (entry kept).
+    A pool of one gives that response, counted as "best".
+    """
+    if not 0.0 <= epsilon <= 1.0:
+        raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
+    if len(shaped_rewards) != len(correct):
+        raise ValueError(f"{len(shaped_rewards)} rewards but {len(correct)} correctness flags")
+    pool = [i for i in range(len(shaped_rewards)) if correct[i] or not only_correct]
+    if not pool:
+        return None
+    best = max(pool, key=lambda i: (shaped_rewards[i], -i))
+    u = rng.random()
+    if u <= epsilon or len(pool) == 1:
+        return CacheChoice(index=best, choice="best")
+    others = [i for i in pool if i != best]
+    return CacheChoice(index=rng.choice(others), choice="other")

@@ -1,0 +1,54 @@
+"""The typed record of one training step: what the log line, the progress bar, `metrics.jsonl`, the
+Prometheus metrics, `rpo run`'s summary and the benchmarks all read. Rank 0 builds one per step from the
+step's rollouts (`CollectedGroups.record`) and the loop's timings; on disk it is one JSON object per line
+(`kind: step`), and `StepRecord.from_json` reads it back (keys it does not know, from a newer writer, are
+ignored)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class StepRecord:
+    step: int
+    policy_version: int
+    """The version the step's update produced (what the replicas serve after the push)."""
+    epoch: int
+    questions: int
+    """Questions rolled out (DAPO's refill rounds included)."""
+    trained_groups: int
+    samples: int
+    rounds: int
+    reward_mean: float
+    """Mean shaped reward of every sample."""
+    accuracy: float
+    response_len_mean: float
+    """Mean response length in tokens, the reused prefix included."""
+    cache_hit_rate: float
+    generated_tokens: int
+    """Tokens the replicas decoded for this step."""
+    reused_prefix_tokens: int
+    """Response tokens taken from the cache instead of decoded."""
+    decoded_tokens_per_sample: float
+    tokens_per_second: float
+    rollout_retries: int
+    step_seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
+    """Wall time per phase: rollout, reward (inside rollout), train, weight_sync, cache."""
+    weight_sync_seconds: float | None = None
+    """None when the step had nothing to train on (no push)."""
+    cache_updates: dict[str, int] = field(default_factory=dict)
+    """Cache entries replaced, per epsilon-greedy choice."""
+    learner: dict[str, float] = field(default_factory=dict)
+    """The learner's numeric statistics (loss, KL, clip fraction, grad norm, tokens, ...)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StepRecord:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
