@@ -100,7 +100,10 @@ async def updates(
 @router.get("/stats", response_model=RunStats)
 async def stats(request: Request, run_id: RunId) -> RunStats:
     """How many entries the run holds."""
-    return RunStats(run_id=run_id, entries=await _store(request).count(run_id))
+    store = _store(request)
+    return RunStats(
+        run_id=run_id, entries=await store.count(run_id), trained_steps=await store.trained_steps(run_id)
+    )
 
 
 @router.delete("", response_model=DeleteRunResponse, dependencies=[RequireToken])
@@ -111,6 +114,7 @@ async def delete_run(request: Request, run_id: RunId) -> DeleteRunResponse:
 
 @router.get(
     "/export",
+    dependencies=[RequireToken],  # a run's whole cache: its answers are the experience the run paid for
     response_class=StreamingResponse,
     responses={200: {"content": {NDJSON_MEDIA_TYPE: {}}, "description": "header, entries, trailer"}},
 )

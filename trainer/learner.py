@@ -159,9 +159,11 @@ class Learner:
                     "betas": [0.9, 0.999],
                     "eps": 1e-8,
                     "weight_decay": t.weight_decay,
-                    # DeepSpeed's fused / CPU Adam kernels need a compiler and a GPU build; on the CPU
-                    # accelerator torch's AdamW does the same update.
-                    "torch_adam": self.on_cpu,
+                    # torch's AdamW, fused on GPU: DeepSpeed's FusedAdam compiles a CUDA kernel at start
+                    # (nvcc, which the image does not ship). With optimizer offload, DeepSpeed's CPU Adam
+                    # (compiled with g++ at first use) runs the update on the host instead.
+                    "torch_adam": self.on_cpu or not t.offload_optimizer,
+                    **({"fused": True} if not self.on_cpu and not t.offload_optimizer else {}),
                 },
             },
             "zero_force_ds_cpu_optimizer": not self.on_cpu,

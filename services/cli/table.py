@@ -32,6 +32,9 @@ COMMANDS: tuple[Command, ...] = (
                 None,
                 {"action": "store_true"},
             ),
+            # DeepSpeed's launcher appends --local_rank=N unless given --no_local_rank; the rank is read
+            # from the environment (LOCAL_RANK) either way.
+            Flag("--local_rank", argparse.SUPPRESS, None, {"type": int, "dest": "local_rank"}),
         ),
     ),
     Command(

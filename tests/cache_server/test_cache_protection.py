@@ -65,6 +65,14 @@ async def test_mutating_endpoints_need_the_token(http, run_id, redis_client, cap
     assert TOKEN not in caplog.text
 
 
+async def test_the_export_needs_the_token(http, run_id):
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = await http.get(f"/v1/runs/{run_id}/export", headers=headers)
+        assert r.status_code == 401 and error_of(r)["type"] == "unauthorized"
+    r = await http.get(f"/v1/runs/{run_id}/export", headers=AUTH)
+    assert r.status_code == 200 and r.text.startswith('{"rpo_cache_export"')
+
+
 async def test_reads_need_no_token(http, run_id):
     assert (await http.get(f"/v1/runs/{run_id}/stats")).status_code == 200
     r = await http.post(f"/v1/runs/{run_id}/prefixes", json={"question_ids": ["a"], "truncation_limit": 3})

@@ -72,7 +72,8 @@ async def test_outage_gives_503_with_retry_after_and_recovers_without_a_restart(
                     ("GET", "/v1/runs/outage/stats", None),
                     ("GET", "/v1/runs/outage/export", None),
                 ]:
-                    r = await http.request(method, path, json=body)
+                    headers = {"Authorization": f"Bearer {TOKEN}"}  # the export needs it
+                    r = await http.request(method, path, json=body, headers=headers)
                     assert r.status_code == 503, (path, r.text)
                     assert r.headers["Retry-After"] == "1" and r.json()["error"]["type"] == "unavailable"
                 with pytest.raises(ServiceCallError) as failure:

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -78,3 +79,22 @@ def test_model_tiny_writes_a_loadable_model(tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     assert model.config.hidden_size // model.config.num_attention_heads == 64
+
+
+def test_the_multi_node_launcher_command_in_the_docs_is_accepted_by_rpo_train():
+    """docs/deploy.md's DeepSpeed command, with the `--local_rank` the launcher appends unless told not to."""
+    import re
+    import shlex
+
+    from services.cli.main import build_parser
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "deploy.md").read_text()
+    commands = [line.strip() for line in docs.splitlines() if line.strip().startswith("deepspeed ")]
+    assert commands, "docs/deploy.md shows the multi-node launcher command"
+    for command in commands:
+        argv = shlex.split(command)
+        assert "--no_local_rank" in argv
+        rpo_args = argv[argv.index("services.cli") + 1 :]
+        for extra in ([], ["--local_rank=3"]):
+            args = build_parser().parse_args([*rpo_args, *extra])
+            assert args.command == "train" and re.fullmatch(r".+\.ya?ml", args.config)

@@ -18,6 +18,18 @@ from cache_server.app import create_app
 from services.core.config import load_config
 from services.core.server_kit import serve_in_thread
 from tests.deploy.test_deploy_files import dashboard_queries
+from trainer.metrics import TrainerMetrics
+from trainer.records import StepRecord
+
+
+def _step_record() -> StepRecord:
+    return StepRecord(
+        step=1, policy_version=1, epoch=0, questions=8, trained_groups=8, samples=32, rounds=1, reward_mean=0.3,
+        accuracy=0.5, response_len_mean=40.0, cache_hit_rate=1.0, generated_tokens=320, reused_prefix_tokens=960,
+        decoded_tokens_per_sample=10.0, tokens_per_second=1000.0, rollout_retries=0, step_seconds=1.5,
+        phases={"rollout": 0.5, "reward": 0.1, "train": 0.8, "weight_sync": 0.1, "cache": 0.1},
+        weight_sync_seconds=0.1, cache_updates={"best": 5, "other": 3, "none": 0},
+    )  # fmt: skip
 
 
 def free_port() -> int:
@@ -39,11 +51,27 @@ def cache_target():
 
 
 @pytest.fixture
-def prometheus(tmp_path: Path, cache_target: str):
+def trainer_target():
+    """The trainer's real metrics endpoint, after one step's record."""
+    metrics = TrainerMetrics()
+    metrics.observe_step(_step_record())
+    metrics.eval_accuracy.set(0.5)
+    port = metrics.serve("127.0.0.1", 0)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        metrics.close()
+
+
+@pytest.fixture
+def prometheus(tmp_path: Path, cache_target: str, trainer_target: str):
     assert shutil.which("prometheus"), "scripts/test.sh installs prometheus from the OS packages"
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [{"job_name": "rpo-cache", "static_configs": [{"targets": [cache_target]}]}],
+        "scrape_configs": [
+            {"job_name": "rpo-cache", "static_configs": [{"targets": [cache_target]}]},
+            {"job_name": "rpo-trainer", "static_configs": [{"targets": [trainer_target]}]},
+        ],
     }
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
@@ -84,7 +112,23 @@ def test_prometheus_scrapes_the_cache_server_and_every_dashboard_query_runs(prom
         time.sleep(0.5)
     assert series, "Prometheus never scraped rpo_cache_misses_total from the cache server"
     assert float(series[0]["value"][1]) >= 1  # the miss the fixture caused
+    # the trainer's series arrive too (the panels built on them must have data, not just parse)
+    while (
+        time.monotonic() < deadline
+        and not query(prometheus, 'rpo_train_steps_total{job="rpo-trainer"}')["data"]["result"]
+    ):
+        time.sleep(0.5)
+    empty = []
     for expr in dashboard_queries():
         expr = expr.replace("$__range", "5m")  # Grafana's variable; Prometheus needs a real range
         answer = query(prometheus, expr)
         assert answer["status"] == "success", (expr, answer)
+        if (
+            "rpo-trainer" in expr
+            and "rpo-rollout" not in expr
+            and "increase(" not in expr
+            and "rate(" not in expr
+        ):
+            if not answer["data"]["result"]:
+                empty.append(expr)
+    assert not empty, f"trainer panels without data: {empty}"
