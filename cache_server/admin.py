@@ -11,14 +11,14 @@ import argparse
 import json
 from pathlib import Path
 
-from services.cli.args import UsageError, config_from_args
+from services.cli.args import UsageError, config_from_args, named_run_id
 from services.core.clients.cache import ExportFileError, SyncCacheClient
 from services.core.http_client import ServiceCallError
 
 
 def export_main(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    run_id = config.services.run_id
+    run_id = named_run_id(config)
     with SyncCacheClient.from_config(config) as cache:
         try:
             count = cache.export_run(run_id, args.out)
@@ -30,7 +30,7 @@ def export_main(args: argparse.Namespace) -> int:
 
 def import_main(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    run_id = config.services.run_id
+    run_id = named_run_id(config)
     if not Path(args.in_file).is_file():
         raise UsageError(f"no such file: {args.in_file}")
     with SyncCacheClient.from_config(config) as cache:
@@ -46,7 +46,7 @@ def stats_main(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     with SyncCacheClient.from_config(config) as cache:
         try:
-            stats = cache.stats(config.services.run_id)
+            stats = cache.stats(named_run_id(config))
         except ServiceCallError as exc:
             raise UsageError(f"stats failed: {exc}") from None
     print(stats.model_dump_json())

@@ -61,6 +61,11 @@ class Keys:
     def marker(self, step: int) -> str:
         return f"{self.base}:u:{step}"
 
+    @property
+    def marker_pattern(self) -> str:
+        """Matches the markers of every step whose updates were applied."""
+        return f"{self.base}:u:*"
+
 
 def _opt_int(value: bytes | None) -> int | None:
     return None if value is None else int(value)
@@ -283,6 +288,16 @@ class CacheStore:
     async def count(self, run_id: str) -> int:
         with self._redis_errors():
             return int(await self.redis.scard(self.keys(run_id).index))
+
+    async def trained_steps(self, run_id: str) -> int:
+        """Training steps whose cache updates this run holds (their idempotency markers, kept for
+        `update_marker_ttl_seconds`): a run id that a trainer has already used has some."""
+        keys = self.keys(run_id)
+        with self._redis_errors():
+            n = 0
+            async for _ in self.redis.scan_iter(match=keys.marker_pattern, count=1000):
+                n += 1
+            return n
 
     async def entries_total(self) -> int:
         """Entries of every run this process has served."""

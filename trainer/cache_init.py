@@ -20,7 +20,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from services.cli.args import UsageError, config_from_args
+from services.cli.args import UsageError, config_from_args, named_run_id
 from services.core.algorithm import cached_answer
 from services.core.config import RunConfig
 from services.core.data import encode_prompt, load_questions
@@ -115,6 +115,7 @@ def cache_init_main(args: Any) -> int:
     cfg = config_from_args(args)
     if cfg.algorithm.mode != "rpo":
         raise UsageError("algorithm.mode is 'full': full-path runs use no cache, there is nothing to seed")
+    named_run_id(cfg)  # the trainer must find these entries under the same id
     remote = RemoteServices(cfg)
     try:
         stats = seed_cache(cfg, remote)

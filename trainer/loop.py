@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from services.core.algorithm import dynamic_sampling_keep
-from services.core.config import RunConfig
+from services.core.config import RunConfig, fresh_run_id
 from services.core.data import encode_prompt, load_questions
 from services.demo.model_path import resolve_model_path
 from trainer import dist
@@ -45,6 +45,7 @@ from trainer.progress import StepProgress
 from trainer.records import StepRecord
 from trainer.remote import CollectedGroups, RemoteServices
 from trainer.schedule import DataCursor, planned_steps, request_seed
+from trainer.weight_sync import WeightSync
 
 log = logging.getLogger("rpo.train")
 
@@ -106,6 +107,10 @@ def collect_groups(
 # The recipe
 
 
+class RunCollision(ValueError):
+    """A fresh start found a cache that another run's training steps have updated under the same run id."""
+
+
 class RankZeroFailed(RuntimeError):
     """Raised on the other ranks when rank 0's part of a collective phase failed (its log has the cause)."""
 
@@ -126,7 +131,7 @@ class TrainingRecipe:
     def __init__(self, cfg: RunConfig, resume: bool = False):
         self.cfg = cfg
         self.resume = resume
-        self.remote = self.progress = self.metrics = self.stop_request = None
+        self.remote = self.progress = self.metrics = self.stop_request = self.weight_sync = None
 
     # ---------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -142,6 +147,13 @@ class TrainingRecipe:
         )
         self.learner = Learner(cfg, str(self.model_path), self.total_steps)
         self.main = dist.is_main()
+        self.weight_sync = WeightSync(
+            cfg,
+            self._push_http,
+            model=self.learner.module,
+            on_gpu=not self.learner.on_cpu,
+            world_size=dist.world_size(),
+        )
         self.cursor = DataCursor(len(self.questions), cfg.train.seed)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.train.keep_checkpoints)
         self.step = 0
@@ -149,6 +161,8 @@ class TrainingRecipe:
         self.prompts: dict[str, list[int]] = {}
         self.eval_questions: list = []
         self.eval_prompts: dict[str, list[int]] = {}
+        if cfg.services.run_id == "auto":  # rank 0 picks it, every rank uses it
+            _, cfg.services.run_id = self.on_main(self._pick_run_id, share=lambda run_id: run_id)
         if self.main:
             # lazy: heavy import (transformers), paid only on this path
             from transformers import AutoTokenizer
@@ -167,8 +181,9 @@ class TrainingRecipe:
             self.metrics = TrainerMetrics()
             if cfg.train.metrics_port is not None:
                 self.metrics.serve(cfg.train.metrics_host, cfg.train.metrics_port)
-        if self.resume:
-            self.load_checkpoint()
+        resumed = self.load_checkpoint() if self.resume else False
+        if not resumed and cfg.algorithm.mode == "rpo":
+            self.on_main(self._check_run_is_new)
         if self.main:
             self.progress = StepProgress(self.run_dir, self.total_steps, self.step, cfg.train.log_every)
             self.metrics.policy_version.set(self.learner.policy_version)
@@ -292,6 +307,14 @@ class TrainingRecipe:
         return counts
 
     def push_weights(self, replicas: list[str], version: int, reason: str) -> None:
+        """The new weights to `replicas`: over NCCL when configured and possible (trainer/weight_sync.py),
+        else over HTTP."""
+        if self.weight_sync.use_nccl:
+            self.weight_sync.push(replicas, version, reason)
+        else:
+            self._push_http(replicas, version, reason)
+
+    def _push_http(self, replicas: list[str], version: int, reason: str) -> None:
         """Every rank takes part in gathering the weights (ZeRO-3: in lockstep, to the end); rank 0 keeps
         its CPU copies and pushes them only once the gather is over, so a failed push never leaves the
         other ranks waiting in a gather."""
@@ -366,14 +389,42 @@ class TrainingRecipe:
 
         self.on_main(finish)
 
-    def load_checkpoint(self) -> None:
-        """Continue from the newest complete checkpoint: learner, version, cursor, RNG, cache snapshot."""
+    def _pick_run_id(self) -> str:
+        """`services.run_id: auto`: the checkpoint's when resuming, else a fresh one."""
+        latest = self.checkpointer.latest() if self.resume else None
+        run_id = Checkpointer.read_state(latest).run_id if latest is not None else fresh_run_id()
+        log.info("run id %s (services.run_id=auto)", run_id)
+        return run_id
+
+    def _check_run_is_new(self) -> None:
+        """A fresh start must not train on top of another run's cache (a reused run id)."""
+        run_id = self.cfg.services.run_id
+        trained = self.remote.cache.stats(run_id).trained_steps
+        if not trained:
+            return
+        if self.cfg.train.overwrite_cache:
+            log.warning(
+                "run %s: deleting a cache %d training steps have updated (train.overwrite_cache)",
+                run_id,
+                trained,
+            )
+            self.remote.cache.delete_run(run_id)
+            return
+        raise RunCollision(
+            f"run id {run_id!r} already holds a cache that {trained} training step(s) have updated (another run's, "
+            "or this one's before a restart): pass --resume to continue from its checkpoint, give a new "
+            "services.run_id (or leave it auto), or --set train.overwrite_cache=true to start over"
+        )
+
+    def load_checkpoint(self) -> bool:
+        """Continue from the newest complete checkpoint: learner, version, cursor, RNG, cache snapshot.
+        Returns False when there is none (the run starts at step 0)."""
 
         _, path = self.on_main(lambda: self.checkpointer.latest(), share=lambda p: str(p) if p else None)
         if path is None:
             if self.main:
                 log.warning("--resume: no checkpoint under %s; starting at step 0", self.checkpointer.root)
-            return
+            return False
         state = Checkpointer.read_state(Path(path))
         if state.mode != self.cfg.algorithm.mode or state.run_id != self.cfg.services.run_id:
             raise ValueError(
@@ -398,10 +449,11 @@ class TrainingRecipe:
                 state.policy_version,
                 extra={"step": state.step, "policy_version": state.policy_version},
             )
+        return True
 
     # -------------------------------------------------------------------------------------------- cleanup
     def cleanup(self) -> None:
-        for closer in (self.stop_request, self.progress, self.metrics, self.remote):
+        for closer in (self.weight_sync, self.stop_request, self.progress, self.metrics, self.remote):
             if closer is not None:
                 closer.close()
 

@@ -13,8 +13,11 @@ import logging
 import os
 from typing import Any
 
-from services.cli.args import config_from_args
-from trainer.loop import run_training
+import torch
+
+from services.cli.args import UsageError, config_from_args
+from services.core.gpu_claims import GpuPlacementError, claim_gpus
+from trainer.loop import RunCollision, run_training
 
 log = logging.getLogger("rpo.train")
 
@@ -24,7 +27,19 @@ def train_main(args: Any) -> int:
     cfg = config_from_args(args)
     if int(os.environ.get("RANK", "0")) != 0:
         logging.getLogger().setLevel(logging.WARNING)
-    outcome = run_training(cfg, resume=bool(getattr(args, "resume", False)))
+    claim = None
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # under DeepSpeed's launcher, the launcher places ranks
+        try:
+            claim = claim_gpus("trainer", cfg.gpus, cfg.rollout.gpu_memory_utilization)
+        except GpuPlacementError as exc:
+            raise UsageError(str(exc)) from None
+    if claim is not None and claim.plan.memory_fraction is not None and torch.cuda.is_available():
+        # One GPU shared with a rollout replica: stay within the trainer's side of the split.
+        torch.cuda.set_per_process_memory_fraction(claim.plan.memory_fraction)
+    try:
+        outcome = run_training(cfg, resume=bool(getattr(args, "resume", False)))
+    except RunCollision as exc:
+        raise UsageError(str(exc)) from None
     if outcome["stopped"]:
         log.info(
             "stopped at step %d of %d; `rpo train --resume` continues",

@@ -69,3 +69,13 @@ def shortcut_overrides(args: argparse.Namespace) -> list[str]:
 
 def _dest(flag: Flag) -> str:
     return flag.kwargs.get("dest", flag.name.lstrip("-").replace("-", "_"))
+
+
+def named_run_id(cfg: RunConfig) -> str:
+    """The run a cache command acts on; `auto` names no run, so it is a usage error here."""
+    if cfg.services.run_id == "auto":
+        raise UsageError(
+            "this command acts on one run's cache: name it with --set services.run_id=ID "
+            "(`rpo run` and `rpo train` log the id they use)"
+        )
+    return cfg.services.run_id

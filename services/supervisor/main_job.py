@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services.cli.args import config_from_args, shortcut_overrides
-from services.core.config import RunConfig, load_config
+from services.core.config import RunConfig, fresh_run_id, load_config
 from services.core.data import DatasetError, encode_prompt, load_questions
 from services.core.http_client import ServiceCallError
 from services.demo.model_path import resolve_model_path
@@ -191,8 +191,8 @@ def start_services(
     cfg.train.metrics_host = "127.0.0.1"
     if cfg.train.metrics_port == 0:
         cfg.train.metrics_port = free_port()
-    if cfg.services.run_id == "default":
-        cfg.services.run_id = f"run-{time.strftime('%Y%m%d-%H%M%S')}"
+    if cfg.services.run_id == "auto":
+        cfg.services.run_id = fresh_run_id()
     if cfg.services.redis_url is None:  # the cache server starts the embedded Redis, data in the run dir
         cfg.cache_server.data_dir = str(run_dir / "redis")
     cfg.services.cache_url = cache_url

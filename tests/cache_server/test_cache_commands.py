@@ -22,7 +22,9 @@ async def test_export_import_and_stats_commands(cache, cache_url, run_id, tmp_pa
     path = tmp_path / "run.ndjson"
 
     code, out, _ = run(capsys, "cache", "stats", *common, "--set", f"services.run_id={run_id}")
-    assert code == 0 and json.loads(out) == {"run_id": run_id, "entries": 25}
+    assert code == 0 and json.loads(out) == {"run_id": run_id, "entries": 25, "trained_steps": 0}
+    code, _, err = run(capsys, "cache", "stats", *common)  # `auto` names no run
+    assert code == 2 and "name it with --set services.run_id=ID" in err
 
     code, out, _ = run(
         capsys, "cache", "export", "--out", str(path), *common, "--set", f"services.run_id={run_id}"
@@ -39,7 +41,16 @@ async def test_export_import_and_stats_commands(cache, cache_url, run_id, tmp_pa
     finally:
         await cache.delete_run(target)
 
-    code, _, err = run(capsys, "cache", "import", "--file", str(tmp_path / "missing"), *common)
+    code, _, err = run(
+        capsys,
+        "cache",
+        "import",
+        "--file",
+        str(tmp_path / "missing"),
+        *common,
+        "--set",
+        f"services.run_id={target}",
+    )
     assert code == 2 and "no such file" in err
     monkeypatch.setenv("RPO_API_TOKEN", "wrong")
     code, _, err = run(

@@ -92,6 +92,13 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint(
             e is not None and e.last_step and e.last_step > state.step for e in killed
         )  # lost steps' updates
 
+        # A fresh start on the same run id is refused: the cache holds trained steps (a reused id).
+        fresh = Trainer(config_file, log_path=tmp_path / "fresh.log")
+        assert fresh.wait() == 2, fresh.output()[-3000:]
+        assert f"run id {cfg.services.run_id!r} already holds a cache" in fresh.output()
+        assert "--resume" in fresh.output() and "Traceback" not in fresh.output()
+        assert cache.stats(cfg.services.run_id).trained_steps >= state.step  # nothing was deleted
+
         # Resume without further steps: the restored state is exactly the checkpoint's.
         run_trainer(
             config_file, "--resume", "--set", f"train.max_steps={state.step}", log_path=tmp_path / "a.log"
@@ -102,8 +109,12 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint(
         restored = {e.question_id: e.model_dump() for e in cache.read_entries(cfg.services.run_id, ids) if e}
         assert restored == {e.question_id: e.model_dump() for e in snapshot}
 
-        # Resume to the end: the lost steps are trained again, the replica ends at the trainer's version.
-        run_trainer(config_file, "--resume", log_path=tmp_path / "b.log")
+        # Resume to the end, with `services.run_id: auto`: the run id is the checkpoint's; the lost steps
+        # are trained again, the replica ends at the trainer's version.
+        output = run_trainer(
+            config_file, "--resume", "--set", "services.run_id=auto", log_path=tmp_path / "b.log"
+        )
+        assert f"run id {cfg.services.run_id} (services.run_id=auto)" in output
     records = read_records(run_dir, None)
     last_resume = max(i for i, r in enumerate(records) if r["kind"] == "resume")
     after = [r for r in records[last_resume:] if r["kind"] == "step"]

@@ -268,6 +268,9 @@ class RunStats(Wire):
     run_id: str
     entries: int
     """Entries (questions) the run's cache holds."""
+    trained_steps: int = 0
+    """Training steps whose updates the run's cache holds (recorded for the marker TTL, 7 days by default):
+    non-zero means a trainer has used this run id."""
 
 
 class DeleteRunResponse(Wire):
