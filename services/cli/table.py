@@ -95,6 +95,13 @@ COMMANDS: tuple[Command, ...] = (
         ),
     ),
     Command(
+        ("data", "inspect"),
+        "load a dataset exactly as training would: rows, repeats dropped, a prompt as the model sees it, "
+        "how the reward scores the reference answers",
+        "services.cli.data_inspect:inspect_main",
+        (Flag("path", "the dataset (jsonl, parquet, a datasets directory, builtin:arith)"),),
+    ),
+    Command(
         ("data", "synth"),
         "write the synthetic arithmetic task as train.jsonl / eval.jsonl",
         "services.demo.make:synth_data_main",

@@ -60,7 +60,7 @@ class DataSection(_Section):
     eval_dataset: str | None = "builtin:arith-eval"
     """Held-out questions for evaluation (same formats); None disables evaluation."""
     id_field: str = "id"
-    """Field holding a unique question id."""
+    """Field holding a unique question id; rows without it get one derived from the question text."""
     question_field: str = "question"
     """Field holding the question text."""
     answer_field: str = "answer"

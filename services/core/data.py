@@ -4,6 +4,14 @@ Formats: `.jsonl`, `.parquet`, a directory written by `datasets.Dataset.save_to_
 / `builtin:arith-eval` (the synthetic task). Field names are configurable. A bad row fails with the file,
 the line (jsonl) or row (parquet, datasets) and the field; nothing is half-loaded.
 
+Files as users have them (GSM8K, OpenR1-style sets) often have no id column and may repeat a question:
+- a row without `data.id_field` gets a stable id derived from its question text (`q-` and the first 16 hex
+  digits of the SHA-256 of the text, whitespace collapsed), so the same question has the same id in every
+  run and the cache finds it again;
+- a question whose text (whitespace collapsed) appeared on an earlier row is a repeat: it is dropped, the
+  first row kept, and the count reported (`LoadedDataset.repeats_dropped`, logged);
+- one id on two rows with different questions is an error naming both rows.
+
 Prompts use the tokenizer's chat template when it has one (and `data.use_chat_template`), else the plain
 `data.prompt_template`. The same function builds prompts for training, cache initialisation and evaluation,
 so a question is always seen the same way.
@@ -11,7 +19,9 @@ so a question is always seen the same way.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +29,8 @@ from typing import Any
 
 from services.core.config import DataSection
 from services.core.synthetic import SyntheticTaskConfig, make_split
+
+log = logging.getLogger("rpo.data")
 
 
 class DatasetError(ValueError):
@@ -32,15 +44,40 @@ class Question:
     answer: str
 
 
-def _row_to_question(row: Any, fields: DataSection, where: str) -> Question:
+@dataclass(frozen=True)
+class LoadedDataset:
+    """A dataset as training reads it, and what loading it did."""
+
+    questions: list[Question]
+    rows: int
+    """Rows read (before repeats were dropped and `limit` applied)."""
+    repeats_dropped: int
+    derived_ids: int
+    """Rows without an id field, given one derived from the question text."""
+
+
+def _normalised(text: str) -> str:
+    return " ".join(text.split())
+
+
+def derived_id(question: str) -> str:
+    """The id of a question that has none: stable across runs, the same for the same text."""
+    return "q-" + hashlib.sha256(_normalised(question).encode("utf-8")).hexdigest()[:16]
+
+
+def _row_to_question(row: Any, fields: DataSection, where: str) -> tuple[Question, bool]:
+    """The row's question, and whether its id was derived (the row has no id field)."""
     if not isinstance(row, dict):
         raise DatasetError(f"{where}: expected an object with fields, got {type(row).__name__}")
     values = {}
+    derived = row.get(fields.id_field) is None
     for role, name in (
         ("id", fields.id_field),
         ("question", fields.question_field),
         ("answer", fields.answer_field),
     ):
+        if role == "id" and derived:
+            continue
         if name not in row or row[name] is None:
             raise DatasetError(f"{where}: missing field {name!r} ({role})")
         value = row[name]
@@ -52,7 +89,9 @@ def _row_to_question(row: Any, fields: DataSection, where: str) -> Question:
         if role != "answer" and not value.strip():
             raise DatasetError(f"{where}: field {name!r} is empty")
         values[role] = value
-    return Question(**values)
+    if derived:
+        values["id"] = derived_id(values["question"])
+    return Question(**values), derived
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
@@ -87,52 +126,80 @@ def _synthetic_rows(spec: str, fields: DataSection) -> list[Question]:
 
 
 def load_questions(spec: str, fields: DataSection, limit: int | None = None) -> list[Question]:
-    """Read every question of a dataset (validated whole before returning); ids must be unique."""
+    """Read every question of a dataset (validated whole before returning; repeats dropped, logged)."""
+    loaded = load_dataset(spec, fields, limit)
+    if loaded.repeats_dropped:
+        log.info("%s: dropped %d repeated question(s) of %d rows", spec, loaded.repeats_dropped, loaded.rows)
+    return loaded.questions
+
+
+def load_dataset(spec: str, fields: DataSection, limit: int | None = None) -> LoadedDataset:
+    """Read every row of a dataset, apply the rules of the module docstring, then keep the first `limit`."""
     if spec.startswith("builtin:"):
         questions = _synthetic_rows(spec, fields)
+        loaded = LoadedDataset(questions, len(questions), 0, 0)
     else:
-        path = Path(spec)
-        if not path.exists():
-            raise DatasetError(f"dataset not found: {path}")
-        if path.is_dir():
-            try:
-                # lazy: heavy import (datasets), paid only on this path
-                import datasets
-
-                table = datasets.load_from_disk(str(path))
-            except Exception as exc:  # noqa: BLE001 - datasets raises many types for a bad directory
-                raise DatasetError(f"{path}: not a saved `datasets` directory: {exc}") from None
-            if isinstance(table, datasets.DatasetDict):
-                if "train" not in table:
-                    raise DatasetError(f"{path}: a DatasetDict needs a 'train' split, has {list(table)}")
-                table = table["train"]
-            rows = _table_rows(table, str(path))
-        elif path.suffix == ".jsonl":
-            rows = _jsonl_rows(path)
-        elif path.suffix == ".parquet":
-            # lazy: heavy import (pyarrow), paid only on this path
-            import pyarrow.parquet as pq
-
-            try:
-                table = pq.read_table(path).to_pylist()
-            except Exception as exc:  # noqa: BLE001 - pyarrow raises many types for a bad file
-                raise DatasetError(f"{path}: not a readable parquet file: {exc}") from None
-            rows = _table_rows(table, str(path))
-        else:
-            raise DatasetError(
-                f"{path}: unsupported dataset format; use .jsonl, .parquet or a datasets directory"
-            )
-        questions = []
-        seen: dict[str, str] = {}
-        for where, row in rows:
-            q = _row_to_question(row, fields, where)
-            if q.id in seen:
-                raise DatasetError(f"{where}: duplicate {fields.id_field!r} {q.id!r} (first at {seen[q.id]})")
-            seen[q.id] = where
-            questions.append(q)
-    if not questions:
+        loaded = _read_rows(_rows_of(Path(spec)), fields)
+    if not loaded.questions:
         raise DatasetError(f"dataset {spec} has no questions")
-    return questions[:limit] if limit else questions
+    if limit:
+        return LoadedDataset(
+            loaded.questions[:limit], loaded.rows, loaded.repeats_dropped, loaded.derived_ids
+        )
+    return loaded
+
+
+def _rows_of(path: Path) -> Iterator[tuple[str, Any]]:
+    if not path.exists():
+        raise DatasetError(f"dataset not found: {path}")
+    if path.is_dir():
+        try:
+            # lazy: heavy import (datasets), paid only on this path
+            import datasets
+
+            table = datasets.load_from_disk(str(path))
+        except Exception as exc:  # noqa: BLE001 - datasets raises many types for a bad directory
+            raise DatasetError(f"{path}: not a saved `datasets` directory: {exc}") from None
+        if isinstance(table, datasets.DatasetDict):
+            if "train" not in table:
+                raise DatasetError(f"{path}: a DatasetDict needs a 'train' split, has {list(table)}")
+            table = table["train"]
+        return _table_rows(table, str(path))
+    if path.suffix == ".jsonl":
+        return _jsonl_rows(path)
+    if path.suffix == ".parquet":
+        # lazy: heavy import (pyarrow), paid only on this path
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path).to_pylist()
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises many types for a bad file
+            raise DatasetError(f"{path}: not a readable parquet file: {exc}") from None
+        return _table_rows(table, str(path))
+    raise DatasetError(f"{path}: unsupported dataset format; use .jsonl, .parquet or a datasets directory")
+
+
+def _read_rows(rows: Iterable[tuple[str, Any]], fields: DataSection) -> LoadedDataset:
+    questions: list[Question] = []
+    by_id: dict[str, tuple[str, str]] = {}  # id -> (normalised question, where)
+    seen_text: set[str] = set()
+    count = repeats = derived = 0
+    for where, row in rows:
+        count += 1
+        q, was_derived = _row_to_question(row, fields, where)
+        text = _normalised(q.question)
+        if q.id in by_id and by_id[q.id][0] != text:
+            raise DatasetError(
+                f"{where}: {fields.id_field!r} {q.id!r} is also the id of a different question at {by_id[q.id][1]}"
+            )
+        if text in seen_text or q.id in by_id:
+            repeats += 1
+            continue
+        seen_text.add(text)
+        by_id[q.id] = (text, where)
+        derived += was_derived
+        questions.append(q)
+    return LoadedDataset(questions, count, repeats, derived)
 
 
 def build_prompt_text(tokenizer: Any, question: str, fields: DataSection) -> str:

@@ -98,3 +98,24 @@ def test_the_multi_node_launcher_command_in_the_docs_is_accepted_by_rpo_train():
         for extra in ([], ["--local_rank=3"]):
             args = build_parser().parse_args([*rpo_args, *extra])
             assert args.command == "train" and re.fullmatch(r".+\.ya?ml", args.config)
+
+
+def test_data_inspect_shows_the_dataset_as_training_loads_it(tmp_path, tiny_model_dir):
+    rows = [
+        {"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "3+4 = <<3+4=7>>7\n#### 7"},
+        {"question": "Sue reads 5 pages a day for 6 days. How many pages?", "answer": "#### 30"},
+        {"question": "Tom has 3 apples and  buys 4 more. How many?", "answer": "#### 7"},
+    ]
+    path = tmp_path / "gsm8k.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = rpo("data", "inspect", str(path), "--set", f"model.path={tiny_model_dir}")
+    assert out.returncode == 0, out.stderr
+    assert "rows: 3; questions: 2; repeats dropped: 1; ids derived from the question text: 2" in out.stdout
+    assert "Tom has 3 apples and buys 4 more. How many?" in out.stdout  # the prompt as the model sees it
+    assert "1.0 on 2 of 2 rows" in out.stdout  # math-verify matches GSM8K's `#### 7`
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"question": "no answer"}) + "\n")
+    out = rpo("data", "inspect", str(bad), "--set", f"model.path={tiny_model_dir}")
+    assert out.returncode == 2 and "bad.jsonl, line 2: missing field 'answer'" in out.stderr
+    assert "Traceback" not in out.stderr

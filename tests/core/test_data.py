@@ -9,7 +9,15 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from services.core.config import DataSection
-from services.core.data import DatasetError, build_prompt_text, encode_prompt, load_questions
+from services.core.data import (
+    DatasetError,
+    build_prompt_text,
+    derived_id,
+    encode_prompt,
+    load_dataset,
+    load_questions,
+)
+from services.core.rewards import math_reward
 
 ROWS = [{"id": "a", "question": "1+1=?", "answer": "2"}, {"id": "b", "question": "2+3=?", "answer": 5}]
 
@@ -45,7 +53,7 @@ def test_parquet_and_datasets_dir_with_custom_fields(tmp_path):
         ("{not json", r"q.jsonl, line 3: not valid JSON"),
         (
             '{"id": "a", "question": "x", "answer": "1"}',
-            r"q.jsonl, line 3: duplicate 'id' 'a' \(first at .*line 1\)",
+            r"q.jsonl, line 3: 'id' 'a' is also the id of a different question at .*line 1",
         ),
         (
             '{"id": "c", "question": ["x"], "answer": "1"}',
@@ -107,3 +115,43 @@ def test_chat_template_is_used_when_present():
     fields = DataSection(system_prompt="be brief")
     assert build_prompt_text(tok, "2+2=?", fields) == "<|system|>be brief<|user|>2+2=?<|assistant|>"
     assert build_prompt_text(tok, "2+2=?", DataSection(use_chat_template=False)) == "Q: 2+2=?\nA: "
+
+
+GSM8K_ROWS = [  # GSM8K's own layout: no id column, the worked answer ending in `#### <number>`
+    {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+     "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72"},
+    {"question": "Weng earns $12 an hour for babysitting. How much did she earn?", "answer": "#### 10"},
+    {"question": "Natalia  sold clips to 48 of her friends in April,\nand then she sold half as many clips in May.",
+     "answer": "#### 72"},  # the first question again, spaced differently: a repeat
+]  # fmt: skip
+
+
+def test_rows_without_ids_get_stable_ids_and_repeated_questions_are_dropped(tmp_path, caplog):
+    path = write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K_ROWS)
+    loaded = load_dataset(str(path), DataSection())
+    assert (loaded.rows, loaded.repeats_dropped, loaded.derived_ids) == (3, 1, 2)
+    assert [q.id for q in loaded.questions] == [
+        derived_id(GSM8K_ROWS[0]["question"]),
+        derived_id(GSM8K_ROWS[1]["question"]),
+    ]
+    assert loaded.questions[0].id == derived_id(
+        GSM8K_ROWS[2]["question"]
+    )  # whitespace does not change the id
+    assert loaded.questions[0].id.startswith("q-") and len(loaded.questions[0].id) == 18
+    # the same file read again (another run) gives the same ids, so the cache finds its entries again
+    assert [q.id for q in load_dataset(str(path), DataSection()).questions] == [
+        q.id for q in loaded.questions
+    ]
+    with caplog.at_level("INFO", logger="rpo.data"):
+        assert len(load_questions(str(path), DataSection())) == 2
+    assert "dropped 1 repeated question(s) of 3 rows" in caplog.text
+    # a repeated row with an explicit id is a repeat too; one id on two different questions is an error
+    rows = [*ROWS, {"id": "a", "question": "1+1=?", "answer": "2"}]
+    assert load_dataset(str(write_jsonl(tmp_path / "r.jsonl", rows)), DataSection()).repeats_dropped == 1
+
+
+def test_gsm8k_answers_are_scored_on_the_number_after_the_hashes():
+    reference = GSM8K_ROWS[0]["answer"]
+    assert math_reward("she sold 72 in all, so \\boxed{72}", reference) == 1.0
+    assert math_reward("\\boxed{24}", reference) == 0.0  # the intermediate result is not the answer
+    assert math_reward("\\boxed{71}", reference) == 0.0
