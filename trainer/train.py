@@ -18,6 +18,7 @@ import torch
 from services.cli.args import UsageError, config_from_args
 from services.core.gpu_claims import GpuPlacementError, claim_gpus
 from trainer.loop import RunCollision, run_training
+from trainer.preflight import check_before_training
 
 log = logging.getLogger("rpo.train")
 
@@ -27,6 +28,7 @@ def train_main(args: Any) -> int:
     cfg = config_from_args(args)
     if int(os.environ.get("RANK", "0")) != 0:
         logging.getLogger().setLevel(logging.WARNING)
+    check_before_training(cfg)  # settings and services first: seconds, before the model and DeepSpeed
     claim = None
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # under DeepSpeed's launcher, the launcher places ranks
         try:

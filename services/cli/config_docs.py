@@ -76,7 +76,8 @@ def render() -> str:
         "One typed model configures a whole run. Sources, lowest precedence first: defaults, the YAML file",
         "(`--config FILE`), environment variables `RPO_<SECTION>__<FIELD>` (and `RPO_API_TOKEN`), then CLI",
         "overrides `--set section.field=value` and shortcut flags such as `--model`. Unknown keys and bad values",
-        "are rejected with the key, and for YAML keys the file and line.",
+        "are rejected with the key and where the value came from: the `--set` item, the environment variable, or",
+        "the YAML file and line.",
         "",
     ]
     for section_name, section_field in RunConfig.model_fields.items():

@@ -490,17 +490,41 @@ def _yaml_key_lines(text: str) -> dict[tuple[str, ...], int]:
     return lines
 
 
-def _format_errors(err: ValidationError, origin: str | None, key_lines: dict[tuple[str, ...], int]) -> str:
+def _env_sources() -> dict[tuple[str, ...], str]:
+    """The settings the environment sets (`RPO_<SECTION>__<FIELD>`), by key path."""
+    sources = {}
+    for name in os.environ:
+        if name.startswith(ENV_PREFIX) and "__" in name:
+            path = tuple(part.lower() for part in name[len(ENV_PREFIX) :].split("__"))
+            sources[path] = f"environment variable {name}"
+    return sources
+
+
+def _format_errors(
+    err: ValidationError,
+    origin: str | None,
+    key_lines: dict[tuple[str, ...], int],
+    sources: dict[tuple[str, ...], str],
+) -> str:
+    """One line per bad key, naming where its value came from: the `--set` item, the environment variable,
+    or the YAML file and line (in that order of precedence, the order the values override each other)."""
     by_key: dict[str, list[str]] = {}
     for e in err.errors():
-        loc = tuple(str(p) for p in e["loc"] if not str(p).startswith(("int", "literal", "function")))
+        loc = tuple(
+            str(p) for p in e["loc"] if not str(p).startswith(("int", "literal", "function", "constrained"))
+        )
         key = ".".join(loc) or "(root)"
         where = ""
-        if origin is not None:
-            for n in range(len(loc), 0, -1):
-                if loc[:n] in key_lines:
-                    where = f"{origin}, line {key_lines[loc[:n]]}: "
-                    break
+        for n in range(len(loc), 0, -1):
+            if loc[:n] in sources:
+                where = f"{sources[loc[:n]]}: "
+                break
+            if origin is not None and loc[:n] in key_lines:
+                where = f"{origin}, line {key_lines[loc[:n]]}: "
+                break
+        if not where and loc:  # an unknown section: the item that set something below it
+            below = [s for path, s in sources.items() if path[: len(loc)] == loc]
+            where = f"{below[0]}: " if below else ""
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -529,13 +553,16 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(data).__name__}")
     cli: dict[str, Any] = {}
+    sources = _env_sources()
     for item in overrides:
         key_path, value = _parse_override(item)
         _set_path(cli, key_path, value)
+        sources[tuple(key_path)] = f"--set {item}"
     token = _yaml_data.set(data)
     try:
         return RunConfig(**cli)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, origin, _yaml_key_lines(text) if text else {})) from None
+        key_lines = _yaml_key_lines(text) if text else {}
+        raise ConfigError(_format_errors(err, origin, key_lines, sources)) from None
     finally:
         _yaml_data.reset(token)

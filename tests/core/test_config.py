@@ -70,7 +70,7 @@ def test_unknown_key_names_key_file_and_line(tmp_path):
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
-    assert f"  {key}:" in str(err.value)
+    assert f"  --set {override}: {key}:" in str(err.value)  # the key, and the --set it came from
 
 
 def test_bad_yaml_names_file_and_line(tmp_path):

@@ -80,7 +80,7 @@ def test_claims_lock_distinct_gpus_and_free_them(tmp_path, monkeypatch):
     assert claim_gpus("rollout", GpusSection(), 0.85) is None  # outside compose: no claims
 
 
-def test_a_replica_without_a_free_gpu_fails_at_start_with_one_message(tmp_path):
+def test_a_replica_without_a_free_gpu_fails_at_start_with_one_message(tmp_path, tiny_model_dir):
     holder = subprocess.Popen(  # another replica's process holds GPU 1
         [
             sys.executable,
@@ -95,7 +95,7 @@ def test_a_replica_without_a_free_gpu_fails_at_start_with_one_message(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         out = subprocess.run(
-            [sys.executable, "-m", "services.cli", "serve", "rollout", "--model", "/nonexistent"],
+            [sys.executable, "-m", "services.cli", "serve", "rollout", "--model", str(tiny_model_dir)],
             env={**os.environ, "RPO_GPU_DEVICES": "0,1", "RPO_GPUS__CLAIM_DIR": str(tmp_path)},
             capture_output=True,
             text=True,

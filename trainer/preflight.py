@@ -1,0 +1,59 @@
+"""What `rpo train` checks before it loads a model or starts DeepSpeed, so a wrong setting or a missing
+service is one message naming it (exit 2) within seconds, not a `[rank0]` traceback minutes later:
+the model path, the dataset, a replica to ask for rollouts, and (RPO mode) the cache server, each of them
+answering."""
+
+from __future__ import annotations
+
+import httpx
+
+from services.cli.args import UsageError
+from services.core.clients.rollout import discover_replicas
+from services.core.config import RunConfig
+from services.core.data import DatasetError, load_dataset
+from services.demo.model_path import resolve_model_path
+
+PROBE_SECONDS = 5.0
+
+
+def _answers(url: str) -> str | None:
+    """None when `url` answers at all (any HTTP status), else why not."""
+    try:
+        httpx.get(url, timeout=PROBE_SECONDS)
+    except httpx.HTTPError as exc:
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return None
+
+
+def check_before_training(cfg: RunConfig) -> None:
+    """Raise UsageError naming the first thing that would make the run fail."""
+    s = cfg.services
+    if cfg.algorithm.mode == "rpo":
+        if not s.cache_url:
+            raise UsageError(
+                "no cache server configured: set services.cache_url (RPO keeps its experience cache there; "
+                "`rpo serve cache` starts one), or run full-path with --set algorithm.mode=full"
+            )
+        why = _answers(s.cache_url.rstrip("/") + "/readyz")
+        if why is not None:
+            raise UsageError(f"the cache server at {s.cache_url} (services.cache_url) does not answer: {why}")
+    if not s.rollout_urls and not s.rollout_discovery:
+        raise UsageError(
+            "no rollout replica configured: set services.rollout_urls (e.g. [http://127.0.0.1:8200], "
+            "`rpo serve rollout` starts one) or services.rollout_discovery (dns://host:port)"
+        )
+    try:
+        replicas = discover_replicas(cfg)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if not replicas:
+        raise UsageError(f"services.rollout_discovery {s.rollout_discovery} resolves to no address")
+    failures = {url: _answers(url + "/v1/weights/version") for url in replicas}
+    if all(failures.values()):
+        listed = "; ".join(f"{url}: {why}" for url, why in failures.items())
+        raise UsageError(f"no rollout replica answers ({listed}): start one with `rpo serve rollout`")
+    try:  # the dataset, then the model (a built-in one may be built here, the first time)
+        load_dataset(cfg.data.dataset, cfg.data, cfg.data.max_questions)
+        resolve_model_path(cfg.model.path)
+    except (ValueError, DatasetError) as exc:
+        raise UsageError(str(exc)) from None
