@@ -220,12 +220,8 @@ class RemoteServices:
 
     def _short_policy(self) -> RetryPolicy:
         p = self.policy
-        return RetryPolicy(
-            connect_timeout_seconds=p.connect_timeout_seconds,
-            read_timeout_seconds=min(p.read_timeout_seconds, 30.0),
-            max_attempts=2,
-            max_total_seconds=60.0,
-            backoff_seconds=p.backoff_seconds,
+        return dataclasses.replace(
+            p, read_timeout_seconds=min(p.read_timeout_seconds, 30.0), max_attempts=2, max_total_seconds=60.0
         )
 
     # ------------------------------------------------------------------------------------------- rollouts

@@ -8,6 +8,7 @@ replica and the phase (connect, upload, validate, apply). The receiving side is 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import struct
@@ -178,12 +179,8 @@ class PushResult:
 
 
 def _push_policy(policy: RetryPolicy, timeout_seconds: float) -> RetryPolicy:
-    return RetryPolicy(
-        connect_timeout_seconds=policy.connect_timeout_seconds,
-        read_timeout_seconds=timeout_seconds,
-        max_attempts=policy.max_attempts,
-        max_total_seconds=timeout_seconds,
-        backoff_seconds=policy.backoff_seconds,
+    return dataclasses.replace(
+        policy, read_timeout_seconds=timeout_seconds, max_total_seconds=timeout_seconds
     )
 
 

@@ -294,6 +294,9 @@ class ServicesSection(_Section):
     """Bound on one HTTP call with all its attempts and back-off together, in seconds."""
     retry_backoff_seconds: float = Field(0.5, ge=0)
     """First back-off between attempts (doubles per retry, jittered, at most 10 s; Retry-After wins if longer)."""
+    slow_call_notice_seconds: float = Field(10.0, ge=0)
+    """A call to another service still waiting after this long is logged with its URL and phase, then again
+    at this interval (a frozen replica is named while it hangs); 0 never logs."""
 
 
 class CacheServerSection(_Section):

@@ -7,7 +7,9 @@ Guarantees:
 - transport errors and 5xx are retried (honouring Retry-After), at most `max_attempts` times, each attempt on
   the next base URL when several are given (replicas); 4xx are never retried and raise `ServiceHTTPError`
   carrying the server's error type, message and field;
-- every failure names the URL (so the replica) and the phase of the call.
+- every failure names the URL (so the replica) and the phase of the call;
+- a wait is never silent: an attempt without an answer after `notice_after_seconds` logs which URL and
+  phase it waits on, and again at that interval until it ends (a frozen replica is named while it hangs).
 Elsewhere, errors propagate. The rule is written once (`_Attempts.judge`); the async and blocking clients
 only send, and wait the delay it gives.
 """
@@ -22,6 +24,7 @@ import itertools
 import logging
 import random
 import ssl
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +48,8 @@ class RetryPolicy:
     backoff_seconds: float = 0.5
     """First back-off; doubles per retry (with jitter), capped at `backoff_max_seconds`."""
     backoff_max_seconds: float = 10.0
+    notice_after_seconds: float = 10.0
+    """An attempt still waiting after this long is logged (URL, phase, seconds), then at this interval; 0: never."""
 
     @classmethod
     def from_config(cls, services: Any) -> RetryPolicy:
@@ -55,6 +60,7 @@ class RetryPolicy:
             max_attempts=services.max_attempts,
             max_total_seconds=services.max_call_seconds,
             backoff_seconds=services.retry_backoff_seconds,
+            notice_after_seconds=services.slow_call_notice_seconds,
         )
 
 
@@ -178,6 +184,54 @@ class _Attempts:
         )
 
 
+class _Waits:
+    """The calls under way in this process, watched by one daemon thread that names those waiting long."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: dict[int, list[Any]] = {}  # key -> [url, phase, started, next notice, interval]
+        self._keys = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def watching(self, url: str, phase: str, interval: float) -> Iterator[None]:
+        if interval <= 0:
+            yield
+            return
+        key = next(self._keys)
+        now = time.monotonic()
+        with self._lock:
+            self._calls[key] = [url, phase, now, now + interval, interval]
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="rpo-slow-calls", daemon=True)
+                self._thread.start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._calls.pop(key, None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(0.25)
+            now = time.monotonic()
+            with self._lock:
+                due = [call for call in self._calls.values() if call[3] <= now]
+                for call in due:
+                    call[3] = now + call[4]
+            for url, phase, started, _, _ in due:
+                log.warning(
+                    "%s: still waiting on %s after %.0f s (no answer yet)",
+                    phase,
+                    url,
+                    now - started,
+                    extra={"replica": url, "phase": phase},
+                )
+
+
+_WAITS = _Waits()
+
+
 def _normalise_urls(base_urls: str | Sequence[str]) -> list[str]:
     urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
     if not urls:
@@ -251,14 +305,15 @@ class AsyncServiceClient:
             url = attempts.next_url()
             request = self._http.build_request(method, url + path, timeout=attempts.timeout(), **kwargs)
             result: httpx.Response | httpx.TransportError | None = None
-            try:
-                result = await self._http.send(request, stream=True)
-                if read_body or result.status_code >= 400:
-                    await result.aread()  # reading to the end closes the stream
-            except httpx.TransportError as exc:
-                if result is not None:
-                    await result.aclose()
-                result = exc
+            with _WAITS.watching(url + path, phase, self.policy.notice_after_seconds):
+                try:
+                    result = await self._http.send(request, stream=True)
+                    if read_body or result.status_code >= 400:
+                        await result.aread()  # reading to the end closes the stream
+                except httpx.TransportError as exc:
+                    if result is not None:
+                        await result.aclose()
+                    result = exc
             delay = attempts.judge(url, result)
             if delay is None:
                 assert isinstance(result, httpx.Response)
@@ -316,14 +371,15 @@ class ServiceClient:
             url = attempts.next_url()
             request = self._http.build_request(method, url + path, timeout=attempts.timeout(), **kwargs)
             result: httpx.Response | httpx.TransportError | None = None
-            try:
-                result = self._http.send(request, stream=True)
-                if read_body or result.status_code >= 400:
-                    result.read()
-            except httpx.TransportError as exc:
-                if result is not None:
-                    result.close()
-                result = exc
+            with _WAITS.watching(url + path, phase, self.policy.notice_after_seconds):
+                try:
+                    result = self._http.send(request, stream=True)
+                    if read_body or result.status_code >= 400:
+                        result.read()
+                except httpx.TransportError as exc:
+                    if result is not None:
+                        result.close()
+                    result = exc
             delay = attempts.judge(url, result)
             if delay is None:
                 assert isinstance(result, httpx.Response)

@@ -46,6 +46,11 @@ def make_app() -> FastAPI:
         calls[key] += 1
         raise Conflict("weights are being updated", field="policy_version")
 
+    @app.get("/hang/{seconds}")
+    async def hang(seconds: float) -> dict:
+        await asyncio.sleep(seconds)
+        return {"slept": seconds}
+
     @app.get("/slow/{key}")
     async def slow(key: str) -> dict:
         calls[key] += 1
@@ -123,3 +128,26 @@ async def test_read_timeouts_bound_each_attempt_and_the_total(server_url):
             await client.request("GET", "/slow/e", phase="test.slow")
     assert time.monotonic() - start < 1.5
     assert "ReadTimeout" in str(failure.value) and calls["e"] <= 4
+
+
+def test_a_long_wait_is_named_while_it_lasts(server_url, caplog):
+    """No silent waits: past `notice_after_seconds` the call logs its URL and phase, then again at that interval."""
+    policy = RetryPolicy(notice_after_seconds=0.5, read_timeout_seconds=30, max_attempts=1)
+    with caplog.at_level("WARNING", logger="rpo.client"), ServiceClient(server_url, policy) as client:
+        assert client.request("GET", "/hang/1.9", phase="weight push v7").json() == {"slept": 1.9}
+    notices = [r.getMessage() for r in caplog.records if "still waiting" in r.getMessage()]
+    assert 2 <= len(notices) <= 4, notices
+    assert notices[0].startswith(f"weight push v7: still waiting on {server_url}/hang/1.9 after ")
+    caplog.clear()
+
+    async def call() -> dict:
+        async with AsyncServiceClient(server_url, policy) as client:
+            return (await client.request("GET", "/hang/1.2", phase="rollout (step 3)")).json()
+
+    with caplog.at_level("WARNING", logger="rpo.client"):
+        assert asyncio.run(call()) == {"slept": 1.2}
+        quick = RetryPolicy(notice_after_seconds=5)
+        with ServiceClient(server_url, quick) as client:  # a call shorter than the notice: nothing logged
+            client.request("GET", "/hang/0.2", phase="quick")
+    notices = [r.getMessage() for r in caplog.records if "still waiting" in r.getMessage()]
+    assert notices and all("rollout (step 3): still waiting" in n for n in notices)
