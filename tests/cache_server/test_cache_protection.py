@@ -3,6 +3,7 @@ class of bad input answered 422 naming the field with nothing written; the one e
 
 from __future__ import annotations
 
+import json
 import logging
 
 import httpx
@@ -254,3 +255,66 @@ async def test_unexpected_errors_are_a_logged_500_without_details(caplog):
     assert "internal detail that must not leak" in caplog.text  # logged with its traceback
     assert 'rpo_http_request_duration_seconds_count{endpoint="/boom/{item}",method="GET"} 1.0' in metrics
     assert "/boom/17" not in metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hostile input, by hand (the generated kind is in test_fuzz.py)
+
+
+async def test_deeply_nested_json_is_a_4xx_not_a_crash(http, run_id, redis_client):
+    deep = "[" * 100_000 + "]" * 100_000  # far past any parser's recursion limit
+    for method, path in (("PUT", "/entries"), ("POST", "/updates"), ("POST", "/prefixes")):
+        r = await http.request(
+            method,
+            f"/v1/runs/{run_id}{path}",
+            content=deep,
+            headers={**AUTH, "Content-Type": "application/json"},
+        )
+        assert 400 <= r.status_code < 500, (path, r.status_code, r.text[:200])
+        assert error_of(r)["type"] in {"validation_error", "invalid_input", "bad_request"}
+    assert run_keys(redis_client, run_id) == []
+    assert (await http.get("/readyz")).status_code == 200  # still serving
+
+
+@pytest.mark.parametrize("reward", [float("inf"), float("-inf"), 1e309])
+async def test_infinite_rewards_are_refused(http, run_id, redis_client, reward):
+    body = update_with(
+        groups=[GOOD_GROUP, group_with(candidates=[{"suffix_ids": [1], "reward": reward, "correct": True}])]
+    )
+    r = await http.post(
+        f"/v1/runs/{run_id}/updates",
+        content=json.dumps(body),
+        headers={**AUTH, "Content-Type": "application/json"},
+    )
+    assert r.status_code == 422 and error_of(r)["field"] == "groups.1.candidates.0.reward", r.text
+    assert run_keys(redis_client, run_id) == []
+
+
+@pytest.mark.parametrize("version", [-1, 2**63, 10**30])
+async def test_negative_or_huge_versions_are_refused(http, run_id, redis_client, version):
+    r = await http.post(
+        f"/v1/runs/{run_id}/updates",
+        json=update_with(groups=[GOOD_GROUP, group_with(policy_version=version)]),
+        headers=AUTH,
+    )
+    assert r.status_code == 422 and error_of(r)["field"] == "groups.1.policy_version", r.text
+    assert run_keys(redis_client, run_id) == []
+
+
+@pytest.mark.parametrize("bad_run", ["..%2F..%2Fetc", "r%C3%BCn", "a*b", "x%7Bslot%7D", "a" * 129])
+async def test_run_ids_with_path_glob_or_unicode_characters_are_refused(http, redis_client, bad_run):
+    r = await http.put(f"/v1/runs/{bad_run}/entries", json={"entries": [GOOD_ENTRY]}, headers=AUTH)
+    assert r.status_code in (404, 422), (bad_run, r.status_code, r.text)
+    assert (
+        list(redis_client.scan_iter(match="rpo:{*" + bad_run[:3].replace("%", "") + "*}", count=1000)) == []
+    )
+
+
+async def test_unicode_question_ids_round_trip(http, run_id):
+    qid = "问题-42/../ü\u200b"
+    r = await http.put(
+        f"/v1/runs/{run_id}/entries", json={"entries": [{**GOOD_ENTRY, "question_id": qid}]}, headers=AUTH
+    )
+    assert r.status_code == 200, r.text
+    r = await http.post(f"/v1/runs/{run_id}/prefixes", json={"question_ids": [qid], "truncation_limit": 1})
+    assert r.status_code == 200 and r.json()["results"][0]["question_id"] == qid

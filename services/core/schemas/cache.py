@@ -15,7 +15,15 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from services.core.schemas.common import TOKEN_ID_BYTES, TokenIds, TruncationLimit, Wire, token_count
+from services.core.schemas.common import (
+    MAX_INT64,
+    TOKEN_ID_BYTES,
+    TokenIds,
+    TruncationLimit,
+    Version,
+    Wire,
+    token_count,
+)
 
 RUN_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 """Run ids name a key namespace: letters, digits, `.`, `_`, `-` (no glob or hash-tag characters)."""
@@ -47,7 +55,7 @@ class PutEntry(Wire):
     """Reward the answer earned (shaped or raw, as the caller keeps it)."""
     correct: bool = False
     """Whether the answer was verified correct."""
-    policy_version: int = Field(0, ge=0)
+    policy_version: Version = 0
     """Policy version that produced the answer (0: the starting policy)."""
     last_group_min_len: int | None = Field(None, ge=0)
     """Shortest response length (tokens) of the question's last group; None until a group was seen."""
@@ -57,7 +65,7 @@ class PutEntry(Wire):
     """Import only: original last update time (unix seconds); default now."""
     update_count: int = Field(0, ge=0)
     """Import only: how many epsilon-greedy updates the entry had seen."""
-    last_step: int | None = Field(None, ge=0)
+    last_step: int | None = Field(None, ge=0, le=MAX_INT64)
     """Import only: training step of the last update applied."""
 
     @field_validator("token_ids")
@@ -200,7 +208,7 @@ class GroupUpdate(Wire):
     prefix_ids: TokenIds = b""
     """Cached prefix shared by every candidate (empty in full-path mode or on a cache miss)."""
     candidates: list[UpdateCandidate] = Field(min_length=1, max_length=1024)
-    policy_version: int = Field(ge=0)
+    policy_version: Version
     """Policy version that produced the responses; stored with the chosen one."""
     min_response_len: int | None = Field(None, ge=0)
     """Shortest response length of the group in tokens (for L = "0.5l" / "l"); default: computed from the
@@ -226,7 +234,7 @@ class GroupUpdate(Wire):
 class UpdateRequest(Wire):
     """One step's cache updates. Idempotent per (run, step, question): a retry changes nothing."""
 
-    step: int = Field(ge=0)
+    step: int = Field(ge=0, le=MAX_INT64)
     """Training step these groups belong to (the idempotency key, with the question id)."""
     epsilon: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
     """Probability of storing the BEST response; otherwise a uniformly chosen other one is stored."""

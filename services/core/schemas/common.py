@@ -47,6 +47,12 @@ class Wire(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
+MAX_INT64 = 2**63 - 1
+"""Versions and steps are stored as 64-bit integers (Redis, safetensors metadata): anything larger is refused."""
+Version = Annotated[int, Field(ge=0, le=MAX_INT64)]
+"""A policy version: 0 is the weights a replica started from; each pushed update is the next integer."""
+
+
 TruncationLimit = Annotated[int, Field(ge=0, strict=True)] | Literal["0.5l", "l"]
 """RPO's truncation limit L: a token count >= 0, or "0.5l" / "l", relative to the question's last group's
 shortest response (docs/algorithm.md). The one declaration: the config, both wire schemas and the algorithm

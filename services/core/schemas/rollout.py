@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from services.core.schemas.common import TruncationLimit, Wire
+from services.core.schemas.common import MAX_INT64, TruncationLimit, Version, Wire
 
 TokenIds = list[Annotated[int, Field(ge=0)]]
 MaxTokens = Annotated[int, Field(ge=1)]
@@ -45,7 +45,7 @@ class GenerateRequest(Wire):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, lt=2**63)
     """Makes sampling reproducible: prompt i is sampled with seed + i (and its n samples with + j)."""
-    min_policy_version: int = Field(0, ge=0)
+    min_policy_version: Version = 0
     """Refuse (409) if the replica serves an older policy than this."""
 
 
@@ -99,7 +99,7 @@ class RolloutRequest(Wire):
     """DAPO soft overlong punishment (0: off), added to the shaped reward."""
     seed_cache_on_miss: bool = True
     """A cache miss falls back to one full sample that seeds the entry (docs/algorithm.md, step 1)."""
-    min_policy_version: int = Field(0, ge=0)
+    min_policy_version: Version = 0
     """Refuse (409) if the replica serves an older policy than this."""
 
     @field_validator("questions")
@@ -211,13 +211,13 @@ class NcclInitRequest(Wire):
 class NcclStartRequest(Wire):
     """`POST /v1/weights/nccl/start`: hold generation and open an update that will serve as `version`."""
 
-    version: int = Field(ge=1)
+    version: Annotated[int, Field(ge=1, le=MAX_INT64)]
 
 
 class NcclUpdateRequest(Wire):
     """`POST /v1/weights/nccl/update`: receive one broadcast (names, dtype_names, shapes of the tensors)."""
 
-    version: int = Field(ge=1)
+    version: Annotated[int, Field(ge=1, le=MAX_INT64)]
     update_info: dict[str, Any] | list[dict[str, Any]]
     """vLLM's update info (names, dtype_names, shapes), or one per worker rank."""
 
@@ -225,4 +225,4 @@ class NcclUpdateRequest(Wire):
 class NcclFinishRequest(Wire):
     """`POST /v1/weights/nccl/finish`: close the update, reset the prefix cache, serve `version`."""
 
-    version: int = Field(ge=1)
+    version: Annotated[int, Field(ge=1, le=MAX_INT64)]
