@@ -144,8 +144,17 @@ class RemoteServices:
         token = cfg.services.api_token
         self.token = token.get_secret_value() if token is not None else None
         self._cache = None
+        self._commit = None
         if cfg.services.cache_url and cfg.algorithm.mode == "rpo":
             self._cache = SyncCacheClient.from_config(cfg)
+            # The step's commit keeps trying through a cache server restart (it is idempotent per step and
+            # question): giving up would lose the step's updates, waiting costs only time.
+            patient = dataclasses.replace(
+                self.policy,
+                max_attempts=1_000_000,
+                max_total_seconds=cfg.train.cache_commit_timeout_seconds,
+            )
+            self._commit = SyncCacheClient(cfg.services.cache_url, policy=patient, token=self.token)
 
     @property
     def cache(self) -> SyncCacheClient:
@@ -154,8 +163,9 @@ class RemoteServices:
         return self._cache
 
     def close(self) -> None:
-        if self._cache is not None:
-            self._cache.close()
+        for client in (self._cache, self._commit):
+            if client is not None:
+                client.close()
 
     # ------------------------------------------------------------------------------------------- replicas
     def replicas(self) -> list[str]:
@@ -432,7 +442,9 @@ class RemoteServices:
         counts = {"best": 0, "other": 0, "none": 0}
         if not updates:
             return counts
-        results = self.cache.update(
+        if self._commit is None:
+            raise RuntimeError("no cache server configured: set services.cache_url")
+        results = self._commit.update(
             self.run_id,
             step,
             updates,

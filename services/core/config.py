@@ -243,6 +243,9 @@ class TrainSection(_Section):
     """Port of the trainer's `/metrics`; 0 picks a free port, None serves none."""
     weight_sync_timeout_seconds: float = Field(600.0, gt=0)
     """Most seconds a weight push to the replicas may take, until every one serves the new version."""
+    cache_commit_timeout_seconds: float = Field(300.0, gt=0)
+    """How long a step's cache commit keeps retrying (through a cache server restart, say) before the step
+    fails; the commit is idempotent, so retrying never applies it twice."""
     nccl_host: str | None = None
     """rollout.weight_transfer=nccl: the address the replicas reach the trainer's NCCL rendezvous on (compose:
     `trainer`); None: this machine's host name."""
