@@ -35,6 +35,10 @@ from trainer.weight_push import WeightPushError, push_to_all
 log = logging.getLogger("rpo.remote")
 
 
+SIT_OUT_PHASES = frozenset({"connect", "upload", "no answer"})
+"""Weight-push failures of the transport (the replica is gone or frozen), as opposed to a refusal."""
+
+
 class RolloutFailed(RuntimeError):
     """Every replica failed a chunk of a rollout batch; the message names them and what to check."""
 
@@ -386,10 +390,11 @@ class RemoteServices:
                 timeout_seconds=self.cfg.train.weight_sync_timeout_seconds,
             )
         except WeightPushError as exc:
-            unreachable = [url for url, (phase, _) in exc.failures.items() if phase == "connect"]
+            unreachable = [url for url, (phase, _) in exc.failures.items() if phase in SIT_OUT_PHASES]
             if exc.succeeded and len(unreachable) == len(exc.failures):
-                # Replicas that cannot be reached (stopped, killed) sit out: they serve no rollouts of this
-                # version, and the next step's version check pushes to them if they come back.
+                # Replicas that cannot be reached, or stop answering (killed, frozen, cut off), sit out: they
+                # serve no rollouts of this version, and the next step's version check pushes to them if they
+                # come back. A replica that refused or failed to apply the weights fails the step.
                 for url in unreachable:
                     log.warning(
                         "replica %s is unreachable and sits out version %d: %s; %s",

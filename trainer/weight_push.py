@@ -225,8 +225,8 @@ def _send(
             phase = "apply"
         elif "Connect" in str(exc) and upload.sent == 0:
             phase = "connect"
-        else:
-            phase = "upload" if upload.sent < body.length else "apply"
+        else:  # a transport failure: cut mid-body, or no answer after the whole body (a frozen replica)
+            phase = "upload" if upload.sent < body.length else "no answer"
         raise _PhaseError(phase, str(exc)) from None
     parsed = parse_reply(WeightPushResponse, reply)
     return PushResult(url, parsed.policy_version, time.monotonic() - started, parsed)
@@ -271,7 +271,8 @@ def push_to_all(
     trainer can push to every replica, lagging or not). `dtype`: "auto" casts floating tensors to the dtype
     each replica serves, None sends them as they are, or a safetensors code ("BF16"). Raises
     WeightPushError naming every replica that failed and the phase: connect, upload, validate (4xx: nothing
-    changed there) or apply.
+    changed there), apply (the replica answered that it failed) or no answer (the whole body went, no reply
+    came within the timeout).
     """
     if not urls:
         raise ValueError("no replica to push to")

@@ -484,6 +484,50 @@ def test_dapo_refill_asks_the_real_replica_again_until_the_batch_is_full(
             assert len({s.correct for s in group.samples}) == 1, group.question_id
 
 
+def test_a_frozen_replica_is_named_while_it_hangs_sits_out_and_catches_up_when_resumed(
+    tmp_path, warm_model_dir, rollout_cache_url, training_replicas
+):
+    """SIGSTOP one of the two replicas mid-run: its version check times out (bounded), it sits the steps
+    out while the other serves them, the wait is logged with its URL and phase while it lasts, and once
+    SIGCONT'd it is pushed the current weights and ends at the trainer's version."""
+    import os
+    import signal
+
+    from training_helpers import Trainer, replica_version, run_config, seed, wait_for_step
+
+    from trainer.progress import read_records
+
+    survivor, frozen = training_replicas
+    cfg, config_file = run_config(
+        tmp_path,
+        warm_model_dir,
+        rollout_cache_url,
+        [survivor.url, frozen.url],
+        "train.max_steps=5",
+        "services.request_timeout_seconds=15",
+        "train.weight_sync_timeout_seconds=20",
+        "services.slow_call_notice_seconds=2",
+    )
+    seed(
+        cfg.model_copy(update={"services": cfg.services.model_copy(update={"rollout_urls": [survivor.url]})})
+    )
+    trainer = Trainer(config_file, log_path=tmp_path / "trainer.log")
+    wait_for_step(cfg.train.run_dir, 1, trainer)
+    os.killpg(frozen.process.pid, signal.SIGSTOP)  # the API process and its engine core
+    try:
+        wait_for_step(cfg.train.run_dir, 3, trainer)  # the run goes on without it
+    finally:
+        os.killpg(frozen.process.pid, signal.SIGCONT)
+    assert trainer.wait(300) == 0, trainer.output()[-6000:]
+    records = read_records(cfg.train.run_dir, "step")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    output = trainer.output()
+    assert f"still waiting on {frozen.url}" in output  # named while it hung, not after
+    assert f"replica {frozen.url} sits this step out" in output
+    # resumed, it was brought to the trainer's weights like any replica that fell behind
+    assert replica_version(frozen.url) == replica_version(survivor.url) == records[-1]["policy_version"]
+
+
 def test_a_replica_killed_between_steps_leaves_the_run_to_the_other(
     tmp_path, warm_model_dir, rollout_cache_url, training_replicas
 ):
