@@ -528,18 +528,42 @@ def test_a_frozen_replica_is_named_while_it_hangs_sits_out_and_catches_up_when_r
     assert replica_version(frozen.url) == replica_version(survivor.url) == records[-1]["policy_version"]
 
 
-def test_a_replica_killed_between_steps_leaves_the_run_to_the_other(
-    tmp_path, warm_model_dir, rollout_cache_url, training_replicas
+def _decoding(url: str) -> bool:
+    """Whether the replica's engine has requests running (vLLM's own gauge, on the replica's /metrics)."""
+    import httpx
+
+    try:
+        text = httpx.get(url + "/metrics", timeout=2).text
+    except httpx.HTTPError:
+        return False
+    return any(
+        line.startswith("vllm:num_requests_running") and float(line.split()[-1]) > 0
+        for line in text.splitlines()
+    )
+
+
+def test_a_replica_killed_while_decoding_leaves_the_step_to_the_other_and_a_restarted_one_catches_up(
+    tmp_path, warm_model_dir, rollout_cache_url, training_replicas, rollout_server_factory
 ):
-    """Runs last in this module: it kills the second training replica for good."""
+    """Runs last in this module: it kills the second training replica (and starts a new one in its place)."""
+    import os
+    import signal
+    import time
+    from urllib.parse import urlparse
+
     from training_helpers import Trainer, replica_version, run_config, seed, wait_for_step
 
     from trainer.progress import read_records
 
     survivor, victim = training_replicas
     cfg, config_file = run_config(
-        tmp_path, warm_model_dir, rollout_cache_url, [survivor.url, victim.url], "train.max_steps=4"
-    )
+        tmp_path,
+        warm_model_dir,
+        rollout_cache_url,
+        [survivor.url, victim.url],
+        "train.max_steps=500",
+        "train.epochs=100",
+    )  # stopped with SIGTERM below, once the restarted replica has served
     # Earlier tests left the two replicas at different versions: seed through one (a batch never mixes
     # versions); the trainer's first step brings both to one new version.
     seed(
@@ -547,17 +571,24 @@ def test_a_replica_killed_between_steps_leaves_the_run_to_the_other(
     )
     trainer = Trainer(config_file, log_path=tmp_path / "trainer.log")
     wait_for_step(cfg.train.run_dir, 1, trainer)
-    victim.process.kill()  # SIGKILL: the engine core goes with its process group below
-    import os
-    import signal
-
-    try:
-        os.killpg(victim.process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    deadline = time.monotonic() + 120
+    while not _decoding(victim.url):  # kill it in the middle of a step's rollouts
+        assert time.monotonic() < deadline and trainer.process.poll() is None, trainer.output()[-4000:]
+        time.sleep(0.02)
+    os.killpg(victim.process.pid, signal.SIGKILL)  # the API process and its engine core
+    victim.process.wait(timeout=30)
+    wait_for_step(cfg.train.run_dir, 3, trainer)  # the steps go on, on the survivor
+    # A new replica at the same address: it starts at version 0 and must be brought up to date
+    # before it serves the trainer's rollouts.
+    address = urlparse(victim.url)
+    restarted = rollout_server_factory(warm_model_dir, cache_url=rollout_cache_url, port=address.port)
+    back = max(r["step"] for r in read_records(cfg.train.run_dir, "step"))
+    wait_for_step(cfg.train.run_dir, back + 2, trainer)  # a whole step with the restarted replica in it
+    trainer.process.send_signal(signal.SIGTERM)  # stop after the current step (a checkpoint is saved)
     assert trainer.wait(300) == 0, trainer.output()[-6000:]
     records = read_records(cfg.train.run_dir, "step")
-    assert [r["step"] for r in records] == [1, 2, 3, 4]
-    assert replica_version(survivor.url) == records[-1]["policy_version"]
+    assert [r["step"] for r in records] == list(range(1, len(records) + 1))
     output = trainer.output()
-    assert victim.url in output and ("sits this step out" in output or "retrying them on" in output)
+    assert victim.url in output and "retrying them on" in output  # the in-flight chunk moved, named
+    assert replica_version(survivor.url) == records[-1]["policy_version"]
+    assert replica_version(restarted.url) == records[-1]["policy_version"]
