@@ -26,6 +26,7 @@ from services.core.config import RunConfig
 from services.core.data import encode_prompt, load_questions
 from services.core.schemas.cache import PutEntry
 from services.demo.model_path import resolve_model_path
+from trainer.preflight import check_before_training
 from trainer.remote import RemoteServices
 from trainer.schedule import request_seed
 
@@ -116,6 +117,7 @@ def cache_init_main(args: Any) -> int:
     if cfg.algorithm.mode != "rpo":
         raise UsageError("algorithm.mode is 'full': full-path runs use no cache, there is nothing to seed")
     named_run_id(cfg)  # the trainer must find these entries under the same id
+    check_before_training(cfg)  # the same services and inputs the trainer needs, checked in seconds
     remote = RemoteServices(cfg)
     try:
         stats = seed_cache(cfg, remote)

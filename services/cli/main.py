@@ -1,6 +1,7 @@
 """The `rpo` command line. The command table is services/cli/table.py; each handler lives in the package
 that owns the feature, and heavy imports (torch, vLLM, DeepSpeed) happen inside it, so `--help` is instant.
-A `ConfigError` or `UsageError` ends the command with its message and exit code 2, never a traceback.
+A `ConfigError`, `UsageError`, `DatasetError` or `RewardSpecError` ends the command with its message and exit
+code 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from collections.abc import Callable, Sequence
 from services.cli.args import UsageError
 from services.cli.table import register
 from services.core.config import ConfigError
+from services.core.data import DatasetError
 from services.core.logs import setup_logging
+from services.core.rewards import RewardSpecError
 
 log = logging.getLogger("rpo")
 
@@ -40,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], int | None] = args.handler
     try:
         return int(handler(args) or 0)
-    except (ConfigError, UsageError) as exc:
+    except (ConfigError, UsageError, DatasetError, RewardSpecError) as exc:  # bad input: its message
         print(f"rpo {args.command}: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and the like

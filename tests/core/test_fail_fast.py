@@ -103,3 +103,17 @@ def test_rpo_serve_rollout_with_a_missing_model_is_one_line(tmp_path):
         rpo("serve", "rollout", "--model", str(tmp_path / "nonexistent")),
         f"model.path '{tmp_path / 'nonexistent'}': not an HF model directory",
     )
+
+
+def test_cache_init_and_eval_check_their_inputs_first(cache_url, tmp_path):
+    assert_one_message(
+        rpo("cache", "init", "--set", "services.run_id=r1"),
+        "no cache server configured: set services.cache_url",
+    )
+    assert_one_message(
+        rpo("cache", "init", "--set", "services.run_id=r1", "--set", f"services.cache_url={cache_url}"),
+        "no rollout replica configured",
+    )
+    assert_one_message(
+        rpo("eval", "--dataset", str(tmp_path / "none.jsonl")), f"dataset not found: {tmp_path}"
+    )
