@@ -487,11 +487,12 @@ def test_dapo_refill_asks_the_real_replica_again_until_the_batch_is_full(
 def test_a_frozen_replica_is_named_while_it_hangs_sits_out_and_catches_up_when_resumed(
     tmp_path, warm_model_dir, rollout_cache_url, training_replicas
 ):
-    """SIGSTOP one of the two replicas mid-run: its version check times out (bounded), it sits the steps
-    out while the other serves them, the wait is logged with its URL and phase while it lasts, and once
-    SIGCONT'd it is pushed the current weights and ends at the trainer's version."""
+    """SIGSTOP one of the two replicas while it decodes a step's rollouts: the chunk times out (bounded) and
+    moves to the other, the push and the next version checks time out and it sits the steps out, the wait is
+    logged with its URL and phase while it lasts, and once SIGCONT'd it is pushed the current weights."""
     import os
     import signal
+    import time
 
     from training_helpers import Trainer, replica_version, run_config, seed, wait_for_step
 
@@ -513,6 +514,10 @@ def test_a_frozen_replica_is_named_while_it_hangs_sits_out_and_catches_up_when_r
     )
     trainer = Trainer(config_file, log_path=tmp_path / "trainer.log")
     wait_for_step(cfg.train.run_dir, 1, trainer)
+    deadline = time.monotonic() + 120
+    while not _decoding(frozen.url):  # freeze it in the middle of a step's rollouts
+        assert time.monotonic() < deadline and trainer.process.poll() is None, trainer.output()[-4000:]
+        time.sleep(0.02)
     os.killpg(frozen.process.pid, signal.SIGSTOP)  # the API process and its engine core
     try:
         wait_for_step(cfg.train.run_dir, 3, trainer)  # the run goes on without it
@@ -523,6 +528,7 @@ def test_a_frozen_replica_is_named_while_it_hangs_sits_out_and_catches_up_when_r
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
     output = trainer.output()
     assert f"still waiting on {frozen.url}" in output  # named while it hung, not after
+    assert "retrying them on" in output  # the chunk it froze on timed out and moved to the other
     assert f"replica {frozen.url} sits this step out" in output
     # resumed, it was brought to the trainer's weights like any replica that fell behind
     assert replica_version(frozen.url) == replica_version(survivor.url) == records[-1]["policy_version"]
