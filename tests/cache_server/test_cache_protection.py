@@ -258,7 +258,7 @@ async def test_unexpected_errors_are_a_logged_500_without_details(caplog):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Hostile input, by hand (the generated kind is in test_fuzz.py)
+# Hostile input, by hand (the generated kind is in test_cache_fuzz.py)
 
 
 async def test_deeply_nested_json_is_a_4xx_not_a_crash(http, run_id, redis_client):
