@@ -484,6 +484,29 @@ def test_dapo_refill_asks_the_real_replica_again_until_the_batch_is_full(
             assert len({s.correct for s in group.samples}) == 1, group.question_id
 
 
+def wait_until_decoding(url: str, trainer, timeout_seconds: float = 120.0) -> None:
+    """Until the replica's engine has requests running (vLLM's own gauge, on the replica's /metrics);
+    the trainer must stay alive meanwhile."""
+    import time
+
+    import httpx
+
+    def decoding() -> bool:
+        try:
+            text = httpx.get(url + "/metrics", timeout=2).text
+        except httpx.HTTPError:
+            return False
+        return any(
+            line.startswith("vllm:num_requests_running") and float(line.split()[-1]) > 0
+            for line in text.splitlines()
+        )
+
+    deadline = time.monotonic() + timeout_seconds
+    while not decoding():
+        assert time.monotonic() < deadline and trainer.process.poll() is None, trainer.output()[-4000:]
+        time.sleep(0.02)
+
+
 def test_a_frozen_replica_is_named_while_it_hangs_sits_out_and_catches_up_when_resumed(
     tmp_path, warm_model_dir, rollout_cache_url, training_replicas
 ):
@@ -492,7 +515,6 @@ def test_a_frozen_replica_is_named_while_it_hangs_sits_out_and_catches_up_when_r
     logged with its URL and phase while it lasts, and once SIGCONT'd it is pushed the current weights."""
     import os
     import signal
-    import time
 
     from training_helpers import Trainer, replica_version, run_config, seed, wait_for_step
 
@@ -514,10 +536,7 @@ def test_a_frozen_replica_is_named_while_it_hangs_sits_out_and_catches_up_when_r
     )
     trainer = Trainer(config_file, log_path=tmp_path / "trainer.log")
     wait_for_step(cfg.train.run_dir, 1, trainer)
-    deadline = time.monotonic() + 120
-    while not _decoding(frozen.url):  # freeze it in the middle of a step's rollouts
-        assert time.monotonic() < deadline and trainer.process.poll() is None, trainer.output()[-4000:]
-        time.sleep(0.02)
+    wait_until_decoding(frozen.url, trainer)  # freeze it in the middle of a step's rollouts
     os.killpg(frozen.process.pid, signal.SIGSTOP)  # the API process and its engine core
     try:
         wait_for_step(cfg.train.run_dir, 3, trainer)  # the run goes on without it
@@ -534,27 +553,12 @@ def test_a_frozen_replica_is_named_while_it_hangs_sits_out_and_catches_up_when_r
     assert replica_version(frozen.url) == replica_version(survivor.url) == records[-1]["policy_version"]
 
 
-def _decoding(url: str) -> bool:
-    """Whether the replica's engine has requests running (vLLM's own gauge, on the replica's /metrics)."""
-    import httpx
-
-    try:
-        text = httpx.get(url + "/metrics", timeout=2).text
-    except httpx.HTTPError:
-        return False
-    return any(
-        line.startswith("vllm:num_requests_running") and float(line.split()[-1]) > 0
-        for line in text.splitlines()
-    )
-
-
 def test_a_replica_killed_while_decoding_leaves_the_step_to_the_other_and_a_restarted_one_catches_up(
     tmp_path, warm_model_dir, rollout_cache_url, training_replicas, rollout_server_factory
 ):
     """Runs last in this module: it kills the second training replica (and starts a new one in its place)."""
     import os
     import signal
-    import time
     from urllib.parse import urlparse
 
     from training_helpers import Trainer, replica_version, run_config, seed, wait_for_step
@@ -577,10 +581,7 @@ def test_a_replica_killed_while_decoding_leaves_the_step_to_the_other_and_a_rest
     )
     trainer = Trainer(config_file, log_path=tmp_path / "trainer.log")
     wait_for_step(cfg.train.run_dir, 1, trainer)
-    deadline = time.monotonic() + 120
-    while not _decoding(victim.url):  # kill it in the middle of a step's rollouts
-        assert time.monotonic() < deadline and trainer.process.poll() is None, trainer.output()[-4000:]
-        time.sleep(0.02)
+    wait_until_decoding(victim.url, trainer)  # kill it in the middle of a step's rollouts
     os.killpg(victim.process.pid, signal.SIGKILL)  # the API process and its engine core
     victim.process.wait(timeout=30)
     wait_for_step(cfg.train.run_dir, 3, trainer)  # the steps go on, on the survivor
