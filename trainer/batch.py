@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.core.algorithm import dynamic_sampling_keep, group_advantages
+from services.core.algorithm import dynamic_sampling_keep, dynamic_sampling_keep_rewards, group_advantages
 from services.core.config import AlgorithmSection
 from services.core.schemas.rollout import RolloutGroup
 from trainer.losses import response_loss_mask
@@ -44,8 +44,11 @@ class TrainSample:
         return n - min(self.prefix_len, n) if suffix_only else n
 
 
-def keep_group(group: RolloutGroup) -> bool:
-    """DAPO's dynamic-sampling filter: train on a group only when 0 < #correct < G."""
+def keep_group(group: RolloutGroup, signal: str = "correctness") -> bool:
+    """DAPO's dynamic-sampling filter (`algorithm.dynamic_sampling_filter`): train on a group only when
+    0 < #correct < G (`correctness`), or when its shaped rewards differ (`reward`)."""
+    if signal == "reward":
+        return dynamic_sampling_keep_rewards([s.shaped_reward for s in group.samples])
     return dynamic_sampling_keep([s.correct for s in group.samples])
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from services.core.config import RunConfig
@@ -43,6 +43,8 @@ class EvalResult:
     generated_tokens: int
     seconds: float
     policy_version: int
+    correct_per_question: dict[str, list[int]] = field(default_factory=dict)
+    """Question id -> [samples, correct]: what confidence intervals and paired comparisons need."""
 
     def describe(self) -> str:
         at_k = f", pass@{self.k} {100 * self.pass_at_k:.1f}%" if self.k > 1 else ""
@@ -77,9 +79,11 @@ def evaluate_questions(
     )
     k = cfg.sampling.eval_samples
     p1, pk, lengths = [], [], []
+    per_question: dict[str, list[int]] = {}
     for group in batch.groups:
         n = len(group.samples)
         c = sum(1 for s in group.samples if s.correct)
+        per_question[group.question_id] = [n, c]
         p1.append(pass_at_k(n, c, 1))
         pk.append(pass_at_k(n, c, min(k, n)))
         lengths.extend(len(s.response_ids) for s in group.samples)
@@ -92,4 +96,5 @@ def evaluate_questions(
         generated_tokens=batch.generated_tokens,
         seconds=time.monotonic() - started,
         policy_version=batch.policy_version,
+        correct_per_question=per_question,
     )

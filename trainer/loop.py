@@ -24,6 +24,7 @@ group still has a best, shortest answer to keep); the paper leaves this open.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -31,12 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.core.algorithm import dynamic_sampling_keep
 from services.core.config import RunConfig, fresh_run_id
 from services.core.data import encode_prompt, load_questions
 from services.demo.model_path import resolve_model_path
 from trainer import dist
-from trainer.batch import build_samples
+from trainer.batch import build_samples, keep_group
 from trainer.checkpoint import LEARNER_DIR, Checkpointer, StopRequest, TrainerState
 from trainer.evaluate import evaluate_questions
 from trainer.learner import Learner
@@ -64,7 +64,8 @@ def collect_groups(
     replicas: list[str],
     version: int,
 ) -> CollectedGroups:
-    """Rank 0: the step's rollouts. DAPO keeps groups with 0 < #correct < G and refills the batch from the
+    """Rank 0: the step's rollouts. DAPO keeps groups with 0 < #correct < G (or, with
+    `algorithm.dynamic_sampling_filter: reward`, whose shaped rewards differ) and refills the batch from the
     cursor for at most `algorithm.dynamic_sampling_max_rounds` extra rounds; GRPO keeps every group."""
 
     want = cfg.train.questions_per_step
@@ -88,16 +89,19 @@ def collect_groups(
             min_policy_version=version,
             phase=f"rollout (step {step}, round {round_index + 1})",
         )
-        keep = (lambda g: dynamic_sampling_keep([s.correct for s in g.samples])) if dynamic else None
+        keep = (
+            functools.partial(keep_group, signal=cfg.algorithm.dynamic_sampling_filter) if dynamic else None
+        )
         collected.add(batch, keep=keep, limit=want)
     if dynamic and len(collected.train_groups) < want:
         log.warning(
             "step %d: dynamic sampling kept %d of %d groups after %d rounds (the others had all-equal "
-            "correctness); training on what it kept",
+            "%s); training on what it kept",
             step,
             len(collected.train_groups),
             want,
             collected.rounds,
+            "rewards" if cfg.algorithm.dynamic_sampling_filter == "reward" else "correctness",
             extra={"step": step},
         )
     return collected
@@ -205,7 +209,7 @@ class TrainingRecipe:
     def train(self) -> dict[str, Any]:
         """Run the remaining steps; returns what happened (steps done, stopped early or not)."""
         cfg = self.cfg
-        if self.step == 0:
+        if self.step == 0 and cfg.train.eval_before:
             self.evaluate("before")
         stopped = False
         while self.step < self.total_steps:

@@ -256,7 +256,7 @@ class RemoteServices:
             "alpha": a.alpha,
             "shaping_low": a.shaping_low,
             "shaping_high": a.shaping_high,
-            "overlong_buffer_tokens": a.overlong_buffer_tokens if a.algorithm == "dapo" else 0,
+            "overlong_buffer_tokens": a.overlong_buffer(),
             "seed_cache_on_miss": a.mode == "rpo",
         }
         params.update(overrides)

@@ -161,6 +161,34 @@ def dynamic_sampling_keep(correct: Sequence[bool]) -> bool:
     return 0 < k < len(correct)
 
 
+def dynamic_sampling_keep_rewards(shaped_rewards: Sequence[float], tolerance: float = 1e-9) -> bool:
+    """The filter on shaped rewards: keep a group whose rewards are not all equal, so it has a non-zero
+    advantage. With length-aware shaping an all-correct group of different lengths is kept (the shaping's
+    point is to rescue such groups); DAPO's correctness filter would drop it."""
+    return bool(shaped_rewards) and max(shaped_rewards) - min(shaped_rewards) > tolerance
+
+
+def expected_suffix_tokens(limit: int, answer_len: int) -> float:
+    """E[tokens decoded for one suffix] when m ~ U{0..limit} is cut from an answer of `answer_len` tokens
+    and the suffix budget is m (the release code's cap): E[max(1, min(m, answer_len))], since a suffix
+    regrows about what was cut, at most the budget, and m = 0 still decodes one token."""
+    if limit < 0 or answer_len < 0:
+        raise ValueError(f"limit and answer_len must be >= 0, got {limit}, {answer_len}")
+    return sum(max(1, min(m, answer_len)) for m in range(limit + 1)) / (limit + 1)
+
+
+def predicted_decode_ratio(limit: TruncationLimit, cached_len: float, full_len: float) -> float:
+    """Predicted decoded tokens per sample of RPO over full-path rollouts: E[decoded suffix] / mean full
+    response. `cached_len` is the typical cached answer (and, for a relative L, the typical shortest
+    response of a group) in tokens; `full_len` the mean full-path response. Cache misses (which decode
+    G full samples) are not counted: after cache initialisation every training question has an entry."""
+    if full_len <= 0:
+        raise ValueError(f"full_len must be > 0, got {full_len}")
+    length = max(0, round(cached_len))
+    tokens = truncation_limit(limit, length, length)
+    return expected_suffix_tokens(tokens, length) / full_len
+
+
 @dataclass(frozen=True)
 class CacheChoice:
     """Which response of a group replaces the cache entry, and whether it was the best one."""

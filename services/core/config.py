@@ -132,10 +132,22 @@ class AlgorithmSection(_Section):
     """GRPO KL coefficient (k3 estimator); DAPO uses none. Release code: 0.04."""
     advantage_eps: float = Field(1e-4, gt=0.0)
     """Added to the group std in the advantage denominator. Paper: 1e-4."""
-    overlong_buffer_tokens: int = Field(0, ge=0)
-    """DAPO soft overlong punishment buffer L_cache in tokens; 0 disables the soft ramp."""
+    overlong_buffer_tokens: int | None = Field(None, ge=0)
+    """DAPO soft overlong punishment buffer L_cache in tokens; 0 turns the soft ramp off (a response over
+    max_response_tokens still gets -1). Default (unset): on for DAPO, max_response_tokens // 8; GRPO uses none."""
+    dynamic_sampling_filter: Literal["correctness", "reward"] = "correctness"
+    """DAPO's dynamic sampling keeps a group when `correctness`: 0 < #correct < G (DAPO's rule); `reward`: its
+    shaped rewards differ, so all-correct groups of different lengths stay (length-aware shaping's point)."""
     dynamic_sampling_max_rounds: int = Field(3, ge=1)
     """DAPO: extra rollout rounds allowed to refill a batch after filtering."""
+
+    def overlong_buffer(self) -> int:
+        """The overlong punishment buffer in effect: DAPO only; unset means max_response_tokens // 8."""
+        if self.algorithm != "dapo":
+            return 0
+        if self.overlong_buffer_tokens is None:
+            return self.max_response_tokens // 8
+        return self.overlong_buffer_tokens
 
     @field_validator("truncation_limit", mode="before")
     @classmethod
@@ -232,6 +244,8 @@ class TrainSection(_Section):
     """How many recent checkpoints to keep."""
     eval_every: int = Field(0, ge=0)
     """Evaluate on the held-out split every N steps; 0 only before and after training."""
+    eval_before: bool = True
+    """Evaluate before the first step (`rpo reproduce` does it once for all arms: same starting model)."""
     log_every: int = Field(1, ge=1)
     """One log line every N steps."""
     num_processes: int = Field(1, ge=1)

@@ -173,3 +173,37 @@ class TestSelectForCache:
     def test_rejects_bad_epsilon(self):
         with pytest.raises(ValueError):
             A.select_for_cache([1.0], [True], 1.5, random.Random(0))
+
+
+def test_dynamic_sampling_on_shaped_rewards_keeps_all_correct_groups_of_different_lengths():
+    # all correct, different lengths -> shaped rewards differ -> kept (the correctness filter drops it)
+    shaped = A.length_shaped_rewards([1.0, 1.0, 1.0], [100, 120, 300], alpha=0.01)
+    assert not A.dynamic_sampling_keep([True, True, True])
+    assert A.dynamic_sampling_keep_rewards(shaped)
+    assert not A.dynamic_sampling_keep_rewards([0.0, 0.0, 0.0])
+    assert not A.dynamic_sampling_keep_rewards([0.5, 0.5])
+    assert A.dynamic_sampling_keep_rewards([0.0, 1.0])
+    assert not A.dynamic_sampling_keep_rewards([])
+
+
+def test_expected_suffix_tokens_by_hand():
+    # m ~ U{0..4}, answer of 100 tokens: decoded max(1, m) -> (1 + 1 + 2 + 3 + 4) / 5
+    assert A.expected_suffix_tokens(4, 100) == pytest.approx(11 / 5)
+    # an answer shorter than L: a suffix regrows at most the whole answer
+    assert A.expected_suffix_tokens(4, 2) == pytest.approx((1 + 1 + 2 + 2 + 2) / 5)
+    assert A.expected_suffix_tokens(0, 50) == 1.0
+    with pytest.raises(ValueError):
+        A.expected_suffix_tokens(-1, 5)
+
+
+def test_predicted_decode_ratio():
+    # L = 32 on answers of 280 tokens against full-path responses of 280: (1 + 1 + ... + 32) / 33 / 280
+    assert A.predicted_decode_ratio(32, 280, 280) == pytest.approx((1 + 32 * 33 / 2) / 33 / 280)
+    # L = 0.5l: L = 140 on the same answers
+    assert A.predicted_decode_ratio("0.5l", 280, 280) == pytest.approx((1 + 140 * 141 / 2) / 141 / 280)
+    # L = l: a whole-answer cut is possible, about half an answer on average
+    assert A.predicted_decode_ratio("l", 100, 100) == pytest.approx((1 + 100 * 101 / 2) / 101 / 100)
+    # the built-in short task's regime: L = 64 > answers of 45 -> much of the answer is decoded again
+    assert A.predicted_decode_ratio(64, 45, 45) > 0.6
+    with pytest.raises(ValueError):
+        A.predicted_decode_ratio(32, 100, 0)

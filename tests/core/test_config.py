@@ -103,3 +103,29 @@ def test_every_setting_is_documented_and_the_docs_are_current():
     assert (REPO / "docs" / "configuration.md").read_text() == render(), (
         "docs/configuration.md is stale: python -m services.cli.config_docs > docs/configuration.md"
     )
+
+
+def test_dapo_gets_the_overlong_penalty_by_default_and_grpo_none():
+    dapo = load_config(None, ["algorithm.algorithm=dapo", "algorithm.max_response_tokens=4096"])
+    assert dapo.algorithm.overlong_buffer_tokens is None and dapo.algorithm.overlong_buffer() == 512
+    off = load_config(None, ["algorithm.algorithm=dapo", "algorithm.overlong_buffer_tokens=0"])
+    assert off.algorithm.overlong_buffer() == 0
+    grpo = load_config(None, ["algorithm.overlong_buffer_tokens=256"])
+    assert grpo.algorithm.overlong_buffer() == 0
+    assert load_config(None, ["algorithm.algorithm=dapo"]).algorithm.dynamic_sampling_filter == "correctness"
+    with pytest.raises(ConfigError, match="dynamic_sampling_filter"):
+        load_config(None, ["algorithm.dynamic_sampling_filter=length"])
+
+
+def test_paper_configs_are_the_paper_runs():
+    """Accuracy runs (Table 1) at L = 0.5l, the timing run (Table 3) at L = 800, DAPO with clip-higher able
+    to act (more than one update per batch), the overlong penalty on and the shaped-reward filter."""
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    loaded = {p.name: load_config(p) for p in configs.glob("paper-*.yaml")}
+    assert loaded["paper-grpo-1.5b.yaml"].algorithm.truncation_limit == "0.5l"
+    assert loaded["paper-dapo-1.5b.yaml"].algorithm.truncation_limit == "0.5l"
+    assert loaded["paper-grpo-timing-1.5b.yaml"].algorithm.truncation_limit == 800
+    assert loaded["paper-grpo-full-1.5b.yaml"].algorithm.mode == "full"
+    dapo = loaded["paper-dapo-1.5b.yaml"]
+    assert dapo.train.updates_per_batch > 1 and dapo.algorithm.overlong_buffer() > 0
+    assert dapo.algorithm.dynamic_sampling_filter == "reward"

@@ -121,3 +121,11 @@ def test_padded_log_probs_equal_unpadded_ones(tiny_model_dir):
             p, r = len(s.prompt_ids), len(s.response_ids)
             alone = logp[p - 1 : p - 1 + r].gather(1, torch.tensor(s.response_ids)[:, None]).squeeze(1)
             torch.testing.assert_close(batched[i, :r], alone, rtol=0, atol=1e-5)
+
+
+def test_keep_group_on_shaped_rewards_keeps_an_all_correct_group_of_different_lengths():
+    group = _group("q", [_sample([3], 0, 1.0, True), _sample([4, 5], 0, 0.8, True)])
+    assert not keep_group(group)  # DAPO's rule: all correct -> dropped
+    assert keep_group(group, "reward")  # shaped rewards differ -> kept
+    same = _group("q", [_sample([3], 0, 0.0, False), _sample([4], 0, 0.0, False)])
+    assert not keep_group(same, "reward")
