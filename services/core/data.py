@@ -1,7 +1,8 @@
 """Questions in, prompts out: loading a training or evaluation set and building the prompt token ids.
 
-Formats: `.jsonl`, `.parquet`, a directory written by `datasets.Dataset.save_to_disk`, or `builtin:arith`
-/ `builtin:arith-eval` (the synthetic task). Field names are configurable. A bad row fails with the file,
+Formats: `.jsonl`, `.parquet`, a directory written by `datasets.Dataset.save_to_disk`, or a built-in
+synthetic task: `builtin:arith` / `builtin:arith-eval` (short sums) and `builtin:arith-long` /
+`builtin:arith-long-eval` (long reasoning with a check and a redo, `services.core.synthetic_long`). Field names are configurable. A bad row fails with the file,
 the line (jsonl) or row (parquet, datasets) and the field; nothing is half-loaded.
 
 Files as users have them (GSM8K, OpenR1-style sets) often have no id column and may repeat a question:
@@ -29,8 +30,14 @@ from typing import Any
 
 from services.core.config import DataSection
 from services.core.synthetic import SyntheticTaskConfig, make_split
+from services.core.synthetic_long import LongTaskConfig
+from services.core.synthetic_long import make_split as make_long_split
 
 log = logging.getLogger("rpo.data")
+
+
+LONG_SPLITS = {"builtin:arith-long": "train", "builtin:arith-long-eval": "eval"}
+BUILTIN_DATASETS = ("builtin:arith", "builtin:arith-eval", *LONG_SPLITS)
 
 
 class DatasetError(ValueError):
@@ -119,9 +126,13 @@ def _synthetic_rows(spec: str, fields: DataSection) -> list[Question]:
         eval_size=fields.synthetic_eval_size,
         seed=fields.synthetic_seed,
     )
+    if spec in LONG_SPLITS:
+        long_task = LongTaskConfig(seed=fields.synthetic_seed)
+        rows = make_long_split(long_task, LONG_SPLITS[spec])
+        return [Question(id=r["id"], question=r["question"], answer=r["answer"]) for r in rows]
     split = {"builtin:arith": "train", "builtin:arith-eval": "eval"}.get(spec)
     if split is None:
-        raise DatasetError(f"unknown built-in dataset {spec!r}; use builtin:arith or builtin:arith-eval")
+        raise DatasetError(f"unknown built-in dataset {spec!r}; use one of {', '.join(BUILTIN_DATASETS)}")
     return [Question(id=r["id"], question=r["question"], answer=r["answer"]) for r in make_split(task, split)]
 
 

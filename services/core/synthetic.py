@@ -53,7 +53,8 @@ class SyntheticTaskConfig:
             )
 
 
-def _is_eval(question: str) -> bool:
+def is_eval_question(question: str) -> bool:
+    """Whether a question belongs to the eval split: a pure function of its text (one bucket in ten)."""
     digest = hashlib.sha256(question.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") % _EVAL_BUCKETS == 0
 
@@ -95,7 +96,7 @@ def make_split(cfg: SyntheticTaskConfig, split: Literal["train", "eval"]) -> lis
     if want == 0:
         return rows
     for question, terms in _question_stream(cfg):
-        if _is_eval(question) != (split == "eval"):
+        if is_eval_question(question) != (split == "eval"):
             continue
         rows.append(
             {

@@ -1,7 +1,8 @@
 """`model.path` to a directory: a local HF model directory as given, or the embedded tiny model.
 
 `builtin:tiny-warm` is the tiny Qwen2 warm-started on the synthetic task, `builtin:tiny-random` the same
-architecture untrained (both built once and cached by `services.demo.tiny_model.cached_tiny_model`).
+architecture untrained, `builtin:tiny-warm-long` the tiny Qwen2 warm-started on the long-reasoning task
+(all built once and cached by `services.demo.tiny_model.cached_tiny_model`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,11 @@ from pathlib import Path
 
 from services.demo.tiny_model import cached_tiny_model
 
-BUILTIN_MODELS = {"builtin:tiny-warm": "warm", "builtin:tiny-random": "random-tied"}
+BUILTIN_MODELS = {
+    "builtin:tiny-warm": "warm",
+    "builtin:tiny-warm-long": "warm-long",
+    "builtin:tiny-random": "random-tied",
+}
 
 
 def resolve_model_path(spec: str) -> Path:
