@@ -1,0 +1,39 @@
+"""The long task's repair property (services/core/synthetic_long.py, item "a trace in which an error early on
+can be noticed and repaired later"): from prefixes cut out of the warm model's own WRONG answers, with RPO's
+truncation (m ~ U{1..0.5l}) and suffix budget (m new tokens), continuations still reach the right answer.
+
+The suite never builds the 20-minute `builtin:tiny-warm-long` model: a smaller instance of the same task
+(four terms instead of ten) is warm-started here in about two minutes. bench/repair_rate.py measures the
+built-in model (docs/results.md)."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.core.synthetic_long import LongTaskConfig
+from services.demo.repair import repair_rate
+from services.demo.tiny_model import WARM_LAYERS, build_tiny_model, warm_start
+
+MINI = LongTaskConfig(num_terms=4, train_size=4000, eval_size=400, error_rate=0.3)
+MINI_STEPS = 700
+
+
+@pytest.fixture(scope="module")
+def mini_long_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mini-long")
+    random_dir = build_tiny_model(root / "random", num_layers=WARM_LAYERS, seed=0)
+    metrics = warm_start(
+        random_dir, root / "warm", task_cfg=MINI, steps=MINI_STEPS, group_by_length=True, eval_questions=100
+    )
+    return root / "warm", metrics
+
+
+def test_continuations_of_wrong_answers_reach_the_right_answer(mini_long_model):
+    model, metrics = mini_long_model
+    assert metrics["eval_accuracy"] < 1.0  # it does make mistakes to repair
+    result = repair_rate(model, MINI, wrong_wanted=32, max_questions=400, limit="0.5l", samples=4)
+    assert result.wrong_answers >= 16, result
+    assert result.continuations == 4 * result.wrong_answers
+    # Measurably often: a wrong prefix is not a dead end.
+    assert result.rate >= 0.1, result
+    assert result.answers_repaired >= result.wrong_answers // 4, result
