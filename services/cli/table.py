@@ -22,6 +22,35 @@ COMMANDS: tuple[Command, ...] = (
         (Flag("--run-dir", "where the run's logs, checkpoints and final model go", "train.run_dir"),),
     ),
     Command(
+        ("reproduce",),
+        "the paper's comparison in miniature: GRPO, RPO+GRPO (with and without the length reward), DAPO and "
+        "RPO+DAPO from the same warm model; writes results.json, results.md and plots",
+        "services.supervisor.reproduce:reproduce_main",
+        (
+            Flag("--run-dir", "where the arms, results and plots go", "train.run_dir"),
+            Flag("--steps", "training steps per arm (default: the config's)", None, {"type": int}),
+            Flag(
+                "--smoke",
+                "two steps per arm on the short task's warm model (what the tests run)",
+                None,
+                {"action": "store_true"},
+            ),
+            Flag("--sweep", "also sweep L, G, epsilon and alpha on RPO+GRPO", None, {"action": "store_true"}),
+            Flag(
+                "--timing-limit",
+                "L in tokens of the timing arm (about a tenth of an answer)",
+                None,
+                {"type": int, "default": 32},
+            ),
+            Flag(
+                "--gpu-rollout-share",
+                "assumed rollout share of a full-path step on a GPU, for the projected step-time ratio",
+                None,
+                {"type": float, "default": 0.7},
+            ),
+        ),
+    ),
+    Command(
         ("train",),
         "run the DeepSpeed trainer against running cache and rollout services",
         "trainer.train:train_main",

