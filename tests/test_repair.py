@@ -16,6 +16,7 @@ from services.demo.tiny_model import WARM_LAYERS, build_tiny_model, warm_start
 
 MINI = LongTaskConfig(num_terms=4, train_size=4000, eval_size=400, error_rate=0.3)
 MINI_STEPS = 700
+pytestmark = pytest.mark.timeout(1200)  # the module's setup warm-starts a model
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from training_helpers import REPO
 from services.supervisor.reproduce import MAIN_ARMS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+pytestmark = pytest.mark.timeout(1500)  # the first test's setup runs six arms end to end (about 6 minutes)
 
 
 def _reproduce(out: Path, *extra: str) -> subprocess.CompletedProcess:
