@@ -146,6 +146,7 @@ def compare(rpo: dict[str, Any], full: dict[str, Any]) -> dict[str, Any]:
         else math.nan
     )
     measured = _ratio(rpo["decoded_tokens_per_sample"], full["decoded_tokens_per_sample"])
+    rest = [p for p in PHASES if p != "rollout"]
     return {
         "rpo": rpo["name"],
         "full": full["name"],
@@ -153,6 +154,7 @@ def compare(rpo: dict[str, Any], full: dict[str, Any]) -> dict[str, Any]:
         "decoded_tokens_measured": measured,
         "step_seconds": _ratio(rpo["mean_step_seconds"], full["mean_step_seconds"]),
         "phases": {p: _ratio(rpo["phases"][p], full["phases"][p]) for p in PHASES},
+        "other_phases": _ratio(sum(rpo["phases"][p] for p in rest), sum(full["phases"][p] for p in rest)),
         "training_seconds": _ratio(rpo["training_seconds"], full["training_seconds"]),
         "wall_seconds": _ratio(rpo["wall_seconds"], full["wall_seconds"]),
     }
@@ -170,11 +172,9 @@ def accuracy_at(row: dict[str, Any], seconds: float) -> float:
 
 def gpu_projection(comparison: dict[str, Any], rollout_share: float) -> float:
     """Step-time ratio RPO/full if rollout took `rollout_share` of a full-path step (as on a GPU run) and
-    every phase kept the ratio measured here: share * rollout ratio + (1 - share) * the other phases'."""
-    phases = comparison["phases"]
-    rest = [phases[p] for p in PHASES if p != "rollout" and not math.isnan(phases[p])]
-    rest_ratio = float(np.mean(rest)) if rest else 1.0
-    return rollout_share * phases["rollout"] + (1 - rollout_share) * rest_ratio
+    the rollout and the other phases (train, weight sync, cache, together) each kept the ratio measured here:
+    share * rollout ratio + (1 - share) * other phases' ratio."""
+    return rollout_share * comparison["phases"]["rollout"] + (1 - rollout_share) * comparison["other_phases"]
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -274,6 +274,17 @@ def targets_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def gpu_projection_line(results: dict[str, Any]) -> str:
+    projection = results["gpu_projection"]
+    arms = results["arms"]
+    parts = [f"{arms[n]['label']} {ratio:.2f}" for n, ratio in projection["step_ratio"].items()]
+    return (
+        f"Step time RPO/full projected for a GPU run where rollout is {100 * projection['rollout_share']:.0f}% "
+        f"of a full-path step (an assumption) and rollout and the other phases keep the ratios measured "
+        f"here: {', '.join(parts) or 'n/a'}."
+    )
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     """Every table of a reproduction, as one Markdown document (the run directory's `results.md`)."""
     parts = [
@@ -291,6 +302,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         "## RPO / full path",
         "",
         ratio_table(results),
+        "",
+        gpu_projection_line(results),
         "",
         "## Targets",
         "",
