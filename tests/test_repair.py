@@ -14,7 +14,7 @@ from services.core.synthetic_long import LongTaskConfig
 from services.demo.repair import repair_rate
 from services.demo.tiny_model import WARM_LAYERS, build_tiny_model, warm_start
 
-MINI = LongTaskConfig(num_terms=4, train_size=4000, eval_size=400, error_rate=0.3)
+MINI = LongTaskConfig(num_terms=4, train_size=4000, eval_size=800, error_rate=0.3)
 MINI_STEPS = 1500
 pytestmark = pytest.mark.timeout(1200)  # the module's setup warm-starts a model
 
@@ -30,10 +30,12 @@ def mini_long_model(tmp_path_factory):
 
 
 def test_continuations_of_wrong_answers_reach_the_right_answer(mini_long_model):
-    model, metrics = mini_long_model
-    assert metrics["eval_accuracy"] < 1.0  # it does make mistakes to repair
-    result = repair_rate(model, MINI, wrong_wanted=32, max_questions=400, limit="0.5l", samples=4)
-    assert result.wrong_answers >= 16, result
+    model, _ = mini_long_model
+    # Answers sampled at T = 1.0: the mini model is nearly always right greedily, so its wrong answers are rare.
+    result = repair_rate(
+        model, MINI, wrong_wanted=32, max_questions=800, limit="0.5l", samples=4, answer_temperature=1.0
+    )
+    assert result.wrong_answers >= 12, result
     assert result.continuations == 4 * result.wrong_answers
     # Measurably often: a wrong prefix is not a dead end (at least 5 right continuations, from at least 3
     # different wrong answers, so the rate's interval clears zero).
