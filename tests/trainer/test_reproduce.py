@@ -75,10 +75,17 @@ def test_every_arm_row_is_filled(smoke):
         json.dumps(arms["grpo"]["eval_before"], sort_keys=True)
     }
     assert set(results["differences"]) == {a.name for a in MAIN_ARMS} - {"grpo"}
-    assert {t["target"] for t in results["targets"]} >= {
+    timing = arms["rpo-grpo-timing"]["settings"]
+    assert timing["truncation_limit"] == 32 and timing["mode"] == "rpo"
+    assert results["comparisons"]["rpo-grpo-timing"]["full"] == "grpo"
+    names = " ".join(t["target"] for t in results["targets"])
+    for target in (
         "rollout phase RPO/full <= 0.3",
         "step time RPO/full <= 0.5",
-    }
+        "equal wall-clock",
+        "equal steps",
+    ):
+        assert target in names
 
 
 def test_tables_and_plots_are_written(smoke):
