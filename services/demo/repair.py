@@ -45,9 +45,7 @@ class RepairResult:
         return {**asdict(self), "rate": self.rate}
 
 
-def _sample(
-    model: Any, tokenizer: Any, prompts: list[list[int]], max_new: list[int], temperature: float
-) -> list[list[int]]:
+def _sample(model: Any, prompts: list[list[int]], max_new: list[int], temperature: float) -> list[list[int]]:
     """One sampled continuation per prompt (token ids), each cut at its own budget and at EOS (kept)."""
     # lazy: heavy import (torch), paid only on this path
     import torch
@@ -111,7 +109,7 @@ def repair_rate(
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         prompts = [tokenizer(PROMPT_TEMPLATE.format(question=r["question"]))["input_ids"] for r in chunk]
-        answers = _sample(model, tokenizer, prompts, [max_answer_tokens] * len(chunk), answer_temperature)
+        answers = _sample(model, prompts, [max_answer_tokens] * len(chunk), answer_temperature)
         sampled += len(chunk)
         for row, prompt, answer in zip(chunk, prompts, answers, strict=True):
             finished = bool(answer) and answer[-1] == EOS_ID
@@ -132,7 +130,7 @@ def repair_rate(
     repaired, answers_repaired = 0, set()
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
-        suffixes = _sample(model, tokenizer, [j[1] for j in chunk], [j[2] for j in chunk], temperature)
+        suffixes = _sample(model, [j[1] for j in chunk], [j[2] for j in chunk], temperature)
         for (index, ids, _), suffix in zip(chunk, suffixes, strict=True):
             row, prompt, _ = wrong[index]
             text = tokenizer.decode(ids[len(prompt) :] + suffix, skip_special_tokens=True)
