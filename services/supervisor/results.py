@@ -226,11 +226,11 @@ def ratio_table(results: dict[str, Any]) -> str:
     """RPO over its full-path counterpart, phase by phase."""
     lines = [
         "| RPO arm / full arm | decoded tokens | rollout | train | weight sync | cache | step | training time "
-        "| arm wall time | pass@1 after, difference [paired 95% CI] |",
+        "| arm wall time | pass@1 after, RPO - full [paired 95% CI] |",
         "|---" * 10 + "|",
     ]
     for name, cmp in results["comparisons"].items():
-        diff = results["differences"].get(name) or {}
+        diff = cmp.get("pass_at_1_difference") or {}
         arms = results["arms"]
         lines.append(
             f"| {arms[name]['label']} / {arms[cmp['full']]['label']} | {_num(cmp['decoded_tokens_measured'], 3)} | "
@@ -249,16 +249,18 @@ def sweep_table(results: dict[str, Any], parameter: str) -> str:
     """One sweep: the RPO+GRPO arm with one setting varied."""
     rows = results["sweeps"].get(parameter, [])
     lines = [
-        f"| {parameter} | pass@1 after [95% CI] | decoded tokens / sample | predicted RPO/full | "
-        "measured RPO/full | step s | rollout s | step RPO/full |",
-        "|---" * 8 + "|",
+        f"| {parameter} | pass@1 after [95% CI] | RPO - full [paired 95% CI] | decoded tokens / sample "
+        "| predicted RPO/full | measured RPO/full | step s | rollout s | step RPO/full |",
+        "|---" * 9 + "|",
     ]
     for point in rows:
         row = results["arms"][point["arm"]]
         cmp = results["comparisons"].get(point["arm"]) or {}
         after = row.get("eval_after") or {}
+        diff = cmp.get("pass_at_1_difference") or {}
         lines.append(
             f"| {point['value']} | {_pct(after.get('pass_at_1'))}{_ci(after.get('pass_at_1_ci'))} "
+            f"| {_signed(diff.get('difference'))}{_ci(diff.get('ci'))} "
             f"| {_num(row['decoded_tokens_per_sample'], 1)} | {_num(cmp.get('decoded_tokens_predicted'), 3)} "
             f"| {_num(cmp.get('decoded_tokens_measured'), 3)} | {_num(row['mean_step_seconds'])} "
             f"| {_num(row['phases']['rollout'])} | {_num(cmp.get('step_seconds'))} |"
@@ -346,6 +348,11 @@ def build_results(out: Path, plan: dict[str, Any], meta: dict[str, Any]) -> dict
         for arm in plan["arms"]
         if arm.get("full") and arm["name"] in arms and arm["full"] in arms
     }
+    # Accuracy against the arm's own full-path counterpart (RPO+DAPO against DAPO, a G point against GRPO
+    # at that G), paired question by question; `differences` below are all against the reference arm.
+    for name, cmp in comparisons.items():
+        if name in after_records and cmp["full"] in after_records:
+            cmp["pass_at_1_difference"] = paired_difference(after_records[name], after_records[cmp["full"]])
     reference = plan.get("reference")
     differences = {
         name: paired_difference(record, after_records[reference])

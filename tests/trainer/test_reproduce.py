@@ -75,6 +75,12 @@ def test_every_arm_row_is_filled(smoke):
         json.dumps(arms["grpo"]["eval_before"], sort_keys=True)
     }
     assert set(results["differences"]) == {a.name for a in MAIN_ARMS} - {"grpo"}
+    # Each RPO arm's accuracy is compared with its own full-path arm (RPO+DAPO with DAPO, not GRPO).
+    for rpo, full in (("rpo-grpo", "grpo"), ("rpo-dapo", "dapo")):
+        diff = results["comparisons"][rpo]["pass_at_1_difference"]
+        gap = arms[rpo]["eval_after"]["pass_at_1"] - arms[full]["eval_after"]["pass_at_1"]
+        assert diff["difference"] == pytest.approx(gap, abs=1e-9)
+        assert diff["ci"][0] <= diff["difference"] <= diff["ci"][1]
     timing = arms["rpo-grpo-timing"]["settings"]
     assert timing["truncation_limit"] == 32 and timing["mode"] == "rpo"
     assert results["comparisons"]["rpo-grpo-timing"]["full"] == "grpo"
@@ -189,4 +195,7 @@ def test_sweep_tables_render_from_a_finished_reproduction(smoke):
         for line in text.split("## Sweep: L")[1].splitlines()
         if line.startswith("| 64 ") or line.startswith("| 32 ")
     ]
-    assert len(rows) == 2 and all(row.count("|") == 9 for row in rows)
+    assert len(rows) == 2 and all(row.count("|") == 10 for row in rows)
+    # the L = 32 point's paired difference is against its full arm, GRPO
+    diff = results["comparisons"]["rpo-grpo-timing"]["pass_at_1_difference"]["difference"]
+    assert f"| {100 * diff:+.1f} [" in next(row for row in rows if row.startswith("| 32 "))
