@@ -118,14 +118,29 @@ HEADLINE_ACCURACY = ("rpo-grpo", "grpo")
 HEADLINE_TIMING = ("rpo-grpo-timing", "grpo")
 """The rollout and step-time targets compare these two (L about a tenth of the answer)."""
 
-SWEEPS: dict[str, tuple[str, tuple[Any, ...]]] = {
-    "L": ("algorithm.truncation_limit", (16, 32, 64, "0.5l")),
-    "G": ("algorithm.group_size", (4, 6, 8)),
-    "epsilon": ("algorithm.epsilon", (0.1, 0.5, 1.0)),
-    "alpha": ("algorithm.alpha", (0.0, 0.01, 0.1)),
+
+@dataclass(frozen=True)
+class Sweep:
+    """RPO+GRPO with one setting varied, compared with full-path GRPO."""
+
+    key: str
+    values: tuple[Any, ...]
+    full_varies: bool = False
+    """The setting applies to full-path GRPO too, so each point gets its own GRPO arm (G)."""
+    revisits: bool = False
+    """The points train on a third of the questions, each visited three times, with a GRPO arm on the same
+    questions: a cache update is only ever read when its question comes back (epsilon)."""
+
+
+SWEEPS: dict[str, Sweep] = {
+    "L": Sweep("algorithm.truncation_limit", (16, 32, 64, "0.5l")),
+    "G": Sweep("algorithm.group_size", (4, 6, 8), full_varies=True),
+    "epsilon": Sweep("algorithm.epsilon", (0.1, 0.5, 1.0), revisits=True),
+    "alpha": Sweep("algorithm.alpha", (0.0, 0.01, 0.1)),
 }
-"""RPO+GRPO with one setting varied. A G point also runs full-path GRPO at that G (the speed-up depends on
-G); a point equal to a main arm's setting reuses that arm."""
+"""The sweeps of `--sweep`; a point equal to an existing arm's settings reuses that arm."""
+VISITS = 3
+"""How often each question comes back in a `revisits` sweep."""
 
 
 def settings(cfg: RunConfig) -> dict[str, Any]:
@@ -141,6 +156,8 @@ def settings(cfg: RunConfig) -> dict[str, Any]:
         "updates_per_batch": t.updates_per_batch,
         "dynamic_sampling_filter": a.dynamic_sampling_filter if a.algorithm == "dapo" else None,
         "max_steps": t.max_steps,
+        "max_questions": cfg.data.max_questions,
+        "epochs": t.epochs,
     }
 
 
@@ -209,17 +226,31 @@ class Reproduction:
                 arms.append(by_settings[key])
             return by_settings[key]
 
-        for parameter, (key, values) in SWEEPS.items():
+        steps, per_step = self.base.train.max_steps, self.base.train.questions_per_step
+        questions = max(per_step, (steps or 1) * per_step // VISITS)
+        revisit = (f"data.max_questions={questions}", f"train.epochs={VISITS}")
+        for parameter, sweep in SWEEPS.items():
             points[parameter] = []
-            for value in values:
-                item = f"{key}={value}"
+            context = revisit if sweep.revisits else ()
+            suffix = f" ({questions} questions x {VISITS} visits)" if sweep.revisits else ""
+            for value in sweep.values:
+                item = f"{sweep.key}={value}"
                 full = grpo
-                if parameter == "G":
-                    full = arm_for(f"sweep-G-{value}-grpo", f"GRPO, G={value}", (*grpo.overrides, item), None)
+                if sweep.full_varies:
+                    full = arm_for(
+                        f"sweep-{parameter}-{value}-grpo",
+                        f"GRPO, {parameter}={value}{suffix}",
+                        (*grpo.overrides, *context, item),
+                        None,
+                    )
+                elif context:
+                    full = arm_for(
+                        f"sweep-{parameter}-grpo", f"GRPO{suffix}", (*grpo.overrides, *context), None
+                    )
                 arm = arm_for(
                     f"sweep-{parameter}-{value}",
-                    f"RPO+GRPO, {parameter}={value}",
-                    (*rpo_grpo.overrides, item),
+                    f"RPO+GRPO, {parameter}={value}{suffix}",
+                    (*rpo_grpo.overrides, *context, item),
                     full.name,
                 )
                 points[parameter].append({"value": value, "arm": arm.name})
@@ -234,8 +265,10 @@ class Reproduction:
     def prepare(self) -> list[str]:
         """Create (or resume in) the run directory; returns the names of the arms already finished."""
         plan_file = self.out / "plan.json"
+        planned_before: dict[str, list[str]] = {}
         if plan_file.exists():
             previous = json.loads(plan_file.read_text())
+            planned_before = {a["name"]: a["overrides"] for a in previous.get("arms", [])}
             if previous.get("base") != self.plan["base"]:
                 log.info(
                     "the base configuration changed since %s was planned: starting a new reproduction",
@@ -249,7 +282,10 @@ class Reproduction:
         done = []
         for arm in self.plan["arms"]:
             summary = self.out / "arms" / arm["name"] / "summary.json"
-            if summary.exists() and json.loads(summary.read_text()).get("ok"):
+            # An arm of the same name planned with other settings (another --timing-limit, a changed
+            # sweep) is run again.
+            same = planned_before.get(arm["name"]) == arm["overrides"]
+            if same and summary.exists() and json.loads(summary.read_text()).get("ok"):
                 done.append(arm["name"])
         return done
 

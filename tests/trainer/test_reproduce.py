@@ -15,6 +15,8 @@ from training_helpers import REPO
 
 from services.supervisor.reproduce import MAIN_ARMS
 
+MAIN_NAMES = {a.name for a in MAIN_ARMS}
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 pytestmark = pytest.mark.timeout(1500)  # the first test's setup runs six arms end to end (about 6 minutes)
 
@@ -126,6 +128,39 @@ def test_an_interrupted_reproduction_resumes_at_the_arm_it_stopped_in(smoke):
     assert list(results["arms"]) == [arm.name for arm in MAIN_ARMS]
 
 
+def test_an_arm_planned_with_other_settings_is_run_again(smoke, tmp_path):
+    from services.supervisor.main_job import preset_path
+    from services.supervisor.reproduce import SMOKE_OVERRIDES, SMOKE_PRESET, Reproduction
+
+    out, _ = smoke
+    copy = tmp_path / "reproduce"
+    (copy / "arms").mkdir(parents=True)
+    (copy / "plan.json").write_text((out / "plan.json").read_text())
+    for arm in MAIN_ARMS:
+        (copy / "arms" / arm.name).mkdir()
+        (copy / "arms" / arm.name / "summary.json").write_text(
+            (out / "arms" / arm.name / "summary.json").read_text()
+        )
+
+    def done(timing_limit: int) -> list[str]:
+        overrides = [*SMOKE_OVERRIDES, f"train.run_dir={copy}"]
+        return Reproduction(
+            preset_path(SMOKE_PRESET),
+            overrides,
+            sweep=False,
+            smoke=True,
+            command="t",
+            timing_limit=timing_limit,
+        ).prepare()
+
+    timing = MAIN_ARMS[-1].name
+    smoke_limit = json.loads((out / "results.json").read_text())["arms"][timing]["settings"][
+        "truncation_limit"
+    ]
+    assert set(done(smoke_limit)) == MAIN_NAMES  # same plan: every arm is finished
+    assert set(done(smoke_limit + 1)) == MAIN_NAMES - {timing}  # the timing arm's L changed: it runs again
+
+
 def test_bad_flags_are_usage_errors(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RPO_")}
     for flags, message in (
@@ -168,16 +203,24 @@ def test_sweep_plan_adds_one_arm_per_new_point_and_reuses_equal_ones():
     assert points["L"]["64"] == "rpo-grpo" and points["L"]["32"] == "rpo-grpo-timing"
     assert arms[points["L"]["0.5l"]]["settings"]["truncation_limit"] == "0.5l"
     assert points["alpha"]["0.0"] == "rpo-grpo-no-length" and points["alpha"]["0.01"] == "rpo-grpo"
-    assert points["G"]["6"] == "rpo-grpo" and points["epsilon"]["0.5"] == "rpo-grpo"
+    assert points["G"]["6"] == "rpo-grpo"
     # a G point has its own full-path arm at that G
     for g in ("4", "8"):
         rpo = arms[points["G"][g]]
         assert rpo["settings"]["group_size"] == int(g) and rpo["settings"]["mode"] == "rpo"
         full = arms[rpo["full"]]
         assert full["settings"]["group_size"] == int(g) and full["settings"]["mode"] == "full"
-    assert arms[points["epsilon"]["1.0"]]["settings"]["epsilon"] == 1.0
+    # epsilon only acts when a question comes back: its points (0.5 included) and their GRPO arm train on
+    # a third of the questions, three visits each
+    assert {points["epsilon"][e] for e in ("0.1", "0.5", "1.0")}.isdisjoint(MAIN_NAMES)
+    for e in ("0.1", "0.5", "1.0"):
+        rpo = arms[points["epsilon"][e]]
+        assert rpo["settings"]["epsilon"] == float(e) and rpo["settings"]["epochs"] == 3
+        full = arms[rpo["full"]]
+        assert full["settings"]["mode"] == "full" and full["settings"]["epochs"] == 3
+        assert full["settings"]["max_questions"] == rpo["settings"]["max_questions"]
     new = [a for a in plan["arms"] if a["sweep"]]
-    assert len(new) == 9 and len({json.dumps(a["settings"], sort_keys=True) for a in plan["arms"]}) == len(
+    assert len(new) == 11 and len({json.dumps(a["settings"], sort_keys=True) for a in plan["arms"]}) == len(
         plan["arms"]
     )
 
