@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -32,6 +31,7 @@ from services.core.logs import setup_logging  # noqa: E402
 from services.demo.model_path import resolve_model_path  # noqa: E402
 from services.supervisor.main_job import preset_path, start_services  # noqa: E402
 from services.supervisor.processes import PartFailed, Supervisor, rpo_command  # noqa: E402
+from services.supervisor.reproduce import machine as describe_machine  # noqa: E402
 from trainer.progress import read_records  # noqa: E402
 
 SECTION = "## Training"
@@ -85,21 +85,15 @@ def summarize(steps: list[dict]) -> dict:
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """The machine and the versions that produced a benchmark's figures, for its header."""
+    host = describe_machine()
     import deepspeed
     import torch
     import vllm
 
     return (
-        f"{os.cpu_count()} cores ({cpu}), no GPU; Python {platform.python_version()}, torch {torch.__version__}, "
-        f"vLLM {vllm.__version__}, DeepSpeed {deepspeed.__version__}"
+        f"{host['cores']} cores ({host['cpu']}), {host['gpu']}; Python {platform.python_version()}, "
+        f"torch {torch.__version__}, vLLM {vllm.__version__}, DeepSpeed {deepspeed.__version__}"
     )
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -70,15 +70,18 @@ def solve(terms: list[int]) -> str:
     return " ".join(steps) + f" \\boxed{{{total}}}"
 
 
-def _question_stream(cfg: SyntheticTaskConfig) -> Iterator[tuple[str, list[int]]]:
-    """Distinct questions in a fixed order for the seed; stops when the task space looks exhausted."""
-    rng = random.Random(f"rpo-synthetic-{cfg.seed}-{cfg.num_terms}-{cfg.max_digits}")
-    high = 10**cfg.max_digits - 1
+def distinct_questions(
+    rng_key: str, num_terms: int, max_digits: int, render: Callable[[list[int]], str]
+) -> Iterator[tuple[str, list[int]]]:
+    """Distinct `(question, terms)` in a fixed order for `rng_key`, each question `render(terms)`; stops
+    when the task space looks exhausted (10,000 repeats in a row). Shared by the synthetic tasks."""
+    rng = random.Random(rng_key)
+    high = 10**max_digits - 1
     seen: set[str] = set()
     misses = 0
     while misses < 10_000:
-        terms = [rng.randint(0, high) for _ in range(cfg.num_terms)]
-        question = "+".join(str(t) for t in terms) + "=?"
+        terms = [rng.randint(0, high) for _ in range(num_terms)]
+        question = render(terms)
         if question in seen:
             misses += 1
             continue
@@ -87,30 +90,50 @@ def _question_stream(cfg: SyntheticTaskConfig) -> Iterator[tuple[str, list[int]]
         yield question, terms
 
 
-def make_split(cfg: SyntheticTaskConfig, split: Literal["train", "eval"]) -> list[dict]:
-    """Rows `{id, question, answer, solution}` of one split; raises if the task space is too small."""
+def take_split(
+    questions: Iterator[tuple[str, list[int]]],
+    split: Literal["train", "eval"],
+    want: int,
+    make_row: Callable[[int, str, list[int]], dict],
+) -> list[dict]:
+    """The first `want` questions of `split` (by `is_eval_question`) as `make_row(index, question,
+    terms)`; raises if the stream runs out first. Shared by the synthetic tasks."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    want = cfg.train_size if split == "train" else cfg.eval_size
     rows: list[dict] = []
     if want == 0:
         return rows
-    for question, terms in _question_stream(cfg):
+    for question, terms in questions:
         if is_eval_question(question) != (split == "eval"):
             continue
-        rows.append(
-            {
-                "id": f"arith-{split}-{len(rows):05d}",
-                "question": question,
-                "answer": str(sum(terms)),
-                "solution": solve(terms),
-            }
-        )
+        rows.append(make_row(len(rows), question, terms))
         if len(rows) == want:
             return rows
     raise ValueError(
-        f"only {len(rows)} distinct {split} questions exist with num_terms={cfg.num_terms}, "
-        f"max_digits={cfg.max_digits}; asked for {want}: raise the difficulty or lower the size"
+        f"only {len(rows)} distinct {split} questions exist at this difficulty; asked for {want}: "
+        "raise the number of terms or digits, or lower the size"
+    )
+
+
+def make_split(cfg: SyntheticTaskConfig, split: Literal["train", "eval"]) -> list[dict]:
+    """Rows `{id, question, answer, solution}` of one split; raises if the task space is too small."""
+    questions = distinct_questions(
+        f"rpo-synthetic-{cfg.seed}-{cfg.num_terms}-{cfg.max_digits}",
+        cfg.num_terms,
+        cfg.max_digits,
+        lambda terms: "+".join(str(t) for t in terms) + "=?",
+    )
+    want = cfg.train_size if split == "train" else cfg.eval_size
+    return take_split(
+        questions,
+        split,
+        want,
+        lambda index, question, terms: {
+            "id": f"arith-{split}-{index:05d}",
+            "question": question,
+            "answer": str(sum(terms)),
+            "solution": solve(terms),
+        },
     )
 
 

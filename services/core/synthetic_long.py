@@ -30,12 +30,11 @@ from __future__ import annotations
 
 import random
 import string
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 from services.core.rewards import exact_boxed_reward
-from services.core.synthetic import is_eval_question
+from services.core.synthetic import distinct_questions, take_split
 
 ERROR_DELTAS = (-10, -1, 1, 10)
 """How an injected first-pass error changes a partial sum: a slipped carry in the units or the tens."""
@@ -114,47 +113,26 @@ def first_pass_error(terms: list[int], rng: random.Random) -> tuple[int, int]:
     return error_at, rng.choice(deltas)
 
 
-def _question_stream(cfg: LongTaskConfig) -> Iterator[tuple[str, list[int]]]:
-    rng = random.Random(f"rpo-synthetic-long-{cfg.seed}-{cfg.num_terms}-{cfg.max_digits}")
-    high = 10**cfg.max_digits - 1
-    seen: set[str] = set()
-    misses = 0
-    while misses < 10_000:
-        terms = [rng.randint(0, high) for _ in range(cfg.num_terms)]
-        question = question_text(terms)
-        if question in seen:
-            misses += 1
-            continue
-        seen.add(question)
-        misses = 0
-        yield question, terms
-
-
 def make_split(cfg: LongTaskConfig, split: Literal["train", "eval"]) -> list[dict]:
     """Rows `{id, question, answer, solution, terms}` of one split, with clean (error-free) solutions."""
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    questions = distinct_questions(
+        f"rpo-synthetic-long-{cfg.seed}-{cfg.num_terms}-{cfg.max_digits}",
+        cfg.num_terms,
+        cfg.max_digits,
+        question_text,
+    )
     want = cfg.train_size if split == "train" else cfg.eval_size
-    rows: list[dict] = []
-    if want == 0:
-        return rows
-    for question, terms in _question_stream(cfg):
-        if is_eval_question(question) != (split == "eval"):
-            continue
-        rows.append(
-            {
-                "id": f"arith-long-{split}-{len(rows):05d}",
-                "question": question,
-                "answer": str(sum(terms)),
-                "solution": solve(terms),
-                "terms": terms,
-            }
-        )
-        if len(rows) == want:
-            return rows
-    raise ValueError(
-        f"only {len(rows)} distinct {split} questions exist with num_terms={cfg.num_terms}, "
-        f"max_digits={cfg.max_digits}; asked for {want}"
+    return take_split(
+        questions,
+        split,
+        want,
+        lambda index, question, terms: {
+            "id": f"arith-long-{split}-{index:05d}",
+            "question": question,
+            "answer": str(sum(terms)),
+            "solution": solve(terms),
+            "terms": terms,
+        },
     )
 
 
