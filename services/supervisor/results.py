@@ -418,8 +418,11 @@ def targets(results: dict[str, Any], plan: dict[str, Any]) -> list[dict[str, Any
     if rpo in arms and full in arms:
         mine, theirs = arms[rpo].get("eval_after"), arms[full].get("eval_after")
         if mine and theirs:
-            gap = mine["pass_at_1"] - theirs["pass_at_1"]
-            diff = results["differences"].get(rpo, {})
+            # the paired mean difference (equal to the difference of the means; one float, so the tables agree)
+            diff = (comparisons.get(rpo) or {}).get("pass_at_1_difference") or results["differences"].get(
+                rpo, {}
+            )
+            gap = diff.get("difference", mine["pass_at_1"] - theirs["pass_at_1"])
             out.append(
                 {
                     "target": f"{arms[rpo]['label']} pass@1 after >= {arms[full]['label']} - 2 points (equal steps)",
