@@ -231,8 +231,10 @@ def test_a_batch_is_split_over_replicas_and_a_failed_chunk_moves_to_another(capl
     finally:
         good.close(), bad.close()
     assert [g.question_id for g in batch.groups] == [q.id for q in questions]  # question order kept
-    assert good.asked[0] == ["q0", "q1", "q2"] and bad.asked == [["q3", "q4"]]  # split 3 + 2
-    assert good.asked[1] == ["q3", "q4"] and batch.retries == 1  # the failed chunk went to the good one
+    assert bad.asked == [["q3", "q4"]]  # split 3 + 2
+    # the failed chunk went to the good one; the two requests race (the bad replica answers at once), so
+    # either may reach it first
+    assert sorted(good.asked) == [["q0", "q1", "q2"], ["q3", "q4"]] and batch.retries == 1
     assert batch.policy_version == 4 and batch.generated_tokens == 30
     warning = next(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
     assert bad.url in warning and "rollout (step 3, round 1)" in warning and "retrying them on" in warning
