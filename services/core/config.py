@@ -406,6 +406,19 @@ class GpusSection(_Section):
     first GPU (the memory split is rollout.gpu_memory_utilization for the replica, the rest for the trainer)."""
     shared_rollout_fraction: float = Field(0.5, gt=0.0, lt=1.0)
     """Most of a shared GPU's memory the replica may take (rollout.gpu_memory_utilization above it is an error)."""
+    shared_headroom_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    """On a GPU shared by the trainer and a replica: the fraction (0-1) of the device's total memory left to
+    neither side, for the CUDA contexts and NCCL buffers outside the trainer's allocator cap. The trainer caps
+    itself at 1 - rollout.gpu_memory_utilization - this (0.05 of an 80 GB GPU is 4 GB)."""
+
+    @model_validator(mode="after")
+    def _shared_split_leaves_the_trainer_memory(self) -> GpusSection:
+        if self.shared_rollout_fraction + self.shared_headroom_fraction >= 1.0:
+            raise ValueError(
+                f"shared_rollout_fraction ({self.shared_rollout_fraction}) + shared_headroom_fraction "
+                f"({self.shared_headroom_fraction}) must be below 1, or a shared GPU leaves the trainer nothing"
+            )
+        return self
 
 
 def fresh_run_id() -> str:

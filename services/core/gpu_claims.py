@@ -8,8 +8,9 @@ The rule (`plan_gpus`, pure, tested against fake device lists):
   lives as long as the process: a replica that dies frees its GPUs, a restarted one claims again;
 - on a box with fewer GPUs than the trainer plus one replica need, with `gpus.share_with_trainer` (the
   default), the single replica shares the trainer's first GPU; the split is explicit: the replica takes
-  `rollout.gpu_memory_utilization` of it (at most `gpus.shared_rollout_fraction`) and the trainer caps its
-  own process at the rest;
+  `rollout.gpu_memory_utilization` of it (at most `gpus.shared_rollout_fraction`),
+  `gpus.shared_headroom_fraction` is left for the two processes' CUDA contexts, and the trainer caps its own
+  allocator at what remains (`trainer_share`);
 - too few GPUs for a request is an error at start that names what is missing.
 The process then sees only its GPUs (`CUDA_VISIBLE_DEVICES`), set before CUDA is initialised.
 """
@@ -82,6 +83,20 @@ def visible_gpus() -> list[str]:
     return [line.strip() for line in out.stdout.splitlines() if line.strip()]
 
 
+def trainer_share(gpus: GpusSection, rollout_memory: float) -> float:
+    """The trainer's cap on a GPU it shares with a replica, as a fraction of the device's memory: what the
+    replica's `rollout_memory` and the headroom for both CUDA contexts leave. Raises GpuPlacementError when
+    nothing is left (a rollout share above `gpus.shared_rollout_fraction` is refused on the replica's side)."""
+    share = 1.0 - rollout_memory - gpus.shared_headroom_fraction
+    if share <= 0.0:
+        raise GpuPlacementError(
+            f"the trainer shares its GPU with a rollout replica and would get nothing: rollout.gpu_memory_"
+            f"utilization ({rollout_memory}) + gpus.shared_headroom_fraction ({gpus.shared_headroom_fraction}) "
+            "must be below 1"
+        )
+    return share
+
+
 def plan_gpus(
     role: str, devices: list[str], gpus: GpusSection, rollout_memory: float, taken: set[str]
 ) -> GpuPlan:
@@ -94,7 +109,9 @@ def plan_gpus(
                 f"the trainer needs {gpus.trainer} GPU(s) (gpus.trainer) and the box has {len(devices)}"
             )
         if len(devices) < gpus.trainer + gpus.per_replica and gpus.share_with_trainer:
-            return GpuPlan(trainer_devices, shared_with_trainer=True, memory_fraction=1.0 - rollout_memory)
+            return GpuPlan(
+                trainer_devices, shared_with_trainer=True, memory_fraction=trainer_share(gpus, rollout_memory)
+            )
         return GpuPlan(trainer_devices)
     if role != "rollout":
         raise ValueError(f"role {role!r}: trainer or rollout")

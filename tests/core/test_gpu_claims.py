@@ -46,13 +46,37 @@ def test_one_gpu_is_shared_with_an_explicit_split_and_only_once():
     replica = plan_gpus("rollout", _devices(1), gpus, 0.4, set())
     assert trainer.devices == replica.devices == ["0"]
     assert trainer.shared_with_trainer and replica.shared_with_trainer
-    assert replica.memory_fraction == 0.4 and trainer.memory_fraction == pytest.approx(0.6)
+    # the default headroom (0.05) stays free for the CUDA contexts: 0.4 + 0.55 of the device
+    assert replica.memory_fraction == 0.4 and trainer.memory_fraction == pytest.approx(0.55)
     with pytest.raises(GpuPlacementError, match="another replica already does.*Scale rollout to 1"):
         plan_gpus("rollout", _devices(1), gpus, 0.4, {"0"})
     with pytest.raises(GpuPlacementError, match=r"gpu_memory_utilization \(0.85\) must be at most"):
         plan_gpus("rollout", _devices(1), gpus, 0.85, set())
     with pytest.raises(GpuPlacementError, match="needs 1 GPU.*of its own"):
         plan_gpus("rollout", _devices(1), GpusSection(share_with_trainer=False), 0.4, set())
+
+
+@pytest.mark.parametrize(
+    ("rollout", "headroom", "trainer"),
+    [(0.4, 0.05, 0.55), (0.5, 0.1, 0.4), (0.3, 0.0, 0.7), (0.25, 0.2, 0.55)],
+)
+def test_a_shared_gpu_leaves_headroom_and_the_trainer_takes_the_rest(rollout, headroom, trainer):
+    gpus = GpusSection(shared_headroom_fraction=headroom)
+    plan = plan_gpus("trainer", _devices(1), gpus, rollout, set())
+    assert plan.shared_with_trainer and plan.memory_fraction == pytest.approx(trainer)
+    assert plan_gpus("rollout", _devices(1), gpus, rollout, set()).memory_fraction == rollout
+    assert rollout + headroom + plan.memory_fraction == pytest.approx(1.0)
+    # with a GPU of its own the trainer is not capped, whatever the headroom
+    assert plan_gpus("trainer", _devices(2), gpus, rollout, set()).memory_fraction is None
+
+
+def test_a_split_that_leaves_the_trainer_nothing_is_refused():
+    with pytest.raises(
+        ValueError, match=r"shared_rollout_fraction \(0.9\) \+ shared_headroom_fraction \(0.1\)"
+    ):
+        GpusSection(shared_rollout_fraction=0.9, shared_headroom_fraction=0.1)
+    with pytest.raises(GpuPlacementError, match=r"would get nothing.*\(0.96\).*\(0.05\)"):
+        plan_gpus("trainer", _devices(1), GpusSection(), 0.96, set())
 
 
 def test_too_few_gpus_name_what_is_missing():
