@@ -9,7 +9,9 @@ Guarantees:
 - engine failures surface as `Unavailable` (503), inputs vLLM refuses as `InvalidInput` (422); nothing
   here lets a request kill the process.
 On CPU the KV cache is sized explicitly (`rollout.kv_cache_bytes`) and the model runs eagerly; weights are
-loaded in place through `services.rollout.vllm_worker` (the one module that knows vLLM's internals).
+loaded in place through `services.rollout.vllm_worker` (the one module that knows vLLM's internals). On GPU a
+replica's engine spans every GPU the replica holds: tensor parallelism of `gpus.per_replica`, or of the GPUs
+its claim gave it (`tensor_parallel_size`); NCCL weight transfer takes one GPU per replica.
 """
 
 from __future__ import annotations
@@ -67,19 +69,37 @@ def engine_environment(cfg: RunConfig, on_cpu: bool) -> dict[str, str]:
     return env
 
 
-def engine_args(cfg: RunConfig, model_dir: Path, on_cpu: bool) -> Any:
+def tensor_parallel_size(cfg: RunConfig, on_cpu: bool, gpu_devices: int | None = None) -> int:
+    """How many GPUs the replica's engine shards the model over (vLLM's `tensor_parallel_size`).
+
+    On GPU: the `gpu_devices` the replica's claim gave it (`services.core.gpu_claims`; one when it shares
+    the trainer's GPU), else `gpus.per_replica` (no claims: the process uses the GPUs it sees). On CPU: 1,
+    since no GPUs are claimed there and `gpus.per_replica` does not apply."""
+    if on_cpu:
+        return 1
+    size = cfg.gpus.per_replica if gpu_devices is None else gpu_devices
+    if size < 1:
+        raise ValueError(f"a rollout replica on GPU needs at least one GPU; its claim gave it {size}")
+    return size
+
+
+def engine_args(cfg: RunConfig, model_dir: Path, on_cpu: bool, gpu_devices: int | None = None) -> Any:
     """vLLM's `AsyncEngineArgs` for a replica."""
     # lazy: heavy import (vllm), paid only on this path
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    return AsyncEngineArgs(**engine_kwargs(cfg, model_dir, on_cpu))
+    return AsyncEngineArgs(**engine_kwargs(cfg, model_dir, on_cpu, gpu_devices))
 
 
-def engine_kwargs(cfg: RunConfig, model_dir: Path, on_cpu: bool) -> dict[str, Any]:
-    """The engine settings of a replica, as keyword arguments of vLLM's engine args (or of `vllm.LLM`)."""
+def engine_kwargs(
+    cfg: RunConfig, model_dir: Path, on_cpu: bool, gpu_devices: int | None = None
+) -> dict[str, Any]:
+    """The engine settings of a replica, as keyword arguments of vLLM's engine args (or of `vllm.LLM`);
+    `gpu_devices`: how many GPUs the replica claimed (None: no claim, see `tensor_parallel_size`)."""
     r = cfg.rollout
     kwargs: dict[str, Any] = {
         "model": str(model_dir),
+        "tensor_parallel_size": tensor_parallel_size(cfg, on_cpu, gpu_devices),
         "dtype": served_dtype(cfg, on_cpu),
         "max_model_len": cfg.model.max_model_len,
         "max_num_seqs": r.max_num_seqs,
@@ -100,6 +120,12 @@ def engine_kwargs(cfg: RunConfig, model_dir: Path, on_cpu: bool) -> dict[str, An
     else:
         kwargs["gpu_memory_utilization"] = r.gpu_memory_utilization
     if r.weight_transfer == "nccl":
+        if kwargs["tensor_parallel_size"] > 1:
+            # the trainer's NCCL group gives each replica one rank (trainer/weight_nccl.py)
+            raise ValueError(
+                f"rollout.weight_transfer=nccl takes one GPU per replica, and this replica's engine spans "
+                f"{kwargs['tensor_parallel_size']} (gpus.per_replica); use rollout.weight_transfer=http"
+            )
         kwargs["weight_transfer_config"] = {"backend": "nccl"}
     return kwargs
 
@@ -124,8 +150,9 @@ class RolloutEngine:
         self.tokenizer = llm.get_tokenizer()
 
     @classmethod
-    def start(cls, cfg: RunConfig, model_dir: Path) -> RolloutEngine:
-        """Load the model (seconds to minutes; spawns the engine core process)."""
+    def start(cls, cfg: RunConfig, model_dir: Path, gpu_devices: int | None = None) -> RolloutEngine:
+        """Load the model (seconds to minutes; spawns the engine core process); `gpu_devices`: how many
+        GPUs the replica claimed (None: no claim)."""
         # lazy: heavy import (vllm), paid only on this path
         from vllm.platforms import current_platform
 
@@ -134,7 +161,7 @@ class RolloutEngine:
 
         on_cpu = current_platform.is_cpu()
         os.environ.update(engine_environment(cfg, on_cpu))  # the engine processes inherit it
-        args = engine_args(cfg, model_dir, on_cpu)
+        args = engine_args(cfg, model_dir, on_cpu, gpu_devices)
         llm = AsyncLLM.from_engine_args(args)
         return cls(llm, on_cpu, args.dtype)
 
