@@ -4,6 +4,11 @@ The lifespan owns every resource: the vLLM engine (loaded before the first reque
 fails to load ends start-up with an error), the weight updater and its spool directory, the reward worker
 processes, the weight data plane (its own port), and the cache server client. Routes (`services.rollout.routes`) stay thin: they decode, call one
 of the plain classes built here, count, encode.
+
+A watch task polls the engine every `ENGINE_WATCH_SECONDS`: when vLLM's engine has died (its engine-core
+process exited or failed), it logs an error naming the replica and calls `on_engine_death` once; `rpo serve
+rollout` passes a callback that ends the process with a non-zero status (`services.rollout.server`), so a
+supervisor (Docker's restart policy, `rpo run`) replaces the replica instead of leaving it up, unhealthy.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -36,6 +41,9 @@ from services.rollout.weight_updater import WeightUpdater
 
 log = logging.getLogger("rpo.rollout")
 
+ENGINE_WATCH_SECONDS = 1.0
+"""How often the lifespan's watch task checks that vLLM's engine is alive."""
+
 
 def replica_name(config: RunConfig) -> str:
     """`rollout.replica_name`, else host:port (the machine's name when bound to every interface)."""
@@ -52,8 +60,31 @@ def resolve_model_dir(spec: str) -> Path:
     return Path(resolve_model_path(spec)).resolve()
 
 
-def create_app(config: RunConfig, *, model_dir: str | Path | None = None) -> FastAPI:
-    """The replica's app; `model_dir` overrides `model.path` (tests, benchmarks)."""
+async def watch_engine(engine: RolloutEngine, name: str, on_death: Callable[[], None] | None) -> None:
+    """Return once the engine has died, after logging it and calling `on_death` (None: log only)."""
+    while not engine.dead:
+        await asyncio.sleep(ENGINE_WATCH_SECONDS)
+    log.error(
+        "replica %s: the vLLM engine died (its engine-core process exited or failed); %s",
+        name,
+        "the replica exits so that it is restarted" if on_death is not None else "it serves no more requests",
+        extra={"replica": name},
+    )
+    if on_death is not None:
+        on_death()
+
+
+def create_app(
+    config: RunConfig,
+    *,
+    model_dir: str | Path | None = None,
+    gpu_devices: int | None = None,
+    on_engine_death: Callable[[], None] | None = None,
+) -> FastAPI:
+    """The replica's app; `model_dir` overrides `model.path` (tests, benchmarks); `gpu_devices`: how many
+    GPUs the replica claimed (None: no claim; sets the engine's tensor parallelism on GPU);
+    `on_engine_death`: called once, in the event loop, if vLLM's engine dies (None: the replica stays up,
+    unready)."""
     registry = CollectorRegistry()
     metrics = RolloutMetrics(registry)
     name = replica_name(config)
@@ -65,10 +96,11 @@ def create_app(config: RunConfig, *, model_dir: str | Path | None = None) -> Fas
             Path(model_dir).resolve() if model_dir is not None else resolve_model_dir(config.model.path)
         )
         log.info("loading %s into vLLM", directory, extra={"replica": name})
-        engine = RolloutEngine.start(config, directory)
+        engine = RolloutEngine.start(config, directory, gpu_devices)
         r = config.rollout
-        updater = plane = scorer = cache = None
+        updater = plane = scorer = cache = watch = None
         try:
+            watch = asyncio.create_task(watch_engine(engine, name, on_engine_death), name="engine-watch")
             manifest = WeightManifest.from_model_dir(directory, engine.safetensors_dtype)
             updater = WeightUpdater(
                 engine, manifest, checkpoint_files(directory), r.spool_dir, metrics.policy_version.set
@@ -114,6 +146,8 @@ def create_app(config: RunConfig, *, model_dir: str | Path | None = None) -> Fas
             )
             yield
         finally:
+            if watch is not None:
+                watch.cancel()
             if cache is not None:
                 await cache.aclose()
             if scorer is not None:

@@ -2,19 +2,29 @@
 
 On shutdown uvicorn finishes in-flight requests, then the lifespan stops the reward workers, removes the
 weight spool directory and shuts the vLLM engine (and its engine-core process) down.
+
+A replica whose vLLM engine dies shuts down the same way and then exits with status `ENGINE_DIED_EXIT_CODE`
+(after an error line naming the replica), so whatever supervises it (Docker's `restart` policy, `rpo run`)
+replaces it. A GPU machine whose NVIDIA driver is too old for torch's CUDA ends start-up with one message
+(`services.core.cuda_check`).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 
 from services.cli.args import UsageError, config_from_args
+from services.core.cuda_check import CudaDriverError, check_cuda_driver
 from services.core.gpu_claims import GpuPlacementError, claim_gpus
 from services.core.server_kit import run_uvicorn
-from services.rollout.app import create_app, resolve_model_dir
+from services.rollout.app import create_app, replica_name, resolve_model_dir
 
 log = logging.getLogger("rpo.rollout")
+
+ENGINE_DIED_EXIT_CODE = 3
+"""Exit status of a replica whose vLLM engine died (1 stays a start-up failure)."""
 
 
 def serve_main(args: argparse.Namespace) -> int:
@@ -26,10 +36,38 @@ def serve_main(args: argparse.Namespace) -> int:
         claim = claim_gpus("rollout", config.gpus, r.gpu_memory_utilization)
     except (ValueError, GpuPlacementError) as exc:
         raise UsageError(str(exc)) from None
-    log.info("rollout replica on http://%s:%d, model %s", r.host, r.port, model_dir)
+    engine_died = False
+
+    def exit_on_engine_death() -> None:
+        # uvicorn takes SIGTERM as "shut down gracefully"; the status is set once it has (below)
+        nonlocal engine_died
+        engine_died = True
+        signal.raise_signal(signal.SIGTERM)
+
     try:
-        run_uvicorn(create_app(config, model_dir=model_dir), r.host, r.port, graceful_shutdown_seconds=30.0)
+        # lazy: heavy import (torch), paid only on this path
+        import torch
+
+        try:  # after the claim: asking torch about CUDA fixes the visible GPUs for this process
+            check_cuda_driver(torch.version.cuda, torch.cuda.is_available, torch.__version__)
+        except CudaDriverError as exc:
+            raise UsageError(str(exc)) from None
+        log.info("rollout replica on http://%s:%d, model %s", r.host, r.port, model_dir)
+        app = create_app(
+            config,
+            model_dir=model_dir,
+            gpu_devices=None if claim is None else len(claim.plan.devices),
+            on_engine_death=exit_on_engine_death,
+        )
+        run_uvicorn(app, r.host, r.port, graceful_shutdown_seconds=30.0)
     finally:
         if claim is not None:
             claim.release()
+        if engine_died:  # replaces the SystemExit(0) of the SIGTERM this process sent itself
+            log.error(
+                "replica %s exits with status %d: its vLLM engine died",
+                replica_name(config),
+                ENGINE_DIED_EXIT_CODE,
+            )
+            raise SystemExit(ENGINE_DIED_EXIT_CODE)  # noqa: B012 - the status is the point
     return 0

@@ -1,10 +1,12 @@
 """Two replicas: both are found, a late one refuses rollouts that need the current policy until it has been
 pushed the current weights, and one push brings both to the same version and the same outputs. Last, the
-late replica's engine is killed: requests get 503 while the process keeps answering."""
+late replica's engine is killed: the replica process shuts down and exits non-zero, naming itself and its
+dead engine, so that its supervisor (Docker's restart policy) replaces it."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
 
 import httpx
 import psutil
@@ -14,8 +16,11 @@ from rollout_helpers import FAST, PROMPTS, generate, greedy, hf_greedy, random_w
 from services.core.clients.rollout import discover_replicas, resolve_dns_replicas
 from services.core.config import load_config
 from services.core.schemas.rollout import GenerateRequest
+from services.rollout.server import ENGINE_DIED_EXIT_CODE
 from trainer.weight_push import WeightPushError, push_to_all
 
+ENGINE_DEATH_EXIT_SECONDS = 90.0
+"""Bound on a replica's exit after its engine died (2 busy cores; the graceful shutdown alone may take 30 s)."""
 QUESTION = {"id": "q1", "prompt_ids": [40, 41, 42], "reference": "3"}
 
 
@@ -102,18 +107,34 @@ def test_push_to_all_names_the_replica_that_failed_and_its_phase(tied_replica, t
     assert f"{dead} [connect]" in str(caught.value)
 
 
-def test_an_engine_that_dies_gives_503_and_the_process_keeps_answering(late_replica):
+def test_an_engine_that_dies_ends_the_replica_process_so_that_it_is_replaced(late_replica):
     server = late_replica
+    name = server.url.removeprefix("http://")  # the replica's default name: host:port
     assert generate(server.url, GenerateRequest(prompts=[[40, 41]], max_tokens=4)).results
-    cores = [
-        p for p in psutil.Process(server.process.pid).children(recursive=True) if "EngineCore" in p.name()
-    ]
+    children = psutil.Process(server.process.pid).children(recursive=True)
+    cores = [p for p in children if "EngineCore" in p.name()]
     assert cores, "no vLLM engine core process found"
     for core in cores:
         core.kill()
     psutil.wait_procs(cores, timeout=10)
-    reply = httpx.post(server.url + "/v1/generate", json={"prompts": [[40, 41]], "max_tokens": 4}, timeout=60)
-    assert reply.status_code == 503 and "engine" in reply.json()["error"]["message"], reply.text
-    assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200
-    assert httpx.get(server.url + "/readyz", timeout=10).status_code == 503
-    assert server.process.poll() is None, "the replica process died with its engine"
+    # Until it has shut down, a request fails fast (503, or refused once it stopped listening), never a 200.
+    try:
+        reply = httpx.post(
+            server.url + "/v1/generate", json={"prompts": [[40, 41]], "max_tokens": 4}, timeout=60
+        )
+        assert reply.status_code == 503, reply.text
+    except httpx.TransportError:
+        pass
+    try:  # the watch (1 s), uvicorn's graceful shutdown (at most 30 s), the lifespan's clean-up
+        code = server.process.wait(timeout=ENGINE_DEATH_EXIT_SECONDS)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(
+            f"the replica still runs {ENGINE_DEATH_EXIT_SECONDS} s after its engine died:\n{server.log_tail()}"
+        ) from None
+    log = server.log_path.read_text(errors="replace")
+    assert code == ENGINE_DIED_EXIT_CODE, f"exit status {code}:\n{server.log_tail()}"
+    assert f"replica {name}: the vLLM engine died" in log, server.log_tail()
+    assert f"replica {name} exits with status {ENGINE_DIED_EXIT_CODE}: its vLLM engine died" in log
+    # it shut down rather than vanished: the processes it had started (reward workers) are gone too
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, f"left behind: {[(p.pid, p.name()) for p in alive]}"
