@@ -1,7 +1,8 @@
-"""Greedy parity on a GPU after a weight push (run by scripts/gpu_smoke.sh): a replica started on the
-warm tiny model receives the weights of a trained policy over HTTP, then its greedy continuations must
-equal transformers' greedy continuations of that policy, token for token. Prints one line; exit 1 on a
-mismatch. Usage: python scripts/gpu_smoke.py BASE_MODEL_DIR TRAINED_MODEL_DIR WORK_DIR"""
+"""Greedy parity after a weight push (run by scripts/gpu_smoke.sh): a replica started on the warm tiny
+model receives the weights of a trained policy over HTTP, then its greedy continuations must equal
+transformers' greedy continuations of that policy, token for token. On a GPU by default; `--cpu` runs the
+replica on vLLM's CPU engine and transformers on CPU (what the test suite runs). Prints one line; exit 1
+on a mismatch. Usage: python scripts/gpu_smoke.py [--cpu] BASE_MODEL_DIR TRAINED_MODEL_DIR WORK_DIR"""
 
 from __future__ import annotations
 
@@ -21,14 +22,19 @@ from trainer.weight_push import push_weights
 PROMPTS = ["Q: 12+7+30=?\nA: ", "Q: 401+96=?\nA: ", "Q: 5+5+5+5=?\nA: "]
 
 
-def main(base: Path, trained: Path, work: Path) -> int:
+def main(base: Path, trained: Path, work: Path, *, cpu: bool = False) -> int:
     tokenizer = AutoTokenizer.from_pretrained(trained)
     prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cfg = load_config(
-        None, [f"model.path={base}", "rollout.gpu_memory_utilization=0.3", f"rollout.port={port}"]
+    # CPU: a small KV cache and no reward workers (parity scores nothing); GPU: 30% of the device
+    device_settings = (
+        ["rollout.kv_cache_bytes=134217728", "rollout.reward_workers=0"]
+        if cpu
+        else ["rollout.gpu_memory_utilization=0.3"]
     )
+    device = "cpu" if cpu else "cuda"
+    cfg = load_config(None, [f"model.path={base}", *device_settings, f"rollout.port={port}"])
     config_file, env = write_run_config(cfg, work / "parity.yaml")
     with Supervisor(work / "logs") as supervisor:
         child = supervisor.start(
@@ -47,10 +53,10 @@ def main(base: Path, trained: Path, work: Path) -> int:
             timeout=120,
         ).json()
     served = [r[0]["token_ids"] for r in reply["results"]]
-    model = AutoModelForCausalLM.from_pretrained(trained, torch_dtype=torch.float32).cuda().eval()
+    model = AutoModelForCausalLM.from_pretrained(trained, torch_dtype=torch.float32).to(device).eval()
     expected = []
     for ids in prompts:
-        out = model.generate(torch.tensor([ids]).cuda(), max_new_tokens=24, do_sample=False)
+        out = model.generate(torch.tensor([ids]).to(device), max_new_tokens=24, do_sample=False)
         expected.append(out[0, len(ids) :].tolist())
     # the replica stops at EOS (kept); transformers pads after it: compare up to the replica's length
     same = (
@@ -64,4 +70,8 @@ def main(base: Path, trained: Path, work: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])))
+    cpu = "--cpu" in sys.argv[1:]
+    paths = [a for a in sys.argv[1:] if a != "--cpu"]
+    if len(paths) != 3 or any(a.startswith("-") for a in paths):
+        sys.exit("usage: python scripts/gpu_smoke.py [--cpu] BASE_MODEL_DIR TRAINED_MODEL_DIR WORK_DIR")
+    sys.exit(main(Path(paths[0]), Path(paths[1]), Path(paths[2]), cpu=cpu))
