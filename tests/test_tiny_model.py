@@ -129,6 +129,9 @@ def test_a_short_warm_start_lowers_the_loss_and_saves_a_loadable_model(
     tok = AutoTokenizer.from_pretrained(tmp_path / "warm")
     assert tok.get_vocab() == AutoTokenizer.from_pretrained(tiny_model_dir).get_vocab()
     assert greedy_accuracy(model, tok, make_split(task, "eval")) == metrics["eval_accuracy"]
+    # served by containers under another uid: every file readable by all (safetensors writes 0600)
+    for directory in (start, tmp_path / "warm"):
+        assert all(f.stat().st_mode & 0o444 == 0o444 for f in directory.iterdir()), directory
 
 
 def test_warm_model_is_partly_right_on_held_out_questions(warm_model_dir):

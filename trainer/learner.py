@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from services.core.config import RunConfig
+from services.core.file_modes import make_readable
 from trainer import dist
 from trainer.batch import Batch, TrainSample, count_loss_tokens, make_micro_batch, plan_micro_batches
 from trainer.logprobs import token_logprobs
@@ -384,6 +385,7 @@ class Learner:
             for item in self.model_path.iterdir():
                 if item.is_file() and item.name != "config.json" and not item.name.endswith(_WEIGHT_FILES):
                     shutil.copy2(item, out / item.name)
+            make_readable(out)  # safetensors writes 0600; replicas may run as another user
         dist.barrier()
 
     # ------------------------------------------------------------------------------------------- checkpoint

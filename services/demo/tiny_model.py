@@ -35,6 +35,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from services.core import synthetic, synthetic_long
+from services.core.file_modes import make_readable
 from services.core.synthetic import PROMPT_TEMPLATE, SyntheticTaskConfig, check_answer, make_split
 from services.core.synthetic_long import LongTaskConfig
 
@@ -189,6 +190,7 @@ def build_tiny_model(
     model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     model.save_pretrained(out)
     build_tokenizer().save_pretrained(out)
+    make_readable(out)
     return out
 
 
@@ -376,6 +378,7 @@ def warm_start(
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "warm_start.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    make_readable(out)
     log.info(
         "warm start: %d steps in %.1f s, loss %.3f -> %.3f, greedy accuracy %.1f%% on %d held-out questions",
         done,

@@ -238,3 +238,5 @@ def test_export_hf_is_a_normal_model_directory(tiny_model_dir, tmp_path, max_sha
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.decode(tokenizer("1+2=3")["input_ids"]) == "1+2=3"
     assert (out / "generation_config.json").is_file()
+    # readable by a replica running as another uid (safetensors writes its files 0600)
+    assert all(f.stat().st_mode & 0o444 == 0o444 for f in out.iterdir())
