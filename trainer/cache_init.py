@@ -34,9 +34,14 @@ log = logging.getLogger("rpo.cache_init")
 
 
 def seed_cache(
-    cfg: RunConfig, remote: RemoteServices, questions: list | None = None, prompts: dict | None = None
+    cfg: RunConfig,
+    remote: RemoteServices,
+    questions: list | None = None,
+    prompts: dict | None = None,
+    min_policy_version: int = 0,
 ) -> dict[str, Any]:
-    """Fill the cache for every training question that has no entry; returns counts and timings."""
+    """Fill the cache for every training question that has no entry; returns counts and timings.
+    `min_policy_version`: the trainer passes the version its replicas serve, so the answers are its policy's."""
 
     started = time.monotonic()
     if questions is None:
@@ -74,7 +79,7 @@ def seed_cache(
                 chunk,
                 prompts,
                 params=remote.init_params(seed=request_seed(cfg.train.seed, 0, index)),
-                min_policy_version=0,
+                min_policy_version=min_policy_version,
                 phase="cache init",
             )
             generated += batch.generated_tokens
@@ -108,6 +113,12 @@ def seed_cache(
         stats["seconds"],
     )
     return stats
+
+
+def trainer_seeds_cache(cfg: RunConfig, resumed: bool) -> bool:
+    """Whether the trainer seeds the cache before step 1: an RPO run starting fresh, with `train.seed_cache`.
+    A resumed run restores its cache from the checkpoint instead; full-path runs have no cache."""
+    return cfg.algorithm.mode == "rpo" and cfg.train.seed_cache and not resumed
 
 
 def cache_init_main(args: Any) -> int:

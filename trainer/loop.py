@@ -37,6 +37,7 @@ from services.core.data import encode_prompt, load_questions
 from services.demo.model_path import resolve_model_path
 from trainer import dist
 from trainer.batch import build_samples, keep_group
+from trainer.cache_init import seed_cache, trainer_seeds_cache
 from trainer.checkpoint import LEARNER_DIR, Checkpointer, StopRequest, TrainerState
 from trainer.evaluate import evaluate_questions
 from trainer.learner import Learner
@@ -188,6 +189,7 @@ class TrainingRecipe:
         resumed = self.load_checkpoint() if self.resume else False
         if not resumed and cfg.algorithm.mode == "rpo":
             self.on_main(self._check_run_is_new)
+        self.seed_first = trainer_seeds_cache(cfg, resumed)
         if self.main:
             self.progress = StepProgress(self.run_dir, self.total_steps, self.step, cfg.train.log_every)
             self.metrics.policy_version.set(self.learner.policy_version)
@@ -209,6 +211,8 @@ class TrainingRecipe:
     def train(self) -> dict[str, Any]:
         """Run the remaining steps; returns what happened (steps done, stopped early or not)."""
         cfg = self.cfg
+        if self.seed_first:
+            self.seed_cache()
         if self.step == 0 and cfg.train.eval_before:
             self.evaluate("before")
         stopped = False
@@ -346,6 +350,19 @@ class TrainingRecipe:
             log.info("evaluation %s: %s", label, result.describe(), extra={"step": self.step})
             self.progress.event("eval", label=label, step=self.step, **result.as_dict())
             self.metrics.eval_accuracy.set(result.pass_at_1)
+
+        self.on_main(run)
+
+    def seed_cache(self) -> None:
+        """One answer for every training question the cache lacks, from the policy the replicas serve
+        (trainer/cache_init.py); a cache that is already full costs one lookup."""
+        self.sync_replicas()  # collective; e.g. replicas still serving another run's weights
+
+        def run() -> None:
+            stats = seed_cache(
+                self.cfg, self.remote, self.questions, self.prompts, self.learner.policy_version
+            )
+            self.progress.event("cache_init", **{k: v for k, v in stats.items() if k != "questions"})
 
         self.on_main(run)
 

@@ -267,6 +267,10 @@ class TrainSection(_Section):
     """rollout.weight_transfer=nccl: the port of the trainer's NCCL rendezvous."""
     cache_init_batch_questions: int = Field(256, ge=1)
     """`rpo cache init`: questions sampled and written to the cache per batch."""
+    seed_cache: bool = True
+    """RPO: before step 1 of a fresh (not resumed) run, the trainer samples one answer for every training
+    question the cache has none for, as `rpo cache init` does (`rpo run` seeds first, leaving it nothing to
+    do). Off: a question is a miss at its first visit, decoded in full, and that sample seeds its entry."""
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> TrainSection:

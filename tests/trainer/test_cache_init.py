@@ -52,3 +52,15 @@ def test_cache_init_samples_once_per_question_and_resumes_without_overwriting(
         assert done.returncode == 0, done.stderr[-3000:]
         assert "0 entries written, 40 already cached" in done.stdout
         assert cache.stats(run_id).entries == 10 + stats["written"]
+
+
+def test_the_trainer_seeds_only_a_fresh_rpo_run_and_only_when_asked():
+    from services.core.config import load_config
+    from services.supervisor.main_job import preset_path
+    from trainer.cache_init import trainer_seeds_cache
+
+    rpo = load_config(preset_path(), [])
+    assert rpo.train.seed_cache and trainer_seeds_cache(rpo, resumed=False)
+    assert not trainer_seeds_cache(rpo, resumed=True)  # its cache comes back from the checkpoint
+    assert not trainer_seeds_cache(load_config(preset_path(), ["train.seed_cache=false"]), resumed=False)
+    assert not trainer_seeds_cache(load_config(preset_path(), ["algorithm.mode=full"]), resumed=False)

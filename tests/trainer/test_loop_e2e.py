@@ -361,6 +361,33 @@ def test_full_path_baseline_decodes_more_tokens_per_sample_and_never_calls_the_c
         assert cache.stats(cfg.services.run_id).entries == 0
 
 
+def test_a_fresh_rpo_run_seeds_its_empty_cache_so_step_one_already_reuses_prefixes(
+    tmp_path, warm_model_dir, rollout_cache_url, training_replicas
+):
+    """The compose flow: `rpo train` on a run whose cache nobody initialised (train.seed_cache, on by
+    default). Without it every question of the first epoch is a miss and tokens saved stay 0."""
+    from training_helpers import run_config, run_trainer
+
+    from services.core.clients.cache import SyncCacheClient
+    from trainer.progress import read_records
+
+    cfg, config_file = run_config(
+        tmp_path, warm_model_dir, rollout_cache_url, [r.url for r in training_replicas], "train.max_steps=1"
+    )
+    with SyncCacheClient(rollout_cache_url) as cache:
+        assert cache.stats(cfg.services.run_id).entries == 0
+        run_trainer(config_file, log_path=tmp_path / "trainer.log")
+        entries = cache.stats(cfg.services.run_id).entries
+    records = read_records(cfg.train.run_dir, None)
+    kinds = [r["kind"] for r in records]
+    assert kinds.index("cache_init") < kinds.index("step")  # seeded before step 1
+    seeded = next(r for r in records if r["kind"] == "cache_init")
+    assert seeded["already_cached"] == 0 and seeded["written"] + seeded["empty"] == 48
+    assert entries == seeded["written"] > 0
+    step = next(r for r in records if r["kind"] == "step")
+    assert step["step"] == 1 and step["reused_prefix_tokens"] > 0
+
+
 def test_committed_cache_update_is_the_best_response_or_another(
     tmp_path, warm_model_dir, rollout_cache_url, training_replicas
 ):
