@@ -137,6 +137,20 @@ COMMANDS: tuple[Command, ...] = (
         (Flag("--out", "directory to write to", None, {"required": True}),),
     ),
     Command(
+        ("compose", "init"),
+        "put what `docker compose up` reads in place: .env, ./models/policy, ./data, ./runs (the tiny model "
+        "and the synthetic task unless --model/--dataset name yours)",
+        "services.compose.init:compose_init_main",
+        (
+            Flag("--cpu", "use the CPU profile (deploy/compose.cpu.yml)", None, {"action": "store_true"}),
+            Flag("--model", "your HF model directory (default: the tiny warm model)", None),
+            Flag("--dataset", "your training questions (jsonl)", None),
+            Flag("--eval-dataset", "your held-out questions (jsonl)", None),
+            Flag("--force", "replace a model or data already in place", None, {"action": "store_true"}),
+            Flag("--dir", "the directory holding docker-compose.yml", None, {"default": "."}),
+        ),
+    ),
+    Command(
         ("config", "show"),
         "print the resolved configuration as YAML",
         "services.cli.config_docs:config_show_main",

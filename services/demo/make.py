@@ -15,7 +15,7 @@ from services.demo.tiny_model import build_tiny_model, warm_start
 log = logging.getLogger(__name__)
 
 
-def _task_config(data: DataSection):
+def task_config(data: DataSection):
 
     return SyntheticTaskConfig(
         num_terms=data.synthetic_num_terms,
@@ -33,7 +33,7 @@ def tiny_model_main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--out {out}: directory exists and is not empty")
-    task = _task_config(cfg.data)
+    task = task_config(cfg.data)
     if not args.warm_start:
         build_tiny_model(out, seed=cfg.train.seed, task=task)
         print(f"tiny model written to {out}")
@@ -50,7 +50,7 @@ def synth_data_main(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     try:
-        files = make_dataset_files(_task_config(cfg.data), args.out)
+        files = make_dataset_files(task_config(cfg.data), args.out)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     for split, path in files.items():
