@@ -139,6 +139,28 @@ def env_value(env_file: Path, key: str) -> str:
     return match.group(1) if match else ""
 
 
+def git(*args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30)
+    return done.stdout.strip()
+
+
+def machine() -> dict:
+    """What the figures were measured on: CPUs, memory, the Docker engine."""
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
+    memory = re.search(r"^MemTotal:\s*(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
+    docker = subprocess.run(
+        ["docker", "version", "-f", "{{.Server.Version}}"], capture_output=True, text=True, timeout=30
+    )
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model.group(1) if model else None,
+        "memory_gib": round(int(memory.group(1)) / 2**20, 1) if memory else None,
+        "docker_engine": docker.stdout.strip(),
+        "gpu": shutil.which("nvidia-smi") is not None,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--compose", required=True, help="a Docker Compose v2 binary")
@@ -158,7 +180,13 @@ def main() -> int:
         target.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if source.is_dir() else shutil.copyfile)(source, target)
 
-    figures: dict = {"build_seconds": args.build_seconds}
+    figures: dict = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "commit": git("rev-parse", "HEAD"),
+        "uncommitted_changes": bool(git("status", "--porcelain")),
+        "machine": machine(),
+        "build_seconds": args.build_seconds,
+    }
     failed: list[str] = []
 
     def check(name: str, fn) -> None:
