@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_origin
 
 import yaml
 from pydantic import (
@@ -28,7 +28,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from services.core.schemas.common import TruncationLimit
 
@@ -39,6 +39,20 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _comma_separated_lists(cls, data: Any) -> Any:
+        """A list setting given as one string (`--set k=a,b`, `RPO_S__K=a,b`, or one plain value) is split
+        at its commas, so the command line and the environment take the same forms."""
+        if not isinstance(data, Mapping):
+            return data
+        split = {
+            name: [part.strip() for part in data[name].split(",") if part.strip()]
+            for name, field in cls.model_fields.items()
+            if isinstance(data.get(name), str) and get_origin(field.annotation) is list
+        }
+        return {**data, **split} if split else data
 
 
 class ModelSection(_Section):
@@ -102,8 +116,8 @@ class AlgorithmSection(_Section):
     """Base algorithm whose objective RPO keeps unchanged."""
     mode: Literal["rpo", "full"] = "rpo"
     """`rpo`: decode suffixes of cached answers; `full`: full-path rollouts, the baseline."""
-    group_size: int = Field(6, ge=1)
-    """G, responses per question. Paper: 6."""
+    group_size: int = Field(6, ge=2)
+    """G, responses per question (at least 2: advantages are relative to the group's mean). Paper: 6."""
     truncation_limit: TruncationLimit = 300
     """L: max tokens cut from a cached answer, m ~ U{0..L}. Paper: 300, 500, 800, 0.5l or l."""
     suffix_budget: int | Literal["m"] = "m"
@@ -435,6 +449,18 @@ ENV_PREFIX = "RPO_"
 _yaml_data: ContextVar[dict[str, Any] | None] = ContextVar("_yaml_data", default=None)
 
 
+class _EnvSource(EnvSettingsSource):
+    """`RPO_<SECTION>__<FIELD>` variables, whose values read as `--set` values do: YAML (JSON is YAML), so
+    `RPO_SERVICES__ROLLOUT_URLS=http://a:8200,http://b:8200` works as on the command line; pydantic-settings
+    alone wants JSON for a list and fails with a traceback on anything else."""
+
+    def decode_complex_value(self, field_name: str, field: Any, value: Any) -> Any:
+        try:
+            return yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+
+
 class _YamlSource(PydanticBaseSettingsSource):
     """Feeds the parsed YAML file (held in a ContextVar by `load_config`) below the environment."""
 
@@ -467,7 +493,7 @@ class RunConfig(BaseSettings):
     def settings_customise_sources(
         cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
     ):
-        return (init_settings, env_settings, _YamlSource(settings_cls))
+        return (init_settings, _EnvSource(settings_cls), _YamlSource(settings_cls))
 
     @model_validator(mode="before")
     @classmethod
@@ -591,6 +617,12 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(data).__name__}")
     cli: dict[str, Any] = {}
     sources = _env_sources()
+    for path, source in sources.items():  # pydantic-settings ignores a variable whose section does not exist
+        if path[0] not in RunConfig.model_fields:
+            raise ConfigError(
+                f"{source}: no section {path[0]!r} (sections: {', '.join(RunConfig.model_fields)}); "
+                f"the form is {ENV_PREFIX}<SECTION>__<FIELD>"
+            )
     for item in overrides:
         key_path, value = _parse_override(item)
         _set_path(cli, key_path, value)

@@ -129,3 +129,35 @@ def test_paper_configs_are_the_paper_runs():
     dapo = loaded["paper-dapo-1.5b.yaml"]
     assert dapo.train.updates_per_batch > 1 and dapo.algorithm.overlong_buffer() > 0
     assert dapo.algorithm.dynamic_sampling_filter == "reward"
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["http://a:8200", "http://a:8200,http://b:8200", " http://a:8200 , http://b:8200 ", '["http://a:8200"]'],
+)
+def test_a_list_setting_takes_the_same_forms_in_the_environment_and_on_the_command_line(monkeypatch, value):
+    expected = [u.strip() for u in value.strip("[]").replace('"', "").split(",")]
+    monkeypatch.setenv("RPO_SERVICES__ROLLOUT_URLS", value)
+    assert load_config(None).services.rollout_urls == expected
+    monkeypatch.delenv("RPO_SERVICES__ROLLOUT_URLS")
+    assert load_config(None, [f"services.rollout_urls={value}"]).services.rollout_urls == expected
+
+
+def test_a_typo_in_a_sections_name_is_refused_like_one_in_a_fields(monkeypatch):
+    monkeypatch.setenv("RPO_ALGORITM__GROUP_SIZE", "4")
+    with pytest.raises(
+        ConfigError, match=r"RPO_ALGORITM__GROUP_SIZE: no section 'algoritm' \(sections: model"
+    ):
+        load_config(None)
+    monkeypatch.delenv("RPO_ALGORITM__GROUP_SIZE")
+    monkeypatch.setenv("RPO_ALGORITHM__GROUP_SIZ", "4")
+    with pytest.raises(ConfigError, match="RPO_ALGORITHM__GROUP_SIZ"):
+        load_config(None)
+
+
+def test_a_group_of_one_is_refused_since_every_advantage_would_be_zero():
+    with pytest.raises(
+        ConfigError, match=r"algorithm.group_size: Input should be greater than or equal to 2"
+    ):
+        load_config(None, ["algorithm.group_size=1"])
+    assert load_config(None, ["algorithm.group_size=2"]).algorithm.group_size == 2
