@@ -20,6 +20,8 @@ class Flag:
     help: str
     key: str | None = None
     kwargs: dict = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+    """Other spellings the flag also answers to (an older name kept working)."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,19 @@ class Command:
 
 class UsageError(Exception):
     """A mistake on the command line or in the inputs it names; the message says what to fix."""
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def add_logging_args(parser: argparse.ArgumentParser, *, with_defaults: bool) -> None:
+    """`--log-level` and `--log-json`: on the top-level parser (`with_defaults`) and again on every command,
+    where their defaults are suppressed so that `rpo --log-level DEBUG run` is not undone by the command's
+    own default; either place works."""
+    level = {"default": "INFO"} if with_defaults else {"default": argparse.SUPPRESS}
+    json_lines = {} if with_defaults else {"default": argparse.SUPPRESS}
+    parser.add_argument("--log-level", choices=LOG_LEVELS, help="log verbosity (default INFO)", **level)
+    parser.add_argument("--log-json", action="store_true", help="structured JSON log lines", **json_lines)
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from services.cli.args import config_from_args
 from services.core.config import RunConfig
+from services.supervisor.main_job import run_config
 
 # The paper's (or its release code's) value for settings it fixes (arXiv 2601.19404; docs/algorithm.md).
 PAPER_VALUES: dict[str, str] = {
@@ -96,8 +97,20 @@ def render() -> str:
 
 
 def config_show_main(args: argparse.Namespace) -> int:
-    """`rpo config show`: the resolved configuration (secrets masked), as YAML."""
-    cfg = config_from_args(args)
+    """`rpo config show [--run]`: the resolved configuration (secrets masked), as YAML, after a comment line
+    saying which: `rpo run`'s (--run: its built-in preset unless --config) or every other command's (the
+    library defaults unless --config)."""
+    if args.run:
+        cfg = run_config(args)
+        what = "what `rpo run` uses" + ("" if args.config else " (its built-in preset: no --config)")
+    else:
+        cfg = config_from_args(args)
+        what = "what `rpo train`, `rpo serve` and the other commands use" + (
+            ""
+            if args.config
+            else " (the library defaults: no --config); `rpo run` starts from its preset: --run"
+        )
+    print(f"# {what}")
     yaml.safe_dump(cfg.public_dict(), sys.stdout, sort_keys=False)
     return 0
 

@@ -10,8 +10,9 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
 
-from services.cli.args import UsageError
+from services.cli.args import UsageError, add_logging_args
 from services.cli.table import register
 from services.core.config import ConfigError
 from services.core.data import DatasetError
@@ -26,16 +27,25 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rpo",
         description="RPO reinforcement fine-tuning: decode only the tails of reasoning paths.",
     )
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    parser.add_argument("--log-json", action="store_true", help="structured JSON log lines")
+    parser.add_argument("--version", action="version", version=f"rpo {installed_version()}")
+    add_logging_args(parser, with_defaults=True)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     register(subparsers)
     return parser
 
 
+def installed_version() -> str:
+    try:
+        return version("rpo-rl")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, stray = parser.parse_known_args(argv)
+    if stray:  # argparse would name them with the top-level usage; the command's own usage is the useful one
+        getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(stray)}")
     if not getattr(args, "handler", None):
         parser.print_help()
         return 0 if args.command is None else 2

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from services.cli.args import Command, Flag, UsageError, add_config_args
+from services.cli.args import Command, Flag, UsageError, add_config_args, add_logging_args
 
 COMMANDS: tuple[Command, ...] = (
     Command(
@@ -19,7 +19,15 @@ COMMANDS: tuple[Command, ...] = (
         "the main job: start Redis, the cache server, a rollout replica and the trainer on localhost, "
         "train, evaluate and print a summary",
         "services.supervisor.main_job:run_main",
-        (Flag("--run-dir", "where the run's logs, checkpoints and final model go", "train.run_dir"),),
+        (
+            Flag("--run-dir", "where the run's logs, checkpoints and final model go", "train.run_dir"),
+            Flag(
+                "--resume",
+                "continue the interrupted run in --run-dir (train.run_dir) from its last checkpoint",
+                None,
+                {"action": "store_true"},
+            ),
+        ),
     ),
     Command(
         ("reproduce",),
@@ -111,7 +119,15 @@ COMMANDS: tuple[Command, ...] = (
         ("cache", "import"),
         "load cache entries from an export file",
         "cache_server.admin:import_main",
-        (Flag("--file", "export file to read", None, {"required": True, "dest": "in_file"}),),
+        (
+            Flag(
+                "--in",
+                "export file to read",
+                None,
+                {"required": True, "dest": "in_file"},
+                aliases=("--file",),
+            ),
+        ),
     ),
     Command(("cache", "stats"), "count a run's entries", "cache_server.admin:stats_main"),
     Command(
@@ -154,6 +170,14 @@ COMMANDS: tuple[Command, ...] = (
         ("config", "show"),
         "print the resolved configuration as YAML",
         "services.cli.config_docs:config_show_main",
+        (
+            Flag(
+                "--run",
+                "show what `rpo run` uses (its built-in preset unless --config) instead of the library defaults",
+                None,
+                {"action": "store_true"},
+            ),
+        ),
     ),
 )
 
@@ -183,6 +207,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                 )
             parser = groups[group].add_parser(name, help=command.help, description=command.help)
         add_config_args(parser)
+        add_logging_args(parser, with_defaults=False)
         for flag in command.flags:
-            parser.add_argument(flag.name, help=flag.help, **flag.kwargs)
-        parser.set_defaults(handler=_run_handler, command_spec=command)
+            parser.add_argument(flag.name, *flag.aliases, help=flag.help, **flag.kwargs)
+        # command_parser: main() reports a stray argument with this command's usage, not the top level's
+        parser.set_defaults(handler=_run_handler, command_spec=command, command_parser=parser)

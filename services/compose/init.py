@@ -29,7 +29,7 @@ from services.core.config import DataSection
 from services.core.file_modes import make_readable
 from services.core.synthetic import make_dataset_files
 from services.demo.make import task_config
-from services.demo.model_path import resolve_model_path
+from services.demo.model_path import not_a_model_directory, resolve_model_path
 
 log = logging.getLogger("rpo.compose")
 
@@ -87,10 +87,7 @@ def place_model(target: Path, source: str | None, force: bool) -> Path:
     else:
         source_dir = Path(source)
         if not (source_dir / "config.json").is_file():
-            raise UsageError(
-                f"--model {source}: not an HF model directory (no config.json there); a Hub id is not "
-                "fetched: download the model first (e.g. `huggingface-cli download NAME --local-dir DIR`)"
-            )
+            raise UsageError(not_a_model_directory(f"--model {source}", source))
     if target.exists():
         shutil.rmtree(target)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -86,7 +86,11 @@ def _row_to_question(row: Any, fields: DataSection, where: str) -> tuple[Questio
         if role == "id" and derived:
             continue
         if name not in row or row[name] is None:
-            raise DatasetError(f"{where}: missing field {name!r} ({role})")
+            keys = ", ".join(repr(k) for k in row) or "none"
+            raise DatasetError(
+                f"{where}: missing field {name!r} ({role}; set data.{role}_field to the column that holds "
+                f"it); the row's fields: {keys}"
+            )
         value = row[name]
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             raise DatasetError(

@@ -30,13 +30,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from services.cli.args import config_from_args, shortcut_overrides
+from services.cli.args import UsageError, config_from_args, shortcut_overrides
 from services.core.config import RunConfig, fresh_run_id, load_config
 from services.core.data import DatasetError, encode_prompt, load_questions
 from services.core.http_client import ServiceCallError
 from services.demo.model_path import resolve_model_path
 from services.supervisor.processes import PartFailed, Supervisor, free_port, rpo_command, write_run_config
 from trainer.cache_init import seed_cache
+from trainer.checkpoint import Checkpointer
 from trainer.progress import read_records, read_step_records
 from trainer.remote import RemoteServices, RolloutFailed
 from trainer.schedule import DataCursor, request_seed
@@ -52,13 +53,17 @@ def preset_path(name: str = PRESET) -> Path:
     return Path(str(resources.files("services.demo").joinpath("presets", name)))
 
 
-def run_main(args: Any) -> int:
-
+def run_config(args: Any) -> RunConfig:
+    """The configuration `rpo run` uses: --config when given, else the built-in preset; then the environment,
+    the shortcut flags and --set. `rpo config show --run` prints it."""
     if getattr(args, "config", None):
-        cfg = config_from_args(args)
-    else:
-        cfg = load_config(preset_path(), [*shortcut_overrides(args), *getattr(args, "overrides", [])])
-    summary = MainJob(cfg).run()
+        return config_from_args(args)
+    return load_config(preset_path(), [*shortcut_overrides(args), *getattr(args, "overrides", [])])
+
+
+def run_main(args: Any) -> int:
+    cfg = run_config(args)
+    summary = MainJob(cfg, resume=getattr(args, "resume", False)).run()
     print(render_summary(summary))
     if summary.get("ok"):
         return 0
@@ -99,16 +104,23 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 class MainJob:
-    """One `rpo run`: the steps of the module docstring, in order."""
+    """One `rpo run`: the steps of the module docstring, in order. `resume`: continue the interrupted run in
+    `train.run_dir` from its last checkpoint (same run id, the cache restored from the checkpoint, no cache
+    initialisation) instead of moving that directory aside and starting over."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, resume: bool = False):
         self.cfg = cfg
+        self.resume = resume
 
     def run(self) -> dict[str, Any]:
 
         started = time.monotonic()
         cfg = self.cfg
-        run_dir = fresh_run_dir(Path(cfg.train.run_dir))
+        if self.resume:
+            run_dir = Path(cfg.train.run_dir)
+            self.cfg = cfg = resumed_config(cfg, run_dir)
+        else:
+            run_dir = fresh_run_dir(Path(cfg.train.run_dir))
         summary: dict[str, Any] = {"run_dir": str(run_dir), "ok": False}
         try:
             with sigterm_as_interrupt(), Supervisor(run_dir / "logs") as supervisor:
@@ -143,7 +155,8 @@ class MainJob:
         remote = RemoteServices(cfg)
         try:
             t = time.monotonic()
-            init_stats = seed_cache(cfg, remote) if cfg.algorithm.mode == "rpo" else None
+            # a resumed run's cache comes back from its checkpoint (the trainer restores it)
+            init_stats = seed_cache(cfg, remote) if cfg.algorithm.mode == "rpo" and not self.resume else None
             setup_seconds["cache_init"] = time.monotonic() - t
             supervisor.check_alive()
             reference = full_path_reference(cfg, remote)
@@ -157,7 +170,7 @@ class MainJob:
         try:
             code = supervisor.wait(trainer)
         except KeyboardInterrupt:
-            log.warning("stopping the trainer (it saves a checkpoint first; `rpo train --resume` continues)")
+            log.warning("stopping the trainer (it saves a checkpoint first; `rpo run --resume` continues)")
             supervisor.stop(trainer, signal.SIGTERM, timeout_seconds=TRAINER_STOP_SECONDS)
             raise
         if code != 0:
@@ -168,12 +181,34 @@ class MainJob:
     def _trainer_argv(self, config_file: Path) -> list[str]:
 
         n = self.cfg.train.num_processes
+        resume = ["--resume"] if self.resume else []
         if n == 1:
-            return rpo_command("train", "--config", str(config_file))
+            return rpo_command("train", "--config", str(config_file), *resume)
         return [
             sys.executable, "-m", "deepspeed.launcher.runner", "--no_local_rank", "--num_gpus", str(n),
             "--master_port", str(free_port()), "--module", "services.cli", "train", "--config", str(config_file),
+            *resume,
         ]  # fmt: skip
+
+
+def resumed_config(cfg: RunConfig, run_dir: Path) -> RunConfig:
+    """`rpo run --resume`: the config with the interrupted run's id (from its last checkpoint); a
+    UsageError naming the directory when there is nothing to resume."""
+    latest = Checkpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints).latest()
+    if latest is None:
+        raise UsageError(
+            f"--resume: no checkpoint under {run_dir / 'checkpoints'} (train.run_dir); run without --resume "
+            "to start, or give the interrupted run's --run-dir/--config"
+        )
+    state = Checkpointer.read_state(latest)
+    if cfg.services.run_id not in ("auto", state.run_id):
+        raise UsageError(
+            f"--resume: {latest} belongs to run {state.run_id!r}, the config names {cfg.services.run_id!r}"
+        )
+    cfg = cfg.model_copy(deep=True)
+    cfg.services.run_id = state.run_id
+    log.info("resuming run %s from %s (step %d)", state.run_id, latest, state.step)
+    return cfg
 
 
 def start_services(

@@ -1,6 +1,7 @@
 """The `rpo` command line as a user runs it: a real subprocess, its output and exit code."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -119,3 +120,94 @@ def test_data_inspect_shows_the_dataset_as_training_loads_it(tmp_path, tiny_mode
     out = rpo("data", "inspect", str(bad), "--set", f"model.path={tiny_model_dir}")
     assert out.returncode == 2 and "bad.jsonl, line 2: missing field 'answer'" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_version_and_a_stray_argument_answered_with_the_commands_own_usage():
+    from importlib.metadata import version
+
+    out = rpo("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"rpo {version('rpo-rl')}"
+    out = rpo("run", "--bogus")
+    assert out.returncode == 2
+    assert "rpo run: error: unrecognized arguments: --bogus" in out.stderr
+    assert "usage: rpo run" in out.stderr and "--run-dir" in out.stderr  # the command's flags, not the list
+
+
+def test_logging_flags_work_before_and_after_the_command():
+    for args in (
+        ("--log-level", "DEBUG", "config", "show"),
+        ("config", "show", "--log-level", "DEBUG", "--log-json"),
+    ):
+        out = rpo(*args)
+        assert out.returncode == 0, out.stderr
+    from services.cli.main import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["--log-level", "ERROR", "config", "show"]).log_level == "ERROR"
+    assert parser.parse_args(["config", "show", "--log-level", "ERROR"]).log_level == "ERROR"
+    assert parser.parse_args(["config", "show"]).log_level == "INFO"
+
+
+def test_cache_export_and_import_name_their_files_alike():
+    from services.cli.main import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["cache", "export", "--out", "x.jsonl"]).out == "x.jsonl"
+    assert parser.parse_args(["cache", "import", "--in", "x.jsonl"]).in_file == "x.jsonl"
+    assert parser.parse_args(["cache", "import", "--file", "x.jsonl"]).in_file == "x.jsonl"  # the old name
+
+
+def test_config_show_says_whose_configuration_it_prints():
+    library = rpo("config", "show")
+    assert library.returncode == 0 and library.stdout.startswith("# what `rpo train`, `rpo serve`")
+    assert "--run" in library.stdout.splitlines()[0]
+    run = rpo("config", "show", "--run", "--set", "train.max_steps=7")
+    assert run.returncode == 0 and run.stdout.startswith("# what `rpo run` uses (its built-in preset")
+    shown = yaml.safe_load(run.stdout)
+    assert shown["train"]["run_dir"] == "runs/tiny-demo" and shown["train"]["max_steps"] == 7
+    assert yaml.safe_load(library.stdout)["train"]["run_dir"] != "runs/tiny-demo"
+
+
+def test_a_model_path_that_is_not_a_model_is_a_message_with_the_way_out(tmp_path):
+    data = tmp_path / "q.jsonl"
+    data.write_text('{"question": "1+1", "answer": "2"}\n')
+    for args in (
+        ("eval", "--model", str(tmp_path / "nonexistent")),
+        ("data", "inspect", str(data), "--set", f"model.path={tmp_path / 'nonexistent'}"),
+    ):
+        out = rpo(*args)
+        assert out.returncode == 2 and "not an HF model directory" in out.stderr, out.stderr[-2000:]
+        assert "Traceback" not in out.stderr
+    out = rpo("eval", "--model", "Qwen/Qwen2.5-0.5B")
+    assert out.returncode == 2 and "looks like a Hugging Face Hub id, and nothing is downloaded" in out.stderr
+    assert "huggingface-cli download Qwen/Qwen2.5-0.5B --local-dir" in out.stderr
+
+
+def test_a_missing_field_names_the_setting_and_the_rows_fields(tmp_path):
+    data = tmp_path / "q.jsonl"
+    data.write_text('{"problem": "1+1", "answer": "2"}\n')
+    out = rpo("data", "inspect", str(data))
+    assert out.returncode == 2
+    assert "missing field 'question' (question; set data.question_field" in out.stderr
+    assert "the row's fields: 'problem', 'answer'" in out.stderr
+
+
+def test_environment_list_values_and_section_typos_reach_the_user_as_messages():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RPO_")}
+    show = subprocess.run(
+        [*RPO, "config", "show"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "RPO_SERVICES__ROLLOUT_URLS": "http://a:1,http://b:2"},
+    )
+    assert show.returncode == 0, show.stderr
+    assert yaml.safe_load(show.stdout)["services"]["rollout_urls"] == ["http://a:1", "http://b:2"]
+    typo = subprocess.run(
+        [*RPO, "config", "show"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "RPO_ALGORITM__GROUP_SIZE": "4"},
+    )
+    assert typo.returncode == 2 and "no section 'algoritm'" in typo.stderr and "Traceback" not in typo.stderr

@@ -160,7 +160,7 @@ SHORT = (
 )
 
 
-def _rpo_run(run_dir: Path, *extra: str) -> subprocess.Popen:
+def _rpo_run(run_dir: Path, *extra: str, flags: tuple[str, ...] = ()) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RPO_")}
     env.setdefault("DS_ACCELERATOR", "cpu")
     sets = [a for item in (*SHORT, f"train.run_dir={run_dir}", *extra) for a in ("--set", item)]
@@ -171,7 +171,7 @@ def _rpo_run(run_dir: Path, *extra: str) -> subprocess.Popen:
         "from services.cli.main import main; sys.exit(main())"
     )
     return subprocess.Popen(
-        [sys.executable, "-c", restore_sigint, "run", *sets],
+        [sys.executable, "-c", restore_sigint, "run", *flags, *sets],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -207,8 +207,11 @@ def test_rpo_run_completes_and_stops_everything_it_started(tmp_path, warm_model_
     assert not [pid for pid in pids if _alive(pid)]
 
 
-def test_ctrl_c_stops_every_part_and_the_trainer_saves_a_checkpoint(tmp_path, warm_model_dir):
+def test_ctrl_c_stops_every_part_and_the_trainer_saves_a_checkpoint_and_rpo_run_resume_continues(
+    tmp_path, warm_model_dir
+):
     from trainer.checkpoint import Checkpointer
+    from trainer.progress import read_records
 
     run_dir = tmp_path / "run"
     job = _rpo_run(run_dir, "train.max_steps=50", "data.eval_dataset=null", "train.checkpoint_every=100")
@@ -227,3 +230,33 @@ def test_ctrl_c_stops_every_part_and_the_trainer_saves_a_checkpoint(tmp_path, wa
     latest = Checkpointer(run_dir / "checkpoints", keep=2).latest()
     assert latest is not None and 1 <= Checkpointer.read_state(latest).step < 50  # saved on the way out
     assert not [pid for pid in _started_pids(output) if _alive(pid)]
+    assert "`rpo run --resume` continues" in output
+    state = Checkpointer.read_state(latest)
+
+    # The same command with --resume (two more steps): same directory, run id and cache, from that step on.
+    resumed = _rpo_run(
+        run_dir,
+        f"train.max_steps={state.step + 2}",
+        "data.eval_dataset=null",
+        "train.checkpoint_every=100",
+        flags=("--resume",),
+    )
+    output, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, output[-6000:]
+    records = read_records(run_dir, None)
+    resume = [r for r in records if r["kind"] == "resume"]
+    assert [r["step"] for r in resume] == [state.step]
+    after = [r["step"] for r in records[records.index(resume[0]) :] if r["kind"] == "step"]
+    assert after == [state.step + 1, state.step + 2]
+    assert not [
+        r for r in records[records.index(resume[0]) :] if r["kind"] == "cache_init"
+    ]  # restored instead
+    assert f"resuming run {state.run_id}" in output
+    assert not (tmp_path / "run.").exists() and not list(tmp_path.glob("run.*"))  # not moved aside
+
+
+def test_rpo_run_resume_with_nothing_to_resume_says_so(tmp_path):
+    job = _rpo_run(tmp_path / "empty", flags=("--resume",))
+    output, _ = job.communicate(timeout=120)
+    assert job.returncode == 2, output[-3000:]
+    assert "--resume: no checkpoint under" in output and "Traceback" not in output
