@@ -78,7 +78,11 @@ def render() -> str:
         "(`--config FILE`), environment variables `RPO_<SECTION>__<FIELD>` (and `RPO_API_TOKEN`), then CLI",
         "overrides `--set section.field=value` and shortcut flags such as `--model`. Unknown keys and bad values",
         "are rejected with the key and where the value came from: the `--set` item, the environment variable, or",
-        "the YAML file and line.",
+        "the YAML file and line; so is a variable `RPO_<SECTION>__...` whose section does not exist. Values read",
+        "the same way on the command line and in the environment (YAML): a list takes one value, a",
+        "comma-separated list (`--set services.rollout_urls=http://a:8200,http://b:8200`) or a YAML/JSON list.",
+        "`rpo config show` prints what the commands resolve (`--run`: what `rpo run` uses, its built-in preset",
+        "unless `--config`).",
         "",
     ]
     for section_name, section_field in RunConfig.model_fields.items():
