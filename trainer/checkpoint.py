@@ -31,6 +31,9 @@ log = logging.getLogger("rpo.checkpoint")
 STATE_FILE = "state.json"
 CACHE_FILE = "cache.ndjson"
 LEARNER_DIR = "learner"
+HF_DIR = "hf"
+"""The checkpoint's policy as an HF model directory (train.checkpoint_hf): load it with transformers, serve it
+with `rpo serve rollout --model`."""
 _NAME = re.compile(r"^step-(\d{8})$")
 
 

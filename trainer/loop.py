@@ -38,7 +38,7 @@ from services.demo.model_path import resolve_model_path
 from trainer import dist
 from trainer.batch import build_samples, keep_group
 from trainer.cache_init import seed_cache, trainer_seeds_cache
-from trainer.checkpoint import LEARNER_DIR, Checkpointer, StopRequest, TrainerState
+from trainer.checkpoint import HF_DIR, LEARNER_DIR, Checkpointer, StopRequest, TrainerState
 from trainer.evaluate import evaluate_questions
 from trainer.learner import Learner
 from trainer.metrics import TrainerMetrics
@@ -391,6 +391,8 @@ class TrainingRecipe:
 
         _, partial = self.on_main(lambda: self.checkpointer.begin(self.step), share=str)
         self.learner.save_checkpoint(str(Path(partial) / LEARNER_DIR), {"step": self.step})
+        if self.cfg.train.checkpoint_hf:  # collective, like the save above
+            self.learner.export_hf(str(Path(partial) / HF_DIR))
 
         def finish() -> None:
             if self.cfg.algorithm.mode == "rpo":

@@ -256,6 +256,9 @@ class TrainSection(_Section):
     start is refused (`--resume` continues the run instead)."""
     keep_checkpoints: int = Field(2, ge=1)
     """How many recent checkpoints to keep."""
+    checkpoint_hf: bool = True
+    """Each checkpoint also holds `hf/`, its policy as an HF model directory (readable by every user) that
+    transformers loads and `rpo serve rollout --model` serves; off saves its disk (one model copy each)."""
     eval_every: int = Field(0, ge=0)
     """Evaluate on the held-out split every N steps; 0 only before and after training."""
     eval_before: bool = True

@@ -66,10 +66,16 @@ def test_sigterm_asks_for_a_stop_after_the_step():
 
 
 def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint(
-    tmp_path, warm_model_dir, rollout_cache_url, training_replicas
+    tmp_path, warm_model_dir, rollout_cache_url, training_replicas, rollout_server_factory
 ):
+    import httpx
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from services.core.clients.cache import SyncCacheClient, read_export_file
-    from trainer.checkpoint import CACHE_FILE
+    from services.core.schemas.rollout import GenerateRequest, GenerateResponse
+    from trainer.checkpoint import CACHE_FILE, HF_DIR
     from trainer.progress import read_records
 
     url = training_replicas[0].url
@@ -120,5 +126,36 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint(
     after = [r for r in records[last_resume:] if r["kind"] == "step"]
     assert [r["step"] for r in after] == list(range(state.step + 1, 7))
     assert replica_version(url) == after[-1]["policy_version"]
-    assert Checkpointer.read_state(Checkpointer(run_dir / "checkpoints", keep=2).latest()).step == 6
+    last = Checkpointer(run_dir / "checkpoints", keep=2).latest()
+    assert Checkpointer.read_state(last).step == 6
     assert (run_dir / "final" / "config.json").is_file()
+    # Every checkpoint is also an HF model directory: the last one holds the final policy's exact weights,
+    # readable by every user, loaded by transformers and served by a replica with transformers' greedy tokens.
+    hf = last / HF_DIR
+    assert (
+        load_file(hf / "model.safetensors").keys()
+        == load_file(run_dir / "final" / "model.safetensors").keys()
+    )
+    final = load_file(run_dir / "final" / "model.safetensors")
+    assert all(torch.equal(t, final[k]) for k, t in load_file(hf / "model.safetensors").items())
+    assert all(f.stat().st_mode & 0o444 == 0o444 for f in hf.iterdir())
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    prompt = tokenizer("12+34=")["input_ids"]
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0][
+            len(prompt) :
+        ]
+    replica = rollout_server_factory(hf)
+    reply = httpx.post(
+        replica.url + "/v1/generate",
+        content=GenerateRequest(prompts=[prompt], n=1, max_tokens=12, temperature=0.0).model_dump_json(),
+        headers={"content-type": "application/json"},
+        timeout=120,
+    )
+    assert reply.status_code == 200, reply.text
+    served = GenerateResponse.model_validate_json(reply.content).results[0][0].token_ids
+    want = expected.tolist()
+    if tokenizer.eos_token_id in want:  # the replica stops after EOS, EOS included
+        want = want[: want.index(tokenizer.eos_token_id) + 1]
+    assert served == want
