@@ -53,9 +53,7 @@ def run_trl(args: argparse.Namespace, work: Path, model_path: Path) -> dict:
     a = cfg.algorithm
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     questions = load_questions(cfg.data.dataset, cfg.data, limit=args.steps * args.questions_per_step)
-    rows = [
-        {"prompt": build_prompt_text(tokenizer, q.question, cfg.data), "answer": q.answer} for q in questions
-    ]
+    rows = [{"prompt": build_prompt_text(tokenizer, q, cfg.data), "answer": q.answer} for q in questions]
     reward = resolve_reward(cfg.reward.function, cfg.data.dataset)
 
     def reward_func(prompts, completions, answer, **_):
@@ -124,7 +122,7 @@ def run_decode(args: argparse.Namespace, model_path: Path, rounds: int = 4) -> d
     a = cfg.algorithm
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     questions = load_questions(cfg.data.dataset, cfg.data, limit=args.questions_per_step)
-    prompts = [encode_prompt(tokenizer, q.question, cfg.data) for q in questions]
+    prompts = [encode_prompt(tokenizer, q, cfg.data) for q in questions]
     os.environ.update(engine_environment(cfg, on_cpu=True))
     llm = LLM(**engine_kwargs(cfg, model_path, on_cpu=True))
     params = SamplingParams(

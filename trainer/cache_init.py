@@ -51,7 +51,7 @@ def seed_cache(
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.path))
-        prompts = {q.id: encode_prompt(tokenizer, q.question, cfg.data) for q in questions}
+        prompts = {q.id: encode_prompt(tokenizer, q, cfg.data) for q in questions}
     batch_size = cfg.train.cache_init_batch_questions
     cached = remote.cached_question_ids([q.id for q in questions])
     todo = [q for q in questions if q.id not in cached]

@@ -174,14 +174,12 @@ class TrainingRecipe:
 
             self.run_dir.mkdir(parents=True, exist_ok=True)
             tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-            self.prompts = {q.id: encode_prompt(tokenizer, q.question, cfg.data) for q in self.questions}
+            self.prompts = {q.id: encode_prompt(tokenizer, q, cfg.data) for q in self.questions}
             if cfg.data.eval_dataset:
                 self.eval_questions = load_questions(
                     cfg.data.eval_dataset, cfg.data, cfg.data.eval_max_questions
                 )
-                self.eval_prompts = {
-                    q.id: encode_prompt(tokenizer, q.question, cfg.data) for q in self.eval_questions
-                }
+                self.eval_prompts = {q.id: encode_prompt(tokenizer, q, cfg.data) for q in self.eval_questions}
             self.remote = RemoteServices(cfg)
             self.metrics = TrainerMetrics()
             if cfg.train.metrics_port is not None:

@@ -35,8 +35,8 @@ def inspect_main(args: argparse.Namespace) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.path))
     example = loaded.questions[0]
-    prompt = build_prompt_text(tokenizer, example.question, cfg.data)
-    prompt_ids = encode_prompt(tokenizer, example.question, cfg.data)
+    prompt = build_prompt_text(tokenizer, example, cfg.data)
+    prompt_ids = encode_prompt(tokenizer, example, cfg.data)
     scored = loaded.questions[:SCORED_ROWS]
     scores = [score_safely(reward, f"\\boxed{{{final_answer(q.answer)}}}", q.answer, q.id) for q in scored]
     perfect = sum(1 for s in scores if s == 1.0)
@@ -44,6 +44,12 @@ def inspect_main(args: argparse.Namespace) -> int:
     print(
         f"rows: {loaded.rows}; questions: {len(loaded.questions)}; repeats dropped: {loaded.repeats_dropped}; ids derived from the question text: {loaded.derived_ids}"
     )
+    conversational = sum(1 for q in loaded.questions if q.messages)
+    if conversational:
+        print(
+            f"conversational rows ({cfg.data.messages_field}): {conversational}; the example's turns: "
+            + ", ".join(role for role, _ in example.messages)
+        )
     print(f"example ({example.id}), as the model sees it ({len(prompt_ids)} tokens, model {cfg.model.path}):")
     print("-" * 80)
     print(prompt)

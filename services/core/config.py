@@ -79,6 +79,10 @@ class DataSection(_Section):
     """Field holding the question text."""
     answer_field: str = "answer"
     """Field holding the reference answer the reward checks against."""
+    messages_field: str = "messages"
+    """Field holding a conversation (a list of `{role, content}` turns: system, user, assistant; the last one
+    a user turn), used instead of the question field in a row that has it: the prompt is the conversation
+    through the chat template (docs/training.md, "Datasets")."""
     prompt_template: str = "Q: {question}\nA: "
     """Plain prompt used when the tokenizer has no chat template (or `use_chat_template` is false)."""
     use_chat_template: bool = True

@@ -13,8 +13,13 @@ Files as users have them (GSM8K, OpenR1-style sets) often have no id column and 
   first row kept, and the count reported (`LoadedDataset.repeats_dropped`, logged);
 - one id on two rows with different questions is an error naming both rows.
 
+A conversational row holds a list of turns in `data.messages_field` (`{"role": "system"|"user"|"assistant",
+"content": ...}`, the last a user turn) instead of a question: its question text is the last user turn, its
+derived id and its repeat check cover the whole conversation.
+
 Prompts use the tokenizer's chat template when it has one (and `data.use_chat_template`), else the plain
-`data.prompt_template`. The same function builds prompts for training, cache initialisation and evaluation,
+`data.prompt_template` (a conversation then reads as its system turns, each user turn through the template,
+each assistant turn as written). The same function builds prompts for training, cache initialisation and evaluation,
 so a question is always seen the same way.
 """
 
@@ -44,11 +49,22 @@ class DatasetError(ValueError):
     """A dataset cannot be read; the message names the file, the line or row, and the field."""
 
 
+ROLES = ("system", "user", "assistant")
+
+
 @dataclass(frozen=True)
 class Question:
     id: str
     question: str
     answer: str
+    messages: tuple[tuple[str, str], ...] = ()
+    """A conversational row's turns, (role, content); empty for a plain question."""
+
+    def key_text(self) -> str:
+        """What the repeat check and a derived id compare: the question, or the whole conversation."""
+        if not self.messages:
+            return _normalised(self.question)
+        return _normalised(json.dumps([list(turn) for turn in self.messages], ensure_ascii=False))
 
 
 @dataclass(frozen=True)
@@ -76,14 +92,18 @@ def _row_to_question(row: Any, fields: DataSection, where: str) -> tuple[Questio
     """The row's question, and whether its id was derived (the row has no id field)."""
     if not isinstance(row, dict):
         raise DatasetError(f"{where}: expected an object with fields, got {type(row).__name__}")
-    values = {}
+    values: dict[str, Any] = {}
     derived = row.get(fields.id_field) is None
+    conversational = row.get(fields.messages_field) is not None
+    if conversational:
+        values["messages"] = _turns(row[fields.messages_field], fields.messages_field, where)
+        values["question"] = next(c for r, c in reversed(values["messages"]) if r == "user")
     for role, name in (
         ("id", fields.id_field),
         ("question", fields.question_field),
         ("answer", fields.answer_field),
     ):
-        if role == "id" and derived:
+        if (role == "id" and derived) or (role == "question" and conversational):
             continue
         if name not in row or row[name] is None:
             keys = ", ".join(repr(k) for k in row) or "none"
@@ -101,8 +121,31 @@ def _row_to_question(row: Any, fields: DataSection, where: str) -> tuple[Questio
             raise DatasetError(f"{where}: field {name!r} is empty")
         values[role] = value
     if derived:
-        values["id"] = derived_id(values["question"])
+        values["id"] = derived_id(Question(id="", **values).key_text())
     return Question(**values), derived
+
+
+def _turns(value: Any, name: str, where: str) -> tuple[tuple[str, str], ...]:
+    """A conversation's turns, checked: a list of {role, content}, known roles, the last one a user turn."""
+    if not isinstance(value, list) or not value:
+        raise DatasetError(f"{where}: field {name!r} must be a non-empty list of {{role, content}} turns")
+    turns = []
+    for n, turn in enumerate(value):
+        if (
+            not isinstance(turn, dict)
+            or not isinstance(turn.get("content"), str)
+            or turn.get("role") not in ROLES
+        ):
+            raise DatasetError(
+                f'{where}: {name}[{n}] must be {{"role": one of {", ".join(ROLES)}, "content": text}}, '
+                f"got {json.dumps(turn, ensure_ascii=False)[:120]}"
+            )
+        turns.append((turn["role"], turn["content"]))
+    if turns[-1][0] != "user" or not turns[-1][1].strip():
+        raise DatasetError(
+            f"{where}: the last turn of {name!r} must be a non-empty user turn (the model answers it)"
+        )
+    return tuple(turns)
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
@@ -202,7 +245,7 @@ def _read_rows(rows: Iterable[tuple[str, Any]], fields: DataSection) -> LoadedDa
     for where, row in rows:
         count += 1
         q, was_derived = _row_to_question(row, fields, where)
-        text = _normalised(q.question)
+        text = q.key_text()
         if q.id in by_id and by_id[q.id][0] != text:
             raise DatasetError(
                 f"{where}: {fields.id_field!r} {q.id!r} is also the id of a different question at {by_id[q.id][1]}"
@@ -217,18 +260,27 @@ def _read_rows(rows: Iterable[tuple[str, Any]], fields: DataSection) -> LoadedDa
     return LoadedDataset(questions, count, repeats, derived)
 
 
-def build_prompt_text(tokenizer: Any, question: str, fields: DataSection) -> str:
-    """The prompt as text: chat template (with the generation prompt) when available, else the plain template."""
+def build_prompt_text(tokenizer: Any, question: str | Question, fields: DataSection) -> str:
+    """The prompt as text: chat template (with the generation prompt) when available, else the plain template.
+    `question`: a Question (a conversational one brings its turns) or a question's text."""
+    turns = question.messages if isinstance(question, Question) else ()
+    text = question.question if isinstance(question, Question) else question
+    if not turns:
+        turns = ((("system", fields.system_prompt),) if fields.system_prompt else ()) + (("user", text),)
+    elif (
+        fields.system_prompt and turns[0][0] != "system"
+    ):  # the config's system prompt, unless the row has one
+        turns = (("system", fields.system_prompt), *turns)
     if fields.use_chat_template and getattr(tokenizer, "chat_template", None):
-        messages = []
-        if fields.system_prompt:
-            messages.append({"role": "system", "content": fields.system_prompt})
-        messages.append({"role": "user", "content": question})
+        messages = [{"role": role, "content": content} for role, content in turns]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return fields.prompt_template.format(question=question)
+    if not isinstance(question, Question) or not question.messages:
+        return fields.prompt_template.format(question=text)
+    plain = {"user": lambda c: fields.prompt_template.format(question=c), "system": "{}\n".format}
+    return "".join(plain.get(role, "{}\n".format)(content) for role, content in turns)
 
 
-def encode_prompt(tokenizer: Any, question: str, fields: DataSection) -> list[int]:
+def encode_prompt(tokenizer: Any, question: str | Question, fields: DataSection) -> list[int]:
     """Prompt token ids. Special tokens come from the chat template when one is used, else the tokenizer's own."""
     text = build_prompt_text(tokenizer, question, fields)
     templated = fields.use_chat_template and getattr(tokenizer, "chat_template", None)

@@ -35,7 +35,7 @@ def eval_main(args: Any) -> int:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    prompts = {q.id: encode_prompt(tokenizer, q.question, cfg.data) for q in questions}
+    prompts = {q.id: encode_prompt(tokenizer, q, cfg.data) for q in questions}
     with local_replicas_if_none(cfg, model_path) as cfg:
         remote = RemoteServices(cfg)
         try:

@@ -269,7 +269,7 @@ def full_path_reference(cfg: RunConfig, remote: RemoteServices) -> dict[str, Any
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
-    prompts = {q.id: encode_prompt(tokenizer, q.question, cfg.data) for q in chosen}
+    prompts = {q.id: encode_prompt(tokenizer, q, cfg.data) for q in chosen}
     params = remote.training_params(seed=request_seed(cfg.train.seed, 1, 0))
     params.update(mode="full", seed_cache_on_miss=False)
     t = time.monotonic()

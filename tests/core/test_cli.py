@@ -211,3 +211,19 @@ def test_environment_list_values_and_section_typos_reach_the_user_as_messages():
         env={**env, "RPO_ALGORITM__GROUP_SIZE": "4"},
     )
     assert typo.returncode == 2 and "no section 'algoritm'" in typo.stderr and "Traceback" not in typo.stderr
+
+
+def test_data_inspect_shows_a_conversational_dataset(tmp_path, tiny_model_dir):
+    rows = [
+        {
+            "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2=?"}],
+            "answer": "4",
+        },
+        {"messages": [{"role": "user", "content": "3+3=?"}], "answer": "6"},
+    ]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = rpo("data", "inspect", str(path), "--set", f"model.path={tiny_model_dir}")
+    assert out.returncode == 0, out.stderr
+    assert "conversational rows (messages): 2; the example's turns: system, user" in out.stdout
+    assert "be brief\nQ: 2+2=?\nA:" in out.stdout  # the tiny model has no chat template: the plain reading

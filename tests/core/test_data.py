@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerFast
 from services.core.config import DataSection
 from services.core.data import (
     DatasetError,
+    Question,
     build_prompt_text,
     derived_id,
     encode_prompt,
@@ -155,3 +156,82 @@ def test_gsm8k_answers_are_scored_on_the_number_after_the_hashes():
     assert math_reward("she sold 72 in all, so \\boxed{72}", reference) == 1.0
     assert math_reward("\\boxed{24}", reference) == 0.0  # the intermediate result is not the answer
     assert math_reward("\\boxed{71}", reference) == 0.0
+
+
+CONVERSATION_ROWS = [  # TRL's and OpenRLHF's conversational layout: the prompt as turns, no question column
+    {
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2=?"}],
+        "answer": "4",
+    },
+    {
+        "messages": [{"role": "system", "content": "show work"}, {"role": "user", "content": "2+2=?"}],
+        "answer": "4",
+    },
+    {"messages": [{"role": "user", "content": "3+3=?"}], "answer": "6"},
+    {
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2=?"}],
+        "answer": "4",
+    },
+]
+
+
+def test_conversational_rows_load_with_their_turns_and_a_conversation_wide_id(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in CONVERSATION_ROWS))
+    loaded = load_dataset(str(path), DataSection())
+    assert (loaded.rows, loaded.repeats_dropped, loaded.derived_ids) == (
+        4,
+        1,
+        3,
+    )  # the last row repeats the first
+    first, second, third = loaded.questions
+    assert first.question == second.question == "2+2=?"  # the text shown and logged: the last user turn
+    assert first.id != second.id  # another system prompt is another prompt
+    assert first.messages == (("system", "be brief"), ("user", "2+2=?")) and third.answer == "6"
+    assert load_dataset(str(path), DataSection()).questions[0].id == first.id  # stable across loads
+
+
+def test_a_conversation_goes_through_the_chat_template_or_reads_plainly_without_one():
+    chat = Question(
+        id="c", question="2+2=?", answer="4", messages=(("system", "be brief"), ("user", "2+2=?"))
+    )
+    template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}<|assistant|>"
+    tok = _char_tokenizer(template)
+    assert build_prompt_text(tok, chat, DataSection()) == "<|system|>be brief<|user|>2+2=?<|assistant|>"
+    # the row's own system turn wins over data.system_prompt; a row without one gets the config's
+    assert (
+        build_prompt_text(tok, chat, DataSection(system_prompt="x"))
+        == "<|system|>be brief<|user|>2+2=?<|assistant|>"
+    )
+    bare = Question(id="d", question="3+3=?", answer="6", messages=(("user", "3+3=?"),))
+    assert (
+        build_prompt_text(tok, bare, DataSection(system_prompt="x"))
+        == "<|system|>x<|user|>3+3=?<|assistant|>"
+    )
+    ids = encode_prompt(tok, chat, DataSection())
+    assert tok.decode(ids).replace(" ", "") == "<|system|>bebrief<|user|>2+2=?<|assistant|>"
+    plain = _char_tokenizer()  # no chat template: system turns as lines, each user turn through the template
+    assert build_prompt_text(plain, chat, DataSection()) == "be brief\nQ: 2+2=?\nA: "
+
+
+@pytest.mark.parametrize(
+    "messages, message",
+    [
+        ("2+2=?", "field 'messages' must be a non-empty list of {role, content} turns"),
+        ([], "field 'messages' must be a non-empty list"),
+        ([{"role": "robot", "content": "hi"}], 'messages[0] must be {"role": one of system, user, assistant'),
+        ([{"role": "user"}], "messages[0] must be"),
+        (
+            [{"role": "user", "content": "2+2=?"}, {"role": "assistant", "content": "4"}],
+            "last turn of 'messages'",
+        ),
+    ],
+)
+def test_a_malformed_conversation_names_the_row_and_what_is_wrong(tmp_path, messages, message):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "1+1=?"}], "answer": "2"}) + "\n")
+    with path.open("a") as fh:
+        fh.write(json.dumps({"messages": messages, "answer": "4"}) + "\n")
+    with pytest.raises(DatasetError) as err:
+        load_dataset(str(path), DataSection())
+    assert "chat.jsonl, line 2: " in str(err.value) and message in str(err.value)

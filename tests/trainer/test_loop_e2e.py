@@ -409,7 +409,7 @@ def test_committed_cache_update_is_the_best_response_or_another(
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(warm_model_dir)
-        prompts = {q.id: encode_prompt(tokenizer, q.question, cfg.data) for q in questions}
+        prompts = {q.id: encode_prompt(tokenizer, q, cfg.data) for q in questions}
         remote = RemoteServices(cfg)
         try:
             version = replica_version(url)
@@ -471,7 +471,7 @@ def test_dapo_refill_asks_the_real_replica_again_until_the_batch_is_full(
     unsolvable = {questions[i].id for i in DataCursor(len(questions), cfg.train.seed).take(want)}
     questions = [replace(q, answer="unsolvable") if q.id in unsolvable else q for q in questions]
     tokenizer = AutoTokenizer.from_pretrained(warm_model_dir)
-    prompts = {q.id: encode_prompt(tokenizer, q.question, cfg.data) for q in questions}
+    prompts = {q.id: encode_prompt(tokenizer, q, cfg.data) for q in questions}
 
     def requests_served() -> float:
         text = httpx.get(rollout_server.url + "/metrics", timeout=10).text
