@@ -46,6 +46,7 @@ from trainer.progress import StepProgress
 from trainer.records import StepRecord
 from trainer.remote import CollectedGroups, RemoteServices
 from trainer.schedule import DataCursor, planned_steps, request_seed
+from trainer.tracking import Tracker
 from trainer.weight_sync import WeightSync
 
 log = logging.getLogger("rpo.train")
@@ -189,7 +190,12 @@ class TrainingRecipe:
             self.on_main(self._check_run_is_new)
         self.seed_first = trainer_seeds_cache(cfg, resumed)
         if self.main:
-            self.progress = StepProgress(self.run_dir, self.total_steps, self.step, cfg.train.log_every)
+            tracker = None
+            if cfg.train.report_to:
+                tracker = Tracker(cfg.train.report_to, self.run_dir, cfg.services.run_id, cfg.public_dict())
+            self.progress = StepProgress(
+                self.run_dir, self.total_steps, self.step, cfg.train.log_every, tracker=tracker
+            )
             self.metrics.policy_version.set(self.learner.policy_version)
             if self.resume:
                 self.progress.event("resume", step=self.step, policy_version=self.learner.policy_version)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from trainer.records import StepRecord
+from trainer.tracking import Tracker
 
 log = logging.getLogger("rpo.train")
 
@@ -69,8 +70,16 @@ def read_step_records(run_dir: str | Path) -> list[StepRecord]:
 class StepProgress:
     """Progress bar + per-step log line + JSONL records for one training process (rank 0)."""
 
-    def __init__(self, run_dir: str | Path, total_steps: int, start_step: int, log_every: int = 1):
-
+    def __init__(
+        self,
+        run_dir: str | Path,
+        total_steps: int,
+        start_step: int,
+        log_every: int = 1,
+        tracker: Tracker | None = None,
+    ):
+        """`tracker`: experiment trackers (trainer/tracking.py) that get every record written here."""
+        self.tracker = tracker
         self.total_steps = total_steps
         self.log_every = log_every
         self.path = Path(run_dir) / METRICS_FILE
@@ -100,10 +109,14 @@ class StepProgress:
     def _write(self, record: dict[str, Any]) -> None:
         self._fh.write(json.dumps(record, default=float) + "\n")
         self._fh.flush()
+        if self.tracker is not None:
+            self.tracker.record(record)
 
     def close(self) -> None:
         self._bar.close()
         self._fh.close()
+        if self.tracker is not None:
+            self.tracker.close()
 
     @contextlib.contextmanager
     def logging_above_bar(self) -> Iterator[None]:

@@ -21,6 +21,7 @@ from services.core.cuda_check import CudaDriverError, check_cuda_driver
 from services.core.gpu_claims import GpuPlacementError, claim_gpus
 from trainer.loop import RunCollision, run_training
 from trainer.preflight import check_before_training
+from trainer.tracking import TrackingError
 
 log = logging.getLogger("rpo.train")
 
@@ -48,7 +49,7 @@ def train_main(args: Any) -> int:
         torch.cuda.set_per_process_memory_fraction(claim.plan.memory_fraction)
     try:
         outcome = run_training(cfg, resume=bool(getattr(args, "resume", False)))
-    except RunCollision as exc:
+    except (RunCollision, TrackingError) as exc:
         raise UsageError(str(exc)) from None
     if outcome["stopped"]:
         log.info(

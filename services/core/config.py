@@ -269,6 +269,9 @@ class TrainSection(_Section):
     """Evaluate before the first step (`rpo reproduce` does it once for all arms: same starting model)."""
     log_every: int = Field(1, ge=1)
     """One log line every N steps."""
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)
+    """Experiment trackers that get every step's figures, the evaluations and the config (trainer/tracking.py),
+    e.g. `tensorboard,mlflow`; none by default. Needs the tracking extra: `pip install "rpo-rl[tracking]"`."""
     num_processes: int = Field(1, ge=1)
     """Trainer processes `rpo run` starts: 1 is a plain process; more run under DeepSpeed's launcher (one per
     GPU on a GPU box; CPU ranks with DS_ACCELERATOR=cpu)."""

@@ -4,6 +4,7 @@ RPO steps through the real services (Redis, cache server, one and two rollout re
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -372,7 +373,12 @@ def test_a_fresh_rpo_run_seeds_its_empty_cache_so_step_one_already_reuses_prefix
     from trainer.progress import read_records
 
     cfg, config_file = run_config(
-        tmp_path, warm_model_dir, rollout_cache_url, [r.url for r in training_replicas], "train.max_steps=1"
+        tmp_path,
+        warm_model_dir,
+        rollout_cache_url,
+        [r.url for r in training_replicas],
+        "train.max_steps=1",
+        "train.report_to=tensorboard,mlflow,wandb",  # and the trackers see the real trainer's records
     )
     with SyncCacheClient(rollout_cache_url) as cache:
         assert cache.stats(cfg.services.run_id).entries == 0
@@ -386,6 +392,16 @@ def test_a_fresh_rpo_run_seeds_its_empty_cache_so_step_one_already_reuses_prefix
     assert entries == seeded["written"] > 0
     step = next(r for r in records if r["kind"] == "step")
     assert step["step"] == 1 and step["reused_prefix_tokens"] > 0
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(Path(cfg.train.run_dir) / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("reused_prefix_tokens")] == [
+        (1, step["reused_prefix_tokens"])
+    ]
+    assert list((Path(cfg.train.run_dir) / "mlruns").rglob("reward_mean"))  # MLflow's file store
+    assert list((Path(cfg.train.run_dir) / "wandb").glob("offline-run-*/run-*.wandb"))  # W&B, offline
 
 
 def test_committed_cache_update_is_the_best_response_or_another(

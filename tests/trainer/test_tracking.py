@@ -1,0 +1,144 @@
+"""train.report_to: the step records, evaluations and config reach each real tracker, read back from its
+own files (TensorBoard's event files, MLflow's file store through its client, W&B's offline run)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from services.core.config import load_config
+from trainer.tracking import Tracker, TrackingError, metrics_of
+
+STEPS = [
+    {
+        "kind": "step",
+        "time": 1.0,
+        "step": s,
+        "reward_mean": 0.25 * s,
+        "accuracy": 0.5,
+        "phases": {"train": 0.1 * s, "rollout": 0.2},
+        "cache_updates": {"best": 3, "other": 5},
+        "learner": {"loss": 1.0 / s},
+    }
+    for s in (1, 2, 3)
+]
+EVAL = {"kind": "eval", "time": 2.0, "label": "after", "step": 3, "pass@1": 0.75, "questions": 100}
+
+
+@pytest.fixture
+def tracked(tmp_path, monkeypatch):
+    """A run directory with every backend fed the same records; the config the trackers were given."""
+    # MLflow exports its tracking URI (and the tracker its file-store switch) into os.environ, where later
+    # tests' subprocesses would inherit them: registered here so that teardown puts the environment back.
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = load_config(None, ["train.report_to=tensorboard,mlflow,wandb", "algorithm.group_size=5"])
+    assert cfg.train.report_to == ["tensorboard", "mlflow", "wandb"]  # a comma-separated list, as documented
+    tracker = Tracker(cfg.train.report_to, tmp_path, "run-test-1", cfg.public_dict())
+    for record in [{"kind": "resume", "step": 0}, *STEPS, EVAL, {"kind": "checkpoint", "step": 3}]:
+        tracker.record(record)
+    tracker.close()
+    return tmp_path
+
+
+def test_records_become_flat_metrics_per_step():
+    assert metrics_of(STEPS[1]) == (
+        2,
+        {
+            "reward_mean": 0.5,
+            "accuracy": 0.5,
+            "phases/train": pytest.approx(0.2),
+            "phases/rollout": 0.2,
+            "cache_updates/best": 3.0,
+            "cache_updates/other": 5.0,
+            "learner/loss": 0.5,
+        },
+    )
+    assert metrics_of(EVAL) == (3, {"eval/after/pass@1": 0.75, "eval/after/questions": 100.0})
+    assert metrics_of({"kind": "checkpoint", "step": 3, "path": "x"}) is None
+
+
+def test_tensorboard_event_files_hold_every_step_and_the_config(tracked):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tracked / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("reward_mean")] == [(1, 0.25), (2, 0.5), (3, 0.75)]
+    assert [e.step for e in events.Scalars("phases/train")] == [1, 2, 3]
+    assert [(e.step, e.value) for e in events.Scalars("eval/after/pass@1")] == [(3, 0.75)]
+    assert "config/text_summary" in events.Tags()["tensors"]
+
+
+def test_mlflow_file_store_holds_the_metrics_and_the_config_as_params(tracked):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=(tracked / "mlruns").as_uri())
+    experiment = client.get_experiment_by_name("rpo")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "run-test-1"
+    assert run.data.params["algorithm.group_size"] == "5"
+    history = client.get_metric_history(run.info.run_id, "reward_mean")
+    assert sorted((m.step, m.value) for m in history) == [(1, 0.25), (2, 0.5), (3, 0.75)]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "eval/after/pass_at_1")] == [0.75]
+
+
+def wandb_records(path):
+    """The protobuf records of a W&B run file: a 7-byte header (`:W&B`, magic, version), then LevelDB's log
+    format (32 KiB blocks of records with a 7-byte header: CRC, length, type full/first/middle/last)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    position, block, pending = 7, 32768, b""
+    while position + 7 <= len(data):
+        left = block - position % block
+        length, kind = int.from_bytes(data[position + 4 : position + 6], "little"), data[position + 6]
+        if left < 7 or (length == 0 and kind == 0):  # a block's zero-filled tail
+            position += left
+            continue
+        pending += data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
+            pending = b""
+
+
+def test_wandb_offline_run_holds_the_history_and_the_config(tracked):
+    (run_file,) = (tracked / "wandb").glob("offline-run-*/run-*.wandb")
+    history, config = [], {}
+    for record in wandb_records(run_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            history.append(
+                {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            )
+        elif kind in ("config", "run"):
+            items = record.config.update if kind == "config" else record.run.config.update
+            config.update({i.key: json.loads(i.value_json) for i in items})
+    steps = [(h["_step"], h["reward_mean"]) for h in history if "reward_mean" in h]
+    assert steps == [(1, 0.25), (2, 0.5), (3, 0.75)]
+    assert any(h.get("eval/after/pass@1") == 0.75 for h in history)
+    algorithm = config["algorithm"]
+    assert (
+        algorithm.get("value", algorithm)["group_size"] == 5
+    )  # some versions wrap each key as {"value": ...}
+
+
+def test_an_unknown_tracker_is_refused_and_a_missing_library_names_the_extra(monkeypatch, tmp_path):
+    from services.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.report_to"):
+        load_config(None, ["train.report_to=tensorbored"])
+    monkeypatch.setitem(sys.modules, "wandb", None)  # the library absent: `import wandb` raises ImportError
+    with pytest.raises(
+        TrackingError, match=r'wandb needs the wandb package .*pip install "rpo-rl\[tracking\]"'
+    ):
+        Tracker(["wandb"], tmp_path, "r", {})

@@ -1,0 +1,188 @@
+"""Experiment tracking: every record the trainer writes to metrics.jsonl, also sent to TensorBoard, MLflow or
+Weights & Biases (`train.report_to`), as TRL's `report_to` does. A thin adapter over the records: the step
+records' numbers (nested ones flattened, `phases/train`), the evaluations' (`eval/<label>/<name>`), and the
+resolved config once at the start (secrets masked).
+
+Where each writes (all under the run directory unless the backend's own variable says otherwise):
+- `tensorboard`: `<run_dir>/tensorboard` (TensorBoard's event files; `tensorboard --logdir runs`);
+- `mlflow`: `MLFLOW_TRACKING_URI` if set, else the file store `<run_dir>/mlruns` (no server or database
+  needed; MLflow 3 keeps it behind `MLFLOW_ALLOW_FILE_STORE`, which this sets); the experiment is
+  `MLFLOW_EXPERIMENT_NAME` or `rpo`, the MLflow run is named after the run id, the config goes in as params;
+- `wandb`: project `WANDB_PROJECT` or `rpo`, the run named after the run id, files under `<run_dir>/wandb`;
+  offline (`WANDB_MODE=offline`, sync later with `wandb sync`) unless `WANDB_API_KEY` is set or
+  `WANDB_MODE` says otherwise, so a run never waits on an unreachable server.
+
+Guarantees: a backend that fails to start ends the trainer's start with a message naming it (a missing
+library names the extra to install); a backend that fails later is logged once and dropped, never stopping
+training; only rank 0 tracks. The libraries are optional (`pip install "rpo-rl[tracking]"`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger("rpo.tracking")
+
+BACKENDS = ("tensorboard", "mlflow", "wandb")
+
+
+class TrackingError(RuntimeError):
+    """A tracking backend could not start; the message names it and what to do."""
+
+
+def flatten(record: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
+    """The numbers of a record, nested keys joined with `/` (booleans and text left out)."""
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            yield from flatten(value, f"{name}/")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            yield name, float(value)
+
+
+def metrics_of(record: Mapping[str, Any]) -> tuple[int, dict[str, float]] | None:
+    """(step, metrics) to send for a metrics.jsonl record, or None for records with nothing to plot."""
+    kind = record.get("kind")
+    if kind == "step":
+        skip = {"kind", "time", "step"}
+        return int(record["step"]), dict(flatten({k: v for k, v in record.items() if k not in skip}))
+    if kind == "eval":
+        skip = {"kind", "time", "step", "label"}
+        numbers = flatten({k: v for k, v in record.items() if k not in skip}, f"eval/{record['label']}/")
+        return int(record.get("step", 0)), dict(numbers)
+    return None
+
+
+class _TensorBoard:
+    def __init__(self, run_dir: Path, run_name: str, config: dict[str, Any]):
+        # lazy: heavy import (torch, tensorboard), paid only when asked for
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self.writer.add_text("config", "```\n" + yaml.safe_dump(config, sort_keys=False) + "```", 0)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        for name, value in metrics.items():
+            self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _MLflow:
+    def __init__(self, run_dir: Path, run_name: str, config: dict[str, Any]):
+        # lazy: heavy import (mlflow), paid only when asked for
+        import mlflow
+
+        self.mlflow = mlflow
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            # MLflow 3 refuses its file store unless told otherwise; it needs no server and no database
+            # package, which suits a run directory (a server or `sqlite:///...` via MLFLOW_TRACKING_URI).
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            uri = (run_dir / "mlruns").resolve().as_uri()
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "rpo"))
+        self.run = mlflow.start_run(run_name=run_name)
+        params = {name: value for name, value in _params(config)}
+        for start in range(0, len(params), 100):  # MLflow takes at most 100 params a call
+            mlflow.log_params(dict(list(params.items())[start : start + 100]))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.mlflow.log_metrics({_mlflow_name(k): v for k, v in metrics.items()}, step=step)
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+class _WandB:
+    def __init__(self, run_dir: Path, run_name: str, config: dict[str, Any]):
+        # lazy: heavy import (wandb), paid only when asked for
+        import wandb
+
+        mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "rpo"),
+            name=run_name,
+            dir=str(run_dir),
+            config=config,
+            mode=mode,
+            settings=wandb.Settings(init_timeout=60, silent=True),
+        )
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log(metrics, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+_CLASSES = {"tensorboard": _TensorBoard, "mlflow": _MLflow, "wandb": _WandB}
+_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow-skinny (or mlflow)", "wandb": "wandb"}
+
+
+def _params(config: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, str]]:
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            yield from _params(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", str(value)[:500]
+
+
+def _mlflow_name(name: str) -> str:
+    """MLflow's metric names allow letters, digits and `_-. /`; `pass@1` becomes `pass_at_1`."""
+    return name.replace("@", "_at_")
+
+
+class Tracker:
+    """The backends of `train.report_to`, fed every record the trainer writes (rank 0)."""
+
+    def __init__(self, backends: list[str], run_dir: str | Path, run_name: str, config: dict[str, Any]):
+        self.sinks: dict[str, Any] = {}
+        for name in backends:
+            try:
+                self.sinks[name] = _CLASSES[name](Path(run_dir), run_name, config)
+            except ImportError as exc:
+                self.close()
+                raise TrackingError(
+                    f"train.report_to: {name} needs the {_PACKAGES[name]} package ({exc}); install the "
+                    f'tracking extra: pip install "rpo-rl[tracking]"'
+                ) from None
+            except Exception as exc:  # noqa: BLE001 - each library raises its own types
+                self.close()
+                raise TrackingError(
+                    f"train.report_to: {name} did not start: {type(exc).__name__}: {exc}"
+                ) from None
+            log.info("tracking to %s", name)
+
+    def record(self, record: Mapping[str, Any]) -> None:
+        sent = metrics_of(record)
+        if sent is None or not sent[1]:
+            return
+        for name, sink in list(self.sinks.items()):
+            try:
+                sink.log(*sent)
+            except Exception as exc:  # noqa: BLE001 - tracking never stops training
+                log.warning(
+                    "tracking to %s failed (%s: %s); it is turned off for this run",
+                    name,
+                    type(exc).__name__,
+                    exc,
+                )
+                self.sinks.pop(name, None)
+
+    def close(self) -> None:
+        for name, sink in list(self.sinks.items()):
+            try:
+                sink.close()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("closing %s failed: %s", name, exc)
+        self.sinks.clear()
