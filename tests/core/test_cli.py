@@ -11,8 +11,8 @@ import yaml
 RPO = [sys.executable, "-m", "services.cli"]
 
 
-def rpo(*args, timeout=60):
-    return subprocess.run([*RPO, *args], capture_output=True, text=True, timeout=timeout)
+def rpo(*args, timeout=60, env=None):
+    return subprocess.run([*RPO, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_help_lists_every_command_group():
@@ -194,22 +194,10 @@ def test_a_missing_field_names_the_setting_and_the_rows_fields(tmp_path):
 
 def test_environment_list_values_and_section_typos_reach_the_user_as_messages():
     env = {k: v for k, v in os.environ.items() if not k.startswith("RPO_")}
-    show = subprocess.run(
-        [*RPO, "config", "show"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**env, "RPO_SERVICES__ROLLOUT_URLS": "http://a:1,http://b:2"},
-    )
+    show = rpo("config", "show", env={**env, "RPO_SERVICES__ROLLOUT_URLS": "http://a:1,http://b:2"})
     assert show.returncode == 0, show.stderr
     assert yaml.safe_load(show.stdout)["services"]["rollout_urls"] == ["http://a:1", "http://b:2"]
-    typo = subprocess.run(
-        [*RPO, "config", "show"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**env, "RPO_ALGORITM__GROUP_SIZE": "4"},
-    )
+    typo = rpo("config", "show", env={**env, "RPO_ALGORITM__GROUP_SIZE": "4"})
     assert typo.returncode == 2 and "no section 'algoritm'" in typo.stderr and "Traceback" not in typo.stderr
 
 
