@@ -1,8 +1,9 @@
 """Verifiable rewards: a response's text against a reference answer, as a float in [0, 1].
 
 Built in: `math` (math-verify on the LAST \\boxed{...} of the response against the reference) and `exact`
-(exact match of the last \\boxed{...}, for the synthetic task). Users plug in their own as
-`package.module:function` with the signature `(response: str, reference: str) -> float`.
+(exact match of the last \\boxed{...}, for the synthetic task); `format` names the shipped example format
+reward. Users plug in their own as `package.module:function`, either `(response: str, reference: str) ->
+float` or TRL's batch form (services.core.reward_terms, which combines several with weights).
 
 Guarantee: `score_safely` never raises. A reward function that raises, or returns something that is not
 a finite number, gives 0 and a logged warning naming the question: never a crashed step.
@@ -10,11 +11,17 @@ a finite number, gives 0 and a logged warning naming the question: never a crash
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
 import logging
 import math
+import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -75,25 +82,57 @@ class RewardSpecError(ValueError):
     """The configured reward function cannot be found or is not callable."""
 
 
-def resolve_reward(spec: str, dataset: str = "") -> RewardFn:
-    """`math`, `exact`, `auto` (exact for the built-in datasets, math otherwise) or `package.module:function`."""
+EXAMPLE_REWARDS = {"format": "services.core.reward_examples:boxed_format_reward"}
+"""Names of the shipped example functions (batch-style, services.core.reward_examples)."""
+
+
+def resolve_reward(spec: str, dataset: str = "") -> Callable[..., Any]:
+    """`math`, `exact`, `format`, `auto` (exact for the built-in datasets, math otherwise),
+    `package.module:function` or `path/to/file.py:function` (a per-response or a batch function,
+    services.core.reward_terms)."""
     if spec == "auto":
         spec = "exact" if dataset.startswith("builtin:") else "math"
+    spec = EXAMPLE_REWARDS.get(spec, spec)
     if spec in BUILTIN_REWARDS:
         return BUILTIN_REWARDS[spec]
     if ":" not in spec:
         raise RewardSpecError(
-            f"reward.function {spec!r}: use one of {sorted(BUILTIN_REWARDS)} or 'auto' or 'package.module:function'"
+            f"reward function {spec!r}: use one of {sorted([*BUILTIN_REWARDS, *EXAMPLE_REWARDS])}, 'auto' "
+            "or 'package.module:function'"
         )
-    module_name, attr = spec.split(":", 1)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise RewardSpecError(f"reward.function {spec!r}: cannot import {module_name}: {exc}") from None
+    module_name, attr = spec.rsplit(":", 1)
+    module = _module_from_file(spec, module_name) if module_name.endswith(".py") else None
+    if module is None:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise RewardSpecError(f"reward function {spec!r}: cannot import {module_name}: {exc}") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise RewardSpecError(f"reward.function {spec!r}: {module_name} has no callable {attr!r}")
+        raise RewardSpecError(f"reward function {spec!r}: {module_name} has no callable {attr!r}")
     return fn
+
+
+def _module_from_file(spec: str, path_text: str) -> ModuleType:
+    """A reward module given as a file (`path/to/rewards.py:function`), loaded once per process."""
+    path = Path(path_text).resolve()
+    name = "rpo_reward_file_" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
+    if name in sys.modules:
+        return sys.modules[name]
+    if not path.is_file():
+        raise RewardSpecError(
+            f"reward function {spec!r}: no file {path} (paths are read where rewards are scored)"
+        )
+    loader_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(loader_spec)
+    try:
+        loader_spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - the user's file may raise anything on import
+        raise RewardSpecError(
+            f"reward function {spec!r}: {path} failed to load: {type(exc).__name__}: {exc}"
+        ) from None
+    sys.modules[name] = module
+    return module
 
 
 def score_safely(fn: RewardFn, response: str, reference: str, question_id: str) -> float:

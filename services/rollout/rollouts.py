@@ -20,6 +20,7 @@ from services.core.algorithm import cached_answer, length_shaped_rewards, overlo
 from services.core.clients.cache import CacheClient
 from services.core.errors import InvalidInput, Unavailable
 from services.core.http_client import ServiceCallError, ServiceHTTPError
+from services.core.reward_terms import SampleScore, ScoringGroup
 from services.core.rewards import RewardSpecError, resolve_reward
 from services.core.schemas.cache import PutEntry
 from services.core.schemas.common import pack_token_ids, unpack_token_ids
@@ -70,10 +71,13 @@ class GroupRollouts:
 
     # ------------------------------------------------------------------------------------------ checks
     def _check(self, req: RolloutRequest) -> None:
-        try:
-            resolve_reward(req.reward, req.dataset)
-        except RewardSpecError as exc:
-            raise InvalidInput(str(exc), field="reward") from None
+        for i, term in enumerate(req.reward_terms()):
+            try:
+                resolve_reward(term.function, req.dataset)
+            except RewardSpecError as exc:
+                raise InvalidInput(
+                    str(exc), field=f"rewards.{i}.function" if req.rewards else "reward"
+                ) from None
         for i, q in enumerate(req.questions):
             check_prompt(
                 q.prompt_ids, f"questions.{i}.prompt_ids", self.engine.vocab_size, self.engine.max_model_len
@@ -149,17 +153,25 @@ class GroupRollouts:
             [plan.prefix + s.token_ids for s in samples] for plan, samples in zip(plans, outputs, strict=True)
         ]
         texts = await asyncio.to_thread(self._decode, responses)
-        raw = await asyncio.gather(
-            *(
-                self.scorer.score(req.reward, req.dataset, group_texts, q.reference, q.id)
-                for q, group_texts in zip(req.questions, texts, strict=True)
+        scoring = [
+            ScoringGroup(
+                question_id=q.id,
+                reference=q.reference,
+                texts=group_texts,
+                completion_ids=group_ids,
+                prompt=q.prompt if q.prompt is not None else prompt_text,
+                columns=q.columns,
             )
-        )
+            for q, group_texts, group_ids, prompt_text in zip(
+                req.questions, texts, responses, await self._prompts_without_text(req), strict=True
+            )
+        ]
+        scores = await self.scorer.score(req.reward_terms(), req.correctness_index(), req.dataset, scoring)
         t3 = time.perf_counter()
         groups = [
-            self._group(req, q, plan, samples, ids, scores)
-            for q, plan, samples, ids, scores in zip(
-                req.questions, plans, outputs, responses, raw, strict=True
+            self._group(req, q, plan, samples, ids, group_scores)
+            for q, plan, samples, ids, group_scores in zip(
+                req.questions, plans, outputs, responses, scores, strict=True
             )
         ]
         seeded_seconds = await self._seed_misses(req, groups, version)
@@ -175,6 +187,18 @@ class GroupRollouts:
             policy_version=version, replica=self.replica, groups=groups, stats=stats
         )
 
+    async def _prompts_without_text(self, req: RolloutRequest) -> list[str]:
+        """The prompt decoded from its ids, for questions sent without their text (else "")."""
+        if all(q.prompt is not None for q in req.questions):
+            return [""] * len(req.questions)
+        tokenizer = self.engine.tokenizer
+        return await asyncio.to_thread(
+            lambda: [
+                "" if q.prompt is not None else tokenizer.decode(q.prompt_ids, skip_special_tokens=True)
+                for q in req.questions
+            ]
+        )
+
     def _decode(self, responses: list[list[list[int]]]) -> list[list[str]]:
         tokenizer = self.engine.tokenizer
         return [[tokenizer.decode(ids, skip_special_tokens=True) for ids in group] for group in responses]
@@ -186,9 +210,10 @@ class GroupRollouts:
         plan: _Plan,
         samples: list[Any],
         ids: list[list[int]],
-        raw: list[float],
+        scores: list[SampleScore],
     ) -> RolloutGroup:
         lengths = [len(r) for r in ids]
+        raw = [score.raw for score in scores]
         shaped = length_shaped_rewards(raw, lengths, req.alpha, req.shaping_low, req.shaping_high)
         if req.overlong_buffer_tokens > 0:
             shaped = [
@@ -208,11 +233,12 @@ class GroupRollouts:
                     prefix_len=prefix_len,
                     suffix_logprobs=s.logprobs,
                     finish_reason=s.finish_reason,
-                    raw_reward=r,
+                    raw_reward=score.raw,
                     shaped_reward=sr,
-                    correct=r >= 1.0,
+                    correct=score.correct,
+                    reward_scores=score.scores,
                 )
-                for s, response, r, sr in zip(samples, ids, raw, shaped, strict=True)
+                for s, response, score, sr in zip(samples, ids, scores, shaped, strict=True)
             ],
         )
 

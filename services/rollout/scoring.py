@@ -1,10 +1,11 @@
-"""Reward scoring off the event loop: one group's responses per task, in worker processes.
+"""Reward scoring off the event loop: a request's groups in one batch per worker process.
 
-math-verify bounds its own time with signal.alarm, which only works in a process's main thread, so groups are
+math-verify bounds its own time with signal.alarm, which only works in a process's main thread, so batches are
 scored in a pool of spawned processes where it does (`rollout.reward_workers`; 0 scores in a thread, without
-that bound). Guarantees: scoring never raises into a request for a bad response or reward function (it
-scores 0, `services.core.rewards.score_safely`); a group that takes longer than `reward_timeout_seconds` scores
-0 with a warning and its stuck worker is replaced; a crashed pool is rebuilt once, then 503.
+that bound). A request's groups are split into one contiguous batch per worker, so a TRL-style reward function
+sees many responses per call (services.core.reward_terms). Guarantees: scoring never raises into a request for
+a bad response or reward function (it scores 0); a batch that takes longer than `reward_timeout_seconds`
+scores 0 with a warning and its stuck worker is replaced; a crashed pool is rebuilt once, then 503.
 """
 
 from __future__ import annotations
@@ -12,29 +13,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from services.core.errors import Unavailable
-from services.core.rewards import RewardFn, resolve_reward, score_safely
+from services.core.reward_terms import SampleScore, ScoringGroup, score_groups
+from services.core.schemas.rollout import RewardTerm
 
 log = logging.getLogger("rpo.rollout.rewards")
 
-_RESOLVED: dict[tuple[str, str], RewardFn] = {}
-
-
-def score_group(spec: str, dataset: str, texts: list[str], reference: str, question_id: str) -> list[float]:
-    """Score every response of one group (runs in a worker process, or a thread when there is no pool)."""
-    key = (spec, dataset)
-    fn = _RESOLVED.get(key)
-    if fn is None:
-        fn = _RESOLVED[key] = resolve_reward(spec, dataset)
-    return [score_safely(fn, text, reference, question_id) for text in texts]
-
 
 def _warm() -> int:
-
     return 0
+
+
+def _zero(terms: Sequence[RewardTerm], group: ScoringGroup) -> list[SampleScore]:
+    return [SampleScore(0.0, False, {t.label(): 0.0 for t in terms}) for _ in group.texts]
 
 
 class RewardScorer:
@@ -61,26 +56,37 @@ class RewardScorer:
             old.shutdown(wait=False, cancel_futures=True)
 
     async def score(
-        self, spec: str, dataset: str, texts: list[str], reference: str, question_id: str
-    ) -> list[float]:
+        self, terms: Sequence[RewardTerm], correctness: int, dataset: str, groups: Sequence[ScoringGroup]
+    ) -> list[list[SampleScore]]:
+        """Every group's scores, in order; the groups are split into one batch per worker."""
+        terms = list(terms)
         if self._pool is None:
-            return await asyncio.to_thread(score_group, spec, dataset, texts, reference, question_id)
+            return await asyncio.to_thread(score_groups, terms, correctness, dataset, list(groups))
+        size = -(-len(groups) // self.workers)
+        batches = [list(groups[i : i + size]) for i in range(0, len(groups), size)]
+        results = await asyncio.gather(*(self._score_batch(terms, correctness, dataset, b) for b in batches))
+        return [scored for batch in results for scored in batch]
+
+    async def _score_batch(
+        self, terms: list[RewardTerm], correctness: int, dataset: str, batch: list[ScoringGroup]
+    ) -> list[list[SampleScore]]:
+        where = ", ".join(g.question_id for g in batch[:3]) + (" ..." if len(batch) > 3 else "")
         for attempt in (1, 2):
-            future = self._pool.submit(score_group, spec, dataset, texts, reference, question_id)
+            future = self._pool.submit(score_groups, terms, correctness, dataset, batch)
             try:
                 return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_seconds)
             except asyncio.TimeoutError:
                 log.warning(
-                    "scoring question %s took over %.0f s (rollout.reward_timeout_seconds); its %d responses "
-                    "score 0 and the reward workers are restarted",
-                    question_id,
+                    "scoring questions %s took over %.0f s (rollout.reward_timeout_seconds); their %d "
+                    "responses score 0 and the reward workers are restarted",
+                    where,
                     self.timeout_seconds,
-                    len(texts),
+                    sum(len(g.texts) for g in batch),
                 )
                 self._replace_pool()
-                return [0.0] * len(texts)
+                return [_zero(terms, g) for g in batch]
             except BrokenProcessPool:
-                log.error("the reward worker pool crashed scoring question %s; restarting it", question_id)
+                log.error("the reward worker pool crashed scoring questions %s; restarting it", where)
                 self._replace_pool()
                 if attempt == 2:
                     raise Unavailable(

@@ -61,6 +61,21 @@ ROLLOUT_CASES = [
     ),
     ("group size < 1", {"questions": [OK_QUESTION], "group_size": 0}, "group_size"),
     ("unknown reward", {"questions": [OK_QUESTION], "reward": "nonsense"}, "reward"),
+    (
+        "unknown one of several rewards",
+        {"questions": [OK_QUESTION], "rewards": [{"function": "exact"}, {"function": "nope:f"}]},
+        "rewards.1.function",
+    ),
+    (
+        "two reward functions under one name",
+        {"questions": [OK_QUESTION], "rewards": [{"function": "exact"}, {"function": "exact"}]},
+        "rewards",
+    ),
+    (
+        "correctness names no reward function",
+        {"questions": [OK_QUESTION], "rewards": [{"function": "exact"}], "correctness": "format"},
+        "correctness",
+    ),
     ("unknown mode", {"questions": [OK_QUESTION], "mode": "fast"}, "mode"),
     ("bad truncation limit", {"questions": [OK_QUESTION], "truncation_limit": "2l"}, "truncation_limit"),
     ("duplicate question", {"questions": [OK_QUESTION, OK_QUESTION]}, "questions"),

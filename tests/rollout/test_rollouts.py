@@ -9,6 +9,7 @@ overlong penalty when on), token counts add up, misses seed the cache, full mode
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 
@@ -241,3 +242,58 @@ def test_msgpack_and_json_bodies_carry_the_same_rollouts(rollout_server, cache):
         for sa, sb in zip(a.samples, b.samples, strict=True):
             assert sb.suffix_logprobs == pytest.approx(sa.suffix_logprobs, abs=1e-4)
     assert msgpack_reply.stats.generated_tokens == json_reply.stats.generated_tokens
+
+
+BATCH_REWARD = '''
+import json
+from pathlib import Path
+
+
+def echo(prompts, completions, completion_ids, reference, level, **kwargs):
+    """Writes down what it got (one line per batch) and scores len(completion_ids) + level / 1000."""
+    with Path(__file__).with_suffix(".jsonl").open("a") as fh:
+        fh.write(json.dumps({"prompts": prompts, "completions": completions, "reference": reference,
+                             "level": level, "others": sorted(kwargs)}) + "\\n")
+    return [len(ids) + lv / 1000 for ids, lv in zip(completion_ids, level)]
+'''
+
+
+def test_weighted_reward_functions_on_a_replica_sum_and_a_batch_function_gets_the_row(
+    rollout_server, tmp_path
+):
+    """exact (correctness) + 0.1 format + 0.01 a TRL-style function from a file: each sample's reward is the
+    weighted sum of the scores the replica reports, and the batch function got the prompt and the columns."""
+    from services.core.reward_examples import boxed_format_reward
+
+    (tmp_path / "batch_reward.py").write_text(BATCH_REWARD)
+    rows = ROWS[:4]
+    questions = [
+        q.model_copy(update={"prompt": r["question"], "columns": {"level": i, "id": r["id"]}})
+        for i, (q, r) in enumerate(zip(_questions(rows), rows, strict=True))
+    ]
+    rewards = [
+        {"function": "exact"},
+        {"function": "format", "weight": 0.1},
+        {"function": f"{tmp_path / 'batch_reward.py'}:echo", "weight": 0.01},
+    ]
+    req = _request("unused", rows, mode="full", questions=questions, rewards=rewards, reward="auto")
+    with RolloutClient(rollout_server.url) as client:
+        reply = client.rollouts(req)
+    for i, (row, group) in enumerate(zip(rows, reply.groups, strict=True)):
+        for s in group.samples:
+            text = decode(s.response_ids)
+            exact = check_answer(text, row["answer"])
+            fmt = boxed_format_reward([text])[0]
+            echo = len(s.response_ids) + i / 1000
+            assert s.reward_scores == pytest.approx({"exact": exact, "format": fmt, "echo": echo})
+            assert s.raw_reward == pytest.approx(exact + 0.1 * fmt + 0.01 * echo)
+            assert s.correct == (exact >= 1.0)  # the first function decides, not the sum
+    calls = [json.loads(line) for line in (tmp_path / "batch_reward.jsonl").read_text().splitlines()]
+    assert sum(len(c["completions"]) for c in calls) == 4 * 4  # every response, in batches of whole groups
+    got = {
+        (p, lv, ref)
+        for c in calls
+        for p, lv, ref in zip(c["prompts"], c["level"], c["reference"], strict=True)
+    }
+    assert got == {(r["question"], i, r["answer"]) for i, r in enumerate(rows)}
+    assert all(c["others"] == ["id"] for c in calls)  # the row's other column, by name

@@ -63,11 +63,67 @@ class GenerateResponse(Wire):
     """results[i] holds the n samples of prompts[i]."""
 
 
+JsonValue = Any
+"""A dataset column's value as JSON carries it (text, number, bool, null, list, object)."""
+
+
 class RolloutQuestion(Wire):
     id: str = Field(min_length=1, max_length=512)
     prompt_ids: TokenIds = Field(min_length=1)
     reference: str
     """Reference answer the reward function checks against."""
+    prompt: str | list[dict[str, str]] | None = None
+    """The prompt as the dataset holds it (the question's text, or a conversation's turns), for reward
+    functions that take `prompts`; None: the reward functions get the prompt decoded from `prompt_ids`."""
+    columns: dict[str, JsonValue] = Field(default_factory=dict)
+    """The row's other fields, each passed by name to batch (TRL-style) reward functions."""
+
+
+class RewardTerm(Wire):
+    """One reward function of a weighted sum (`reward.functions` in the config)."""
+
+    function: str = Field(min_length=1)
+    """`math`, `exact`, `format`, `auto` or `package.module:function` (docs/training.md, "Rewards")."""
+    weight: float = Field(1.0, allow_inf_nan=False)
+    """Its weight in the sum that is the response's reward."""
+    name: str | None = Field(None, min_length=1, max_length=128)
+    """Its name in the metrics (`reward_functions/<name>`); default: the function's own name."""
+
+    def label(self) -> str:
+        """The name the metrics use."""
+        return self.name or self.function.rsplit(":", 1)[-1]
+
+
+def check_distinct_names(terms: list[RewardTerm]) -> list[RewardTerm]:
+    """The terms, if no two share a name (their scores are reported by name)."""
+    labels = [term.label() for term in terms]
+    for label in labels:
+        if labels.count(label) > 1:
+            raise ValueError(f"two reward functions are named {label!r}; give each a distinct `name`")
+    return terms
+
+
+def check_correctness(
+    correctness: str | None, single: str | None, terms: list[RewardTerm] | None
+) -> str | None:
+    """`correctness`, if it names one of the functions (`terms`, or the single one)."""
+    if correctness is None or single is None or terms is None:  # None: those fields failed on their own
+        return correctness
+    labels = [term.label() for term in terms] or [single]
+    if correctness not in labels:
+        raise ValueError(f"{correctness!r} is not one of the reward functions: {', '.join(labels)}")
+    return correctness
+
+
+def weighted_terms(single: str, terms: list[RewardTerm]) -> list[RewardTerm]:
+    """`terms`, or the single function alone with weight 1 (its score is then the reward, unchanged)."""
+    return list(terms) or [RewardTerm(function=single, name=single)]
+
+
+def correctness_index(terms: list[RewardTerm], correctness: str | None) -> int:
+    """Position in `terms` of the function whose score >= 1 makes a response correct (default: the first)."""
+    labels = [term.label() for term in terms]
+    return labels.index(correctness) if correctness in labels else 0
 
 
 class RolloutRequest(Wire):
@@ -89,7 +145,12 @@ class RolloutRequest(Wire):
     """Makes the truncation draw (and vLLM sampling) reproducible: a question's draws and samples depend
     only on (seed, question id), not on how the batch was split over replicas."""
     reward: str = "auto"
-    """Reward function spec (services.core.rewards.resolve_reward); resolved on the replica."""
+    """Reward function spec (services.core.rewards.resolve_reward); resolved on the replica. Used when
+    `rewards` is empty."""
+    rewards: list[RewardTerm] = Field(default_factory=list, max_length=32)
+    """Several reward functions: a response's reward is their weighted sum (a function's None counts 0)."""
+    correctness: str | None = None
+    """Name of the term of `rewards` whose score >= 1 makes a response correct (default: the first)."""
     dataset: str = ""
     """Dataset spec, only to resolve reward `auto`."""
     alpha: float = Field(0.01, ge=0.0)
@@ -112,6 +173,23 @@ class RolloutRequest(Wire):
             seen.add(q.id)
         return questions
 
+    @field_validator("rewards")
+    @classmethod
+    def _distinct_names(cls, rewards: list[RewardTerm]) -> list[RewardTerm]:
+        return check_distinct_names(rewards)
+
+    @field_validator("correctness")
+    @classmethod
+    def _names_a_function(cls, correctness: str | None, info: ValidationInfo) -> str | None:
+        return check_correctness(correctness, info.data.get("reward"), info.data.get("rewards"))
+
+    def reward_terms(self) -> list[RewardTerm]:
+        """The weighted functions to score with."""
+        return weighted_terms(self.reward, self.rewards)
+
+    def correctness_index(self) -> int:
+        return correctness_index(self.reward_terms(), self.correctness)
+
     @field_validator("shaping_high")
     @classmethod
     def _bounds_in_order(cls, high: float, info: ValidationInfo) -> float:
@@ -129,11 +207,13 @@ class RolloutSample(Wire):
     """Sampling log-probs of response_ids[prefix_len:], one per decoded token."""
     finish_reason: str
     raw_reward: float
-    """The reward function's score of the whole response (prefix + suffix)."""
+    """The reward of the whole response (prefix + suffix): the weighted sum of the reward functions' scores."""
     shaped_reward: float
     """After length-aware shaping within the group (and the overlong penalty, if on)."""
     correct: bool
-    """raw_reward >= 1.0 (binary verifiable correctness)."""
+    """The correctness function's score >= 1.0 (binary verifiable correctness)."""
+    reward_scores: dict[str, float | None] = Field(default_factory=dict)
+    """Each reward function's own score, by name (None: the function said it does not apply)."""
 
 
 class RolloutGroup(Wire):
