@@ -52,6 +52,12 @@ class TrainerMetrics:
         self.reward_mean = Gauge(
             "rpo_reward_mean", "Mean shaped reward of the last step's responses", registry=r
         )
+        self.reward_function_mean = Gauge(
+            "rpo_reward_function_mean",
+            "Mean score of each reward function over the last step's responses",
+            ["function"],
+            registry=r,
+        )
         self.accuracy = Gauge(
             "rpo_accuracy", "Share of the last step's responses that are correct", registry=r
         )
@@ -101,6 +107,8 @@ class TrainerMetrics:
         if record.weight_sync_seconds is not None:
             self.weight_sync_seconds.observe(record.weight_sync_seconds)
         self.reward_mean.set(record.reward_mean)
+        for name, mean in record.reward_functions.items():
+            self.reward_function_mean.labels(function=name).set(mean)
         self.accuracy.set(record.accuracy)
         self.generated_tokens.inc(record.generated_tokens)
         self.reused_prefix_tokens.inc(record.reused_prefix_tokens)

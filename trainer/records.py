@@ -42,6 +42,8 @@ class StepRecord:
     """None when the step had nothing to train on (no push)."""
     cache_updates: dict[str, int] = field(default_factory=dict)
     """Cache entries replaced, per epsilon-greedy choice."""
+    reward_functions: dict[str, float] = field(default_factory=dict)
+    """Mean score of each reward function (`reward.functions`), by name, over the samples it scored."""
     learner: dict[str, float] = field(default_factory=dict)
     """The learner's numeric statistics (loss, KL, clip fraction, grad norm, tokens, ...)."""
 

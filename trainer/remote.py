@@ -25,6 +25,7 @@ from services.core.algorithm import cached_answer
 from services.core.clients.cache import SyncCacheClient
 from services.core.clients.rollout import RolloutClient, discover_replicas
 from services.core.config import RunConfig
+from services.core.data import Question
 from services.core.http_client import RetryPolicy, ServiceCallError, ServiceHTTPError
 from services.core.schemas.cache import GroupUpdate, UpdateCandidate
 from services.core.schemas.rollout import RolloutGroup, RolloutQuestion, RolloutRequest, RolloutResponse
@@ -127,6 +128,7 @@ class CollectedGroups:
             samples=len(samples),
             rounds=self.rounds,
             reward_mean=sum(s.shaped_reward for s in samples) / n,
+            reward_functions=reward_function_means(samples),
             accuracy=sum(1 for s in samples if s.correct) / n,
             response_len_mean=sum(len(s.response_ids) for s in samples) / n,
             cache_hit_rate=sum(1 for g in self.all_groups if g.cache_hit) / max(1, len(self.all_groups)),
@@ -136,6 +138,16 @@ class CollectedGroups:
             tokens_per_second=self.generated_tokens / max(1e-9, self.rollout_seconds),
             rollout_retries=self.retries,
         )
+
+
+def reward_function_means(samples: Sequence[Any]) -> dict[str, float]:
+    """Each reward function's mean score over the samples it scored (a None score is left out)."""
+    scored: dict[str, list[float]] = {}
+    for sample in samples:
+        for name, score in sample.reward_scores.items():
+            if score is not None:
+                scored.setdefault(name, []).append(score)
+    return {name: sum(values) / len(values) for name, values in scored.items()}
 
 
 class RemoteServices:
@@ -251,7 +263,7 @@ class RemoteServices:
             "max_response_tokens": a.max_response_tokens,
             "temperature": cfg.sampling.temperature,
             "top_p": cfg.sampling.top_p,
-            "reward": cfg.reward.function,
+            **cfg.reward.wire(),
             "dataset": cfg.data.dataset,
             "alpha": a.alpha,
             "shaping_low": a.shaping_low,
@@ -296,7 +308,7 @@ class RemoteServices:
     def rollouts(
         self,
         replicas: Sequence[str],
-        questions: Sequence[Any],
+        questions: Sequence[Question],
         prompts: dict[str, list[int]],
         *,
         params: dict[str, Any],
@@ -305,7 +317,16 @@ class RemoteServices:
     ) -> RolloutBatch:
         """Group rollouts of `questions` spread over `replicas`; groups come back in question order."""
         started = time.monotonic()
-        wire = [RolloutQuestion(id=q.id, prompt_ids=prompts[q.id], reference=q.answer) for q in questions]
+        wire = [
+            RolloutQuestion(
+                id=q.id,
+                prompt_ids=prompts[q.id],
+                reference=q.answer,
+                prompt=q.prompt_as_given(),
+                columns=q.columns,
+            )
+            for q in questions
+        ]
         chunks = split_evenly(wire, len(replicas))
         with ThreadPoolExecutor(max_workers=len(chunks)) as pool:
             futures = [

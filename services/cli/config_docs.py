@@ -64,6 +64,11 @@ def _type_name(annotation) -> str:
         return f"one of {list(typing.get_args(annotation))}"
     if annotation is type(None):
         return "None"
+    if typing.get_origin(annotation) is list:
+        (item,) = typing.get_args(annotation)
+        return f"list[{_type_name(item)}]"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):  # a mapping of its fields
+        return "{" + ", ".join(annotation.model_fields) + "}"
     text = str(annotation).replace("typing.", "").replace("Literal", "one of ")
     return text.replace("<class '", "").replace("'>", "").replace("pydantic.types.", "")
 

@@ -11,7 +11,8 @@ import argparse
 
 from services.cli.args import UsageError, config_from_args
 from services.core.data import DatasetError, build_prompt_text, encode_prompt, load_dataset
-from services.core.rewards import RewardSpecError, resolve_reward, score_safely
+from services.core.reward_terms import ScoringGroup, score_groups
+from services.core.rewards import RewardSpecError, resolve_reward
 from services.demo.model_path import resolve_model_path
 
 SCORED_ROWS = 200
@@ -27,7 +28,9 @@ def inspect_main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     try:
         loaded = load_dataset(args.path, cfg.data)
-        reward = resolve_reward(cfg.reward.function, args.path)
+        terms = cfg.reward.reward_terms()
+        for term in terms:
+            resolve_reward(term.function, args.path)
     except (DatasetError, RewardSpecError) as exc:
         raise UsageError(str(exc)) from None
     # lazy: heavy import (transformers), paid only on this path
@@ -38,8 +41,19 @@ def inspect_main(args: argparse.Namespace) -> int:
     prompt = build_prompt_text(tokenizer, example, cfg.data)
     prompt_ids = encode_prompt(tokenizer, example, cfg.data)
     scored = loaded.questions[:SCORED_ROWS]
-    scores = [score_safely(reward, f"\\boxed{{{final_answer(q.answer)}}}", q.answer, q.id) for q in scored]
-    perfect = sum(1 for s in scores if s == 1.0)
+    groups = [
+        ScoringGroup(
+            question_id=q.id,
+            reference=q.answer,
+            texts=[f"\\boxed{{{final_answer(q.answer)}}}"],
+            completion_ids=[[]],
+            prompt=q.prompt_as_given(),
+            columns=q.columns,
+        )
+        for q in scored
+    ]
+    scores = [group[0] for group in score_groups(terms, cfg.reward.correctness_index(), args.path, groups)]
+    perfect = sum(1 for s in scores if s.correct)
     print(f"dataset: {args.path}")
     print(
         f"rows: {loaded.rows}; questions: {len(loaded.questions)}; repeats dropped: {loaded.repeats_dropped}; ids derived from the question text: {loaded.derived_ids}"
@@ -55,9 +69,13 @@ def inspect_main(args: argparse.Namespace) -> int:
     print(prompt)
     print("-" * 80)
     print(f"reference answer: {example.answer!r}")
+    print(f"columns the reward functions get: {', '.join(example.columns) or 'none'}")
+    decisive = terms[cfg.reward.correctness_index()].label()
     print(
-        f"reward ({cfg.reward.function}) of each reference answer given back boxed: 1.0 on {perfect} of "
-        f"{len(scored)} rows"
-        + ("" if perfect == len(scored) else " (check data.answer_field and reward.function)")
+        f"each reference answer given back boxed: correct ({decisive}) on {perfect} of {len(scored)} rows"
+        + ("" if perfect == len(scored) else " (check data.answer_field and the reward functions)")
     )
+    if len(terms) > 1:
+        means = {t.label(): sum(s.scores[t.label()] or 0.0 for s in scores) / len(scores) for t in terms}
+        print("mean score per reward function: " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()))
     return 0

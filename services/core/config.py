@@ -25,12 +25,20 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from services.core.schemas.common import TruncationLimit
+from services.core.schemas.rollout import (
+    RewardTerm,
+    check_correctness,
+    check_distinct_names,
+    correctness_index,
+    weighted_terms,
+)
 
 
 class ConfigError(ValueError):
@@ -105,12 +113,61 @@ class DataSection(_Section):
     """Seed of the built-in task; the same seed gives the same questions."""
 
 
+def _absolute_file_spec(spec: str) -> str:
+    """`rewards.py:f` is relative to where the config is loaded; replicas elsewhere get the absolute path."""
+    module, sep, attr = spec.rpartition(":")
+    if sep and module.endswith(".py") and not Path(module).is_absolute():
+        return f"{Path(module).resolve()}:{attr}"
+    return spec
+
+
 class RewardSection(_Section):
     """The verifiable reward of a whole response."""
 
     function: str = "auto"
     """`math` (math-verify on the last \\boxed{}), `exact` (exact string match of the last \\boxed{}),
-    `auto` (exact for builtin datasets, math otherwise), or `package.module:function`."""
+    `auto` (exact for builtin datasets, math otherwise), `format` (the example format reward), or
+    `package.module:function`; used when `functions` is empty."""
+    functions: list[RewardTerm] = Field(default_factory=list, max_length=32)
+    """Several reward functions, `[{function, weight, name}]`: a response's reward is the weighted sum of their
+    scores. Each takes one response, `(response, reference) -> float`, or a batch, TRL-style
+    `(completions, **kwargs) -> list[float]` (docs/training.md, "Rewards")."""
+    correctness: str | None = None
+    """Name of the function whose score >= 1 makes a response correct (accuracy, DAPO's filter, the cache's
+    `replace_only_correct`); default: the first."""
+
+    @field_validator("function")
+    @classmethod
+    def _file_path_absolute(cls, function: str) -> str:
+        return _absolute_file_spec(function)
+
+    @field_validator("functions")
+    @classmethod
+    def _file_paths_absolute(cls, functions: list[RewardTerm]) -> list[RewardTerm]:
+        functions = [t.model_copy(update={"function": _absolute_file_spec(t.function)}) for t in functions]
+        return check_distinct_names(functions)
+
+    @field_validator("correctness")
+    @classmethod
+    def _names_a_function(cls, correctness: str | None, info: ValidationInfo) -> str | None:
+        return check_correctness(correctness, info.data.get("function"), info.data.get("functions"))
+
+    @model_validator(mode="after")
+    def _one_form(self) -> RewardSection:
+        if self.functions and self.function != "auto":
+            raise ValueError("set reward.function or reward.functions, not both")
+        return self
+
+    def wire(self) -> dict[str, Any]:
+        """The rollout request's reward fields."""
+        return {"reward": self.function, "rewards": self.functions, "correctness": self.correctness}
+
+    def reward_terms(self) -> list[RewardTerm]:
+        """The weighted functions to score with."""
+        return weighted_terms(self.function, self.functions)
+
+    def correctness_index(self) -> int:
+        return correctness_index(self.reward_terms(), self.correctness)
 
 
 class AlgorithmSection(_Section):
@@ -416,7 +473,7 @@ class RolloutSection(_Section):
     """Processes that score rewards (math-verify's timeout only works in a process's main thread); 0 scores
     in a thread of the server process, without that timeout."""
     reward_timeout_seconds: float = Field(120.0, gt=0)
-    """Most seconds to score one group; past it the group's responses score 0 (logged)."""
+    """Most seconds to score one batch of groups; past it the batch's responses score 0 (logged)."""
 
 
 class GpusSection(_Section):
@@ -584,7 +641,9 @@ def _format_errors(
     by_key: dict[str, list[str]] = {}
     for e in err.errors():
         loc = tuple(
-            str(p) for p in e["loc"] if not str(p).startswith(("int", "literal", "function", "constrained"))
+            str(p)
+            for p in e["loc"]  # pydantic's union tags (`int`, `literal[...]`, `function-after[...]`) left out
+            if str(p) != "int" and not str(p).startswith(("literal[", "function-", "constrained-"))
         )
         key = ".".join(loc) or "(root)"
         where = ""

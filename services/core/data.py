@@ -29,7 +29,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,14 @@ class Question:
     answer: str
     messages: tuple[tuple[str, str], ...] = ()
     """A conversational row's turns, (role, content); empty for a plain question."""
+    columns: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    """The row's other fields, as JSON carries them, for batch reward functions (the prompt's field left out)."""
+
+    def prompt_as_given(self) -> str | list[dict[str, str]]:
+        """The prompt as the dataset holds it: the conversation's turns, or the question's text (TRL's `prompts`)."""
+        if self.messages:
+            return [{"role": role, "content": content} for role, content in self.messages]
+        return self.question
 
     def key_text(self) -> str:
         """What the repeat check and a derived id compare: the question, or the whole conversation."""
@@ -122,7 +130,16 @@ def _row_to_question(row: Any, fields: DataSection, where: str) -> tuple[Questio
         values[role] = value
     if derived:
         values["id"] = derived_id(Question(id="", **values).key_text())
+    prompt_field = fields.messages_field if conversational else fields.question_field
+    values["columns"] = {k: _json_value(v) for k, v in row.items() if k != prompt_field}
     return Question(**values), derived
+
+
+def _json_value(value: Any) -> Any:
+    """A column's value as JSON carries it (a date or bytes from parquet becomes its text)."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return json.loads(json.dumps(value, ensure_ascii=False, default=str))
 
 
 def _turns(value: Any, name: str, where: str) -> tuple[tuple[str, str], ...]:
@@ -176,11 +193,16 @@ def _synthetic_rows(spec: str, fields: DataSection) -> list[Question]:
     if spec in LONG_SPLITS:
         long_task = LongTaskConfig(seed=fields.synthetic_seed)
         rows = make_long_split(long_task, LONG_SPLITS[spec])
-        return [Question(id=r["id"], question=r["question"], answer=r["answer"]) for r in rows]
+        return [_builtin_question(r) for r in rows]
     split = {"builtin:arith": "train", "builtin:arith-eval": "eval"}.get(spec)
     if split is None:
         raise DatasetError(f"unknown built-in dataset {spec!r}; use one of {', '.join(BUILTIN_DATASETS)}")
-    return [Question(id=r["id"], question=r["question"], answer=r["answer"]) for r in make_split(task, split)]
+    return [_builtin_question(r) for r in make_split(task, split)]
+
+
+def _builtin_question(row: dict[str, Any]) -> Question:
+    columns = {"id": row["id"], "answer": row["answer"]}
+    return Question(id=row["id"], question=row["question"], answer=row["answer"], columns=columns)
 
 
 def load_questions(spec: str, fields: DataSection, limit: int | None = None) -> list[Question]:

@@ -113,7 +113,14 @@ def test_data_inspect_shows_the_dataset_as_training_loads_it(tmp_path, tiny_mode
     assert out.returncode == 0, out.stderr
     assert "rows: 3; questions: 2; repeats dropped: 1; ids derived from the question text: 2" in out.stdout
     assert "Tom has 3 apples and buys 4 more. How many?" in out.stdout  # the prompt as the model sees it
-    assert "1.0 on 2 of 2 rows" in out.stdout  # math-verify matches GSM8K's `#### 7`
+    assert "correct (auto) on 2 of 2 rows" in out.stdout  # math-verify matches GSM8K's `#### 7`
+    assert "columns the reward functions get: answer" in out.stdout
+
+    weighted = "reward.functions=[{function: math}, {function: format, weight: 0.1}]"
+    out = rpo("data", "inspect", str(path), "--set", f"model.path={tiny_model_dir}", "--set", weighted)
+    assert out.returncode == 0, out.stderr
+    assert "correct (math) on 2 of 2 rows" in out.stdout
+    assert "mean score per reward function: math 1.000, format 0.000" in out.stdout  # a bare \boxed{7}
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"question": "no answer"}) + "\n")

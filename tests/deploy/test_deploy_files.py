@@ -201,6 +201,7 @@ def test_dashboard_uses_only_metric_names_from_the_spec():
         "rpo_train_step_seconds",
         "rpo_train_steps_total",
         "rpo_reward_mean",
+        "rpo_reward_function_mean",
         "rpo_accuracy",
         "rpo_http_request_duration_seconds",
     }

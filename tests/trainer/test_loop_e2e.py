@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from services.core.config import load_config
+from services.core.data import Question
 from services.core.schemas.rollout import RolloutGroup, RolloutSample
 from trainer.loop import collect_groups
 from trainer.remote import CollectedGroups, RolloutBatch, split_evenly
@@ -74,6 +75,7 @@ def _group(qid: str, correct: list[bool], prefix: int = 2) -> RolloutGroup:
             raw_reward=float(c),
             shaped_reward=0.5 * c,
             correct=c,
+            reward_scores={"exact": float(c), "format": None if c else 1.0},
         )
         for c in correct
     ]
@@ -99,7 +101,7 @@ class FakeRemote:
 
 
 def test_dapo_dynamic_sampling_refills_from_the_cursor_and_is_bounded():
-    questions = [SimpleNamespace(id=f"q{i}", answer="1") for i in range(8)]
+    questions = [Question(id=f"q{i}", question=f"question {i}", answer="1") for i in range(8)]
     # q0..q3 all wrong or all right (dropped); q4..q7 mixed (kept).
     table = {f"q{i}": [i % 2 == 0] * 2 if i < 4 else [True, False] for i in range(8)}
     cfg = load_config(
@@ -125,7 +127,7 @@ def test_dapo_dynamic_sampling_refills_from_the_cursor_and_is_bounded():
 
 
 def test_grpo_keeps_every_group_in_one_round():
-    questions = [SimpleNamespace(id=f"q{i}", answer="1") for i in range(5)]
+    questions = [Question(id=f"q{i}", question=f"question {i}", answer="1") for i in range(5)]
     table = {f"q{i}": [False, False] for i in range(5)}
     cfg = load_config(None, ["train.questions_per_step=4"])
     remote = FakeRemote(table)
@@ -145,6 +147,8 @@ def test_step_record_figures():
     assert record.decoded_tokens_per_sample == 3.0  # 12 decoded / 4 samples
     assert record.tokens_per_second == 6.0  # 12 tokens in 2 s
     assert record.response_len_mean == 5.0 and record.rollout_retries == 1
+    # each function's mean over the samples it scored (format said None on the correct one)
+    assert record.reward_functions == {"exact": 0.25, "format": 1.0}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -218,7 +222,7 @@ def test_a_batch_is_split_over_replicas_and_a_failed_chunk_moves_to_another(capl
     good, bad = _StandIn(), _StandIn(fail_status=503)
     cfg = load_config(None, ["services.max_attempts=2", "services.retry_backoff_seconds=0.01"])
     remote = RemoteServices(cfg)
-    questions = [SimpleNamespace(id=f"q{i}", answer="1") for i in range(5)]
+    questions = [Question(id=f"q{i}", question=f"question {i}", answer="1") for i in range(5)]
     prompts = {q.id: [1, 2, 3] for q in questions}
     try:
         batch = remote.rollouts(
@@ -248,7 +252,7 @@ def test_a_chunk_that_fails_everywhere_names_every_replica():
     a, b = _StandIn(fail_status=500), _StandIn(fail_status=503)
     cfg = load_config(None, ["services.max_attempts=2", "services.retry_backoff_seconds=0.01"])
     remote = RemoteServices(cfg)
-    questions = [SimpleNamespace(id="q0", answer="1")]
+    questions = [Question(id="q0", question="question 0", answer="1")]
     try:
         with pytest.raises(RolloutFailed) as err:
             remote.rollouts(

@@ -69,7 +69,7 @@ def seed(cfg: RunConfig) -> dict:
 class Trainer:
     """`rpo train --config FILE [args]` as a subprocess in its own process group."""
 
-    def __init__(self, config_file: Path, *args: str, log_path: Path):
+    def __init__(self, config_file: Path, *args: str, log_path: Path, cwd: Path = REPO):
         self.log_path = log_path
         env = {k: v for k, v in os.environ.items() if not (k.startswith("RPO_") and "__" in k)}
         env.setdefault("DS_ACCELERATOR", "cpu")
@@ -77,7 +77,7 @@ class Trainer:
         with log_path.open("ab") as fh:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "services.cli", "train", "--config", str(config_file), *args],
-                cwd=REPO,
+                cwd=cwd,
                 stdout=fh,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -105,9 +105,11 @@ class Trainer:
         self.process.wait(timeout=30)
 
 
-def run_trainer(config_file: Path, *args: str, log_path: Path, timeout_seconds: float = 300.0) -> str:
+def run_trainer(
+    config_file: Path, *args: str, log_path: Path, timeout_seconds: float = 300.0, cwd: Path = REPO
+) -> str:
     """Run `rpo train` to the end; returns its output; fails the test (with the output) on a non-zero exit."""
-    trainer = Trainer(config_file, *args, log_path=log_path)
+    trainer = Trainer(config_file, *args, log_path=log_path, cwd=cwd)
     code = trainer.wait(timeout_seconds)
     assert code == 0, f"rpo train exited {code}:\n{trainer.output()[-6000:]}"
     return trainer.output()
