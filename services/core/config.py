@@ -136,15 +136,9 @@ class RewardSection(_Section):
     """Name of the function whose score >= 1 makes a response correct (accuracy, DAPO's filter, the cache's
     `replace_only_correct`); default: the first."""
 
-    @field_validator("function")
-    @classmethod
-    def _file_path_absolute(cls, function: str) -> str:
-        return _absolute_file_spec(function)
-
     @field_validator("functions")
     @classmethod
-    def _file_paths_absolute(cls, functions: list[RewardTerm]) -> list[RewardTerm]:
-        functions = [t.model_copy(update={"function": _absolute_file_spec(t.function)}) for t in functions]
+    def _distinct_names(cls, functions: list[RewardTerm]) -> list[RewardTerm]:
         return check_distinct_names(functions)
 
     @field_validator("correctness")
@@ -159,8 +153,16 @@ class RewardSection(_Section):
         return self
 
     def wire(self) -> dict[str, Any]:
-        """The rollout request's reward fields."""
-        return {"reward": self.function, "rewards": self.functions, "correctness": self.correctness}
+        """The rollout request's reward fields; a reward file's relative path made absolute from here (the
+        trainer's directory), since replicas elsewhere resolve it."""
+        functions = [
+            t.model_copy(update={"function": _absolute_file_spec(t.function)}) for t in self.functions
+        ]
+        return {
+            "reward": _absolute_file_spec(self.function),
+            "rewards": functions,
+            "correctness": self.correctness,
+        }
 
     def reward_terms(self) -> list[RewardTerm]:
         """The weighted functions to score with."""

@@ -183,3 +183,12 @@ def test_reward_functions_from_the_environment_take_yaml(monkeypatch):
     cfg = load_config(None, [])
     assert [(t.label(), t.weight) for t in cfg.reward.reward_terms()] == [("exact", 1.0), ("format", 0.1)]
     assert cfg.reward.correctness_index() == 0
+
+
+def test_a_relative_reward_file_reaches_the_replicas_as_an_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["reward.functions=[{function: ./r.py:short}, {function: exact}]"])
+    assert cfg.reward.functions[0].function == "./r.py:short"  # the config keeps what the user wrote
+    wire = cfg.reward.wire()
+    assert [t.function for t in wire["rewards"]] == [f"{tmp_path / 'r.py'}:short", "exact"]
+    assert wire["rewards"][0].label() == "short"
