@@ -9,7 +9,7 @@ pytest_plugins = ["tests.fixtures.rollout"]  # real rollout replicas: rollout_se
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """A random tiny Qwen2 with tied embeddings (HF directory; seconds to build the first time)."""
-    from services.demo.tiny_model import cached_tiny_model
+    from services.demo.tiny_model_cache import cached_tiny_model
 
     return cached_tiny_model("random-tied")
 
@@ -17,7 +17,7 @@ def tiny_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_untied_dir() -> Path:
     """A random tiny Qwen2 with a separate LM head."""
-    from services.demo.tiny_model import cached_tiny_model
+    from services.demo.tiny_model_cache import cached_tiny_model
 
     return cached_tiny_model("random-untied")
 
@@ -25,7 +25,7 @@ def tiny_model_untied_dir() -> Path:
 @pytest.fixture(scope="session")
 def warm_model_dir() -> Path:
     """The tiny Qwen2 warm-started on the synthetic task (about 2 minutes the first time, then cached)."""
-    from services.demo.tiny_model import cached_tiny_model
+    from services.demo.tiny_model_cache import cached_tiny_model
 
     return cached_tiny_model("warm")
 

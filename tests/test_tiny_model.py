@@ -17,11 +17,10 @@ from services.demo.tiny_model import (
     PAD_ID,
     VOCAB_SIZE,
     build_tiny_model,
-    cached_tiny_model,
     greedy_accuracy,
-    tiny_model_path,
     warm_start,
 )
+from services.demo.tiny_model_cache import cached_tiny_model, tiny_model_path
 
 
 @pytest.mark.parametrize("fixture,tied", [("tiny_model_dir", True), ("tiny_model_untied_dir", False)])

@@ -10,7 +10,6 @@ from the paper's objective. The contract for several ranks and the reasons: docs
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import random
@@ -30,6 +29,7 @@ from trainer import dist
 from trainer.batch import Batch, TrainSample, count_loss_tokens, make_micro_batch, plan_micro_batches
 from trainer.logprobs import token_logprobs
 from trainer.losses import dapo_loss, grpo_loss
+from trainer.safetensors_shards import ShardWriter, size_buckets
 
 log = logging.getLogger("rpo.learner")
 
@@ -357,7 +357,7 @@ class Learner:
             for name, tensor in named:
                 yield name, (tensor.detach().to("cpu", copy=True) if main else tensor.detach())
             return
-        for bucket in _buckets(named, bucket_bytes):
+        for bucket in size_buckets(named, bucket_bytes):
             params = [t for _, t in bucket if hasattr(t, "ds_id")]
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 for name, tensor in bucket:
@@ -372,7 +372,7 @@ class Learner:
         """
         main = dist.is_main()
         out = Path(out_dir)
-        writer = _ShardWriter(out, max_shard_bytes) if main else None
+        writer = ShardWriter(out, max_shard_bytes) if main else None
         for name, tensor in self.named_weights():
             if writer is not None:
                 writer.add(name, tensor)
@@ -428,67 +428,6 @@ def _grad_norm(module: Any) -> float:
         if grads
         else 0.0
     )
-
-
-def _buckets(named: list[tuple[str, torch.Tensor]], limit: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Consecutive groups of tensors of at most `limit` bytes (full size; a larger tensor goes alone)."""
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for name, tensor in named:
-        nbytes = getattr(tensor, "ds_numel", tensor.numel()) * tensor.element_size()
-        if bucket and size + nbytes > limit:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, tensor))
-        size += nbytes
-    if bucket:
-        yield bucket
-
-
-class _ShardWriter:
-    """Writes tensors into safetensors shards of at most `limit` bytes; one file when it all fits."""
-
-    def __init__(self, out: Path, limit: int):
-        self.out, self.limit = out, limit
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in [*out.glob("model*.safetensors"), *out.glob("model.safetensors.index.json")]:
-            stale.unlink()
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[tuple[Path, list[str]]] = []
-        self.total = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + nbytes > self.limit:
-            self._flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += nbytes
-        self.total += nbytes
-
-    def _flush(self) -> None:
-        # lazy: heavy import (safetensors), paid only on this path
-        from safetensors.torch import save_file
-
-        path = self.out / f".shard-{len(self.shards):05d}.safetensors.tmp"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
-        self.shards.append((path, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
-
-    def close(self) -> None:
-        if self.pending or not self.shards:
-            self._flush()
-        if len(self.shards) == 1:
-            self.shards[0][0].replace(self.out / "model.safetensors")
-            return
-        n = len(self.shards)
-        weight_map: dict[str, str] = {}
-        for i, (path, names) in enumerate(self.shards):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            path.replace(self.out / final)
-            weight_map.update(dict.fromkeys(names, final))
-        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
-        (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _capture_rng() -> dict[str, Any]:

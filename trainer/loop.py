@@ -44,8 +44,9 @@ from trainer.learner import Learner
 from trainer.metrics import TrainerMetrics
 from trainer.progress import StepProgress
 from trainer.records import StepRecord
-from trainer.remote import CollectedGroups, RemoteServices
+from trainer.remote import RemoteServices
 from trainer.schedule import DataCursor, planned_steps, request_seed
+from trainer.step_rollouts import CollectedGroups
 from trainer.tracking import Tracker
 from trainer.weight_sync import WeightSync
 

@@ -17,7 +17,6 @@ The process then sees only its GPUs (`CUDA_VISIBLE_DEVICES`), set before CUDA is
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import subprocess
@@ -197,13 +196,3 @@ def claim_gpus(role: str, gpus: GpusSection, rollout_memory: float) -> GpuClaim 
     )
     log.info("%s uses GPU(s) %s of %s%s", role, ",".join(plan.devices), ",".join(devices), how)
     return GpuClaim(plan, locks)
-
-
-@contextlib.contextmanager
-def claimed_gpus(role: str, gpus: GpusSection, rollout_memory: float):
-    claim = claim_gpus(role, gpus, rollout_memory)
-    try:
-        yield claim
-    finally:
-        if claim is not None:
-            claim.release()

@@ -2,7 +2,7 @@
 
 `builtin:tiny-warm` is the tiny Qwen2 warm-started on the synthetic task, `builtin:tiny-random` the same
 architecture untrained, `builtin:tiny-warm-long` the tiny Qwen2 warm-started on the long-reasoning task
-(all built once and cached by `services.demo.tiny_model.cached_tiny_model`).
+(all built once and cached by `services.demo.tiny_model_cache.cached_tiny_model`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from services.core.config import ConfigError
-from services.demo.tiny_model import cached_tiny_model
+from services.demo.tiny_model_cache import cached_tiny_model
 
 BUILTIN_MODELS = {
     "builtin:tiny-warm": "warm",

@@ -211,3 +211,16 @@ def test_the_checks_catch_what_they_guard(tmp_path):
     (tmp_path / "b.py").write_text("def f():\n    import torch\n\n\nif TYPE_CHECKING:\n    import vllm\n")
     imps = imports_of("trainer.fake", tmp_path / "b.py")
     assert [(i.target, i.local, i.line) for i in imps] == [("torch", True, 2)]
+
+
+MAX_MODULE_LINES = 500
+"""A module past this has more than one job: split it along them (docs/architecture.md lists each file's)."""
+
+
+def test_no_module_is_longer_than_its_one_job_needs():
+    long = {
+        name: n
+        for name, path in source_files().items()
+        if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES
+    }
+    assert not long, f"modules over {MAX_MODULE_LINES} lines: {long}"

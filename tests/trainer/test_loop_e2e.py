@@ -13,8 +13,9 @@ from services.core.config import load_config
 from services.core.data import Question
 from services.core.schemas.rollout import RolloutGroup, RolloutSample
 from trainer.loop import collect_groups
-from trainer.remote import CollectedGroups, RolloutBatch, split_evenly
+from trainer.remote import RolloutBatch, split_evenly
 from trainer.schedule import DataCursor, planned_steps, request_seed
+from trainer.step_rollouts import CollectedGroups
 
 # ------------------------------------------------------------------------------------------------------------
 # Pure parts

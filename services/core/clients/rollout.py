@@ -2,7 +2,7 @@
 
 - `discover_replicas(cfg)`: the replicas' base URLs, from `services.rollout_urls` or, with
   `services.rollout_discovery: dns://host:port`, every address `host` resolves to (call it before each step);
-- `RolloutClient` / `AsyncRolloutClient`: generate, rollouts, version, on the one retry policy
+- `RolloutClient`: generate, rollouts, version, on the one retry policy
   (`services.core.http_client`: transport errors and 5xx retried, 4xx never).
 
 Weights travel from the trainer's side: `trainer/weight_push.py` (HTTP) and `trainer/weight_nccl.py` (NCCL).
@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from services.core.http_client import (
-    AsyncServiceClient,
     RetryPolicy,
     ServiceClient,
 )
@@ -126,38 +125,3 @@ class RolloutClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class AsyncRolloutClient:
-    """Async twin of RolloutClient."""
-
-    def __init__(
-        self, base_urls: str | Sequence[str], *, token: str | None = None, policy: RetryPolicy | None = None
-    ):
-        self.http = AsyncServiceClient(base_urls, policy, token=token)
-
-    async def generate(self, request: GenerateRequest) -> GenerateResponse:
-        reply = await self.http.request(
-            "POST", GENERATE_PATH, phase="generate", content=encode_model(request, True), headers=_MSGPACK
-        )
-        return parse_reply(GenerateResponse, reply)
-
-    async def rollouts(self, request: RolloutRequest) -> RolloutResponse:
-        reply = await self.http.request(
-            "POST", ROLLOUT_PATH, phase="rollout", content=encode_model(request, True), headers=_MSGPACK
-        )
-        return parse_reply(RolloutResponse, reply)
-
-    async def version(self) -> WeightVersion:
-        return parse_reply(
-            WeightVersion, await self.http.request("GET", VERSION_PATH, phase="weight version check")
-        )
-
-    async def aclose(self) -> None:
-        await self.http.aclose()
-
-    async def __aenter__(self) -> AsyncRolloutClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()

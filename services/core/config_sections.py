@@ -1,0 +1,356 @@
+"""The sections of a run's configuration that say what is trained and how: the model and data, the reward,
+the algorithm, sampling and the trainer (`services.core.config_services` holds where the services run and
+how each is set up). `services.core.config` assembles them into `RunConfig` and loads it.
+Every field's docstring is its documentation (`docs/configuration.md` is rendered from them). Validators
+check; they never rewrite a value. Importable without torch or vLLM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, get_origin
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from services.core.schemas.common import TruncationLimit
+from services.core.schemas.rollout import (
+    RewardTerm,
+    check_correctness,
+    check_distinct_names,
+    correctness_index,
+    weighted_terms,
+)
+
+
+class ConfigSection(BaseModel):
+    """Base of every section: unknown keys refused, values checked on assignment too, field docstrings kept
+    (they are the documentation)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _comma_separated_lists(cls, data: Any) -> Any:
+        """A list setting given as one string (`--set k=a,b`, `RPO_S__K=a,b`, or one plain value) is split
+        at its commas, so the command line and the environment take the same forms."""
+        if not isinstance(data, Mapping):
+            return data
+        split = {
+            name: [part.strip() for part in data[name].split(",") if part.strip()]
+            for name, field in cls.model_fields.items()
+            if isinstance(data.get(name), str) and get_origin(field.annotation) is list
+        }
+        return {**data, **split} if split else data
+
+
+class ModelSection(ConfigSection):
+    """The policy being trained (and served by every rollout replica)."""
+
+    path: str = "builtin:tiny-warm"
+    """HF model directory (local path), or `builtin:tiny-warm` / `builtin:tiny-random` for the embedded tiny model."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """`auto`: bfloat16 on GPU, float32 on CPU."""
+    max_model_len: int = Field(1024, ge=16)
+    """Context length (prompt + response) the rollout engine is sized for, in tokens."""
+
+
+class DataSection(ConfigSection):
+    """Training and held-out questions, their field names, and how prompts are built."""
+
+    dataset: str = "builtin:arith"
+    """Training questions: a .jsonl or .parquet file, a saved `datasets` directory, or `builtin:arith`."""
+    eval_dataset: str | None = "builtin:arith-eval"
+    """Held-out questions for evaluation (same formats); None disables evaluation."""
+    id_field: str = "id"
+    """Field holding a unique question id; rows without it get one derived from the question text."""
+    question_field: str = "question"
+    """Field holding the question text."""
+    answer_field: str = "answer"
+    """Field holding the reference answer the reward checks against."""
+    messages_field: str = "messages"
+    """Field holding a conversation (a list of `{role, content}` turns: system, user, assistant; the last one
+    a user turn), used instead of the question field in a row that has it: the prompt is the conversation
+    through the chat template (docs/training.md, "Datasets")."""
+    prompt_template: str = "Q: {question}\nA: "
+    """Plain prompt used when the tokenizer has no chat template (or `use_chat_template` is false)."""
+    use_chat_template: bool = True
+    """Use the tokenizer's chat template when it has one."""
+    system_prompt: str | None = None
+    """Optional system message when the chat template is used."""
+    max_questions: int | None = Field(None, ge=1)
+    """Use only the first N training questions (quick runs)."""
+    eval_max_questions: int | None = Field(None, ge=1)
+    """Evaluate on only the first N held-out questions."""
+    synthetic_num_terms: int = Field(4, ge=2, le=32)
+    """Difficulty of the built-in arithmetic task: terms per question (more terms, longer traces)."""
+    synthetic_max_digits: int = Field(2, ge=1, le=6)
+    """Digits per term of the built-in task."""
+    synthetic_train_size: int = Field(2000, ge=1)
+    """Questions in the built-in training split."""
+    synthetic_eval_size: int = Field(200, ge=1)
+    """Questions in the built-in held-out split (never in training)."""
+    synthetic_seed: int = 0
+    """Seed of the built-in task; the same seed gives the same questions."""
+
+
+def _absolute_file_spec(spec: str) -> str:
+    """`rewards.py:f` is relative to where the config is loaded; replicas elsewhere get the absolute path."""
+    module, sep, attr = spec.rpartition(":")
+    if sep and module.endswith(".py") and not Path(module).is_absolute():
+        return f"{Path(module).resolve()}:{attr}"
+    return spec
+
+
+class RewardSection(ConfigSection):
+    """The verifiable reward of a whole response."""
+
+    function: str = "auto"
+    """`math` (math-verify on the last \\boxed{}), `exact` (exact string match of the last \\boxed{}),
+    `auto` (exact for builtin datasets, math otherwise), `format` (the example format reward), or
+    `package.module:function`; used when `functions` is empty."""
+    functions: list[RewardTerm] = Field(default_factory=list, max_length=32)
+    """Several reward functions, `[{function, weight, name}]`: a response's reward is the weighted sum of their
+    scores. Each takes one response, `(response, reference) -> float`, or a batch, TRL-style
+    `(completions, **kwargs) -> list[float]` (docs/training.md, "Rewards")."""
+    correctness: str | None = None
+    """Name of the function whose score >= 1 makes a response correct (accuracy, DAPO's filter, the cache's
+    `replace_only_correct`); default: the first."""
+
+    @field_validator("functions")
+    @classmethod
+    def _distinct_names(cls, functions: list[RewardTerm]) -> list[RewardTerm]:
+        return check_distinct_names(functions)
+
+    @field_validator("correctness")
+    @classmethod
+    def _names_a_function(cls, correctness: str | None, info: ValidationInfo) -> str | None:
+        return check_correctness(correctness, info.data.get("function"), info.data.get("functions"))
+
+    @model_validator(mode="after")
+    def _one_form(self) -> RewardSection:
+        if self.functions and self.function != "auto":
+            raise ValueError("set reward.function or reward.functions, not both")
+        return self
+
+    def wire(self) -> dict[str, Any]:
+        """The rollout request's reward fields; a reward file's relative path made absolute from here (the
+        trainer's directory), since replicas elsewhere resolve it."""
+        functions = [
+            t.model_copy(update={"function": _absolute_file_spec(t.function)}) for t in self.functions
+        ]
+        return {
+            "reward": _absolute_file_spec(self.function),
+            "rewards": functions,
+            "correctness": self.correctness,
+        }
+
+    def reward_terms(self) -> list[RewardTerm]:
+        """The weighted functions to score with."""
+        return weighted_terms(self.function, self.functions)
+
+    def correctness_index(self) -> int:
+        return correctness_index(self.reward_terms(), self.correctness)
+
+
+class AlgorithmSection(ConfigSection):
+    """RPO and its base algorithm (docs/algorithm.md, steps 2-6)."""
+
+    algorithm: Literal["grpo", "dapo"] = "grpo"
+    """Base algorithm whose objective RPO keeps unchanged."""
+    mode: Literal["rpo", "full"] = "rpo"
+    """`rpo`: decode suffixes of cached answers; `full`: full-path rollouts, the baseline."""
+    group_size: int = Field(6, ge=2)
+    """G, responses per question (at least 2: advantages are relative to the group's mean). Paper: 6."""
+    truncation_limit: TruncationLimit = 300
+    """L: max tokens cut from a cached answer, m ~ U{0..L}. Paper: 300, 500, 800, 0.5l or l."""
+    suffix_budget: int | Literal["m"] = "m"
+    """Max new tokens per suffix: `m` (release code, paper-faithful) or a fixed cap."""
+    max_response_tokens: int = Field(4096, ge=1)
+    """Max response length (prefix + suffix) in tokens. Paper: 4096."""
+    alpha: float = Field(0.01, ge=0.0)
+    """Length-aware shaping steepness; 0 turns shaping off (correct responses then get 0.5). Paper: 0.01."""
+    shaping_low: float = Field(0.5, ge=0.0)
+    """Lower clip of the shaped reward of a correct response. Paper: 0.5."""
+    shaping_high: float = Field(1.0, ge=0.0)
+    """Upper clip of the shaped reward. Paper: 1.0."""
+    epsilon: float = Field(0.5, ge=0.0, le=1.0)
+    """Probability of storing the BEST response of a group in the cache. Release code: 0.5."""
+    replace_only_correct: bool = False
+    """Restrict cache replacements to correct responses (paper: replace regardless)."""
+    loss_on_suffix_only: bool = False
+    """Ablation: train on the new suffix only (paper: prefix + suffix)."""
+    clip_eps: float = Field(0.2, gt=0.0)
+    """GRPO clip range. Paper: 0.2."""
+    clip_eps_low: float = Field(0.2, gt=0.0)
+    """DAPO lower clip. Paper: 0.2."""
+    clip_eps_high: float = Field(0.28, gt=0.0)
+    """DAPO clip-higher. Paper: 0.28."""
+    beta: float = Field(0.04, ge=0.0)
+    """GRPO KL coefficient (k3 estimator); DAPO uses none. Release code: 0.04."""
+    advantage_eps: float = Field(1e-4, gt=0.0)
+    """Added to the group std in the advantage denominator. Paper: 1e-4."""
+    overlong_buffer_tokens: int | None = Field(None, ge=0)
+    """DAPO soft overlong punishment buffer L_cache in tokens; 0 turns the soft ramp off (a response over
+    max_response_tokens still gets -1). Default (unset): on for DAPO, max_response_tokens // 8; GRPO uses none."""
+    dynamic_sampling_filter: Literal["correctness", "reward"] = "correctness"
+    """DAPO's dynamic sampling keeps a group when `correctness`: 0 < #correct < G (DAPO's rule); `reward`: its
+    shaped rewards differ, so all-correct groups of different lengths stay (length-aware shaping's point)."""
+    dynamic_sampling_max_rounds: int = Field(3, ge=1)
+    """DAPO: extra rollout rounds allowed to refill a batch after filtering."""
+
+    def overlong_buffer(self) -> int:
+        """The overlong punishment buffer in effect: DAPO only; unset means max_response_tokens // 8."""
+        if self.algorithm != "dapo":
+            return 0
+        if self.overlong_buffer_tokens is None:
+            return self.max_response_tokens // 8
+        return self.overlong_buffer_tokens
+
+    @field_validator("truncation_limit", mode="before")
+    @classmethod
+    def _limit_from_text(cls, value: Any) -> Any:
+        """An environment variable is text: `RPO_ALGORITHM__TRUNCATION_LIMIT=300` means 300 tokens."""
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+        return value
+
+    @field_validator("suffix_budget")
+    @classmethod
+    def _positive_budget(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be >= 1 token or 'm'")
+        return value
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> AlgorithmSection:
+        if self.shaping_low > self.shaping_high:
+            raise ValueError(
+                f"shaping_low ({self.shaping_low}) must be <= shaping_high ({self.shaping_high})"
+            )
+        return self
+
+
+class SamplingSection(ConfigSection):
+    """Sampling for rollouts, cache initialisation and evaluation."""
+
+    temperature: float = Field(0.7, ge=0.0)
+    """Rollout temperature. Paper: 0.7."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Rollout nucleus sampling."""
+    init_temperature: float = Field(0.9, ge=0.0)
+    """Cache initialisation temperature. Release code: 0.9."""
+    init_top_p: float = Field(0.9, gt=0.0, le=1.0)
+    """Cache initialisation top_p. Release code: 0.9."""
+    init_max_tokens: int = Field(2048, ge=1)
+    """Cache initialisation max tokens. Release code: 2048."""
+    eval_temperature: float = Field(0.6, ge=0.0)
+    """Evaluation temperature. Paper: 0.6."""
+    eval_top_p: float = Field(0.95, gt=0.0, le=1.0)
+    """Evaluation top_p. Paper: 0.95."""
+    eval_samples: int = Field(1, ge=1)
+    """k for pass@k during evaluation."""
+
+
+class TrainSection(ConfigSection):
+    """The DeepSpeed learner and the training loop."""
+
+    questions_per_step: int = Field(96, ge=1)
+    """Questions per optimizer step; the batch holds questions_per_step * G responses (paper: 576 / 6)."""
+    micro_batch_size: int = Field(8, ge=1)
+    """Responses per forward/backward on one rank; gradient accumulation covers the rest."""
+    share_prefix: bool = True
+    """Feed each group's shared prompt and cached prefix to the learner's model once, its G suffixes behind
+    a block attention mask; off: one row per response. Same loss and gradients either way
+    (docs/training.md, "Shared layout")."""
+    lr: float = Field(1e-6, gt=0.0)
+    """Peak learning rate. Paper: 1e-6."""
+    lr_scheduler: Literal["cosine", "constant"] = "cosine"
+    """Learning-rate schedule after warm-up. Paper: cosine."""
+    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    """Fraction of the planned steps spent warming up. Paper: 0.1."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW weight decay."""
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    """Gradient clipping norm."""
+    epochs: int = Field(4, ge=1)
+    """Passes over the training questions. Paper: 4."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many steps (overrides epochs when smaller)."""
+    updates_per_batch: int = Field(1, ge=1)
+    """Optimizer updates per rollout batch (mu); 1 makes pi_old = pi_theta at the first update."""
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage. Paper: 2."""
+    offload_optimizer: bool = False
+    """ZeRO: keep optimizer states in CPU memory."""
+    offload_params: bool = False
+    """ZeRO-3: keep parameters in CPU memory."""
+    precision: Literal["auto", "float32", "bf16"] = "auto"
+    """`auto`: bf16 on GPU, float32 on CPU."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in backward to save memory. Paper: on."""
+    seed: int = 0
+    """Seed for data order, truncation draws, sampling and the cache updates."""
+    run_dir: str = "runs/latest"
+    """Where logs, metrics JSONL, checkpoints and the final model go."""
+    checkpoint_every: int = Field(50, ge=1)
+    """Save a checkpoint every N steps (and on Ctrl-C / SIGTERM)."""
+    overwrite_cache: bool = False
+    """Start over on a run id whose cache other training steps have updated (deletes it); without it such a
+    start is refused (`--resume` continues the run instead)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """How many recent checkpoints to keep."""
+    checkpoint_hf: bool = True
+    """Each checkpoint also holds `hf/`, its policy as an HF model directory (readable by every user) that
+    transformers loads and `rpo serve rollout --model` serves; off saves its disk (one model copy each)."""
+    eval_every: int = Field(0, ge=0)
+    """Evaluate on the held-out split every N steps; 0 only before and after training."""
+    eval_before: bool = True
+    """Evaluate before the first step (`rpo reproduce` does it once for all arms: same starting model)."""
+    log_every: int = Field(1, ge=1)
+    """One log line every N steps."""
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)
+    """Experiment trackers that get every step's figures, the evaluations and the config (trainer/tracking.py),
+    e.g. `tensorboard,mlflow`; none by default. Needs the tracking extra: `pip install "rpo-rl[tracking]"`."""
+    num_processes: int = Field(1, ge=1)
+    """Trainer processes `rpo run` starts: 1 is a plain process; more run under DeepSpeed's launcher (one per
+    GPU on a GPU box; CPU ranks with DS_ACCELERATOR=cpu)."""
+    metrics_host: str = "127.0.0.1"
+    """Bind address of the trainer's Prometheus `/metrics` (rank 0)."""
+    metrics_port: int | None = Field(9100, ge=0, le=65535)
+    """Port of the trainer's `/metrics`; 0 picks a free port, None serves none."""
+    weight_sync_timeout_seconds: float = Field(600.0, gt=0)
+    """Most seconds a weight push to the replicas may take, until every one serves the new version."""
+    cache_commit_timeout_seconds: float = Field(300.0, gt=0)
+    """How long a step's cache commit keeps retrying (through a cache server restart, say) before the step
+    fails; the commit is idempotent, so retrying never applies it twice."""
+    nccl_host: str | None = None
+    """rollout.weight_transfer=nccl: the address the replicas reach the trainer's NCCL rendezvous on (compose:
+    `trainer`); None: this machine's host name."""
+    nccl_port: int = Field(29600, ge=1, le=65535)
+    """rollout.weight_transfer=nccl: the port of the trainer's NCCL rendezvous."""
+    cache_init_batch_questions: int = Field(256, ge=1)
+    """`rpo cache init`: questions sampled and written to the cache per batch."""
+    seed_cache: bool = True
+    """RPO: before step 1 of a fresh (not resumed) run, the trainer samples one answer for every training
+    question the cache has none for, as `rpo cache init` does (`rpo run` seeds first, leaving it nothing to
+    do). Off: a question is a miss at its first visit, decoded in full, and that sample seeds its entry."""
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> TrainSection:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(
+                f"offload_params needs zero_stage 3 (got {self.zero_stage}): only ZeRO-3 partitions parameters"
+            )
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError(
+                "offload_optimizer needs zero_stage 1, 2 or 3: ZeRO-0 keeps no optimizer partition to offload"
+            )
+        return self
