@@ -70,15 +70,15 @@ def seed_cache(
         "correct": 0,
     }
     generated = 0
-    replicas = remote.replicas()
+    replicas = remote.replica_set.replicas()
     with tqdm(total=len(todo), desc="cache init", unit="q", disable=None) as bar:
         for index, start in enumerate(range(0, len(todo), batch_size)):
             chunk = todo[start : start + batch_size]
-            batch = remote.rollouts(
+            batch = remote.replica_set.rollouts(
                 replicas,
                 chunk,
                 prompts,
-                params=remote.init_params(seed=request_seed(cfg.train.seed, 0, index)),
+                settings=remote.plans.init(seed=request_seed(cfg.train.seed, 0, index)),
                 min_policy_version=min_policy_version,
                 phase="cache init",
             )

@@ -69,11 +69,11 @@ def evaluate_questions(
     """Sample k full responses per question through the replicas (default: all configured) and score
     them; rank 0 of the trainer, or the CLI."""
     started = time.monotonic()
-    batch = remote.rollouts(
-        replicas or remote.replicas(),
+    batch = remote.replica_set.rollouts(
+        replicas or remote.replica_set.replicas(),
         questions,
         prompts,
-        params=remote.eval_params(),
+        settings=remote.plans.evaluation,
         min_policy_version=min_policy_version,
         phase="evaluation",
     )

@@ -84,11 +84,11 @@ def collect_groups(
         if not indices:
             break
         used.update(indices)
-        batch = remote.rollouts(
+        batch = remote.replica_set.rollouts(
             replicas,
             [questions[i] for i in indices],
             prompts,
-            params=remote.training_params(seed=request_seed(cfg.train.seed, step, round_index)),
+            settings=remote.plans.train(seed=request_seed(cfg.train.seed, step, round_index)),
             min_policy_version=version,
             phase=f"rollout (step {step}, round {round_index + 1})",
         )
@@ -292,8 +292,8 @@ class TrainingRecipe:
         collective. The learner's version moves only when a replica already served a newer one."""
 
         def check() -> tuple[list[str], list[str], int]:
-            replicas = self.remote.replicas()
-            behind, version = self.remote.check_replicas(replicas, self.learner.policy_version)
+            replicas = self.remote.replica_set.replicas()
+            behind, version = self.remote.replica_set.check_replicas(replicas, self.learner.policy_version)
             return replicas, behind, version
 
         found, (behind, version) = self.on_main(check, share=lambda r: (r[1], r[2]))

@@ -8,9 +8,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.core.clients.replica_set import RolloutBatch, RolloutFailed
 from services.core.schemas.rollout import RolloutGroup
 from trainer.records import StepRecord
-from trainer.remote import RolloutBatch, RolloutFailed
 
 
 @dataclass

@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services.cli.args import UsageError, config_from_args, shortcut_overrides
+from services.core.clients.replica_set import RolloutFailed
 from services.core.config import RunConfig, fresh_run_id, load_config
 from services.core.data import DatasetError, encode_prompt, load_questions
 from services.core.http_client import ServiceCallError
@@ -39,7 +40,7 @@ from services.supervisor.processes import PartFailed, Supervisor, free_port, rpo
 from trainer.cache_init import seed_cache
 from trainer.checkpoint import Checkpointer
 from trainer.progress import read_records, read_step_records
-from trainer.remote import RemoteServices, RolloutFailed
+from trainer.remote import RemoteServices
 from trainer.schedule import DataCursor, request_seed
 
 log = logging.getLogger("rpo.run")
@@ -270,11 +271,17 @@ def full_path_reference(cfg: RunConfig, remote: RemoteServices) -> dict[str, Any
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     prompts = {q.id: encode_prompt(tokenizer, q, cfg.data) for q in chosen}
-    params = remote.training_params(seed=request_seed(cfg.train.seed, 1, 0))
-    params.update(mode="full", seed_cache_on_miss=False)
+    settings = remote.plans.train(seed=request_seed(cfg.train.seed, 1, 0))
+    settings = settings.model_copy(update={"mode": "full", "seed_cache_on_miss": False})
     t = time.monotonic()
-    batch = remote.rollouts(
-        remote.replicas(), chosen, prompts, params=params, min_policy_version=0, phase="full-path reference"
+    replica_set = remote.replica_set
+    batch = replica_set.rollouts(
+        replica_set.replicas(),
+        chosen,
+        prompts,
+        settings=settings,
+        min_policy_version=0,
+        phase="full-path reference",
     )
     samples = sum(len(g.samples) for g in batch.groups)
     return {

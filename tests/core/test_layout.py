@@ -224,3 +224,25 @@ def test_no_module_is_longer_than_its_one_job_needs():
         if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES
     }
     assert not long, f"modules over {MAX_MODULE_LINES} lines: {long}"
+
+
+REPLICA_CLIENT = "services.core.clients.rollout"
+"""The rollout service's low-level client: rollouts and versions go through the core's replica set
+(`services.core.clients.replica_set`); only the weight senders, and the replica set itself, call replicas
+directly."""
+WEIGHT_SENDERS = {"trainer.weight_push", "trainer.weight_nccl", "trainer.preflight"}
+
+
+def test_the_trainer_reaches_replicas_only_through_the_cores_replica_set(graph):
+    direct = {
+        module
+        for module, imps in graph.items()
+        if module.startswith(("trainer", "services.supervisor"))
+        and module not in WEIGHT_SENDERS
+        and any(i.target == REPLICA_CLIENT or i.target.startswith(REPLICA_CLIENT + ".") for i in imps)
+    }
+    assert not direct, f"calls replicas around the replica set: {sorted(direct)}"
+    assert any(
+        i.target.startswith("services.core.clients.replica_set")
+        for i in graph["trainer.loop"] + graph["trainer.remote"]
+    )

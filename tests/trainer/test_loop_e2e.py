@@ -9,11 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from services.core.clients.replica_set import RolloutBatch, RolloutPlans, split_evenly
 from services.core.config import load_config
 from services.core.data import Question
 from services.core.schemas.rollout import RolloutGroup, RolloutSample
 from trainer.loop import collect_groups
-from trainer.remote import RolloutBatch, split_evenly
 from trainer.schedule import DataCursor, planned_steps, request_seed
 from trainer.step_rollouts import CollectedGroups
 
@@ -85,15 +85,18 @@ def _group(qid: str, correct: list[bool], prefix: int = 2) -> RolloutGroup:
 
 @dataclass
 class FakeRemote:
-    """Answers rollouts from a table of per-question correctness; records what it was asked."""
+    """Answers rollouts from a table of per-question correctness; records what it was asked (its own replica
+    set, with the config's real rollout plans)."""
 
     correctness: dict[str, list[bool]]
     asked: list[list[str]] = field(default_factory=list)
+    plans: RolloutPlans = field(default_factory=lambda: RolloutPlans.from_config(load_config(None, [])))
 
-    def training_params(self, seed):
-        return {"seed": seed}
+    @property
+    def replica_set(self):
+        return self
 
-    def rollouts(self, replicas, questions, prompts, *, params, min_policy_version, phase):
+    def rollouts(self, replicas, questions, prompts, *, settings, min_policy_version, phase):
         self.asked.append([q.id for q in questions])
         groups = [_group(q.id, self.correctness[q.id]) for q in questions]
         return RolloutBatch(
@@ -226,11 +229,11 @@ def test_a_batch_is_split_over_replicas_and_a_failed_chunk_moves_to_another(capl
     questions = [Question(id=f"q{i}", question=f"question {i}", answer="1") for i in range(5)]
     prompts = {q.id: [1, 2, 3] for q in questions}
     try:
-        batch = remote.rollouts(
+        batch = remote.replica_set.rollouts(
             [good.url, bad.url],
             questions,
             prompts,
-            params=remote.training_params(seed=1),
+            settings=remote.plans.train(seed=1),
             min_policy_version=4,
             phase="rollout (step 3, round 1)",
         )
@@ -248,7 +251,8 @@ def test_a_batch_is_split_over_replicas_and_a_failed_chunk_moves_to_another(capl
 
 
 def test_a_chunk_that_fails_everywhere_names_every_replica():
-    from trainer.remote import RemoteServices, RolloutFailed
+    from services.core.clients.replica_set import RolloutFailed
+    from trainer.remote import RemoteServices
 
     a, b = _StandIn(fail_status=500), _StandIn(fail_status=503)
     cfg = load_config(None, ["services.max_attempts=2", "services.retry_backoff_seconds=0.01"])
@@ -256,11 +260,11 @@ def test_a_chunk_that_fails_everywhere_names_every_replica():
     questions = [Question(id="q0", question="question 0", answer="1")]
     try:
         with pytest.raises(RolloutFailed) as err:
-            remote.rollouts(
+            remote.replica_set.rollouts(
                 [a.url, b.url],
                 questions,
                 {"q0": [1]},
-                params=remote.eval_params(),
+                settings=remote.plans.evaluation,
                 min_policy_version=0,
                 phase="evaluation",
             )
@@ -434,11 +438,11 @@ def test_committed_cache_update_is_the_best_response_or_another(
         remote = RemoteServices(cfg)
         try:
             version = replica_version(url)
-            batch = remote.rollouts(
+            batch = remote.replica_set.rollouts(
                 [url],
                 questions,
                 prompts,
-                params=remote.training_params(seed=5),
+                settings=remote.plans.train(seed=5),
                 min_policy_version=version,
                 phase="t",
             )

@@ -126,12 +126,12 @@ def correctness_index(terms: list[RewardTerm], correctness: str | None) -> int:
     return labels.index(correctness) if correctness in labels else 0
 
 
-class RolloutRequest(Wire):
-    """One batch of group rollouts: for each question, G responses (RPO: cached prefix + new suffix)."""
+class RolloutSettings(Wire):
+    """How a batch of group rollouts is made, everything but the questions: what a client sets once per
+    purpose (training, cache initialisation, evaluation; `services.core.clients.replica_set.RolloutPlans`)."""
 
     run_id: str = Field("default", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]{1,128}$")
     """The cache namespace of the run."""
-    questions: list[RolloutQuestion] = Field(min_length=1)
     mode: Literal["rpo", "full"] = "rpo"
     """`rpo`: cached prefix + new suffixes; `full`: full-path samples, the cache is not touched."""
     group_size: int = Field(6, ge=1, le=256)
@@ -160,6 +160,37 @@ class RolloutRequest(Wire):
     """DAPO soft overlong punishment (0: off), added to the shaped reward."""
     seed_cache_on_miss: bool = True
     """A cache miss falls back to one full sample that seeds the entry (docs/algorithm.md, step 1)."""
+
+    @field_validator("rewards")
+    @classmethod
+    def _distinct_names(cls, rewards: list[RewardTerm]) -> list[RewardTerm]:
+        return check_distinct_names(rewards)
+
+    @field_validator("correctness")
+    @classmethod
+    def _names_a_function(cls, correctness: str | None, info: ValidationInfo) -> str | None:
+        return check_correctness(correctness, info.data.get("reward"), info.data.get("rewards"))
+
+    @field_validator("shaping_high")
+    @classmethod
+    def _bounds_in_order(cls, high: float, info: ValidationInfo) -> float:
+        low = info.data.get("shaping_low")
+        if low is not None and low > high:
+            raise ValueError(f"must be >= shaping_low ({low})")
+        return high
+
+    def reward_terms(self) -> list[RewardTerm]:
+        """The weighted functions to score with."""
+        return weighted_terms(self.reward, self.rewards)
+
+    def correctness_index(self) -> int:
+        return correctness_index(self.reward_terms(), self.correctness)
+
+
+class RolloutRequest(RolloutSettings):
+    """One batch of group rollouts: for each question, G responses (RPO: cached prefix + new suffix)."""
+
+    questions: list[RolloutQuestion] = Field(min_length=1)
     min_policy_version: Version = 0
     """Refuse (409) if the replica serves an older policy than this."""
 
@@ -172,31 +203,6 @@ class RolloutRequest(Wire):
                 raise ValueError(f"question id {q.id!r} appears twice in one batch")
             seen.add(q.id)
         return questions
-
-    @field_validator("rewards")
-    @classmethod
-    def _distinct_names(cls, rewards: list[RewardTerm]) -> list[RewardTerm]:
-        return check_distinct_names(rewards)
-
-    @field_validator("correctness")
-    @classmethod
-    def _names_a_function(cls, correctness: str | None, info: ValidationInfo) -> str | None:
-        return check_correctness(correctness, info.data.get("reward"), info.data.get("rewards"))
-
-    def reward_terms(self) -> list[RewardTerm]:
-        """The weighted functions to score with."""
-        return weighted_terms(self.reward, self.rewards)
-
-    def correctness_index(self) -> int:
-        return correctness_index(self.reward_terms(), self.correctness)
-
-    @field_validator("shaping_high")
-    @classmethod
-    def _bounds_in_order(cls, high: float, info: ValidationInfo) -> float:
-        low = info.data.get("shaping_low")
-        if low is not None and low > high:
-            raise ValueError(f"must be >= shaping_low ({low})")
-        return high
 
 
 class RolloutSample(Wire):
