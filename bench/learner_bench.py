@@ -121,7 +121,7 @@ def bench_shape(shape: str, model_dir: Path, rounds: int) -> dict:
             started = time.perf_counter()
             stats = learners[share].train_step(samples)
             times[share].append(time.perf_counter() - started)
-            fed[share] = stats["model_tokens"]
+            fed[share] = stats.model_tokens
         print(
             f"[{shape}] round {r + 1}/{rounds}: per-response {times[False][-1]:.3f} s, shared {times[True][-1]:.3f} s",
             flush=True,

@@ -29,6 +29,7 @@ from trainer import dist
 from trainer.batch import Batch, TrainSample, count_loss_tokens, make_micro_batch, plan_micro_batches
 from trainer.logprobs import token_logprobs
 from trainer.losses import dapo_loss, grpo_loss
+from trainer.records import LearnerStats
 from trainer.safetensors_shards import ShardWriter, size_buckets
 
 log = logging.getLogger("rpo.learner")
@@ -239,13 +240,10 @@ class Learner:
             batches.append(padding)
         return [batch.to(self.device) for batch in batches]
 
-    def train_step(self, samples: list[TrainSample]) -> dict[str, Any]:
+    def train_step(self, samples: list[TrainSample]) -> LearnerStats:
         """One optimizer step (per update) over the whole `samples` list; collective (see class docstring).
 
-        Returns, aggregated over ranks: loss (whole-batch objective, mean over updates), kl and
-        clip_fraction (means over loss tokens), grad_norm (before clipping, last update), lr (of the last
-        update), tokens (loss tokens of the batch), sequences, micro_batches (per rank), seconds, and the
-        new policy_version.
+        Returns what the step did, aggregated over ranks (`trainer.records.LearnerStats`).
         """
         if not samples:
             raise ValueError("train_step needs at least one sample")
@@ -313,19 +311,19 @@ class Learner:
             [sums["loss"], sums["kl"], sums["clipped"], sums["tokens"]]
         )
         token_sum = max(token_sum, 1.0)
-        return {
-            "loss": loss_sum / t.updates_per_batch,
-            "kl": kl_sum / token_sum,
-            "clip_fraction": clipped_sum / token_sum,
-            "grad_norm": grad_norm,
-            "lr": lr,
-            "tokens": count_loss_tokens(samples, suffix_only),
-            "sequences": num_sequences,
-            "micro_batches": n_micro,
-            "model_tokens": int(dist.sum_over_ranks([sum(b.fed_tokens for b in batches)])[0]),
-            "seconds": time.monotonic() - started,
-            "policy_version": self.policy_version,
-        }
+        return LearnerStats(
+            loss=loss_sum / t.updates_per_batch,
+            kl=kl_sum / token_sum,
+            clip_fraction=clipped_sum / token_sum,
+            grad_norm=grad_norm,
+            lr=lr,
+            tokens=count_loss_tokens(samples, suffix_only),
+            sequences=num_sequences,
+            micro_batches=n_micro,
+            model_tokens=int(dist.sum_over_ranks([sum(b.fed_tokens for b in batches)])[0]),
+            seconds=time.monotonic() - started,
+            policy_version=self.policy_version,
+        )
 
     # ---------------------------------------------------------------------------------------------- weights
     def _named_tensors(self) -> list[tuple[str, torch.Tensor]]:

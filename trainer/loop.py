@@ -24,7 +24,6 @@ group still has a best, shortest answer to keep); the paper leaves this open.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import Callable
@@ -36,7 +35,6 @@ from services.core.config import RunConfig, fresh_run_id
 from services.core.data import encode_prompt, load_questions
 from services.demo.model_path import resolve_model_path
 from trainer import dist
-from trainer.batch import build_samples, keep_group
 from trainer.cache_init import seed_cache, trainer_seeds_cache
 from trainer.checkpoint import HF_DIR, LEARNER_DIR, Checkpointer, StopRequest, TrainerState
 from trainer.evaluate import evaluate_questions
@@ -45,69 +43,13 @@ from trainer.metrics import TrainerMetrics
 from trainer.progress import StepProgress
 from trainer.records import StepRecord
 from trainer.remote import RemoteServices
-from trainer.schedule import DataCursor, planned_steps, request_seed
+from trainer.rollout_source import RolloutSource
+from trainer.schedule import DataCursor, planned_steps
 from trainer.step_rollouts import CollectedGroups
 from trainer.tracking import Tracker
 from trainer.weight_sync import WeightSync
 
 log = logging.getLogger("rpo.train")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Rollouts of one step
-
-
-def collect_groups(
-    remote: RemoteServices,
-    cursor: DataCursor,
-    questions: list,
-    prompts: dict[str, list[int]],
-    cfg: RunConfig,
-    step: int,
-    replicas: list[str],
-    version: int,
-) -> CollectedGroups:
-    """Rank 0: the step's rollouts. DAPO keeps groups with 0 < #correct < G (or, with
-    `algorithm.dynamic_sampling_filter: reward`, whose shaped rewards differ) and refills the batch from the
-    cursor for at most `algorithm.dynamic_sampling_max_rounds` extra rounds; GRPO keeps every group."""
-
-    want = cfg.train.questions_per_step
-    dynamic = cfg.algorithm.algorithm == "dapo"
-    rounds = 1 + (cfg.algorithm.dynamic_sampling_max_rounds if dynamic else 0)
-    collected = CollectedGroups()
-    used: set[int] = set()
-    for round_index in range(rounds):
-        need = want - len(collected.train_groups)
-        if need <= 0:
-            break
-        indices = cursor.take(need, exclude=used)
-        if not indices:
-            break
-        used.update(indices)
-        batch = remote.replica_set.rollouts(
-            replicas,
-            [questions[i] for i in indices],
-            prompts,
-            settings=remote.plans.train(seed=request_seed(cfg.train.seed, step, round_index)),
-            min_policy_version=version,
-            phase=f"rollout (step {step}, round {round_index + 1})",
-        )
-        keep = (
-            functools.partial(keep_group, signal=cfg.algorithm.dynamic_sampling_filter) if dynamic else None
-        )
-        collected.add(batch, keep=keep, limit=want)
-    if dynamic and len(collected.train_groups) < want:
-        log.warning(
-            "step %d: dynamic sampling kept %d of %d groups after %d rounds (the others had all-equal "
-            "%s); training on what it kept",
-            step,
-            len(collected.train_groups),
-            want,
-            collected.rounds,
-            "rewards" if cfg.algorithm.dynamic_sampling_filter == "reward" else "correctness",
-            extra={"step": step},
-        )
-    return collected
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -139,6 +81,7 @@ class TrainingRecipe:
         self.cfg = cfg
         self.resume = resume
         self.remote = self.progress = self.metrics = self.stop_request = self.weight_sync = None
+        self.rollout_source: RolloutSource | None = None
 
     # ---------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -183,6 +126,7 @@ class TrainingRecipe:
                 )
                 self.eval_prompts = {q.id: encode_prompt(tokenizer, q, cfg.data) for q in self.eval_questions}
             self.remote = RemoteServices(cfg)
+            self.rollout_source = RolloutSource(self.remote, self.cursor, self.questions, self.prompts, cfg)
             self.metrics = TrainerMetrics()
             if cfg.train.metrics_port is not None:
                 self.metrics.serve(cfg.train.metrics_host, cfg.train.metrics_port)
@@ -264,7 +208,7 @@ class TrainingRecipe:
 
         # 3. The learner step, on every rank with the same samples.
         t = time.monotonic()
-        learner_stats = self.learner.train_step(samples) if samples else {}
+        learner_stats = self.learner.train_step(samples) if samples else None
         phases["train"] = time.monotonic() - t
 
         # 4. The new weights to every replica; wait until all serve them.
@@ -284,7 +228,7 @@ class TrainingRecipe:
             record.phases = phases
             record.weight_sync_seconds = phases["weight_sync"] if samples else None
             record.cache_updates = cache_updates
-            record.learner = {k: v for k, v in (learner_stats or {}).items() if isinstance(v, int | float)}
+            record.learner = learner_stats.as_dict() if learner_stats is not None else {}
         return record, bool(stop)
 
     def sync_replicas(self) -> list[str]:
@@ -303,13 +247,7 @@ class TrainingRecipe:
         return found[0] if found else []
 
     def _rollouts(self, step: int, replicas: list[str], version: int) -> CollectedGroups:
-
-        collected = collect_groups(
-            self.remote, self.cursor, self.questions, self.prompts, self.cfg, step, replicas, version
-        )
-        groups = collected.train_groups
-        collected.samples = build_samples(groups, self.prompts, self.cfg.algorithm) if groups else []
-        return collected
+        return self.rollout_source.take(step, replicas, version)
 
     def _commit_cache(self, step: int, collected: Any, phases: dict[str, float]) -> dict[str, int]:
         if self.cfg.algorithm.mode != "rpo":

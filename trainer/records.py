@@ -11,6 +11,34 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+@dataclass(frozen=True)
+class LearnerStats:
+    """What one learner step reports (`Learner.train_step`), aggregated over ranks."""
+
+    loss: float
+    """The whole-batch objective, mean over the batch's updates."""
+    kl: float
+    """Mean over loss tokens (GRPO's k3 estimate against the reference; 0 without one)."""
+    clip_fraction: float
+    """Share of loss tokens whose ratio was clipped."""
+    grad_norm: float
+    """Before clipping, of the last update."""
+    lr: float
+    tokens: int
+    """Loss tokens of the batch."""
+    sequences: int
+    micro_batches: int
+    """Per rank."""
+    model_tokens: int
+    """Tokens fed through the model (a shared prefix counted once), summed over ranks."""
+    seconds: float
+    policy_version: int
+    """The learner's version after the step."""
+
+    def as_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
 @dataclass
 class StepRecord:
     step: int

@@ -113,10 +113,10 @@ def test_one_step_is_adamw_on_the_whole_batch_gradient(tiny_model_dir, algorithm
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0).step()
 
-    assert stats["loss"] == pytest.approx(loss.item(), abs=1e-6)
-    assert stats["grad_norm"] == pytest.approx(norm.item(), rel=1e-5)
-    assert stats["lr"] == pytest.approx(lr) and stats["policy_version"] == learner.policy_version == 1
-    assert stats["micro_batches"] == 4 and stats["sequences"] == 7 and stats["kl"] == 0.0
+    assert stats.loss == pytest.approx(loss.item(), abs=1e-6)
+    assert stats.grad_norm == pytest.approx(norm.item(), rel=1e-5)
+    assert stats.lr == pytest.approx(lr) and stats.policy_version == learner.policy_version == 1
+    assert stats.micro_batches == 4 and stats.sequences == 7 and stats.kl == 0.0
     # AdamW's first update is lr * g / (|g| + 1e-8): where |g| is near 1e-8, float noise in g (a different
     # summation order) moves it by a fraction of lr. Everywhere else the two steps agree to 1e-6.
     expected = dict(model.named_parameters())
@@ -158,14 +158,14 @@ def test_steps_move_log_probs_with_the_advantage_sign(tiny_model_dir):
 def test_kl_to_the_frozen_reference_grows_from_zero(tiny_model_dir):
     learner = _learner(tiny_model_dir, "algorithm.beta=0.04", "train.lr=1e-3")
     first, second = learner.train_step(_samples(6)), learner.train_step(_samples(6))
-    assert first["kl"] == 0.0 and second["kl"] > 0.0
+    assert first.kl == 0.0 and second.kl > 0.0
 
 
 def test_several_updates_per_batch_clip_against_the_pre_update_policy(tiny_model_dir):
     learner = _learner(tiny_model_dir, "train.updates_per_batch=3", "train.lr=3e-3", "algorithm.beta=0")
     stats = learner.train_step(_samples(6))
-    assert learner.policy_version == stats["policy_version"] == 3  # one version per optimizer step
-    assert stats["clip_fraction"] > 0.0  # updates 2 and 3 see ratios != 1, and some leave [0.8, 1.2]
+    assert learner.policy_version == stats.policy_version == 3  # one version per optimizer step
+    assert stats.clip_fraction > 0.0  # updates 2 and 3 see ratios != 1, and some leave [0.8, 1.2]
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -212,7 +212,7 @@ def test_checkpoint_resume_continues_with_the_same_steps(tiny_model_dir, tmp_pat
     got = [b.train_step(samples), b.train_step(samples)]
     for want, have in zip(expected, got, strict=True):
         for key in ("loss", "kl", "grad_norm", "lr", "policy_version"):
-            assert have[key] == pytest.approx(want[key], rel=1e-7, abs=1e-9), key
+            assert getattr(have, key) == pytest.approx(getattr(want, key), rel=1e-7, abs=1e-9), key
     for name, tensor in b.named_weights():
         torch.testing.assert_close(tensor, expected_weights[name], rtol=0, atol=1e-7)
     with pytest.raises(FileNotFoundError):

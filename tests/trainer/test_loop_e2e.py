@@ -13,7 +13,7 @@ from services.core.clients.replica_set import RolloutBatch, RolloutPlans, split_
 from services.core.config import load_config
 from services.core.data import Question
 from services.core.schemas.rollout import RolloutGroup, RolloutSample
-from trainer.loop import collect_groups
+from trainer.rollout_source import collect_groups
 from trainer.schedule import DataCursor, planned_steps, request_seed
 from trainer.step_rollouts import CollectedGroups
 

@@ -243,7 +243,7 @@ def test_each_group_shared_part_is_fed_to_the_model_once(tiny_model_dir):
             h.remove()
         assert len(fed) == 2 * 2  # policy + reference, two micro-batches of 12
         assert sum(int((ids != 0).sum()) for ids in fed) == 2 * expected
-        assert stats["model_tokens"] == expected
+        assert stats.model_tokens == expected
     assert distinct < 0.6 * per_response
 
 
@@ -261,6 +261,6 @@ def test_bf16_learner_step_is_the_same_in_both_layouts_within_bf16_noise(tiny_mo
             f"train.share_prefix={str(share).lower()}",
         )
         first[share] = learner.train_step(samples)
-    assert first[True]["loss"] == pytest.approx(first[False]["loss"], rel=1e-2)
-    assert first[True]["grad_norm"] == pytest.approx(first[False]["grad_norm"], rel=2e-2)
-    assert first[True]["model_tokens"] < first[False]["model_tokens"]
+    assert first[True].loss == pytest.approx(first[False].loss, rel=1e-2)
+    assert first[True].grad_norm == pytest.approx(first[False].grad_norm, rel=2e-2)
+    assert first[True].model_tokens < first[False].model_tokens

@@ -73,7 +73,7 @@ def main() -> int:
     for index in range(args.steps):
         if args.save and index == args.save_after:
             learner.save_checkpoint(args.save, {"saved_after": index})
-        steps.append(learner.train_step(samples))
+        steps.append(learner.train_step(samples).as_dict())
     weights = {name: tensor.float().clone() for name, tensor in learner.named_weights()}
     if args.export:
         learner.export_hf(args.export)
