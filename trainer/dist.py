@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -147,3 +148,32 @@ def shard_bounds(n: int, ranks: int, index: int) -> tuple[int, int]:
     base, extra = divmod(n, ranks)
     start = index * base + min(index, extra)
     return start, start + base + (1 if index < extra else 0)
+
+
+class RankZeroFailed(RuntimeError):
+    """Raised on the other ranks when rank 0's part of a collective phase failed (its log has the cause)."""
+
+
+@dataclass(frozen=True)
+class _Failure:
+    message: str
+
+
+def on_main(fn: Callable[[], Any], share: Callable[[Any], Any] = lambda _: None) -> tuple[Any, Any]:
+    """Run `fn` on rank 0 and broadcast `share(result)`; returns (result on rank 0 / None, shared). Collective.
+
+    If `fn` raises on rank 0, the failure is broadcast and every other rank raises RankZeroFailed (instead of
+    waiting for a collective that never comes).
+    """
+    result = shared = None
+    if is_main():
+        try:
+            result = fn()
+            shared = share(result)
+        except BaseException as exc:
+            broadcast_object(_Failure(f"{type(exc).__name__}: {exc}"))
+            raise
+    shared = broadcast_object(shared)
+    if isinstance(shared, _Failure):
+        raise RankZeroFailed(f"rank 0 failed: {shared.message}")
+    return result, shared

@@ -9,9 +9,7 @@ replica and the phase (connect, upload, validate, apply). The receiving side is 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import struct
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -30,6 +28,7 @@ from services.core.schemas.rollout import (
     WeightPushResponse,
     WeightVersion,
 )
+from services.core.weight_wire import TORCH_DTYPE_CODES, encode_header
 
 if TYPE_CHECKING:
     import torch
@@ -41,34 +40,18 @@ UPLOAD_CHUNK_BYTES = 2**20
 it at raw-socket speed on loopback (16 MiB pieces were 3x slower)."""
 
 
-_ST_DTYPES = {
-    "float64": "F64",
-    "float32": "F32",
-    "float16": "F16",
-    "bfloat16": "BF16",
-    "int64": "I64",
-    "int32": "I32",
-    "int16": "I16",
-    "int8": "I8",
-    "uint8": "U8",
-    "bool": "BOOL",
-    "float8_e4m3fn": "F8_E4M3",
-    "float8_e5m2": "F8_E5M2",
-}
-
-
 def _st_dtype(tensor: torch.Tensor) -> str:
     name = str(tensor.dtype).removeprefix("torch.")
-    if name not in _ST_DTYPES:
+    if name not in TORCH_DTYPE_CODES:
         raise ValueError(f"dtype {tensor.dtype} cannot travel in a safetensors body")
-    return _ST_DTYPES[name]
+    return TORCH_DTYPE_CODES[name]
 
 
 def _torch_dtype(code: str) -> torch.dtype:
     # lazy: heavy import (torch); `rpo cache init` and `rpo run` import the trainer's clients without it
     import torch
 
-    names = {v: k for k, v in _ST_DTYPES.items()}
+    names = {v: k for k, v in TORCH_DTYPE_CODES.items()}
     return getattr(torch, names[code])
 
 
@@ -117,9 +100,7 @@ class SafetensorsBody:
             }
             offset += len(view)
             self.views.append(view)
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # the format aligns the data to 8 bytes
-        self.prefix = struct.pack("<Q", len(raw)) + raw
+        self.prefix = encode_header(header)
         self.length = len(self.prefix) + offset
         self.tensors = len(tensors)
         hasher = xxhash.xxh3_128(self.prefix)

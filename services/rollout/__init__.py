@@ -2,5 +2,5 @@
 
 `app` builds the service and holds its state; `routes` is the HTTP API; `engine` and `vllm_worker` wrap vLLM;
 `generation`, `rollouts` and `scoring` decode and score; `weight_plane` (the weight port), `weight_receive`,
-`weight_manifest`, `weight_updater` and `policy_gate` take weight pushes.
+`weight_updater` and `policy_gate` take weight pushes.
 """

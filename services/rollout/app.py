@@ -27,6 +27,7 @@ from services.core.clients.cache import CacheClient
 from services.core.config import RunConfig
 from services.core.errors import Unavailable
 from services.core.server_kit import install_common
+from services.core.weight_wire import WeightManifest, checkpoint_files
 from services.demo.model_path import resolve_model_path
 from services.rollout.engine import RolloutEngine
 from services.rollout.generation import Generation
@@ -35,7 +36,6 @@ from services.rollout.rollouts import GroupRollouts
 from services.rollout.routes import router
 from services.rollout.scoring import RewardScorer
 from services.rollout.state import RolloutService
-from services.rollout.weight_manifest import WeightManifest, checkpoint_files
 from services.rollout.weight_plane import WeightPlane
 from services.rollout.weight_updater import WeightUpdater
 

@@ -10,7 +10,6 @@ import json
 import mmap
 import os
 import shutil
-import struct
 import tempfile
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import xxhash
 
 from services.core.errors import InvalidInput
 from services.core.schemas.rollout import CHECKSUM_HEADER
-from services.rollout.weight_manifest import MAX_HEADER_BYTES, WeightManifest
+from services.core.weight_wire import HEADER_LENGTH, MAX_HEADER_BYTES, WeightManifest
 
 _RECEIVE_CHUNK_BYTES = 8 * 2**20
 """Bytes read from the socket and hashed at a time (big enough to amortise the calls, small enough to stay in
@@ -76,7 +75,7 @@ def _checked_header(body: PushBody, manifest: WeightManifest) -> tuple[bytes, in
     manifest and the body's length before any tensor byte is read."""
     if body.length < 10:
         raise InvalidInput(f"a body of {body.length} bytes is no safetensors file", field="body")
-    (length,) = struct.unpack("<Q", body.read(8))
+    (length,) = HEADER_LENGTH.unpack(body.read(8))
     if length > MAX_HEADER_BYTES or length < 2 or 8 + length > body.length:
         raise InvalidInput(
             f"safetensors header length {length} is not plausible for a body of {body.length} bytes",
@@ -96,7 +95,7 @@ def _checked_header(body: PushBody, manifest: WeightManifest) -> tuple[bytes, in
             field="body",
         )
     tensors = sum(1 for k in header if k != "__metadata__")
-    return struct.pack("<Q", length) + raw, tensors, data_bytes
+    return HEADER_LENGTH.pack(length) + raw, tensors, data_bytes
 
 
 def receive_push(body: PushBody, manifest: WeightManifest, checksum: str, target: Path) -> SpooledPush:

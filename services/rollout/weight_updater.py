@@ -31,8 +31,8 @@ from typing import Any
 
 from services.core.errors import Conflict, InvalidInput, Unavailable
 from services.core.schemas.rollout import CHECKSUM_HEADER
+from services.core.weight_wire import WeightManifest
 from services.rollout.policy_gate import PolicyGate
-from services.rollout.weight_manifest import WeightManifest
 from services.rollout.weight_receive import PushBody, receive_push, spool_root
 
 log = logging.getLogger("rpo.rollout.weights")

@@ -20,8 +20,8 @@ from pydantic import SecretStr
 from rollout_helpers import load_weights
 
 from services.core.schemas.rollout import CHECKSUM_HEADER, WEIGHTS_MEDIA_TYPE
+from services.core.weight_wire import WeightManifest
 from services.rollout.metrics import RolloutMetrics
-from services.rollout.weight_manifest import WeightManifest
 from services.rollout.weight_plane import WeightPlane
 from services.rollout.weight_receive import PushBody, receive_push
 from services.rollout.weight_updater import WeightUpdater

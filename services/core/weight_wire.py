@@ -1,5 +1,9 @@
-"""What a weight push must contain: exactly the served model's tensors, with their shapes and the served
-dtype, in a consistent safetensors byte layout (422 naming the field or tensor otherwise).
+"""The weight push's wire format, shared by the sender (trainer/weight_push.py) and the receiver
+(services/rollout/weight_receive.py): one safetensors file as the body (an 8-byte little-endian header
+length, the JSON header padded to 8 bytes, then each tensor's bytes in header order), its dtype codes, and
+the manifest of what a push must contain: exactly the served model's tensors, with their shapes and the
+served dtype, in a consistent byte layout (422 naming the field or tensor otherwise). Importable without
+torch.
 """
 
 from __future__ import annotations
@@ -30,6 +34,30 @@ DTYPE_BYTES = {
     "F8_E5M2": 1,
 }
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+TORCH_DTYPE_CODES = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+}
+"""torch dtype name (`str(tensor.dtype)` without `torch.`) -> safetensors code, for every code above."""
+HEADER_LENGTH = struct.Struct("<Q")
+"""The 8 bytes in front of the header: its length, little-endian."""
+
+
+def encode_header(header: dict[str, Any]) -> bytes:
+    """The body's first bytes: length prefix and JSON header, padded so the data starts 8-byte aligned."""
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return HEADER_LENGTH.pack(len(raw)) + raw
 
 
 @dataclass(frozen=True)
@@ -42,7 +70,7 @@ class TensorSpec:
 def read_safetensors_header(path: Path) -> dict[str, Any]:
     """The JSON header of a safetensors file (no tensor data is read)."""
     with path.open("rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
+        (length,) = HEADER_LENGTH.unpack(f.read(8))
         if length > MAX_HEADER_BYTES:
             raise ValueError(f"{path}: safetensors header of {length} bytes")
         return json.loads(f.read(length))

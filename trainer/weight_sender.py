@@ -1,0 +1,159 @@
+"""The trainer's one way of sending weights to replicas (`WeightSender.push`): the transport is chosen once,
+at start (vLLM's NCCL transfer when `rollout.weight_transfer: nccl` and the trainer is one process on a GPU,
+else HTTP), and the fallback lives here too. The wire format is the core's (services/core/weight_wire.py);
+the HTTP sender is trainer/weight_push.py, the NCCL one trainer/weight_nccl.py.
+
+HTTP: every rank takes part in gathering the weights (ZeRO-3: in lockstep, to the end); rank 0 keeps its CPU
+copies and pushes them only once the gather is over, so a failed push never leaves the other ranks waiting
+in a gather.
+
+NCCL control flow: the group of replicas is set up on the first step's push (the replicas join the
+rendezvous at `train.nccl_host:train.nccl_port`), reused while the set of replicas stays the same, and set
+up again when a replica joins or leaves. When setting it up or sending fails (a replica cannot join, a
+timeout), the step's weights go over HTTP instead, with a warning naming the failure, and NCCL is tried
+again only when the set of replicas changes. A catch-up push (`PushKind.CATCH_UP`: replicas that joined late
+or restarted) goes over HTTP: it targets a few replicas, not the group. On one GPU shared by the trainer and
+a replica, NCCL between two processes on the same device is not supported: use HTTP there (docs/deploy.md).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import socket
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from services.core.config import RunConfig
+from trainer import dist
+from trainer.weight_nccl import NcclReplicaGroup
+
+log = logging.getLogger("rpo.train")
+
+
+class ReplicaGroup(Protocol):
+    def push(self, version: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+HttpPush = Callable[[list[str], int, str], None]
+"""(replicas, version, label): the HTTP push to every replica, returning once all serve `version`."""
+
+
+class PushKind(enum.Enum):
+    """Why weights are pushed, which decides the transport."""
+
+    STEP = "step"
+    """Every replica, after an optimizer step: the configured transport."""
+    CATCH_UP = "catch up"
+    """Replicas behind the learner (joined late, restarted): always HTTP."""
+
+
+class WeightSender:
+    """Pushes the learner's weights to replicas; every rank calls `push` (the HTTP gather is collective)."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        http_push: HttpPush,
+        *,
+        model: Any = None,
+        on_gpu: bool = False,
+        world_size: int = 1,
+        make_group: Callable[[list[str]], ReplicaGroup] | None = None,
+    ):
+        self.cfg = cfg
+        self.http_push = http_push
+        self.model = model
+        self.make_group = make_group or self._nccl_group
+        self.group: ReplicaGroup | None = None
+        self.members: tuple[str, ...] = ()
+        self.failed_members: tuple[str, ...] | None = None
+        self.use_nccl = cfg.rollout.weight_transfer == "nccl"
+        if self.use_nccl and make_group is None and (not on_gpu or world_size != 1):
+            why = "the trainer runs on CPU" if not on_gpu else f"the trainer has {world_size} ranks"
+            log.warning("rollout.weight_transfer=nccl, but %s: weights go over HTTP", why)
+            self.use_nccl = False
+
+    @classmethod
+    def for_learner(cls, cfg: RunConfig, learner: Any, remote: Any) -> WeightSender:
+        """The sender of a training process: HTTP through `remote` (rank 0's services; None elsewhere)."""
+
+        def http_push(replicas: list[str], version: int, label: str) -> None:
+            main = dist.is_main()
+            weights = [(name, tensor) for name, tensor in learner.named_weights() if main]  # collective
+            dist.on_main(lambda: remote.push_weights(replicas, version, weights, reason=label))
+
+        return cls(
+            cfg,
+            http_push,
+            model=learner.module,
+            on_gpu=not learner.on_cpu,
+            world_size=dist.world_size(),
+        )
+
+    def push(self, replicas: Sequence[str], version: int, kind: PushKind, label: str = "") -> str:
+        """Bring every replica to `version`; returns the transport used ("nccl" or "http"). `label` names the
+        push in the log (e.g. "step 12"; default: the kind)."""
+        replicas = list(replicas)
+        label = label or kind.value
+        members = tuple(sorted(replicas))
+        if not self.use_nccl or kind is PushKind.CATCH_UP or members == self.failed_members:
+            self.http_push(replicas, version, label)
+            return "http"
+        phase = "send"
+        try:
+            if self.group is None or members != self.members:
+                phase = "setup" if self.group is None else "setup (replicas changed)"
+                self.close()
+                log.info(
+                    "NCCL weight transfer: %s with %d replica(s) at %s",
+                    phase,
+                    len(members),
+                    self._rendezvous(),
+                )
+                self.group = self.make_group(list(members))
+                self.members = members
+                phase = "send"
+            self.group.push(version)
+        except Exception as exc:  # noqa: BLE001 - any failure falls back to the HTTP push, named
+            log.warning(
+                "NCCL weight transfer failed in %s (%s: %s); version %d goes over HTTP, and NCCL is tried "
+                "again when the replicas change",
+                phase,
+                type(exc).__name__,
+                exc,
+                version,
+                extra={"phase": f"nccl {phase}", "policy_version": version},
+            )
+            self.close()
+            self.failed_members = members
+            self.http_push(replicas, version, label)
+            return "http"
+        self.failed_members = None
+        return "nccl"
+
+    def close(self) -> None:
+        if self.group is not None:
+            try:
+                self.group.close()
+            except Exception as exc:  # noqa: BLE001 - a broken group must not stop the fallback
+                log.warning("closing the NCCL group: %s", exc)
+            self.group = None
+            self.members = ()
+
+    def _rendezvous(self) -> str:
+        return f"{self.cfg.train.nccl_host or socket.gethostname()}:{self.cfg.train.nccl_port}"
+
+    def _nccl_group(self, urls: list[str]) -> ReplicaGroup:
+        token = self.cfg.services.api_token
+        return NcclReplicaGroup(
+            urls,
+            self.model,
+            master_address=self.cfg.train.nccl_host or socket.gethostname(),
+            master_port=self.cfg.train.nccl_port,
+            rank=0,
+            token=token.get_secret_value() if token is not None else None,
+            timeout_seconds=self.cfg.train.weight_sync_timeout_seconds,
+        )
