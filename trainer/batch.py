@@ -37,6 +37,9 @@ class TrainSample:
     prefix_len: int
     advantage: float
     question_id: str
+    behaviour_logprobs: list[float] | None = None
+    """For a sample of an older policy than the learner's: the replica's sampling log-prob of each decoded
+    token (response_ids[prefix_len:]); None for an on-policy sample (no importance weight)."""
 
     def loss_tokens(self, suffix_only: bool) -> int:
         """Tokens of this response the loss covers."""
@@ -53,11 +56,16 @@ def keep_group(group: RolloutGroup, signal: str = "correctness") -> bool:
 
 
 def build_samples(
-    groups: Sequence[RolloutGroup], prompts: dict[str, list[int]], cfg: AlgorithmSection
+    groups: Sequence[RolloutGroup],
+    prompts: dict[str, list[int]],
+    cfg: AlgorithmSection,
+    lagged: Sequence[bool] | None = None,
 ) -> list[TrainSample]:
-    """One `TrainSample` per response, advantages per group from the shaped rewards."""
+    """One `TrainSample` per response, advantages per group from the shaped rewards. `lagged[g]`: group g
+    came from an older policy than the learner's, so its samples carry their behaviour log-probs."""
     samples: list[TrainSample] = []
-    for group in groups:
+    for index, group in enumerate(groups):
+        behind = bool(lagged[index]) if lagged is not None else False
         if group.question_id not in prompts:
             raise KeyError(f"no prompt for question {group.question_id!r}: it is not in this run's dataset")
         prompt = list(prompts[group.question_id])
@@ -74,6 +82,7 @@ def build_samples(
                     prefix_len=sample.prefix_len,
                     advantage=float(advantage),
                     question_id=group.question_id,
+                    behaviour_logprobs=list(sample.suffix_logprobs) if behind else None,
                 )
             )
     return samples
@@ -110,6 +119,8 @@ class Batch:
     position_ids: torch.Tensor | None = None  # [R, L] long (shared layout only)
     fed_tokens: int = 0
     """Real (non-padding) tokens the model is fed: what the layout costs."""
+    behaviour_logp: torch.Tensor | None = None  # [B, T] float32, the replica's log-probs (lagged samples)
+    behaviour_mask: torch.Tensor | None = None  # [B, T] float32, 1 on the tokens behaviour_logp covers
 
     @property
     def logits_to_keep(self) -> int:
@@ -131,6 +142,8 @@ class Batch:
             first_logit=self.first_logit,
             position_ids=None if self.position_ids is None else self.position_ids.to(device),
             fed_tokens=self.fed_tokens,
+            behaviour_logp=None if self.behaviour_logp is None else self.behaviour_logp.to(device),
+            behaviour_mask=None if self.behaviour_mask is None else self.behaviour_mask.to(device),
         )
 
 
@@ -157,6 +170,25 @@ def _response_tensors(
     return response_ids, loss_mask, advantages, width
 
 
+def _behaviour_tensors(
+    samples: Sequence[TrainSample], width: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """behaviour_logp and behaviour_mask [B, T] (the decoded tokens of lagged samples), or None, None when
+    every sample is on-policy (the loss then has no importance weight at all)."""
+    if all(s.behaviour_logprobs is None for s in samples):
+        return None, None
+    logp = torch.zeros((len(samples), width), dtype=torch.float32)
+    mask = torch.zeros((len(samples), width), dtype=torch.float32)
+    for b, s in enumerate(samples):
+        if s.behaviour_logprobs is None:
+            continue
+        decoded = s.behaviour_logprobs[: max(0, len(s.response_ids) - s.prefix_len)]
+        start = s.prefix_len
+        logp[b, start : start + len(decoded)] = torch.tensor(decoded, dtype=torch.float32)
+        mask[b, start : start + len(decoded)] = 1.0
+    return logp, mask
+
+
 def collate(samples: Sequence[TrainSample], suffix_only: bool, pad_id: int = 0) -> Batch:
     """The per-response layout: one right-padded row per sample (see `Batch`)."""
     _check_prompts(samples)
@@ -175,6 +207,7 @@ def collate(samples: Sequence[TrainSample], suffix_only: bool, pad_id: int = 0) 
         attention_mask[i, : p + r] = 1
         logit_index[i, :r] = torch.arange(p - 1, p - 1 + r) - first_logit
     row_index = torch.arange(rows).unsqueeze(1).expand(rows, resp_width).clone()  # [B, T]
+    behaviour_logp, behaviour_mask = _behaviour_tensors(samples, resp_width)
     return Batch(
         input_ids,
         attention_mask,
@@ -185,6 +218,8 @@ def collate(samples: Sequence[TrainSample], suffix_only: bool, pad_id: int = 0) 
         advantages,
         first_logit,
         fed_tokens=sum(prompt_lens) + sum(response_lens),
+        behaviour_logp=behaviour_logp,
+        behaviour_mask=behaviour_mask,
     )
 
 
@@ -285,6 +320,7 @@ def pack(rows: Sequence[Sequence[TrainSample]], suffix_only: bool, pad_id: int =
     logit_index = _padded(columns, resp_width, 0)  # [B, T]
     row_of = [r for r, row in enumerate(rows) for _ in row]
     row_index = torch.tensor(row_of, dtype=torch.long).unsqueeze(1).expand(-1, resp_width).clone()  # [B, T]
+    behaviour_logp, behaviour_mask = _behaviour_tensors(samples, resp_width)
     return Batch(
         input_ids,
         allowed,
@@ -296,6 +332,8 @@ def pack(rows: Sequence[Sequence[TrainSample]], suffix_only: bool, pad_id: int =
         first_logit,
         position_ids=position_ids,
         fed_tokens=sum(len(t) for t in tokens),
+        behaviour_logp=behaviour_logp,
+        behaviour_mask=behaviour_mask,
     )
 
 

@@ -28,7 +28,7 @@ from services.core.file_modes import make_readable
 from trainer import dist
 from trainer.batch import Batch, TrainSample, count_loss_tokens, make_micro_batch, plan_micro_batches
 from trainer.logprobs import token_logprobs
-from trainer.losses import dapo_loss, grpo_loss
+from trainer.losses import dapo_loss, grpo_loss, truncated_importance_weights
 from trainer.records import LearnerStats
 from trainer.safetensors_shards import ShardWriter, size_buckets
 
@@ -258,11 +258,24 @@ class Learner:
 
         refs: list[torch.Tensor | None] = [None] * n_micro
         olds: list[torch.Tensor | None] = [None] * n_micro
+        # Lagged samples (train.max_lag > 0): pi_old / pi_behaviour per decoded token, truncated; pi_old at
+        # the sampling temperature, as the replica's log-probs are (one more no-grad pass unless T = 1).
+        correct = a.off_policy_correction == "tis" and any(b.behaviour_logp is not None for b in batches)
+        temperature = self.cfg.sampling.temperature
+        tempered: list[torch.Tensor | None] = [None] * n_micro
         with torch.no_grad():
             if self.reference is not None:
                 refs = [token_logprobs(self.reference, b, self.dtype) for b in batches]
             if t.updates_per_batch > 1:
                 olds = [token_logprobs(self.engine, b, self.dtype) for b in batches]
+            if correct and temperature != 1.0:
+                tempered = [
+                    token_logprobs(self.engine, b, self.dtype, temperature)
+                    if b.behaviour_logp is not None
+                    else None
+                    for b in batches
+                ]
+        lag_sums = {"weight": 0.0, "truncated": 0.0, "tokens": 0.0}
 
         sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "tokens": 0.0}
         grad_norm, lr = 0.0, 0.0
@@ -271,6 +284,17 @@ class Learner:
                 self.engine.set_gradient_accumulation_boundary(i == n_micro - 1)
                 logp = token_logprobs(self.engine, batch, self.dtype)  # [B, T]
                 old = logp.detach() if olds[i] is None else olds[i]
+                weights = None
+                if correct and batch.behaviour_logp is not None:
+                    basis = tempered[i] if tempered[i] is not None else old
+                    weights = truncated_importance_weights(
+                        basis, batch.behaviour_logp, batch.behaviour_mask, a.tis_cap
+                    )
+                    if _update == 0:
+                        on = batch.behaviour_mask * batch.loss_mask
+                        lag_sums["weight"] += float((weights * on).sum())
+                        lag_sums["truncated"] += float(((weights >= a.tis_cap) * on).sum())
+                        lag_sums["tokens"] += float(on.sum())
                 if a.algorithm == "grpo":
                     loss, stats = grpo_loss(
                         logp,
@@ -281,6 +305,7 @@ class Learner:
                         clip_eps=a.clip_eps,
                         beta=a.beta,
                         num_sequences=num_sequences,
+                        is_weights=weights,
                     )
                 else:
                     loss, stats = dapo_loss(
@@ -291,6 +316,7 @@ class Learner:
                         clip_eps_low=a.clip_eps_low,
                         clip_eps_high=a.clip_eps_high,
                         num_tokens=num_tokens,
+                        is_weights=weights,
                     )
                 # DeepSpeed averages gradients over ranks; scaling by the world size makes the reduced
                 # gradient the SUM over ranks, i.e. that of the whole-batch loss.
@@ -311,6 +337,16 @@ class Learner:
             [sums["loss"], sums["kl"], sums["clipped"], sums["tokens"]]
         )
         token_sum = max(token_sum, 1.0)
+        lag_stats = {}
+        if correct:
+            weight_sum, truncated_sum, lagged_sum = dist.sum_over_ranks(
+                [lag_sums["weight"], lag_sums["truncated"], lag_sums["tokens"]]
+            )
+            lag_stats = {
+                "is_weight_mean": weight_sum / max(lagged_sum, 1.0),
+                "is_truncated": truncated_sum / max(lagged_sum, 1.0),
+                "lagged_tokens": int(lagged_sum),
+            }
         return LearnerStats(
             loss=loss_sum / t.updates_per_batch,
             kl=kl_sum / token_sum,
@@ -323,6 +359,7 @@ class Learner:
             model_tokens=int(dist.sum_over_ranks([sum(b.fed_tokens for b in batches)])[0]),
             seconds=time.monotonic() - started,
             policy_version=self.policy_version,
+            **lag_stats,
         )
 
     # ---------------------------------------------------------------------------------------------- weights

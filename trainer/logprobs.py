@@ -81,10 +81,14 @@ def block_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
 
 
-def token_logprobs(model: Any, batch: Batch, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def token_logprobs(
+    model: Any, batch: Batch, dtype: torch.dtype = torch.float32, temperature: float = 1.0
+) -> torch.Tensor:
     """[B, T] float32 log pi(response token t | prompt, response[:t]) under `model` (any HF causal LM).
 
-    `dtype` is the model's compute dtype, that of the shared layout's additive attention mask.
+    `dtype` is the model's compute dtype, that of the shared layout's additive attention mask. `temperature`
+    != 1 scores under the tempered distribution (logits / T), the one a replica samples from: only for the
+    importance weights of lagged samples, computed without gradients.
     """
     if batch.shared:
         extra = {
@@ -95,5 +99,7 @@ def token_logprobs(model: Any, batch: Batch, dtype: torch.dtype = torch.float32)
         extra = {"attention_mask": batch.attention_mask}
     out = model(input_ids=batch.input_ids, logits_to_keep=batch.logits_to_keep, use_cache=False, **extra)
     logits = out.logits  # [R, K, V]: window columns first_logit .. L-1
+    if temperature != 1.0:
+        logits = logits / temperature
     rows = batch.row_index * logits.shape[1] + batch.logit_index  # [B, T] into the [R * K] flattened rows
     return selected_logprobs(logits, batch.response_ids, rows)

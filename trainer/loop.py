@@ -27,7 +27,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,7 @@ from trainer.rollout_source import RolloutSource
 from trainer.schedule import DataCursor, planned_steps
 from trainer.step_rollouts import CollectedGroups
 from trainer.tracking import Tracker
-from trainer.weight_sync import WeightSync
+from trainer.weight_sender import PushKind, WeightSender
 
 log = logging.getLogger("rpo.train")
 
@@ -58,15 +57,6 @@ log = logging.getLogger("rpo.train")
 
 class RunCollision(ValueError):
     """A fresh start found a cache that another run's training steps have updated under the same run id."""
-
-
-class RankZeroFailed(RuntimeError):
-    """Raised on the other ranks when rank 0's part of a collective phase failed (its log has the cause)."""
-
-
-@dataclass(frozen=True)
-class _Failure:
-    message: str
 
 
 class TrainingRecipe:
@@ -80,7 +70,7 @@ class TrainingRecipe:
     def __init__(self, cfg: RunConfig, resume: bool = False):
         self.cfg = cfg
         self.resume = resume
-        self.remote = self.progress = self.metrics = self.stop_request = self.weight_sync = None
+        self.remote = self.progress = self.metrics = self.stop_request = self.weight_sender = None
         self.rollout_source: RolloutSource | None = None
 
     # ---------------------------------------------------------------------------------------------- setup
@@ -97,13 +87,6 @@ class TrainingRecipe:
         )
         self.learner = Learner(cfg, str(self.model_path), self.total_steps)
         self.main = dist.is_main()
-        self.weight_sync = WeightSync(
-            cfg,
-            self._push_http,
-            model=self.learner.module,
-            on_gpu=not self.learner.on_cpu,
-            world_size=dist.world_size(),
-        )
         self.cursor = DataCursor(len(self.questions), cfg.train.seed)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.train.keep_checkpoints)
         self.step = 0
@@ -126,10 +109,13 @@ class TrainingRecipe:
                 )
                 self.eval_prompts = {q.id: encode_prompt(tokenizer, q, cfg.data) for q in self.eval_questions}
             self.remote = RemoteServices(cfg)
-            self.rollout_source = RolloutSource(self.remote, self.cursor, self.questions, self.prompts, cfg)
+            self.rollout_source = RolloutSource(
+                self.remote, self.cursor, self.questions, self.prompts, cfg, self.total_steps
+            )
             self.metrics = TrainerMetrics()
             if cfg.train.metrics_port is not None:
                 self.metrics.serve(cfg.train.metrics_host, cfg.train.metrics_port)
+        self.weight_sender = WeightSender.for_learner(cfg, self.learner, self.remote)
         resumed = self.load_checkpoint() if self.resume else False
         if not resumed and cfg.algorithm.mode == "rpo":
             self.on_main(self._check_run_is_new)
@@ -214,7 +200,7 @@ class TrainingRecipe:
         # 4. The new weights to every replica; wait until all serve them.
         if samples:
             t = time.monotonic()
-            self.push_weights(replicas, self.learner.policy_version, reason=f"step {step}")
+            self.weight_sender.push(replicas, self.learner.policy_version, PushKind.STEP, f"step {step}")
             phases["weight_sync"] = time.monotonic() - t
 
         # 5. Only now the step's cache updates (none in full mode).
@@ -223,7 +209,8 @@ class TrainingRecipe:
         )
         record = None
         if self.main:
-            record = collected.record(step, self.learner.policy_version, self.cursor.epoch)
+            record = collected.record(step, self.learner.policy_version, collected.epoch)
+            record.lag = collected.lag
             record.step_seconds = time.monotonic() - started
             record.phases = phases
             record.weight_sync_seconds = phases["weight_sync"] if samples else None
@@ -243,7 +230,7 @@ class TrainingRecipe:
         found, (behind, version) = self.on_main(check, share=lambda r: (r[1], r[2]))
         self.learner.policy_version = version
         if behind:
-            self.push_weights(behind, version, reason="catch up")
+            self.weight_sender.push(behind, version, PushKind.CATCH_UP)
         return found[0] if found else []
 
     def _rollouts(self, step: int, replicas: list[str], version: int) -> CollectedGroups:
@@ -253,24 +240,9 @@ class TrainingRecipe:
         if self.cfg.algorithm.mode != "rpo":
             return {}
         t = time.monotonic()
-        counts = self.remote.commit_cache_updates(step, collected.all_groups, collected.policy_version)
+        counts = self.remote.commit_cache_updates(step, collected.all_groups, collected.all_versions)
         phases["cache"] = time.monotonic() - t
         return counts
-
-    def push_weights(self, replicas: list[str], version: int, reason: str) -> None:
-        """The new weights to `replicas`: over NCCL when configured and possible (trainer/weight_sync.py),
-        else over HTTP."""
-        if self.weight_sync.use_nccl:
-            self.weight_sync.push(replicas, version, reason)
-        else:
-            self._push_http(replicas, version, reason)
-
-    def _push_http(self, replicas: list[str], version: int, reason: str) -> None:
-        """Every rank takes part in gathering the weights (ZeRO-3: in lockstep, to the end); rank 0 keeps
-        its CPU copies and pushes them only once the gather is over, so a failed push never leaves the
-        other ranks waiting in a gather."""
-        weights = [(name, tensor) for name, tensor in self.learner.named_weights() if self.main]
-        self.on_main(lambda: self.remote.push_weights(replicas, version, weights, reason=reason))
 
     def evaluate(self, label: str) -> None:
         """Held-out pass@1 / pass@k through the replicas (rank 0; the others wait at the next collective)."""
@@ -310,22 +282,8 @@ class TrainingRecipe:
         self.on_main(run)
 
     def on_main(self, fn: Callable[[], Any], share: Callable[[Any], Any] = lambda _: None) -> tuple[Any, Any]:
-        """Run `fn` on rank 0 and broadcast `share(result)`; returns (result on rank 0 / None, shared).
-
-        If `fn` raises on rank 0, the failure is broadcast and every other rank raises RankZeroFailed.
-        """
-        result = shared = None
-        if self.main:
-            try:
-                result = fn()
-                shared = share(result)
-            except BaseException as exc:
-                self.dist.broadcast_object(_Failure(f"{type(exc).__name__}: {exc}"))
-                raise
-        shared = self.dist.broadcast_object(shared)
-        if isinstance(shared, _Failure):
-            raise RankZeroFailed(f"rank 0 failed: {shared.message}")
-        return result, shared
+        """`trainer.dist.on_main`: `fn` on rank 0, `share(result)` broadcast, a failure raised on every rank."""
+        return dist.on_main(fn, share)
 
     # ----------------------------------------------------------------------------------------- checkpoint
     def save_checkpoint(self) -> None:
@@ -343,7 +301,7 @@ class TrainingRecipe:
             state = TrainerState(
                 step=self.step,
                 policy_version=self.learner.policy_version,
-                cursor=self.cursor.state_dict(),
+                cursor=self.rollout_source.cursor_state(),
                 run_id=self.cfg.services.run_id,
                 mode=self.cfg.algorithm.mode,
             )
@@ -419,7 +377,14 @@ class TrainingRecipe:
 
     # -------------------------------------------------------------------------------------------- cleanup
     def cleanup(self) -> None:
-        for closer in (self.weight_sync, self.stop_request, self.progress, self.metrics, self.remote):
+        for closer in (
+            self.rollout_source,
+            self.weight_sender,
+            self.stop_request,
+            self.progress,
+            self.metrics,
+            self.remote,
+        ):
             if closer is not None:
                 closer.close()
 

@@ -44,6 +44,16 @@ class LossStats:
     tokens: int
 
 
+def truncated_importance_weights(
+    old_logp: torch.Tensor, behaviour_logp: torch.Tensor, behaviour_mask: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """[B, T] min(exp(old - behaviour), cap) where `behaviour_mask` is 1 (tokens decoded by an older policy),
+    1 elsewhere (cached-prefix tokens and on-policy samples get no correction). Detached: a weight, not a
+    path for gradients."""
+    ratio = torch.exp(old_logp.detach() - behaviour_logp).clamp(max=cap)
+    return torch.where(behaviour_mask > 0, ratio, torch.ones_like(ratio))
+
+
 def _clipped_surrogate(logp, old_logp, advantages, eps_low, eps_high):
     ratio = torch.exp(logp - old_logp)  # [B, T]
     adv = advantages.unsqueeze(1)  # [B, 1]
@@ -64,13 +74,17 @@ def grpo_loss(
     clip_eps: float = 0.2,
     beta: float = 0.04,
     num_sequences: int | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, LossStats]:
-    """GRPO: -(1/N) sum_i (1/|o_i|) sum_t [min(r A, clip(r, 1-eps, 1+eps) A) - beta KL_k3].
+    """GRPO: -(1/N) sum_i (1/|o_i|) sum_t [w min(r A, clip(r, 1-eps, 1+eps) A) - beta KL_k3].
 
     Per-sequence 1/|o_i| uses the masked token count of each sequence; N is `num_sequences` (whole batch)
-    or B. `ref_logp` is required when beta > 0.
+    or B. `ref_logp` is required when beta > 0. `is_weights` (w, [B, T]): the truncated importance weights
+    of samples from an older policy (`truncated_importance_weights`); None: 1.
     """
     surrogate, was_clipped = _clipped_surrogate(logp, old_logp, advantages, clip_eps, clip_eps)
+    if is_weights is not None:
+        surrogate = surrogate * is_weights
     per_token = surrogate
     kl = torch.zeros_like(logp)
     if beta > 0:
@@ -101,13 +115,16 @@ def dapo_loss(
     clip_eps_low: float = 0.2,
     clip_eps_high: float = 0.28,
     num_tokens: int | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, LossStats]:
     """DAPO: clip-higher surrogate, token-level mean over ALL tokens of the batch, no KL term.
 
     `num_tokens` is the masked token count of the whole batch (across micro-batches and ranks); default: this
-    call's count.
+    call's count. `is_weights`: as in `grpo_loss`.
     """
     surrogate, was_clipped = _clipped_surrogate(logp, old_logp, advantages, clip_eps_low, clip_eps_high)
+    if is_weights is not None:
+        surrogate = surrogate * is_weights
     tokens = loss_mask.sum()
     denom = float(num_tokens) if num_tokens is not None else tokens.clamp(min=1.0)
     loss = -(surrogate * loss_mask).sum() / denom

@@ -34,9 +34,16 @@ class LearnerStats:
     seconds: float
     policy_version: int
     """The learner's version after the step."""
+    is_weight_mean: float | None = None
+    """Mean truncated importance weight over the lagged samples' decoded tokens (None: none were lagged)."""
+    is_truncated: float | None = None
+    """Share of those tokens whose weight hit `algorithm.tis_cap`."""
+    lagged_tokens: int = 0
+    """Decoded tokens of samples from an older policy, which the weights cover."""
 
     def as_dict(self) -> dict[str, float]:
-        return dataclasses.asdict(self)
+        """The numbers (a figure that does not apply, None, left out)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 @dataclass
@@ -63,6 +70,8 @@ class StepRecord:
     decoded_tokens_per_sample: float
     tokens_per_second: float
     rollout_retries: int
+    lag: int = 0
+    """Policy versions between the learner and the step's rollouts (0: synchronous; `train.max_lag`)."""
     step_seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
     """Wall time per phase: rollout, reward (inside rollout), train, weight_sync, cache."""

@@ -111,13 +111,15 @@ class RemoteServices:
 
     # ---------------------------------------------------------------------------------------------- cache
     def commit_cache_updates(
-        self, step: int, groups: Sequence[RolloutGroup], policy_version: int
+        self, step: int, groups: Sequence[RolloutGroup], policy_version: int | Sequence[int]
     ) -> dict[str, int]:
-        """The step's epsilon-greedy updates (idempotent per step and question); returns counts by choice."""
+        """The step's epsilon-greedy updates (idempotent per step and question); returns counts by choice.
+        `policy_version`: the version that produced the groups, one for all or one per group."""
 
         a = self.cfg.algorithm
+        versions = [policy_version] * len(groups) if isinstance(policy_version, int) else list(policy_version)
         updates = []
-        for group in groups:
+        for group, version in zip(groups, versions, strict=True):
             prefix = group.samples[0].response_ids[: group.prefix_len]
             candidates = []
             for s in group.samples:
@@ -132,7 +134,7 @@ class RemoteServices:
                         question_id=group.question_id,
                         prefix_ids=prefix,
                         candidates=candidates,
-                        policy_version=policy_version,
+                        policy_version=version,
                         min_response_len=min(len(s.response_ids) for s in group.samples),
                     )
                 )

@@ -19,6 +19,10 @@ class CollectedGroups:
 
     all_groups: list[RolloutGroup] = field(default_factory=list)
     train_groups: list[RolloutGroup] = field(default_factory=list)
+    all_versions: list[int] = field(default_factory=list)
+    """The policy version that produced each of `all_groups` (each sample carries its group's)."""
+    train_versions: list[int] = field(default_factory=list)
+    """The same for `train_groups`."""
     policy_versions: set[int] = field(default_factory=set)
     generated_tokens: int = 0
     reused_prefix_tokens: int = 0
@@ -28,20 +32,30 @@ class CollectedGroups:
     rounds: int = 0
     samples: list = field(default_factory=list)
     """The learner's samples built from `train_groups` (trainer.batch.build_samples)."""
+    epoch: int = 0
+    """The data cursor's epoch once the step's questions were taken."""
+    lag: int = 0
+    """Versions between the learner and the oldest training group when the step trained on them."""
 
     @property
     def policy_version(self) -> int:
-        """The one version every group of the step was produced by."""
+        """The one version every group of the step was produced by (synchronous steps)."""
         if len(self.policy_versions) != 1:
             raise RolloutFailed(f"a step's rollouts came from policy versions {sorted(self.policy_versions)}")
         return next(iter(self.policy_versions))
 
+    def lags(self, learner_version: int) -> list[int]:
+        """How many versions each training group is behind `learner_version` (0: on-policy)."""
+        return [learner_version - v for v in self.train_versions]
+
     def add(self, batch: RolloutBatch, keep: Callable[[RolloutGroup], bool] | None, limit: int) -> None:
         self.rounds += 1
         self.all_groups.extend(batch.groups)
+        self.all_versions.extend([batch.policy_version] * len(batch.groups))
         for group in batch.groups:
             if len(self.train_groups) < limit and (keep is None or keep(group)):
                 self.train_groups.append(group)
+                self.train_versions.append(batch.policy_version)
         self.policy_versions.add(batch.policy_version)
         self.generated_tokens += batch.generated_tokens
         self.reused_prefix_tokens += batch.reused_prefix_tokens

@@ -205,6 +205,13 @@ class AlgorithmSection(ConfigSection):
     shaped rewards differ, so all-correct groups of different lengths stay (length-aware shaping's point)."""
     dynamic_sampling_max_rounds: int = Field(3, ge=1)
     """DAPO: extra rollout rounds allowed to refill a batch after filtering."""
+    off_policy_correction: Literal["tis", "none"] = "tis"
+    """For samples of an older policy than the learner's (`train.max_lag` > 0): `tis` weights each decoded
+    token's loss by the truncated importance ratio min(pi_old / pi_behaviour, `tis_cap`), pi_old being the
+    learner at the step's start (at the sampling temperature) and pi_behaviour the replica's sampling
+    log-probs; `none` trains on them as if on-policy (docs/algorithm.md, "Rollouts one step ahead")."""
+    tis_cap: float = Field(2.0, ge=1.0)
+    """Truncation of the importance ratio (`off_policy_correction: tis`)."""
 
     def overlong_buffer(self) -> int:
         """The overlong punishment buffer in effect: DAPO only; unset means max_response_tokens // 8."""
@@ -286,6 +293,10 @@ class TrainSection(ConfigSection):
     """Stop after this many steps (overrides epochs when smaller)."""
     updates_per_batch: int = Field(1, ge=1)
     """Optimizer updates per rollout batch (mu); 1 makes pi_old = pi_theta at the first update."""
+    max_lag: int = Field(0, ge=0, le=1)
+    """0: each step's rollouts are made after the previous step's weights reach the replicas (synchronous).
+    1: the replicas roll out step k+1 while step k trains, on the weights they hold, one version behind
+    (docs/training.md, "Rollouts one step ahead")."""
     zero_stage: Literal[0, 1, 2, 3] = 2
     """DeepSpeed ZeRO stage. Paper: 2."""
     offload_optimizer: bool = False

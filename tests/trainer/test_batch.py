@@ -129,3 +129,21 @@ def test_keep_group_on_shaped_rewards_keeps_an_all_correct_group_of_different_le
     assert keep_group(group, "reward")  # shaped rewards differ -> kept
     same = _group("q", [_sample([3], 0, 0.0, False), _sample([4], 0, 0.0, False)])
     assert not keep_group(same, "reward")
+
+
+def test_lagged_samples_carry_behaviour_log_probs_aligned_with_their_decoded_tokens_in_both_layouts():
+    from trainer.batch import pack
+
+    group = _group("a", [_sample([5, 6, 7, 8], 2, 1.0, True), _sample([5, 6, 9], 2, 0.0, False)])
+    group.samples[0].suffix_logprobs = [-0.1, -0.2]
+    group.samples[1].suffix_logprobs = [-0.3]
+    on_policy = build_samples([group], {"a": [1, 2]}, AlgorithmSection())
+    assert all(s.behaviour_logprobs is None for s in on_policy)
+    assert collate(on_policy, suffix_only=False).behaviour_logp is None  # the loss then has no weight at all
+    lagged = build_samples([group], {"a": [1, 2]}, AlgorithmSection(), lagged=[True])
+    assert [s.behaviour_logprobs for s in lagged] == [[-0.1, -0.2], [-0.3]]
+    for batch in (collate(lagged, suffix_only=False), pack([lagged], suffix_only=False)):
+        # response positions: the 2 cached-prefix tokens have no behaviour log-prob, the decoded ones do
+        assert batch.behaviour_mask.tolist() == [[0, 0, 1, 1], [0, 0, 1, 0]]
+        expected = torch.tensor([[0, 0, -0.1, -0.2], [0, 0, -0.3, 0]])
+        torch.testing.assert_close(batch.behaviour_logp, expected)

@@ -135,3 +135,35 @@ def test_gradient_flows_only_through_masked_tokens():
     loss.backward()
     # d/dlogp of -(1/2) * sum_t r_t * A with r = exp(logp - old) = 1 -> -0.5 for masked tokens, 0 otherwise
     assert logp.grad.tolist() == [[-0.5, -0.5, 0.0]]
+
+
+def test_truncated_importance_weights_by_hand():
+    """w = min(exp(old - behaviour), cap) on the lagged tokens, 1 elsewhere (prefix tokens, on-policy rows)."""
+    from trainer.losses import truncated_importance_weights
+
+    old = t([[-1.0, -0.5, -2.0], [-1.0, -1.0, -1.0]])
+    behaviour = t([[-1.2, -2.0, -1.0], [0.0, 0.0, 0.0]])
+    mask = t([[0.0, 1.0, 1.0], [0.0, 0.0, 0.0]])  # row 0: a cached-prefix token, then two decoded ones
+    w = truncated_importance_weights(old, behaviour, mask, cap=2.0)
+    # exp(-0.5 + 2.0) = exp(1.5) = 4.48 -> capped at 2; exp(-2.0 + 1.0) = exp(-1) = 0.3679 (not raised to 1)
+    torch.testing.assert_close(w, t([[1.0, 2.0, math.exp(-1.0)], [1.0, 1.0, 1.0]]))
+
+
+def test_grpo_with_importance_weights_scales_each_tokens_surrogate():
+    """On-policy ratio 1, so the surrogate of token t is w_t A; per sequence the mean over its tokens."""
+    from trainer.losses import truncated_importance_weights
+
+    logp = t([[-1.0, -0.5], [-0.3, -0.7]]).requires_grad_(True)
+    behaviour = t([[-1.0, -0.9], [-0.3, -0.7]])
+    mask = t([[0.0, 1.0], [0.0, 0.0]])  # sample 0's second token lagged; sample 1 on-policy
+    w = truncated_importance_weights(logp, behaviour, mask, cap=2.0)  # [[1, exp(0.4)], [1, 1]]
+    advantages = t([1.0, -2.0])
+    loss, _ = grpo_loss(
+        logp, logp.detach(), advantages, torch.ones(2, 2, dtype=torch.float64), beta=0.0, is_weights=w
+    )
+    by_hand = -((1.0 * 1 + math.exp(0.4) * 1) / 2 + (-2.0 - 2.0) / 2) / 2
+    assert loss.item() == pytest.approx(by_hand)
+    plain, _ = grpo_loss(logp, logp.detach(), advantages, torch.ones(2, 2, dtype=torch.float64), beta=0.0)
+    assert plain.item() == pytest.approx(-((1.0 + 1.0) / 2 + (-4.0) / 2) / 2)  # weights None: as before
+    loss.backward()  # the weight is a constant: the gradient is w * A * dlogp / |o|
+    assert logp.grad[0].tolist() == pytest.approx([-1.0 / 2 / 2, -math.exp(0.4) / 2 / 2])
