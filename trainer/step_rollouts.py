@@ -51,12 +51,13 @@ class CollectedGroups:
     def add(self, batch: RolloutBatch, keep: Callable[[RolloutGroup], bool] | None, limit: int) -> None:
         self.rounds += 1
         self.all_groups.extend(batch.groups)
-        self.all_versions.extend([batch.policy_version] * len(batch.groups))
-        for group in batch.groups:
+        versions = batch.versions()
+        self.all_versions.extend(versions)
+        for group, version in zip(batch.groups, versions, strict=True):
             if len(self.train_groups) < limit and (keep is None or keep(group)):
                 self.train_groups.append(group)
-                self.train_versions.append(batch.policy_version)
-        self.policy_versions.add(batch.policy_version)
+                self.train_versions.append(version)
+        self.policy_versions.update(versions)
         self.generated_tokens += batch.generated_tokens
         self.reused_prefix_tokens += batch.reused_prefix_tokens
         self.rollout_seconds += batch.rollout_seconds

@@ -561,13 +561,15 @@ def wait_until_decoding(url: str, trainer, timeout_seconds: float = 120.0) -> No
         time.sleep(0.02)
 
 
+@pytest.mark.parametrize("max_lag", [0, 1])
 def test_a_frozen_replica_is_named_while_it_hangs_sits_out_and_catches_up_when_resumed(
-    tmp_path, warm_model_dir, rollout_cache_url, training_replicas
+    tmp_path, warm_model_dir, rollout_cache_url, training_replicas, max_lag
 ):
     """SIGSTOP one of the two replicas as step 2 begins: its requests time out (bounded), it sits the steps
     out while the other serves them, the wait is logged with its URL and phase while it lasts, and once
-    SIGCONT'd it is pushed the current weights. (vLLM's running-requests gauge lags the engine, so it cannot
-    time a freeze to the middle of a decode reliably.)"""
+    SIGCONT'd it is pushed the current weights; synchronous, and with the rollouts one step ahead (the batch
+    in flight when it froze moves to the other replica). (vLLM's running-requests gauge lags the engine, so
+    it cannot time a freeze to the middle of a decode reliably.)"""
     import os
     import signal
 
@@ -585,6 +587,7 @@ def test_a_frozen_replica_is_named_while_it_hangs_sits_out_and_catches_up_when_r
         "services.request_timeout_seconds=15",
         "train.weight_sync_timeout_seconds=20",
         "services.slow_call_notice_seconds=2",
+        f"train.max_lag={max_lag}",
     )
     seed(
         cfg.model_copy(update={"services": cfg.services.model_copy(update={"rollout_urls": [survivor.url]})})
@@ -599,6 +602,7 @@ def test_a_frozen_replica_is_named_while_it_hangs_sits_out_and_catches_up_when_r
     assert trainer.wait(300) == 0, trainer.output()[-6000:]
     records = read_records(cfg.train.run_dir, "step")
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert [r["lag"] for r in records] == [0] + [max_lag] * 4
     output = trainer.output()
     assert f"still waiting on {frozen.url}" in output  # named while it hung, not after
     assert f"replica {frozen.url} sits this step out" in output

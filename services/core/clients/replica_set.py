@@ -72,6 +72,18 @@ class RolloutBatch:
     """Scoring time reported by the replicas (the slowest chunk's, since chunks run in parallel)."""
     retries: int
     replicas: list[str]
+    group_versions: list[int] | None = None
+    """The version each group was made by, where the replicas answered with different ones (a chunk
+    retried on a replica that had meanwhile taken a newer push: rollouts one step ahead); None: all
+    `policy_version`, which is otherwise the oldest."""
+
+    def versions(self) -> list[int]:
+        """The version that produced each group."""
+        return (
+            self.group_versions
+            if self.group_versions is not None
+            else [self.policy_version] * len(self.groups)
+        )
 
 
 @dataclass(frozen=True)
@@ -241,13 +253,13 @@ class ReplicaSet:
             results = [f.result() for f in futures]
         replies = [reply for reply, _ in results]
         versions = {r.policy_version for r in replies}
-        if len(versions) > 1:  # cannot happen with min_policy_version == the pushed version; guard anyway
-            raise RolloutFailed(
-                f"{phase}: replicas answered with different policy versions {sorted(versions)}"
-            )
+        # Every reply is at least min_policy_version; a newer one comes from a chunk that was retried after a
+        # push (rollouts one step ahead). Each group keeps its own version then.
+        per_group = [r.policy_version for r in replies for _ in r.groups] if len(versions) > 1 else None
         return RolloutBatch(
             groups=[g for r in replies for g in r.groups],
-            policy_version=versions.pop(),
+            policy_version=min(versions),
+            group_versions=per_group,
             generated_tokens=sum(r.stats.generated_tokens for r in replies),
             reused_prefix_tokens=sum(r.stats.reused_prefix_tokens for r in replies),
             rollout_seconds=time.monotonic() - started,
