@@ -28,8 +28,6 @@ from rpo_vs_grpo import machine, run_arm  # noqa: E402
 from services.core.logs import setup_logging  # noqa: E402
 from services.demo.model_path import resolve_model_path  # noqa: E402
 
-ARMS = [("full", 0), ("full", 1), ("rpo", 0), ("rpo", 1)]
-
 
 def main() -> int:
     parser = argparse.ArgumentParser(
@@ -39,6 +37,9 @@ def main() -> int:
     parser.add_argument("--questions-per-step", type=int, default=16)
     parser.add_argument("--model", default="builtin:tiny-warm")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--modes", default="full,rpo", help="algorithm.mode of the arms, each at max_lag 0 and 1"
+    )
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args()
     setup_logging("WARNING")
@@ -46,7 +47,7 @@ def main() -> int:
     began = time.monotonic()
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="rpo-lag-bench-") as tmp:
-        for mode, lag in ARMS:
+        for mode, lag in [(m, lag) for m in args.modes.split(",") for lag in (0, 1)]:
             arm = argparse.Namespace(
                 steps=args.steps,
                 questions_per_step=args.questions_per_step,
