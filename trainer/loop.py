@@ -11,9 +11,12 @@ One step (docs/architecture.md, synchronous mode):
  3. rank 0 turns the groups into training samples and broadcasts them; every rank takes the learner step;
  4. the new weights are pushed to every replica, and the step waits until all serve the new version;
  5. only then are the step's epsilon-greedy cache updates committed (idempotent per step and question).
-`algorithm.mode: full` is the same loop with the cache off: no cache call is made at all.
+`algorithm.mode: full` is the same loop with the cache off: no cache call is made at all. With
+`train.max_lag: 1`, steps 1-2 of the next step run in the background during 3-4 of this one
+(trainer/rollout_source.py); 4 and 5 stay in order.
 
-Guarantees: a batch never mixes policy versions (every rollout request carries the learner's version as
+Guarantees (synchronous mode; with max_lag 1 a batch may hold groups one version behind, each weighted,
+never more): a batch never mixes policy versions (every rollout request carries the learner's version as
 `min_policy_version`, and replicas are brought to it first); the cache never holds an answer from a step
 whose weights did not reach every replica; a checkpoint is consistent (weights, optimizer, cache snapshot,
 cursor and version after the same step). Departures from the paper: the cache updates of DAPO groups that
