@@ -205,8 +205,8 @@ def test_learner_steps_are_the_same_in_both_layouts(tiny_model_dir, case):
     (steps_a, weights_a), (steps_b, weights_b) = runs[False], runs[True]
     for a, b in zip(steps_a, steps_b, strict=True):
         for key in ("loss", "kl", "clip_fraction", "grad_norm"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
-        assert a["tokens"] == b["tokens"] and b["model_tokens"] < a["model_tokens"]
+            assert getattr(b, key) == pytest.approx(getattr(a, key), rel=1e-5, abs=1e-7), key
+        assert a.tokens == b.tokens and b.model_tokens < a.model_tokens
     for name, w in weights_a.items():
         assert (weights_b[name] - w).abs().max() < 0.5e-4, name  # Adam moves each weight ~lr = 1e-4 per step
 
