@@ -6,10 +6,14 @@ names the problem and exit status 2, never a traceback. The commands run in this
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from services.cli.main import main
+
+ONE_ROW = {"d.jsonl": json.dumps({"question": "1+1?", "answer": "2"}) + "\n"}
+"""A one-question dataset file, for the cases that need a good dataset to get to their mistake."""
 
 CASES = [
     # (id, argv, environment, files to write {name: text}, what the message must name)
@@ -58,14 +62,14 @@ CASES = [
         "unknown reward function",
         ["data", "inspect", "{tmp}/d.jsonl", "--set", "reward.function=nonsense"],
         {},
-        {"d.jsonl": json.dumps({"question": "1+1?", "answer": "2"}) + "\n"},
+        ONE_ROW,
         "'nonsense'",
     ),
     (
         "reward module missing",
         ["data", "inspect", "{tmp}/d.jsonl", "--set", "reward.functions=[{function: no_such_mod:f}]"],
         {},
-        {"d.jsonl": json.dumps({"question": "1+1?", "answer": "2"}) + "\n"},
+        ONE_ROW,
         "cannot import no_such_mod",
     ),
     ("dataset missing", ["data", "inspect", "{tmp}/none.jsonl"], {}, {}, "none.jsonl"),
@@ -74,14 +78,14 @@ CASES = [
         "answer field missing",
         ["data", "inspect", "{tmp}/d.jsonl", "--set", "data.answer_field=solution"],
         {},
-        {"d.jsonl": json.dumps({"question": "1+1?", "answer": "2"}) + "\n"},
+        ONE_ROW,
         "data.answer_field",
     ),
     (
         "a Hub id as the model",
         ["data", "inspect", "{tmp}/d.jsonl", "--set", "model.path=Qwen/Qwen2.5-0.5B"],
         {},
-        {"d.jsonl": json.dumps({"question": "1+1?", "answer": "2"}) + "\n"},
+        ONE_ROW,
         "Qwen/Qwen2.5-0.5B",
     ),
     ("eval of a missing model", ["eval", "--model", "{tmp}/no-model"], {}, {}, "no-model"),
@@ -92,7 +96,7 @@ CASES = [
 
 @pytest.mark.parametrize(("case", "argv", "env", "files", "named"), CASES, ids=[c[0] for c in CASES])
 def test_a_mistake_is_one_message_and_exit_2(case, argv, env, files, named, tmp_path, monkeypatch, capsys):
-    for name in list(__import__("os").environ):
+    for name in list(os.environ):
         if name.startswith("RPO_") and "__" in name:
             monkeypatch.delenv(name)
     for name, value in env.items():
