@@ -20,6 +20,13 @@ from pathlib import Path
 def counted(completions, **kwargs):
     with Path(__file__).with_suffix(".jsonl").open("a") as fh:
         fh.write(json.dumps({"pid": os.getpid(), "n": len(completions)}) + "\\n")
+    # Rendezvous: wait (up to 30 s) until a second call has started, so the two batches can only finish if
+    # they run at the same time in two processes; one worker taking both would wait here, then run alone.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if len(Path(__file__).with_suffix(".jsonl").read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
     return [1.0] * len(completions)
 
 
@@ -54,7 +61,7 @@ def test_groups_go_out_as_one_batch_per_worker(tmp_path):
     assert [[s.raw for s in g] for g in scored] == [[1.0] * 3] * 5  # in the groups' order
     calls = [json.loads(line) for line in (tmp_path / "rewards.jsonl").read_text().splitlines()]
     assert sorted(c["n"] for c in calls) == [6, 9]  # 3 groups and 2 groups of 3 responses
-    assert len({c["pid"] for c in calls}) == 2  # in two worker processes
+    assert len({c["pid"] for c in calls}) == 2  # in two worker processes, at the same time
 
 
 def test_a_hanging_batch_scores_zero_in_time_and_the_next_request_is_scored(tmp_path, caplog):
