@@ -23,11 +23,18 @@ from pydantic import (
 from services.core.schemas.common import TruncationLimit
 from services.core.schemas.rollout import (
     RewardTerm,
+    RolloutSettings,
     check_correctness,
     check_distinct_names,
     correctness_index,
     weighted_terms,
 )
+
+
+def wire_default(name: str) -> Any:
+    """The rollout request's own default for a field the config sets too (`RolloutSettings`): each default is
+    written once, on the wire, and a config left at its defaults sends exactly those."""
+    return RolloutSettings.model_fields[name].default
 
 
 class ConfigSection(BaseModel):
@@ -112,7 +119,7 @@ def _absolute_file_spec(spec: str) -> str:
 class RewardSection(ConfigSection):
     """The verifiable reward of a whole response."""
 
-    function: str = "auto"
+    function: str = wire_default("reward")
     """`math` (math-verify on the last \\boxed{}), `exact` (exact string match of the last \\boxed{}),
     `auto` (exact for builtin datasets, math otherwise), `format` (the example format reward), or
     `package.module:function`; used when `functions` is empty."""
@@ -120,7 +127,7 @@ class RewardSection(ConfigSection):
     """Several reward functions, `[{function, weight, name}]`: a response's reward is the weighted sum of their
     scores. Each takes one response, `(response, reference) -> float`, or a batch, TRL-style
     `(completions, **kwargs) -> list[float]` (docs/training.md, "Rewards")."""
-    correctness: str | None = None
+    correctness: str | None = wire_default("correctness")
     """Name of the function whose score >= 1 makes a response correct (accuracy, DAPO's filter, the cache's
     `replace_only_correct`); default: the first."""
 
@@ -165,21 +172,21 @@ class AlgorithmSection(ConfigSection):
 
     algorithm: Literal["grpo", "dapo"] = "grpo"
     """Base algorithm whose objective RPO keeps unchanged."""
-    mode: Literal["rpo", "full"] = "rpo"
+    mode: Literal["rpo", "full"] = wire_default("mode")
     """`rpo`: decode suffixes of cached answers; `full`: full-path rollouts, the baseline."""
-    group_size: int = Field(6, ge=2)
+    group_size: int = Field(wire_default("group_size"), ge=2)
     """G, responses per question (at least 2: advantages are relative to the group's mean). Paper: 6."""
-    truncation_limit: TruncationLimit = 300
+    truncation_limit: TruncationLimit = wire_default("truncation_limit")
     """L: max tokens cut from a cached answer, m ~ U{0..L}. Paper: 300, 500, 800, 0.5l or l."""
-    suffix_budget: int | Literal["m"] = "m"
+    suffix_budget: int | Literal["m"] = wire_default("suffix_budget")
     """Max new tokens per suffix: `m` (release code, paper-faithful) or a fixed cap."""
-    max_response_tokens: int = Field(4096, ge=1)
+    max_response_tokens: int = Field(wire_default("max_response_tokens"), ge=1)
     """Max response length (prefix + suffix) in tokens. Paper: 4096."""
-    alpha: float = Field(0.01, ge=0.0)
+    alpha: float = Field(wire_default("alpha"), ge=0.0)
     """Length-aware shaping steepness; 0 turns shaping off (correct responses then get 0.5). Paper: 0.01."""
-    shaping_low: float = Field(0.5, ge=0.0)
+    shaping_low: float = Field(wire_default("shaping_low"), ge=0.0)
     """Lower clip of the shaped reward of a correct response. Paper: 0.5."""
-    shaping_high: float = Field(1.0, ge=0.0)
+    shaping_high: float = Field(wire_default("shaping_high"), ge=0.0)
     """Upper clip of the shaped reward. Paper: 1.0."""
     epsilon: float = Field(0.5, ge=0.0, le=1.0)
     """Probability of storing the BEST response of a group in the cache. Release code: 0.5."""
@@ -248,9 +255,9 @@ class AlgorithmSection(ConfigSection):
 class SamplingSection(ConfigSection):
     """Sampling for rollouts, cache initialisation and evaluation."""
 
-    temperature: float = Field(0.7, ge=0.0)
+    temperature: float = Field(wire_default("temperature"), ge=0.0)
     """Rollout temperature. Paper: 0.7."""
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float = Field(wire_default("top_p"), gt=0.0, le=1.0)
     """Rollout nucleus sampling."""
     init_temperature: float = Field(0.9, ge=0.0)
     """Cache initialisation temperature. Release code: 0.9."""

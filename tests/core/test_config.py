@@ -161,3 +161,17 @@ def test_a_group_of_one_is_refused_since_every_advantage_would_be_zero():
     ):
         load_config(None, ["algorithm.group_size=1"])
     assert load_config(None, ["algorithm.group_size=2"]).algorithm.group_size == 2
+
+
+def test_a_config_left_at_its_defaults_sends_the_requests_own_defaults():
+    """Each rollout default is written once, on the wire (RolloutSettings): the training request made from a
+    default config carries the wire's default for every field except those the config owns."""
+    from services.core.clients.replica_set import RolloutPlans
+    from services.core.schemas.rollout import RolloutSettings
+
+    sent = RolloutPlans.from_config(load_config(None, [])).training
+    owned_by_the_config = {"run_id", "dataset", "seed"}  # the run's namespace, its data, each step's seed
+    for name, field in RolloutSettings.model_fields.items():
+        if name not in owned_by_the_config:
+            default = field.default_factory() if field.default_factory else field.default
+            assert getattr(sent, name) == default, name
