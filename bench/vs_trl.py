@@ -12,6 +12,7 @@ Step time is the mean over steps 2 onwards (step 1 holds every part's warm-up). 
 `bench` extra (`bash scripts/bootstrap.sh cpu dev bench`), not a dependency of the project.
 
     .venv/bin/python bench/vs_trl.py --steps 8
+    .venv/bin/python bench/vs_trl.py --steps 8 --arms full,full-lag1,rpo,rpo-lag1,trl   # rollouts one step ahead
 """
 
 from __future__ import annotations
@@ -162,7 +163,9 @@ def main() -> int:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="config override, all arms"
     )
     parser.add_argument(
-        "--arms", default="full,rpo,trl,decode", help="comma-separated: full, rpo, trl, decode"
+        "--arms",
+        default="full,rpo,trl,decode",
+        help="comma-separated: full, rpo, trl, decode; full-lag1 and rpo-lag1 run with train.max_lag 1",
     )
     args = parser.parse_args()
     setup_logging("INFO")
@@ -175,9 +178,16 @@ def main() -> int:
                 results[arm] = run_trl(args, Path(tmp), model_path)
             elif arm == "decode":
                 results[arm] = run_decode(args, model_path)
-            else:
-                results[arm] = run_arm(arm, args, Path(tmp), model_path)
+            else:  # full, rpo; with -lag1, the rollouts one step ahead (train.max_lag 1)
+                mode, _, lag = arm.partition("-lag")
+                arm_args = argparse.Namespace(
+                    **{**vars(args), "set": [f"train.max_lag={lag or 0}", *args.set]}
+                )
+                work = Path(tmp) / arm
+                work.mkdir()
+                results[arm] = run_arm(mode, arm_args, work, model_path)
     command = f".venv/bin/python bench/vs_trl.py --steps {args.steps} --questions-per-step {args.questions_per_step}"
+    command += f" --arms {args.arms}"
     command += "".join(f" --set {o}" for o in args.set)
     print(f"\nCommand: `{command}` ({(time.monotonic() - started) / 60:.1f} min in all), on {machine()}.\n")
     print(

@@ -40,6 +40,21 @@ def bootstrap_interval(values: Sequence[float], seed: int = 0) -> tuple[float, f
     return (float(low), float(high))
 
 
+def seeds_and_questions_interval(cells: Sequence[Sequence[float]], seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean of a seeds x questions table (every row the same
+    questions): each resample draws training seeds, then questions, both with replacement, so the interval
+    holds the seed-to-seed variation as well as the evaluation's."""
+    data = np.asarray(cells, dtype=float)
+    if data.size == 0:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, data.shape[0], size=(BOOTSTRAP_RESAMPLES, data.shape[0]))
+    columns = rng.integers(0, data.shape[1], size=(BOOTSTRAP_RESAMPLES, data.shape[1]))
+    means = np.array([data[np.ix_(r, c)].mean() for r, c in zip(rows, columns, strict=True)])
+    low, high = np.percentile(means, [2.5, 97.5])
+    return (float(low), float(high))
+
+
 def per_question_scores(eval_record: dict[str, Any], k: int | None = None) -> dict[str, tuple[float, float]]:
     """Question id -> (pass@1, pass@k) from an evaluation's per-question [samples, correct] counts."""
     k = k or eval_record["k"]
