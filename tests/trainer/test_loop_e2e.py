@@ -610,10 +610,13 @@ def test_a_frozen_replica_is_named_while_it_hangs_sits_out_and_catches_up_when_r
     assert replica_version(frozen.url) == replica_version(survivor.url) == records[-1]["policy_version"]
 
 
+@pytest.mark.parametrize("max_lag", [0, 1])
 def test_a_replica_killed_while_decoding_leaves_the_step_to_the_other_and_a_restarted_one_catches_up(
-    tmp_path, warm_model_dir, rollout_cache_url, training_replicas, rollout_server_factory
+    tmp_path, warm_model_dir, rollout_cache_url, training_replicas, rollout_server_factory, max_lag
 ):
-    """Runs last in this module: it kills the second training replica (and starts a new one in its place)."""
+    """Synchronous, and with the rollouts one step ahead (the batch in flight moves to the survivor). Runs last
+    in this module: it kills the second training replica and puts the one restarted at its address in its
+    place, so the next parameter kills that one."""
     import os
     import signal
     from urllib.parse import urlparse
@@ -630,6 +633,7 @@ def test_a_replica_killed_while_decoding_leaves_the_step_to_the_other_and_a_rest
         [survivor.url, victim.url],
         "train.max_steps=500",
         "train.epochs=100",
+        f"train.max_lag={max_lag}",
     )  # stopped with SIGTERM below, once the restarted replica has served
     # Earlier tests left the two replicas at different versions: seed through one (a batch never mixes
     # versions); the trainer's first step brings both to one new version.
@@ -646,12 +650,14 @@ def test_a_replica_killed_while_decoding_leaves_the_step_to_the_other_and_a_rest
     # before it serves the trainer's rollouts.
     address = urlparse(victim.url)
     restarted = rollout_server_factory(warm_model_dir, cache_url=rollout_cache_url, port=address.port)
+    training_replicas[1] = restarted
     back = max(r["step"] for r in read_records(cfg.train.run_dir, "step"))
     wait_for_step(cfg.train.run_dir, back + 2, trainer)  # a whole step with the restarted replica in it
     trainer.process.send_signal(signal.SIGTERM)  # stop after the current step (a checkpoint is saved)
     assert trainer.wait(300) == 0, trainer.output()[-6000:]
     records = read_records(cfg.train.run_dir, "step")
     assert [r["step"] for r in records] == list(range(1, len(records) + 1))
+    assert max(r["lag"] for r in records) == max_lag  # never more behind than allowed, and ahead when asked
     output = trainer.output()
     # the in-flight chunk moved (or, killed between two steps' rollouts, it sat the next step out), named
     assert victim.url in output and ("retrying them on" in output or "sits this step out" in output)
