@@ -7,7 +7,7 @@ the longer of the two plus the weight push and the cache commit, instead of thei
 share the same cores, which bounds what overlap can give (docs/training.md, "Rollouts one step ahead").
 
     .venv/bin/python bench/lag_bench.py --steps 12
-    .venv/bin/python bench/lag_bench.py --steps 12 --set data.dataset=builtin:arith-long ...   # the long task
+    .venv/bin/python bench/lag_bench.py --steps 8 --preset reproduce.yaml   # the long task (rpo reproduce's base)
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from rpo_vs_grpo import machine, run_arm  # noqa: E402
 
+from services.core.config import load_config  # noqa: E402
 from services.core.logs import setup_logging  # noqa: E402
 from services.demo.model_path import resolve_model_path  # noqa: E402
+from services.supervisor.main_job import PRESET, preset_path  # noqa: E402
 
 
 def main() -> int:
@@ -35,7 +37,7 @@ def main() -> int:
     )
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--questions-per-step", type=int, default=16)
-    parser.add_argument("--model", default="builtin:tiny-warm")
+    parser.add_argument("--preset", default=PRESET, help="a preset of services/demo/presets (its model too)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument(
         "--modes", default="full,rpo", help="algorithm.mode of the arms, each at max_lag 0 and 1"
@@ -43,7 +45,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args()
     setup_logging("WARNING")
-    model = resolve_model_path(args.model)
+    model = resolve_model_path(load_config(preset_path(args.preset), args.set).model.path)
     began = time.monotonic()
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="rpo-lag-bench-") as tmp:
@@ -51,6 +53,7 @@ def main() -> int:
             arm = argparse.Namespace(
                 steps=args.steps,
                 questions_per_step=args.questions_per_step,
+                preset=args.preset,
                 set=[f"train.max_lag={lag}", *args.set],
             )
             work = Path(tmp) / f"lag{lag}"
@@ -61,7 +64,7 @@ def main() -> int:
                 flush=True,
             )
     lines = [
-        f"{args.steps} steps of {args.questions_per_step} questions per arm ({', '.join(args.set) or 'the preset'}); "
+        f"{args.steps} steps of {args.questions_per_step} questions per arm ({', '.join([args.preset, *args.set])}); "
         f"{machine()}; {time.strftime('%Y-%m-%d')}, {time.monotonic() - began:.0f} s in all.",
         "",
         "| arm | step, s (steps 2..) | rollout | train | weight sync | cache | rollout accuracy | vs max_lag 0 |",

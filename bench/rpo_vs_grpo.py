@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 from services.core.config import load_config  # noqa: E402
 from services.core.logs import setup_logging  # noqa: E402
 from services.demo.model_path import resolve_model_path  # noqa: E402
-from services.supervisor.main_job import preset_path, start_services  # noqa: E402
+from services.supervisor.main_job import PRESET, preset_path, start_services  # noqa: E402
 from services.supervisor.processes import PartFailed, Supervisor, rpo_command  # noqa: E402
 from services.supervisor.reproduce import machine as describe_machine  # noqa: E402
 from trainer.progress import read_records  # noqa: E402
@@ -51,7 +51,7 @@ def run_arm(mode: str, args: argparse.Namespace, work: Path, model_path: Path) -
         f"services.run_id=bench-{mode}-{int(time.time())}",
         *args.set,
     ]
-    cfg = load_config(preset_path(), overrides)
+    cfg = load_config(preset_path(getattr(args, "preset", None) or PRESET), overrides)
     run_dir = work / mode
     run_dir.mkdir(parents=True)
     with Supervisor(run_dir / "logs") as supervisor:
