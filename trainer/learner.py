@@ -12,15 +12,12 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import random
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from services.core.config import RunConfig
@@ -30,7 +27,9 @@ from trainer.batch import Batch, TrainSample, count_loss_tokens, make_micro_batc
 from trainer.logprobs import token_logprobs
 from trainer.losses import dapo_loss, grpo_loss, truncated_importance_weights
 from trainer.records import LearnerStats
+from trainer.rng_state import capture_rng, restore_rng
 from trainer.safetensors_shards import ShardWriter, size_buckets
+from trainer.schedule import LRSchedule
 
 log = logging.getLogger("rpo.learner")
 
@@ -48,27 +47,6 @@ def resolve_dtype(precision: str) -> torch.dtype:
     if precision == "auto":
         return torch.float32 if get_accelerator().device_name() == "cpu" else torch.bfloat16
     return torch.bfloat16 if precision == "bf16" else torch.float32
-
-
-@dataclass
-class LRSchedule:
-    """Multiplier of the peak lr after `step` optimizer steps: linear warm-up, then cosine or constant.
-
-    Warm-up covers w = ceil(warmup_ratio * total) steps with factors 1/(w+1) .. w/(w+1) (never 0: the
-    first step learns); cosine then falls from 1 at step w towards 0 at step `total`.
-    """
-
-    total: int
-    warmup: int
-    kind: str
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / (self.warmup + 1)
-        if self.kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class Learner:
@@ -430,7 +408,7 @@ class Learner:
         world size and ZeRO stage; the reference model is not saved (it is the starting model)."""
         state = {_CLIENT_KEY: {"policy_version": self.policy_version, "client_state": dict(client_state)}}
         self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state=state)
-        torch.save(_capture_rng(), Path(directory) / f"rng_rank{dist.rank():05d}.pt")
+        torch.save(capture_rng(), Path(directory) / f"rng_rank{dist.rank():05d}.pt")
         dist.barrier()  # every rank's files are on disk before anyone renames or reads the directory
 
     def load_checkpoint(self, directory: str) -> dict[str, Any]:
@@ -448,7 +426,7 @@ class Learner:
         self.policy_version = int(own["policy_version"])
         rng_file = Path(directory) / f"rng_rank{dist.rank():05d}.pt"
         if rng_file.is_file():
-            _restore_rng(torch.load(rng_file, weights_only=False))
+            restore_rng(torch.load(rng_file, weights_only=False))
         else:
             log.warning("no RNG state for rank %d in %s; RNG streams start fresh", dist.rank(), directory)
         return dict(own["client_state"])
@@ -463,29 +441,3 @@ def _grad_norm(module: Any) -> float:
         if grads
         else 0.0
     )
-
-
-def _capture_rng() -> dict[str, Any]:
-    # lazy: heavy import (deepspeed), paid only on this path
-    from deepspeed.accelerator import get_accelerator
-
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    accelerator = get_accelerator()
-    if accelerator.device_name() != "cpu":
-        state["accelerator"] = accelerator.get_rng_state()
-    return state
-
-
-def _restore_rng(state: dict[str, Any]) -> None:
-    # lazy: heavy import (deepspeed), paid only on this path
-    from deepspeed.accelerator import get_accelerator
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "accelerator" in state and get_accelerator().device_name() != "cpu":
-        get_accelerator().set_rng_state(state["accelerator"])

@@ -1,5 +1,5 @@
 """What a run visits, and in which order, reproducibly: the data cursor (a seeded shuffle per epoch that
-survives a resume), the number of steps, and the seed of each rollout round.
+survives a resume), the number of steps, the seed of each rollout round, and the learning-rate schedule.
 """
 
 from __future__ import annotations
@@ -72,3 +72,24 @@ def request_seed(base: int, step: int, round_index: int) -> int:
     """The seed of a step's rollout round: varies per step and round (so each step draws new truncation
     points), identical for every chunk and retry of the round (so a retry asks the same question)."""
     return random.Random(f"rpo-rollout-{base}-{step}-{round_index}").getrandbits(31)
+
+
+@dataclass
+class LRSchedule:
+    """Multiplier of the peak lr after `step` optimizer steps: linear warm-up, then cosine or constant.
+
+    Warm-up covers w = ceil(warmup_ratio * total) steps with factors 1/(w+1) .. w/(w+1) (never 0: the
+    first step learns); cosine then falls from 1 at step w towards 0 at step `total`.
+    """
+
+    total: int
+    warmup: int
+    kind: str
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        if self.kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -50,7 +50,7 @@ IDS = torch.tensor([[5, 40, 41, 42, 60, 61, 2, 7]])
 
 
 def test_lr_schedule_by_hand():
-    from trainer.learner import LRSchedule
+    from trainer.schedule import LRSchedule
 
     cosine = LRSchedule(total=10, warmup=1, kind="cosine")
     # Warm-up step 0 at 1/(w+1) = 0.5 (never 0), then 1 at step w, then cos down: step 6 is 5/9 of the way.
