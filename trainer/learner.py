@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
+from services.core.adapter_wire import write_adapter_config
 from services.core.config import RunConfig
 from services.core.file_modes import make_readable
-from trainer import dist
+from trainer import dist, lora
 from trainer.batch import Batch, TrainSample, count_loss_tokens, make_micro_batch, plan_micro_batches
 from trainer.logprobs import token_logprobs
 from trainer.losses import dapo_loss, grpo_loss, truncated_importance_weights
@@ -35,6 +36,8 @@ log = logging.getLogger("rpo.learner")
 
 CHECKPOINT_TAG = "state"
 """DeepSpeed tag (sub-directory) of the learner's checkpoint inside the directory it is given."""
+ADAPTER_DIR = "adapter"
+"""With LoRA: the sub-directory of an exported model that holds the adapter alone."""
 _CLIENT_KEY = "rpo_learner"
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".index.json")
 
@@ -83,6 +86,9 @@ class Learner:
 
         model = self._load_model()
         model.config.use_cache = False
+        self.lora = cfg.train.lora if cfg.train.lora.enabled else None
+        if self.lora is not None:
+            model = lora.wrap(model, self.lora)
         if cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         a = cfg.algorithm
@@ -100,23 +106,33 @@ class Learner:
         )
         self.engine.train()
         self.reference = None
-        if a.algorithm == "grpo" and a.beta > 0:
+        # GRPO's KL term needs the starting model: with LoRA it is the base with the adapter switched off.
+        self.reference_is_base = self.lora is not None and a.algorithm == "grpo" and a.beta > 0
+        if self.lora is None and a.algorithm == "grpo" and a.beta > 0:
             self.reference = self._load_reference()
         if dist.is_main():
             log.info(
-                "learner: %s, ZeRO-%d on %d rank(s), %s, micro-batch %d, %d optimizer steps planned "
+                "learner: %s%s, ZeRO-%d on %d rank(s), %s, micro-batch %d, %d optimizer steps planned "
                 "(%d warm-up), reference %s",
                 self.model_path,
+                "" if self.lora is None else f" with LoRA adapters (rank {self.lora.rank})",
                 self.stage,
                 self.world,
                 str(self.dtype).replace("torch.", ""),
                 cfg.train.micro_batch_size,
                 optimizer_steps,
                 self.schedule.warmup,
-                "none" if self.reference is None else ("ZeRO-3 engine" if self.stage == 3 else "frozen copy"),
+                self._reference_kind(),
             )
 
     # ------------------------------------------------------------------------------------------------ setup
+    def _reference_kind(self) -> str:
+        if self.reference_is_base:
+            return "the base with the adapter off"
+        if self.reference is None:
+            return "none"
+        return "ZeRO-3 engine" if self.stage == 3 else "frozen copy"
+
     def _deepspeed_config(self) -> dict[str, Any]:
         t = self.cfg.train
         zero: dict[str, Any] = {"stage": self.stage}
@@ -244,6 +260,9 @@ class Learner:
         with torch.no_grad():
             if self.reference is not None:
                 refs = [token_logprobs(self.reference, b, self.dtype) for b in batches]
+            elif self.reference_is_base:
+                with self.module.disable_adapter():
+                    refs = [token_logprobs(self.engine, b, self.dtype) for b in batches]
             if t.updates_per_batch > 1:
                 olds = [token_logprobs(self.engine, b, self.dtype) for b in batches]
             if correct and temperature != 1.0:
@@ -366,15 +385,21 @@ class Learner:
 
         main = dist.is_main()
         named = self._named_tensors()
-        if self.stage != 3:
-            for name, tensor in named:
-                yield name, (tensor.detach().to("cpu", copy=True) if main else tensor.detach())
-            return
-        for bucket in size_buckets(named, bucket_bytes):
+        # With LoRA: the base plus the adapter's delta, under the base's names (trainer/lora.py).
+        deltas = lora.deltas(self.module) if self.lora is not None else None
+        for bucket in [named] if self.stage != 3 else size_buckets(named, bucket_bytes):
             params = [t for _, t in bucket if hasattr(t, "ds_id")]
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                for name, tensor in bucket:
+                items = bucket if deltas is None else list(lora.merged(bucket, deltas))
+                for name, tensor in items:
                     yield name, (tensor.detach().to("cpu", copy=True) if main else tensor.detach())
+
+    def adapter_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """With LoRA: the adapter's tensors under PEFT's saved names, what each step pushes (rank 0; an empty
+        list on the others). Collective under ZeRO-3."""
+        if self.lora is None:
+            raise RuntimeError("adapter_weights: this learner trains no adapter (train.lora.rank is 0)")
+        return lora.adapter_weights(self.module, dist.is_main())
 
     def export_hf(self, out_dir: str, max_shard_bytes: int = 5 * 2**30) -> None:
         """Write the current policy as an HF model directory (collective; rank 0 writes).
@@ -399,7 +424,22 @@ class Learner:
                 if item.is_file() and item.name != "config.json" and not item.name.endswith(_WEIGHT_FILES):
                     shutil.copy2(item, out / item.name)
             make_readable(out)  # safetensors writes 0600; replicas may run as another user
+        if self.lora is not None:
+            adapter = self.adapter_weights()  # collective
+            if main:
+                self._write_adapter(out / ADAPTER_DIR, adapter)
         dist.barrier()
+
+    def _write_adapter(self, directory: Path, adapter: list[tuple[str, torch.Tensor]]) -> None:
+        """The adapter as PEFT saves it (adapter_config.json, adapter_model.safetensors): loadable with PEFT
+        or vLLM on top of the base model."""
+        # lazy: heavy import (safetensors), paid only on this path
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({name: t.contiguous() for name, t in adapter}, directory / "adapter_model.safetensors")
+        write_adapter_config(directory, self.lora, str(self.model_path))
+        make_readable(directory)
 
     # ------------------------------------------------------------------------------------------- checkpoint
     def save_checkpoint(self, directory: str, client_state: dict[str, Any]) -> None:

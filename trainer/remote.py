@@ -67,7 +67,14 @@ class RemoteServices:
             if client is not None:
                 client.close()
 
-    def push_weights(self, replicas: list[str], version: int, weights: Any, reason: str) -> None:
+    def push_weights(
+        self,
+        replicas: list[str],
+        version: int,
+        weights: Any,
+        reason: str,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
         """Push `weights` as `version` to `replicas`; returns once every one serves it (the rollout client
         confirms each), else raises naming each failed replica and the phase. Replicas that cannot even be
         connected to are left out with a warning when at least one other replica took the version."""
@@ -80,6 +87,7 @@ class RemoteServices:
                 weights,
                 cfg=self.cfg,
                 timeout_seconds=self.cfg.train.weight_sync_timeout_seconds,
+                metadata=metadata,
             )
         except WeightPushError as exc:
             unreachable = [url for url, (phase, _) in exc.failures.items() if phase in SIT_OUT_PHASES]

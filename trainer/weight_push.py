@@ -217,7 +217,11 @@ _PREPARE_LOCK = threading.Lock()
 
 
 def _prepare(
-    tensors: list[tuple[str, Any]], dtype: str | None, cache: dict[str | None, SafetensorsBody], version: int
+    tensors: list[tuple[str, Any]],
+    dtype: str | None,
+    cache: dict[str | None, SafetensorsBody],
+    version: int,
+    metadata: Mapping[str, str],
 ):
     key = dtype
     with _PREPARE_LOCK:
@@ -230,7 +234,7 @@ def _prepare(
             cast = [
                 (n, t.to(target) if t.is_floating_point() and t.dtype != target else t) for n, t in tensors
             ]
-        cache[key] = SafetensorsBody(cast, {"rpo_policy_version": str(version)})
+        cache[key] = SafetensorsBody(cast, {"rpo_policy_version": str(version), **metadata})
     return cache[key]
 
 
@@ -244,13 +248,15 @@ def push_to_all(
     policy: RetryPolicy | None = None,
     timeout_seconds: float = 600.0,
     dtype: str | None = "auto",
+    metadata: Mapping[str, str] | None = None,
 ) -> dict[str, PushResult]:
     """Push `weights` as `version` to every replica at once; return when each serves it.
 
     `weights`: (HF name, tensor) pairs or a mapping, consumed once (a lazy ZeRO-3 gather is fine).
     Each replica is asked its version first: one that already serves `version` is left alone (so the
     trainer can push to every replica, lagging or not). `dtype`: "auto" casts floating tensors to the dtype
-    each replica serves, None sends them as they are, or a safetensors code ("BF16"). Raises
+    each replica serves, None sends them as they are, or a safetensors code ("BF16"). `metadata`: more
+    entries of the body's safetensors metadata (an adapter's LoRA settings, services/core/adapter_wire.py). Raises
     WeightPushError naming every replica that failed and the phase: connect, upload, validate (4xx: nothing
     changed there), apply (the replica answered that it failed) or no answer (the whole body went, no reply
     came within the timeout).
@@ -272,7 +278,7 @@ def push_to_all(
         if serving.policy_version == version:  # a retried or catch-up push it already applied
             return PushResult(url, version, time.monotonic() - started)
         wanted = serving.dtype if dtype == "auto" else dtype
-        body = _prepare(tensors, wanted, bodies, version)
+        body = _prepare(tensors, wanted, bodies, version, metadata or {})
         data = ServiceClient(weight_plane_url(url, serving), base, token=secret)
         try:
             result = _send(client, data, url, version, body, started)  # answers once the version serves
@@ -287,7 +293,7 @@ def push_to_all(
     try:
         # Bodies are prepared (hashed, maybe cast) once per dtype; the first replica asking builds it.
         if dtype != "auto":
-            _prepare(tensors, dtype, bodies, version)
+            _prepare(tensors, dtype, bodies, version, metadata or {})
         results: dict[str, PushResult] = {}
         failures: dict[str, tuple[str, str]] = {}
         with ThreadPoolExecutor(max_workers=len(urls)) as pool:
@@ -317,6 +323,7 @@ def push_weights(
     policy: RetryPolicy | None = None,
     timeout_seconds: float = 600.0,
     dtype: str | None = "auto",
+    metadata: Mapping[str, str] | None = None,
 ) -> PushResult:
     """Push `weights` as `version` to one replica (see push_to_all)."""
     return push_to_all(
@@ -328,6 +335,7 @@ def push_weights(
         policy=policy,
         timeout_seconds=timeout_seconds,
         dtype=dtype,
+        metadata=metadata,
     )[base_url]
 
 

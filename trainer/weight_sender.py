@@ -3,6 +3,8 @@ at start (vLLM's NCCL transfer when `rollout.weight_transfer: nccl` and the trai
 else HTTP), and the fallback lives here too. The wire format is the core's (services/core/weight_wire.py);
 the HTTP sender is trainer/weight_push.py, the NCCL one trainer/weight_nccl.py.
 
+With LoRA (`train.lora`) a push is the adapter alone (the replicas hold the base), always over HTTP.
+
 HTTP: every rank takes part in gathering the weights (ZeRO-3: in lockstep, to the end); rank 0 keeps its CPU
 copies and pushes them only once the gather is over, so a failed push never leaves the other ranks waiting
 in a gather.
@@ -24,6 +26,7 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from services.core.adapter_wire import METADATA_KEY, settings_json
 from services.core.config import RunConfig
 from trainer import dist
 from trainer.weight_nccl import NcclReplicaGroup
@@ -71,6 +74,12 @@ class WeightSender:
         self.members: tuple[str, ...] = ()
         self.failed_members: tuple[str, ...] | None = None
         self.use_nccl = cfg.rollout.weight_transfer == "nccl"
+        if self.use_nccl and cfg.train.lora.enabled:
+            log.warning(
+                "rollout.weight_transfer=nccl, but train.lora is on: each step's adapter (a few MB) goes over "
+                "HTTP, since the NCCL transfer carries whole models"
+            )
+            self.use_nccl = False
         if self.use_nccl and make_group is None and (not on_gpu or world_size != 1):
             why = "the trainer runs on CPU" if not on_gpu else f"the trainer has {world_size} ranks"
             log.warning("rollout.weight_transfer=nccl, but %s: weights go over HTTP", why)
@@ -82,8 +91,14 @@ class WeightSender:
 
         def http_push(replicas: list[str], version: int, label: str) -> None:
             main = dist.is_main()
-            weights = [(name, tensor) for name, tensor in learner.named_weights() if main]  # collective
-            dist.on_main(lambda: remote.push_weights(replicas, version, weights, reason=label))
+            if learner.lora is not None:  # the adapter alone; the replicas hold the base
+                weights, metadata = learner.adapter_weights(), {METADATA_KEY: settings_json(learner.lora)}
+            else:
+                weights = [(name, tensor) for name, tensor in learner.named_weights() if main]  # collective
+                metadata = None
+            dist.on_main(
+                lambda: remote.push_weights(replicas, version, weights, reason=label, metadata=metadata)
+            )
 
         return cls(
             cfg,

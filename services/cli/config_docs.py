@@ -94,15 +94,26 @@ def render() -> str:
         section: type[BaseModel] = section_field.annotation
         lines += [f"## `{section_name}`", "", (section.__doc__ or "").strip().splitlines()[0], ""]
         lines += ["| key | type | default | paper | meaning |", "|---|---|---|---|---|"]
-        for name, field in section.model_fields.items():
-            key = f"{section_name}.{name}"
-            default = field.get_default(call_default_factory=True)
-            shown = json.dumps(default)
-            desc = (field.description or "").replace("\n", " ").replace("|", "\\|")
-            typ = _type_name(field.annotation).replace("|", "\\|")
-            lines.append(f"| `{key}` | {typ} | `{shown}` | {PAPER_VALUES.get(key, '')} | {desc} |")
+        lines += _rows(section_name, section)
         lines.append("")
     return "\n".join(lines)
+
+
+def _rows(prefix: str, section: type[BaseModel]) -> list[str]:
+    """One table row per field; a nested section (`train.lora`) gives a row per field of its own."""
+    rows = []
+    for name, field in section.model_fields.items():
+        key = f"{prefix}.{name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows += _rows(key, annotation)
+            continue
+        default = field.get_default(call_default_factory=True)
+        shown = json.dumps(default)
+        desc = (field.description or "").replace("\n", " ").replace("|", "\\|")
+        typ = _type_name(annotation).replace("|", "\\|")
+        rows.append(f"| `{key}` | {typ} | `{shown}` | {PAPER_VALUES.get(key, '')} | {desc} |")
+    return rows
 
 
 def config_show_main(args: argparse.Namespace) -> int:

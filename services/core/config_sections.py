@@ -273,6 +273,28 @@ class SamplingSection(ConfigSection):
     """k for pass@k during evaluation."""
 
 
+class LoraSection(ConfigSection):
+    """LoRA adapters (PEFT) instead of full fine-tuning: the learner trains only the adapters, its reference is
+    the base with the adapter switched off, and each step pushes only the adapter to the replicas, which
+    load the base once (docs/training.md, "LoRA")."""
+
+    rank: int = Field(0, ge=0, le=256)
+    """Adapter rank r; 0: off (full fine-tuning)."""
+    alpha: float = Field(16.0, gt=0.0)
+    """Scaling numerator: the adapter's update is (alpha / rank) * B A."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapter's input while training (the replicas serve without it)."""
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+    )
+    """Names of the linear layers that get an adapter (the last part of each module's name)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
 class TrainSection(ConfigSection):
     """The DeepSpeed learner and the training loop."""
 
@@ -304,6 +326,8 @@ class TrainSection(ConfigSection):
     """0: each step's rollouts are made after the previous step's weights reach the replicas (synchronous).
     1: the replicas roll out step k+1 while step k trains, on the weights they hold, one version behind
     (docs/training.md, "Rollouts one step ahead")."""
+    lora: LoraSection = Field(default_factory=LoraSection)
+    """LoRA adapters instead of full fine-tuning (off unless `train.lora.rank` > 0)."""
     zero_stage: Literal[0, 1, 2, 3] = 2
     """DeepSpeed ZeRO stage. Paper: 2."""
     offload_optimizer: bool = False

@@ -23,6 +23,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
+from services.core.adapter_wire import AdapterManifest
 from services.core.clients.cache import CacheClient
 from services.core.config import RunConfig
 from services.core.errors import Unavailable
@@ -37,7 +38,7 @@ from services.rollout.routes import router
 from services.rollout.scoring import RewardScorer
 from services.rollout.state import RolloutService
 from services.rollout.weight_plane import WeightPlane
-from services.rollout.weight_updater import WeightUpdater
+from services.rollout.weight_updater import AdapterTarget, WeightUpdater
 
 log = logging.getLogger("rpo.rollout")
 
@@ -101,9 +102,19 @@ def create_app(
         updater = plane = scorer = cache = watch = None
         try:
             watch = asyncio.create_task(watch_engine(engine, name, on_engine_death), name="engine-watch")
-            manifest = WeightManifest.from_model_dir(directory, engine.safetensors_dtype)
+            lora = config.train.lora
+            if lora.enabled:  # the base stays; each push is an adapter
+                manifest = AdapterManifest.for_base(directory, lora, engine.safetensors_dtype)
+                adapter = AdapterTarget(lora, str(directory))
+            else:
+                manifest, adapter = WeightManifest.from_model_dir(directory, engine.safetensors_dtype), None
             updater = WeightUpdater(
-                engine, manifest, checkpoint_files(directory), r.spool_dir, metrics.policy_version.set
+                engine,
+                manifest,
+                checkpoint_files(directory),
+                r.spool_dir,
+                metrics.policy_version.set,
+                adapter=adapter,
             )
             plane = WeightPlane(
                 updater,

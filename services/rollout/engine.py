@@ -22,7 +22,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from services.core.config import RunConfig
 from services.core.errors import InvalidInput, Unavailable
@@ -119,6 +119,8 @@ def engine_kwargs(
         kwargs["max_num_batched_tokens"] = max(cfg.model.max_model_len, CPU_MAX_BATCHED_TOKENS)
     else:
         kwargs["gpu_memory_utilization"] = r.gpu_memory_utilization
+    if cfg.train.lora.enabled:  # the base is loaded once; each push brings an adapter (`load_adapter`)
+        kwargs.update(enable_lora=True, max_loras=1, max_cpu_loras=2, max_lora_rank=lora_rank_slot(cfg))
     if r.weight_transfer == "nccl":
         if kwargs["tensor_parallel_size"] > 1:
             # the trainer's NCCL group gives each replica one rank (trainer/weight_nccl.py)
@@ -128,6 +130,14 @@ def engine_kwargs(
             )
         kwargs["weight_transfer_config"] = {"backend": "nccl"}
     return kwargs
+
+
+def lora_rank_slot(cfg: RunConfig) -> int:
+    """vLLM's `max_lora_rank` for `train.lora.rank`: the smallest size vLLM offers that holds it."""
+    # lazy: heavy import (vllm), paid only on this path
+    from vllm.config.lora import MaxLoRARanks
+
+    return min(size for size in get_args(MaxLoRARanks) if size >= cfg.train.lora.rank)
 
 
 def _is_validation_error(exc: BaseException) -> bool:
@@ -148,6 +158,8 @@ class RolloutEngine:
         self.max_model_len: int = int(model_config.max_model_len)
         self.vocab_size: int = int(model_config.get_vocab_size())
         self.tokenizer = llm.get_tokenizer()
+        self.adapter: Any = None
+        """The LoRA adapter every new request runs with (vLLM's `LoRARequest`); None: the base alone."""
 
     @classmethod
     def start(cls, cfg: RunConfig, model_dir: Path, gpu_devices: int | None = None) -> RolloutEngine:
@@ -230,7 +242,8 @@ class RolloutEngine:
                 output_kind=RequestOutputKind.FINAL_ONLY,  # one output holding all n samples, none streamed
             )
             prompt = tokens_input(prompt_ids, cache_salt=salt)
-            async for output in self.llm.generate(prompt, params, uuid.uuid4().hex):
+            adapter = self.adapter
+            async for output in self.llm.generate(prompt, params, uuid.uuid4().hex, lora_request=adapter):
                 final = output
         except Exception as exc:
             if _is_validation_error(exc):
@@ -257,6 +270,19 @@ class RolloutEngine:
         """Load checked safetensors files in place (callers hold generation off); returns tensors loaded."""
         results = await self.llm.collective_rpc("rpo_load_weights", args=(paths,))
         return int(min(results)) if results else 0
+
+    async def load_adapter(self, version: int, directory: str) -> None:
+        """Serve the LoRA adapter in `directory` (PEFT's layout) as `version` from the next request on, and
+        drop the one served before (callers hold generation off, so no request still runs with it)."""
+        # lazy: heavy import (vllm), paid only on this path
+        from vllm.lora.request import LoRARequest
+
+        adapter = LoRARequest(f"policy-v{version}", version, directory)
+        if not await self.llm.add_lora(adapter):
+            raise RuntimeError(f"vLLM did not load the adapter in {directory}")
+        previous, self.adapter = self.adapter, adapter
+        if previous is not None:
+            await self.llm.remove_lora(previous.lora_int_id)
 
     async def reset_prefix_cache(self) -> None:
         """Drop cached KV blocks, so no prefix computed with the old weights is reused."""

@@ -15,6 +15,9 @@ Guarantees:
 - versions only move forward, one push at a time; if a load fails half way, the previous weights are
   loaded again and the replica keeps serving its old version (503 to the pusher), else it reports itself
   not ready.
+With LoRA (`train.lora`), the base stays loaded and a push is the step's adapter (services/core/adapter_wire.py):
+it is spooled into a directory of its own in PEFT's layout and served from the next request on (vLLM's
+`add_lora`), under the same gate, checks and version rules; a failed load leaves the previous adapter serving.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.core.adapter_wire import write_adapter_config
+from services.core.config_sections import LoraSection
 from services.core.errors import Conflict, InvalidInput, Unavailable
 from services.core.schemas.rollout import CHECKSUM_HEADER
 from services.core.weight_wire import WeightManifest
@@ -36,6 +41,14 @@ from services.rollout.policy_gate import PolicyGate
 from services.rollout.weight_receive import PushBody, receive_push, spool_root
 
 log = logging.getLogger("rpo.rollout.weights")
+
+
+@dataclass(frozen=True)
+class AdapterTarget:
+    """What a LoRA replica serves adapters on: the settings they must have been trained with, the base."""
+
+    lora: LoraSection
+    base_model: str
 
 
 @dataclass
@@ -57,8 +70,13 @@ class WeightUpdater:
         initial_files: list[Path],
         spool_dir: str | None,
         on_version: Callable[[int], None] = lambda version: None,
+        adapter: AdapterTarget | None = None,
     ):
         self.engine = engine
+        self.adapter = adapter
+        """Set on a LoRA replica: pushes are adapters (module docstring)."""
+        self._adapter_dir: Path | None = None
+        """The directory of the adapter serving (None: the base alone, version 0)."""
         self.on_version = on_version
         """Called with each version the replica starts serving (the `rpo_policy_version` gauge)."""
         self.manifest = manifest
@@ -120,15 +138,49 @@ class WeightUpdater:
             self._receiving = True
             slot = 0 if self._serving_slot is None else 1 - self._serving_slot
             target = self.spool_dir / f"slot-{slot}.safetensors"
+            if self.adapter is not None:
+                target = self.spool_dir / f"adapter-v{version}" / "adapter_model.safetensors"
+                target.parent.mkdir()
             try:
                 spooled = await asyncio.to_thread(receive_push, body, self.manifest, checksum, target)
+            except BaseException:
+                if self.adapter is not None:
+                    shutil.rmtree(target.parent, ignore_errors=True)
+                raise
             finally:
                 self._receiving = False
             # Shielded: once a load has started it runs to its end (version moved, or the old weights back)
             # even if the pusher disconnects or the server shuts down meanwhile.
-            apply_seconds = await asyncio.shield(self._apply([str(target)], version))
-            self._serving_slot = slot
+            if self.adapter is not None:
+                apply_seconds = await asyncio.shield(self._apply_adapter(target.parent, version))
+            else:
+                apply_seconds = await asyncio.shield(self._apply([str(target)], version))
+                self._serving_slot = slot
             return AppliedPush(version, spooled.tensors, spooled.bytes, spooled.seconds, apply_seconds)
+
+    async def _apply_adapter(self, directory: Path, version: int) -> float:
+        assert self.adapter is not None
+        write_adapter_config(directory, self.adapter.lora, self.adapter.base_model)
+        async with self.gate.exclusive():
+            started = time.perf_counter()
+            try:
+                await self.engine.load_adapter(version, str(directory))
+            except Exception as exc:
+                log.exception(
+                    "loading the adapter of version %d failed; the previous one still serves", version
+                )
+                shutil.rmtree(directory, ignore_errors=True)
+                raise Unavailable(
+                    f"apply failed ({type(exc).__name__}: {exc}); version {self.version} still serves",
+                    retry_after_seconds=5,
+                ) from None
+            await self.engine.reset_prefix_cache()
+            previous, self._adapter_dir = self._adapter_dir, directory
+            if previous is not None:
+                shutil.rmtree(previous, ignore_errors=True)
+            self.version = version
+            self.on_version(version)
+            return time.perf_counter() - started
 
     async def _apply(self, files: list[str], version: int) -> float:
         async with self.gate.exclusive():

