@@ -207,6 +207,28 @@ def test_rpo_run_completes_and_stops_everything_it_started(tmp_path, warm_model_
     assert not [pid for pid in pids if _alive(pid)]
 
 
+def test_rpo_run_with_lora_pushes_only_adapters_and_exports_the_adapter_and_the_merged_model(
+    tmp_path, warm_model_dir
+):
+    """`rpo run --set train.lora.rank=8`: the replica keeps the base and takes each step's adapter (4 layers x
+    7 linear layers x A and B = 56 tensors a push, not the model's 26 tensors); the run ends with both
+    exports."""
+    run_dir = tmp_path / "run"
+    job = _rpo_run(run_dir, "train.lora.rank=8", "train.max_steps=3")
+    output, _ = job.communicate(timeout=600)
+    assert job.returncode == 0, output[-6000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["ok"] and summary["steps"] == 3 and summary["eval_after"]["step"] == 3
+    replica_log = (run_dir / "logs" / "rollout.log").read_text()
+    pushes = re.findall(r"serving policy version (\d+): (\d+) tensors", replica_log)
+    assert [int(v) for v, _ in pushes] == [1, 2, 3]
+    assert {int(t) for _, t in pushes} == {56}
+    final = run_dir / "final"
+    assert (final / "model.safetensors").is_file() and (final / "config.json").is_file()
+    assert json.loads((final / "adapter" / "adapter_config.json").read_text())["r"] == 8
+    assert (final / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_ctrl_c_stops_every_part_and_the_trainer_saves_a_checkpoint_and_rpo_run_resume_continues(
     tmp_path, warm_model_dir
 ):

@@ -61,9 +61,11 @@ def main() -> int:
     import torch
 
     from services.core.config import load_config
+    from services.core.logs import setup_logging
     from trainer import dist
     from trainer.learner import Learner
 
+    setup_logging("INFO")  # the learner's start line says what it trains and its reference
     torch.manual_seed(0)
     cfg = load_config(None, args.overrides)
     learner = Learner(cfg, args.model, total_steps=10)
