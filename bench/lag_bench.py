@@ -81,7 +81,18 @@ def main() -> int:
     print("\n".join(lines))
     if args.out:
         args.out.write_text(
-            json.dumps({"settings": args.set, "steps": args.steps, "results": results}, indent=2) + "\n"
+            json.dumps(
+                {
+                    "preset": args.preset,
+                    "settings": args.set,
+                    "steps": args.steps,
+                    "machine": machine(),
+                    "date": time.strftime("%Y-%m-%d"),
+                    "results": results,
+                },
+                indent=2,
+            )
+            + "\n"
         )
     return 0
 
