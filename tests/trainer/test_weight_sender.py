@@ -132,3 +132,20 @@ def test_nccl_needs_one_trainer_process_on_a_gpu(nccl_cfg, caplog):
     ]
     assert not WeightSender(nccl_cfg, lambda *a: None, on_gpu=True, world_size=2).use_nccl
     assert not WeightSender(load_config(None, []), lambda *a: None, on_gpu=True).use_nccl  # http configured
+
+
+def test_with_lora_every_push_goes_over_http_and_the_log_says_why(caplog):
+    """The NCCL transfer carries whole models; an adapter goes over HTTP, said once at start."""
+    cfg = load_config(None, ["rollout.weight_transfer=nccl", "train.lora.rank=8"])
+    calls: list = []
+    http: list = []
+    with caplog.at_level(logging.WARNING, logger="rpo.train"):
+        sender = WeightSender(
+            cfg,
+            lambda replicas, version, reason: http.append((tuple(replicas), version)),
+            make_group=lambda urls: FakeGroup(calls, urls, None),
+        )
+    assert not sender.use_nccl
+    assert "train.lora is on" in caplog.text and "goes over HTTP" in caplog.text
+    assert sender.push(["http://a:8200"], 1, PushKind.STEP, "step 1") == "http"
+    assert calls == [] and http == [(("http://a:8200",), 1)]
