@@ -468,7 +468,9 @@ def test_dapo_refill_asks_the_real_replica_again_until_the_batch_is_full(
 ):
     """DAPO's dynamic sampling through the real replica (its real rewards decide what is kept): the questions
     the cursor hands out first get a reference answer the model never writes, so their groups come back
-    all wrong and are dropped; the step must ask the replica again for the groups still missing."""
+    all wrong and are dropped; the step must ask the replica again for the groups still missing. Sampled
+    hot (T = 1.5) with rounds to spare: a warm model that solves most questions returns many all-correct
+    groups too, which are dropped as well."""
     import re
 
     import httpx
@@ -488,9 +490,10 @@ def test_dapo_refill_asks_the_real_replica_again_until_the_batch_is_full(
         "algorithm.algorithm=dapo",
         "algorithm.mode=full",
         f"algorithm.group_size={group_size}",
-        "algorithm.dynamic_sampling_max_rounds=3",
+        "algorithm.dynamic_sampling_max_rounds=8",
         f"train.questions_per_step={want}",
-        "data.max_questions=12",
+        "data.max_questions=24",
+        "sampling.temperature=1.5",
     )
     questions = load_questions(cfg.data.dataset, cfg.data, cfg.data.max_questions)
     unsolvable = {questions[i].id for i in DataCursor(len(questions), cfg.train.seed).take(want)}
