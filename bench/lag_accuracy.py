@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from rpo_vs_grpo import machine  # noqa: E402
+from rpo_vs_grpo import machine, run_main_job  # noqa: E402
 
 from services.supervisor.results import per_question_scores, seeds_and_questions_interval  # noqa: E402
 
@@ -37,14 +36,8 @@ def run_one(work: Path, seed: int, lag: int, overrides: list[str]) -> dict:
     run_dir = work / f"seed{seed}-lag{lag}"
     summary = run_dir / "summary.json"
     if not (summary.exists() and json.loads(summary.read_text()).get("ok")):
-        command = [sys.executable, "-m", "services.cli", "run", "--run-dir", str(run_dir)]
-        for override in [f"train.seed={seed}", f"train.max_lag={lag}", *overrides]:
-            command += ["--set", override]
         began = time.monotonic()
-        with (work / f"seed{seed}-lag{lag}.log").open("w") as log:
-            done = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=3600)
-        if done.returncode != 0:
-            raise SystemExit(f"rpo run (seed {seed}, max_lag {lag}) failed; see {log.name}")
+        run_main_job(run_dir, [f"train.seed={seed}", f"train.max_lag={lag}", *overrides])
         print(f"seed {seed}, max_lag {lag}: {time.monotonic() - began:.0f} s", flush=True)
     return json.loads(summary.read_text())
 

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from rpo_vs_grpo import machine, run_arm  # noqa: E402
+from rpo_vs_grpo import machine, run_arm, run_main_job  # noqa: E402
 
 from services.core.logs import setup_logging  # noqa: E402
 
@@ -117,17 +117,6 @@ def learner_memory(model_dir: Path, rank: int) -> dict:
     return {"model_state_peak_bytes": figures["peak"] - figures["before"], **figures}
 
 
-def run_rpo_run(run_dir: Path, sets: list[str]) -> dict:
-    command = [sys.executable, "-m", "services.cli", "run", "--run-dir", str(run_dir)]
-    for item in sets:
-        command += ["--set", item]
-    with (run_dir.parent / f"{run_dir.name}.log").open("w") as log:
-        done = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=3600)
-    if done.returncode != 0:
-        raise SystemExit(f"rpo run {' '.join(sets)} failed; see {log.name}")
-    return json.loads((run_dir / "summary.json").read_text())
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -176,8 +165,8 @@ def main() -> int:
         if args.accuracy:
             from services.supervisor.results import paired_difference
 
-            full = run_rpo_run(Path(tmp) / "run-full", [])
-            lora = run_rpo_run(
+            full = run_main_job(Path(tmp) / "run-full", [])
+            lora = run_main_job(
                 Path(tmp) / "run-lora", [f"train.lora.rank={args.rank}", f"train.lr={args.lora_lr}"]
             )
             results["accuracy"] = {

@@ -18,6 +18,7 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -67,6 +68,18 @@ def run_arm(mode: str, args: argparse.Namespace, work: Path, model_path: Path) -
         if code != 0:
             raise PartFailed(trainer.describe_exit())
     return summarize(read_records(run_dir, "step"))
+
+
+def run_main_job(run_dir: Path, sets: list[str]) -> dict:
+    """`rpo run --run-dir run_dir --set ...` in a subprocess (its log beside run_dir); its summary.json."""
+    command = [sys.executable, "-m", "services.cli", "run", "--run-dir", str(run_dir)]
+    for item in sets:
+        command += ["--set", item]
+    with (run_dir.parent / f"{run_dir.name}.log").open("w") as log:
+        done = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=3600)
+    if done.returncode != 0:
+        raise SystemExit(f"rpo run {' '.join(sets)} failed; see {log.name}")
+    return json.loads((run_dir / "summary.json").read_text())
 
 
 def summarize(steps: list[dict]) -> dict:
