@@ -2,7 +2,8 @@
 
 Formats: `.jsonl`, `.parquet`, a directory written by `datasets.Dataset.save_to_disk`, or a built-in
 synthetic task: `builtin:arith` / `builtin:arith-eval` (short sums) and `builtin:arith-long` /
-`builtin:arith-long-eval` (long reasoning with a check and a redo, `services.core.synthetic_long`). Field names are configurable. A bad row fails with the file,
+`builtin:arith-long-eval` (long reasoning with a check and a redo, `services.core.synthetic_long`; its
+validation split is `builtin:arith-long-val`). Field names are configurable. A bad row fails with the file,
 the line (jsonl) or row (parquet, datasets) and the field; nothing is half-loaded.
 
 Files as users have them (GSM8K, OpenR1-style sets) often have no id column and may repeat a question:
@@ -41,7 +42,11 @@ from services.core.synthetic_long import make_split as make_long_split
 log = logging.getLogger("rpo.data")
 
 
-LONG_SPLITS = {"builtin:arith-long": "train", "builtin:arith-long-eval": "eval"}
+LONG_SPLITS = {
+    "builtin:arith-long": "train",
+    "builtin:arith-long-val": "val",
+    "builtin:arith-long-eval": "eval",
+}
 BUILTIN_DATASETS = ("builtin:arith", "builtin:arith-eval", *LONG_SPLITS)
 
 

@@ -1,64 +1,82 @@
-"""A long-reasoning synthetic task: the paper's regime (long answers, errors that can be noticed and
-repaired later) in miniature, for `rpo reproduce`.
+"""A long-reasoning synthetic task: the paper's regime (long answers, errors that can happen anywhere and be
+caught or missed later) in miniature, for `rpo reproduce`.
 
-A question is a sum of `num_terms` one-digit numbers, each named by a letter, and the worked answer reasons
-in three parts, like a reasoning model's trace:
+A question is a sum of `num_terms` one-digit numbers, each named by a letter. A worked answer adds them
+twice, in two different orders, and compares:
 
     Q: A=6 B=0 C=9 D=4 ... J=3 sum?
-    A: B=0: 6+0=6. C=9: 6+9=15. ... check: I=5: 3+5=8. H=8: 8+8=16. ... ok \\boxed{53}
+    A: order ACEGIBDFHJ: C=9: 6+9=15. E=... total 53. check order JIHGFEDCBA: I=5: 3+5=8. ... total 53.
+       ok \\boxed{53}
 
-1. a first pass, left to right, one partial sum per step (the term looked up by name, then added);
-2. `check:` a second pass that re-derives the total the other way (right to left), from scratch;
-3. `ok \\boxed{T}` when both totals agree, else `wait A!=B redo:` a third pass, left to right, and
+1. a first pass in one of three orders (`ORDERS`: left to right, right to left, odd letters then even), the
+   order written out first, one partial sum per step (the term looked up by name, then added), and its
+   `total`;
+2. `check` a second pass, from scratch, in another of the orders, and its total;
+3. `ok \\boxed{T}` when the totals agree, else `wait A!=B redo` a third pass in the remaining order, and
    `\\boxed{T}` of that pass.
 
-So an error early in the first pass is not fatal: the check disagrees and the redo repairs it. The warm
-start teaches the repair by injecting one error (a partial sum off by 1 or 10, a slipped carry) into the
-first pass of `error_rate` of its traces, whose check then disagrees and whose redo is right. From a prefix
-cut out of a wrong answer (RPO's situation), the model can still reach the right answer, which is what
-makes RPO's truncations meaningful here (`services/demo/repair.py` measures it; docs/results.md).
+What makes the task fair to full-path and truncated training alike:
 
-With the defaults an answer is about 270 tokens (one token per character on the tiny model) and about
-400 with a redo, so the paper's L of about a tenth of the answer is about 30 tokens.
+- **Several correct texts per question**: six clean traces (any ordered pair of distinct orders), more with
+  a redo, so a cached answer is one of several right ways, not the only text the reward accepts.
+- **Errors anywhere, decided early or late.** The warm start injects one error (a partial sum off by 1 or
+  10) into `error_rate` of its traces, at any step of the first pass or of the check. An error in the check
+  is caught by the redo, which then agrees with the first pass: the first pass decided the answer. An error
+  in the first pass is caught by the check and decided by the redo. A pass whose error is not caught (both
+  passes wrong alike, an `ok` over unequal totals, a wrong redo) is missed and boxes a wrong total. So a
+  cut of any length can remove, or keep, what decides the answer.
+- **Answers of at least 250 tokens** (one token per character on the tiny model): about 290 without a
+  redo, 430 with one.
 
-Guarantees, as for `services.core.synthetic`: the same config gives the same rows; a question's split is a
-pure function of its text (train and eval are disjoint); growing a split only appends rows; every clean
-solution ends in `\\boxed{sum}`, which `check_answer` scores 1.
+Splits: `train`, and two held-out splits, `val` (for every choice made while building the comparison) and
+`eval` (the test split, touched only by final evaluations). Guarantees, as for `services.core.synthetic`:
+the same config gives the same rows; a question's split is a pure function of its text (the three splits
+are disjoint); growing a split only appends rows; every clean solution ends in `\\boxed{sum}`, which
+`check_answer` scores 1.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import random
 import string
 from dataclasses import dataclass
 from typing import Literal
 
 from services.core.rewards import exact_boxed_reward
-from services.core.synthetic import distinct_questions, take_split
+from services.core.synthetic import distinct_questions, is_eval_question
 
 ERROR_DELTAS = (-10, -1, 1, 10)
-"""How an injected first-pass error changes a partial sum: a slipped carry in the units or the tens."""
+"""How an injected error changes a partial sum: a slipped carry in the units or the tens."""
+
+ORDERS = ("forward", "backward", "interleaved")
+"""The orders a pass can add in: left to right, right to left, odd-numbered letters then even ones."""
+
+Split = Literal["train", "val", "eval"]
 
 
 @dataclass(frozen=True)
 class LongTaskConfig:
-    """Difficulty, split sizes, seed, and the warm start's share of traces with an error to repair."""
+    """Difficulty, split sizes, seed, and the warm start's share of traces with an error to catch."""
 
     num_terms: int = 10
     max_digits: int = 1
     train_size: int = 8000
     eval_size: int = 500
+    val_size: int = 300
     seed: int = 0
-    error_rate: float = 0.25
+    error_rate: float = 0.3
 
     def __post_init__(self) -> None:
         if not 3 <= self.num_terms <= 26:
             raise ValueError(f"num_terms must be in 3..26 (one letter each), got {self.num_terms}")
         if not 1 <= self.max_digits <= 6:
             raise ValueError(f"max_digits must be in 1..6, got {self.max_digits}")
-        if self.train_size < 0 or self.eval_size < 0:
+        if min(self.train_size, self.eval_size, self.val_size) < 0:
             raise ValueError(
-                f"train_size and eval_size must be >= 0, got {self.train_size}, {self.eval_size}"
+                "train_size, eval_size and val_size must be >= 0, got "
+                f"{self.train_size}, {self.eval_size}, {self.val_size}"
             )
         if not 0.0 <= self.error_rate <= 1.0:
             raise ValueError(f"error_rate must be in [0, 1], got {self.error_rate}")
@@ -69,83 +87,142 @@ def names(count: int) -> str:
     return string.ascii_uppercase[:count]
 
 
+def order_indices(order: str, count: int) -> list[int]:
+    """The term positions a pass visits, in `order`."""
+    if order == "forward":
+        return list(range(count))
+    if order == "backward":
+        return list(range(count - 1, -1, -1))
+    if order == "interleaved":
+        return [*range(0, count, 2), *range(1, count, 2)]
+    raise ValueError(f"unknown order {order!r}; choose one of {', '.join(ORDERS)}")
+
+
 def question_text(terms: list[int]) -> str:
     """`A=7 B=3 C=9 ... sum?`: each term named by a letter, so a step can look its term up by name."""
     return " ".join(f"{name}={term}" for name, term in zip(names(len(terms)), terms, strict=True)) + " sum?"
 
 
 def worked_pass(
-    terms: list[int], error_at: int | None = None, delta: int = 0, reverse: bool = False
+    terms: list[int], order: str = "forward", error_at: int | None = None, delta: int = 0
 ) -> tuple[str, int]:
-    """One pass of partial sums (`B=3: 7+3=10.`: the term looked up by name, then the addition)
-    left to right, or right to left with `reverse`, and the total it reaches. With `error_at`, that step's
-    sum is off by `delta` and every later step adds correctly to the wrong value (so only a re-derivation
-    catches it)."""
-    named = list(zip(names(len(terms)), terms, strict=True))
-    if reverse:
-        named.reverse()
-    steps = []
-    total = named[0][1]
-    for index, (name, term) in enumerate(named[1:]):
+    """One pass: `order ACEG...:` then the partial sums in that order (`C=9: 6+9=15.`: the term looked up by
+    name, then the addition), then `total T.`; returns the text and T. With `error_at`, that step's sum is
+    off by `delta` and every later step adds correctly to the wrong value (only another pass catches it)."""
+    letters = names(len(terms))
+    visit = order_indices(order, len(terms))
+    steps = [f"order {''.join(letters[i] for i in visit)}:"]
+    total = terms[visit[0]]
+    for index, position in enumerate(visit[1:]):
+        term = terms[position]
         new_total = total + term + (delta if index == error_at else 0)
-        steps.append(f"{name}={term}: {total}+{term}={new_total}.")
+        steps.append(f"{letters[position]}={term}: {total}+{term}={new_total}.")
         total = new_total
+    steps.append(f"total {total}.")
     return " ".join(steps), total
 
 
-def solve(terms: list[int], error_at: int | None = None, delta: int = 0) -> str:
-    """The three-part trace of the module docstring; with `error_at`, the first pass holds that error."""
-    first, first_total = worked_pass(terms, error_at, delta)
-    check, check_total = worked_pass(terms, reverse=True)
+@dataclass(frozen=True)
+class InjectedError:
+    """One wrong partial sum: in pass 0 (the first) or 1 (the check), at step `step`, off by `delta`."""
+
+    pass_index: int
+    step: int
+    delta: int
+
+
+def solve(
+    terms: list[int], orders: tuple[str, str] = ("forward", "backward"), error: InjectedError | None = None
+) -> str:
+    """The trace of the module docstring with the first pass and the check in `orders`; the redo, when the
+    totals disagree, takes the remaining order. `error` puts one wrong partial sum in a pass."""
+    if orders[0] == orders[1] or any(o not in ORDERS for o in orders):
+        raise ValueError(f"the first pass and the check need two different orders of {ORDERS}, got {orders}")
+    passes = []
+    for index, order in enumerate(orders):
+        wrong = error if error is not None and error.pass_index == index else None
+        passes.append(worked_pass(terms, order, wrong.step if wrong else None, wrong.delta if wrong else 0))
+    (first, first_total), (check, check_total) = passes
     if first_total == check_total:
-        return f"{first} check: {check} ok \\boxed{{{check_total}}}"
-    redo, redo_total = worked_pass(terms)
-    return f"{first} check: {check} wait {first_total}!={check_total} redo: {redo} \\boxed{{{redo_total}}}"
+        return f"{first} check {check} ok \\boxed{{{check_total}}}"
+    remaining = next(o for o in ORDERS if o not in orders)
+    redo, redo_total = worked_pass(terms, remaining)
+    return f"{first} check {check} wait {first_total}!={check_total} redo {redo} \\boxed{{{redo_total}}}"
 
 
-def first_pass_error(terms: list[int], rng: random.Random) -> tuple[int, int]:
-    """Where (a step in the first half of the first pass: "an error early on") and by how much to err;
-    the delta never makes a partial sum negative."""
-    steps = len(terms) - 1
-    error_at = rng.randrange(max(1, steps // 2))
-    right = sum(terms[: error_at + 2])
-    deltas = [d for d in ERROR_DELTAS if right + d >= 0]
-    return error_at, rng.choice(deltas)
+def correct_texts(terms: list[int]) -> list[str]:
+    """Every clean trace of a question: one per ordered pair of distinct orders."""
+    return [solve(terms, pair) for pair in itertools.permutations(ORDERS, 2)]
 
 
-def make_split(cfg: LongTaskConfig, split: Literal["train", "eval"]) -> list[dict]:
-    """Rows `{id, question, answer, solution, terms}` of one split, with clean (error-free) solutions."""
+def random_error(terms: list[int], rng: random.Random) -> InjectedError:
+    """An error at any step of the first pass or the check. A negative delta is only drawn where it cannot
+    make the partial sum negative (checked against the smallest sum that many terms can have)."""
+    pass_index = rng.randrange(2)
+    step = rng.randrange(len(terms) - 1)
+    deltas = [d for d in ERROR_DELTAS if d > 0 or sum(sorted(terms)[: step + 2]) + d >= 0]
+    return InjectedError(pass_index, step, rng.choice(deltas))
+
+
+def _in_validation(question: str) -> bool:
+    """Whether a held-out question is in `val` (else `eval`): a second pure function of the text."""
+    digest = hashlib.sha256(b"rpo-val:" + question.encode("utf-8")).digest()
+    return digest[0] % 2 == 0
+
+
+def split_of(question: str) -> Split:
+    """The split a question belongs to: one bucket in ten is held out, and halved into `val` and `eval`."""
+    if not is_eval_question(question):
+        return "train"
+    return "val" if _in_validation(question) else "eval"
+
+
+def make_split(cfg: LongTaskConfig, split: Split) -> list[dict]:
+    """Rows `{id, question, answer, solution, terms}` of one split, with clean solutions (forward, then the
+    check backward); raises if the task space runs out first."""
+    if split not in ("train", "val", "eval"):
+        raise ValueError(f"split must be 'train', 'val' or 'eval', got {split!r}")
+    want = {"train": cfg.train_size, "val": cfg.val_size, "eval": cfg.eval_size}[split]
+    rows: list[dict] = []
+    if want == 0:
+        return rows
     questions = distinct_questions(
         f"rpo-synthetic-long-{cfg.seed}-{cfg.num_terms}-{cfg.max_digits}",
         cfg.num_terms,
         cfg.max_digits,
         question_text,
     )
-    want = cfg.train_size if split == "train" else cfg.eval_size
-    return take_split(
-        questions,
-        split,
-        want,
-        lambda index, question, terms: {
-            "id": f"arith-long-{split}-{index:05d}",
-            "question": question,
-            "answer": str(sum(terms)),
-            "solution": solve(terms),
-            "terms": terms,
-        },
+    for question, terms in questions:
+        if split_of(question) != split:
+            continue
+        rows.append(
+            {
+                "id": f"arith-long-{split}-{len(rows):05d}",
+                "question": question,
+                "answer": str(sum(terms)),
+                "solution": solve(terms),
+                "terms": terms,
+            }
+        )
+        if len(rows) == want:
+            return rows
+    raise ValueError(
+        f"only {len(rows)} distinct {split} questions exist at this difficulty; asked for {want}: "
+        "raise the number of terms or digits, or lower the size"
     )
 
 
 def warm_start_rows(cfg: LongTaskConfig) -> list[dict]:
-    """The train split with an error injected into the first pass of `error_rate` of the solutions
-    (chosen by the config's seed), so the warm start sees checks that disagree and redos that repair."""
+    """The train split with each solution's orders drawn at random, and an error injected into the first
+    pass or the check of `error_rate` of them (chosen by the config's seed), so the warm start sees every
+    order, checks that disagree, and redos that decide."""
     rng = random.Random(f"rpo-synthetic-long-errors-{cfg.seed}")
+    pairs = list(itertools.permutations(ORDERS, 2))
     rows = []
     for row in make_split(cfg, "train"):
-        if rng.random() < cfg.error_rate:
-            error_at, delta = first_pass_error(row["terms"], rng)
-            row = {**row, "solution": solve(row["terms"], error_at, delta)}
-        rows.append(row)
+        orders = rng.choice(pairs)
+        error = random_error(row["terms"], rng) if rng.random() < cfg.error_rate else None
+        rows.append({**row, "solution": solve(row["terms"], orders, error)})
     return rows
 
 
