@@ -23,7 +23,7 @@ from services.supervisor.main_job import run_config
 PAPER_VALUES: dict[str, str] = {
     "algorithm.algorithm": "grpo, dapo",
     "algorithm.group_size": "6",
-    "algorithm.truncation_limit": "300, 500, 800, 0.5l, l",
+    "algorithm.truncation_limit": "300, 500, 800, 0.5l, 0.1l, l",
     "algorithm.suffix_budget": "m (release code)",
     "algorithm.max_response_tokens": "4096",
     "algorithm.alpha": "0.01 (sweep 0, 0.01, 0.1, 1)",

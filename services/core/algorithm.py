@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Literal
 
-from services.core.schemas.common import TruncationLimit
+from services.core.schemas.common import RELATIVE_LIMIT_PATTERN, TruncationLimit
 
 """L: a fixed number of tokens, or relative to l, the shortest response length in the question's last group."""
 
@@ -31,10 +33,10 @@ def truncation_limit(spec: TruncationLimit, last_group_min_len: int | None, cach
 
     A relative spec uses l = the shortest response in the question's last group; when no group has been
     seen yet (only the seeded answer exists) we use the cached answer's length, as docs/algorithm.md says.
-    "0.5l" rounds down.
+    A share of l ("0.5l", "0.1l") rounds down, computed exactly (0.1 is a tenth, not its binary neighbour).
     """
     if isinstance(spec, bool):  # bool is an int subclass; refuse it explicitly
-        raise ValueError(f"truncation limit must be a token count or '0.5l'/'l', got {spec!r}")
+        raise ValueError(f"truncation limit must be a token count or a share of l like '0.5l', got {spec!r}")
     if isinstance(spec, int):
         if spec < 0:
             raise ValueError(f"truncation limit must be >= 0 tokens, got {spec}")
@@ -42,11 +44,12 @@ def truncation_limit(spec: TruncationLimit, last_group_min_len: int | None, cach
     base = last_group_min_len if last_group_min_len is not None else cached_len
     if base < 0:
         raise ValueError(f"response length must be >= 0, got {base}")
-    if spec == "l":
-        return base
-    if spec == "0.5l":
-        return base // 2
-    raise ValueError(f"unknown truncation limit {spec!r}; use an integer, '0.5l' or 'l'")
+    if not re.match(RELATIVE_LIMIT_PATTERN, spec):
+        raise ValueError(
+            f"unknown truncation limit {spec!r}; use an integer or a share of l: '0.5l', '0.1l', 'l'"
+        )
+    share = Fraction(spec[:-1] or "1")
+    return math.floor(base * share)
 
 
 def draw_truncation(limit: int, rng: random.Random) -> int:

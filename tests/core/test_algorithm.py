@@ -25,7 +25,14 @@ class TestTruncationLimit:
         assert A.truncation_limit("l", last_group_min_len=None, cached_len=90) == 90
         assert A.truncation_limit("0.5l", last_group_min_len=None, cached_len=90) == 45
 
-    @pytest.mark.parametrize("bad", [-1, True, "2l"])
+    def test_any_share_of_l_rounds_down_exactly(self):
+        # 0.1 * 70 is 7.000000000000001 in binary floating point and 0.1 * 30 is 3.0000000000000004: exact here
+        assert A.truncation_limit("0.1l", last_group_min_len=70, cached_len=900) == 7
+        assert A.truncation_limit("0.1l", last_group_min_len=29, cached_len=900) == 2
+        assert A.truncation_limit(".25l", last_group_min_len=None, cached_len=90) == 22
+        assert A.truncation_limit("1.0l", last_group_min_len=33, cached_len=90) == 33
+
+    @pytest.mark.parametrize("bad", [-1, True, "2l", "1.5l", "0.5", "l0.5"])
     def test_rejects_bad_specs(self, bad):
         with pytest.raises(ValueError):
             A.truncation_limit(bad, None, 10)

@@ -60,7 +60,7 @@ def test_unknown_key_names_key_file_and_line(tmp_path):
         ("algorithm.epsilon=1.5", "algorithm.epsilon"),
         ("algorithm.group_size=0", "algorithm.group_size"),
         ("algorithm.truncation_limit=-3", "algorithm.truncation_limit"),
-        ("algorithm.truncation_limit=0.3l", "algorithm.truncation_limit"),
+        ("algorithm.truncation_limit=1.5l", "algorithm.truncation_limit"),
         ("algorithm.suffix_budget=0", "algorithm.suffix_budget"),
         ("algorithm.algorithm=ppo", "algorithm.algorithm"),
         ("train.lr=-1", "train.lr"),

@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     PlainValidator,
+    StringConstraints,
     ValidationError,
     WithJsonSchema,
 )
@@ -53,8 +54,13 @@ Version = Annotated[int, Field(ge=0, le=MAX_INT64)]
 """A policy version: 0 is the weights a replica started from; each pushed update is the next integer."""
 
 
-TruncationLimit = Annotated[int, Field(ge=0, strict=True)] | Literal["0.5l", "l"]
-"""RPO's truncation limit L: a token count >= 0, or "0.5l" / "l", relative to the question's last group's
+RELATIVE_LIMIT_PATTERN = r"^(0?\.[0-9]+|1(\.0+)?)?l$"
+"""A share of l: "l", "0.5l", "0.1l", ".25l" (a decimal from 0 to 1, then "l")."""
+TruncationLimit = (
+    Annotated[int, Field(ge=0, strict=True)]
+    | Annotated[str, StringConstraints(pattern=RELATIVE_LIMIT_PATTERN)]
+)
+"""RPO's truncation limit L: a token count >= 0, or a share of l ("0.5l", "0.1l", "l"), relative to the question's last group's
 shortest response (docs/algorithm.md). The one declaration: the config, both wire schemas and the algorithm
 use it. Strict: "300" on the wire is a mistake, not 300 (the config turns text from the environment into a
 number before it gets here)."""
