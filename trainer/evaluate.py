@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from services.core.config import RunConfig
+from services.core.schemas.rollout import RolloutSettings
 from trainer.remote import RemoteServices
 
 log = logging.getLogger("rpo.eval")
@@ -65,15 +66,16 @@ def evaluate_questions(
     prompts: dict[str, list[int]],
     replicas: list[str] | None = None,
     min_policy_version: int = 0,
+    settings: RolloutSettings | None = None,
 ) -> EvalResult:
     """Sample k full responses per question through the replicas (default: all configured) and score
-    them; rank 0 of the trainer, or the CLI."""
+    them; rank 0 of the trainer, or the CLI. `settings` default to the run's evaluation settings."""
     started = time.monotonic()
     batch = remote.replica_set.rollouts(
         replicas or remote.replica_set.replicas(),
         questions,
         prompts,
-        settings=remote.plans.evaluation,
+        settings=settings or remote.plans.evaluation,
         min_policy_version=min_policy_version,
         phase="evaluation",
     )

@@ -97,6 +97,8 @@ class TrainingRecipe:
         self.prompts: dict[str, list[int]] = {}
         self.eval_questions: list = []
         self.eval_prompts: dict[str, list[int]] = {}
+        self.val_questions: list = []
+        self.val_prompts: dict[str, list[int]] = {}
         if cfg.services.run_id == "auto":  # rank 0 picks it, every rank uses it
             _, cfg.services.run_id = self.on_main(self._pick_run_id, share=lambda run_id: run_id)
         if self.main:
@@ -111,6 +113,11 @@ class TrainingRecipe:
                     cfg.data.eval_dataset, cfg.data, cfg.data.eval_max_questions
                 )
                 self.eval_prompts = {q.id: encode_prompt(tokenizer, q, cfg.data) for q in self.eval_questions}
+            if cfg.data.val_dataset:
+                self.val_questions = load_questions(
+                    cfg.data.val_dataset, cfg.data, cfg.data.val_max_questions
+                )
+                self.val_prompts = {q.id: encode_prompt(tokenizer, q, cfg.data) for q in self.val_questions}
             self.remote = RemoteServices(cfg)
             self.rollout_source = RolloutSource(
                 self.remote, self.cursor, self.questions, self.prompts, cfg, self.total_steps
@@ -248,28 +255,62 @@ class TrainingRecipe:
         return counts
 
     def evaluate(self, label: str) -> None:
-        """Held-out pass@1 / pass@k through the replicas (rank 0; the others wait at the next collective)."""
-        if not self.cfg.data.eval_dataset:
+        """Held-out pass@1 / pass@k through the replicas (rank 0; the others wait at the next collective).
+
+        `before` and `after` evaluate the test set at `sampling.eval_temperature` and again at each of
+        `sampling.eval_extra_temperatures` (labelled `after T=1`), and the validation set when there is one
+        (`val after`); a periodic evaluation (`step N`) uses the validation set when there is one, so the
+        test set is touched only before and after training."""
+        runs = self._evaluations(label)
+        if not runs:
             return
         replicas = (
             self.sync_replicas()
         )  # e.g. before the first step: replicas may serve another run's weights
 
         def run() -> None:
-
-            result = evaluate_questions(
-                self.remote,
-                self.cfg,
-                self.eval_questions,
-                self.eval_prompts,
-                replicas=replicas,
-                min_policy_version=self.learner.policy_version,
-            )
-            log.info("evaluation %s: %s", label, result.describe(), extra={"step": self.step})
-            self.progress.event("eval", label=label, step=self.step, **result.as_dict())
-            self.metrics.eval_accuracy.set(result.pass_at_1)
+            for name, split, dataset, temperature in runs:
+                questions, prompts = (
+                    (self.val_questions, self.val_prompts)
+                    if split == "val"
+                    else (self.eval_questions, self.eval_prompts)
+                )
+                result = evaluate_questions(
+                    self.remote,
+                    self.cfg,
+                    questions,
+                    prompts,
+                    replicas=replicas,
+                    min_policy_version=self.learner.policy_version,
+                    settings=self.remote.plans.evaluation_on(dataset, temperature),
+                )
+                log.info("evaluation %s: %s", name, result.describe(), extra={"step": self.step})
+                self.progress.event(
+                    "eval",
+                    label=name,
+                    step=self.step,
+                    split=split,
+                    temperature=temperature,
+                    **result.as_dict(),
+                )
+                if split == "test" and temperature == self.cfg.sampling.eval_temperature:
+                    self.metrics.eval_accuracy.set(result.pass_at_1)
 
         self.on_main(run)
+
+    def _evaluations(self, label: str) -> list[tuple[str, str, str, float]]:
+        """(label, split, dataset, temperature) of each evaluation `evaluate(label)` runs."""
+        data, sampling = self.cfg.data, self.cfg.sampling
+        test = data.eval_dataset
+        val = (
+            [(f"val {label}", "val", data.val_dataset, sampling.eval_temperature)] if data.val_dataset else []
+        )
+        if label not in ("before", "after"):
+            return val or ([(label, "test", test, sampling.eval_temperature)] if test else [])
+        if not test:
+            return val
+        extra = [(f"{label} T={t:g}", "test", test, t) for t in sampling.eval_extra_temperatures]
+        return [(label, "test", test, sampling.eval_temperature), *extra, *val]
 
     def seed_cache(self) -> None:
         """One answer for every training question the cache lacks, from the policy the replicas serve

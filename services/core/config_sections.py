@@ -15,6 +15,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    NonNegativeFloat,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -76,6 +77,10 @@ class DataSection(ConfigSection):
     """Training questions: a .jsonl or .parquet file, a saved `datasets` directory, or `builtin:arith`."""
     eval_dataset: str | None = "builtin:arith-eval"
     """Held-out questions for evaluation (same formats); None disables evaluation."""
+    val_dataset: str | None = None
+    """Validation questions (same formats). When set, the evaluations during training (`train.eval_every`)
+    and a curve point before and after training use them, so the test set (`eval_dataset`) is touched only
+    by the evaluations before and after training."""
     id_field: str = "id"
     """Field holding a unique question id; rows without it get one derived from the question text."""
     question_field: str = "question"
@@ -96,6 +101,8 @@ class DataSection(ConfigSection):
     """Use only the first N training questions (quick runs)."""
     eval_max_questions: int | None = Field(None, ge=1)
     """Evaluate on only the first N held-out questions."""
+    val_max_questions: int | None = Field(None, ge=1)
+    """Validate on only the first N validation questions."""
     synthetic_num_terms: int = Field(4, ge=2, le=32)
     """Difficulty of the built-in arithmetic task: terms per question (more terms, longer traces)."""
     synthetic_max_digits: int = Field(2, ge=1, le=6)
@@ -271,6 +278,9 @@ class SamplingSection(ConfigSection):
     """Evaluation top_p. Paper: 0.95."""
     eval_samples: int = Field(1, ge=1)
     """k for pass@k during evaluation."""
+    eval_extra_temperatures: list[NonNegativeFloat] = Field(default_factory=list)
+    """The evaluations before and after training run again at each of these temperatures (e.g. the training
+    temperature beside the paper's 0.6), each recorded with its temperature."""
 
 
 class LoraSection(ConfigSection):

@@ -139,6 +139,10 @@ class RolloutPlans:
         )
         return cls(training, initialisation, evaluation)
 
+    def evaluation_on(self, dataset: str, temperature: float) -> RolloutSettings:
+        """The evaluation's settings on another held-out set (the validation split) or at another temperature."""
+        return self.evaluation.model_copy(update={"dataset": dataset, "temperature": temperature})
+
     def train(self, seed: int) -> RolloutSettings:
         """A training step's settings (its seed: `trainer.schedule.request_seed`)."""
         return self.training.model_copy(update={"seed": seed})
