@@ -31,8 +31,9 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         ("reproduce",),
-        "the paper's comparison in miniature: GRPO, RPO+GRPO (with and without the length reward), DAPO and "
-        "RPO+DAPO from the same warm model; writes results.json, results.md and plots",
+        "the paper's comparison in miniature: GRPO and RPO+GRPO (with and without the length reward), RPO+GRPO "
+        "at L=0.1l and epsilon 0 and 1, DAPO and RPO+DAPO, from one warm model, over training seeds; writes "
+        "results.json, results.md and plots",
         "services.supervisor.reproduce:reproduce_main",
         (
             Flag("--run-dir", "where the arms, results and plots go", "train.run_dir"),
@@ -43,19 +44,13 @@ COMMANDS: tuple[Command, ...] = (
                 None,
                 {"action": "store_true"},
             ),
-            Flag("--sweep", "also sweep L, G, epsilon and alpha on RPO+GRPO", None, {"action": "store_true"}),
             Flag(
-                "--timing-limit",
-                "L in tokens of the timing arm (about a tenth of an answer)",
+                "--seeds",
+                "training seeds per arm (DAPO arms run at the first only)",
                 None,
-                {"type": int, "default": 32},
+                {"type": int, "default": 1},
             ),
-            Flag(
-                "--gpu-rollout-share",
-                "assumed rollout share of a full-path step on a GPU, for the projected step-time ratio",
-                None,
-                {"type": float, "default": 0.7},
-            ),
+            Flag("--arms", "run only these arms (comma-separated), e.g. to run the protocol in parts", None),
         ),
     ),
     Command(

@@ -1,23 +1,23 @@
-"""`rpo reproduce [--config FILE] [--steps N] [--smoke] [--sweep]`: the paper's comparison in miniature.
+"""`rpo reproduce [--seeds N] [--arms A,B] [--smoke]`: the paper's comparison in miniature, as a protocol.
 
-From the same warm model, with the same seeds, questions, G and steps, it trains and evaluates five arms,
-each an `rpo run` on fresh services (its own cache server, embedded Redis, replica and trainer):
+From the same warm model it trains and evaluates these arms, each an `rpo run` on fresh services (its own
+cache server, embedded Redis, replica and trainer), once per training seed:
 
-    GRPO | RPO+GRPO | RPO+GRPO without the length-aware reward | DAPO | RPO+DAPO
+- the headline pairs, each RPO arm paired with its own kind: GRPO / RPO+GRPO (the length-aware reward on)
+  and GRPO / RPO+GRPO without the length reward, at the base config's L (0.5l, the paper's accuracy runs);
+- RPO+GRPO at L = 0.1l, for decoded tokens and step time at a short cut (the paper's timing runs);
+- the epsilon sweep: RPO+GRPO at epsilon 0 and 1 beside the headline's 0.5. The base config trains several
+  epochs over a small question set, so every question comes back and its cache update is read;
+- DAPO and RPO+DAPO at the first seed only (DAPO updates twice per batch: its rows say so).
 
-at the base config's L (0.5l, the paper's accuracy runs), and a sixth, RPO+GRPO at L = 32 tokens (about a
-tenth of an answer, the paper's separate timing runs), for the rollout and step-time comparison.
+Each run evaluates the test set before (once, in the first run: the same model in every arm) and after
+training, at the paper's temperature and at the training temperature, and the validation set every
+`train.eval_every` steps (the curves "equal time" is read from). `services.supervisor.results` turns the
+runs into results.json and results.md (intervals over seeds and questions, the targets) and the plots.
 
-then writes into the run directory `results.json`, `results.md` (the tables: accuracy before and after
-with 95% intervals, decoded and reused tokens per sample with the predicted RPO/full ratio beside the
-measured one, step time and its phases, wall time, RPO/full ratios, the targets) and three PNG plots.
-`--sweep` adds the RPO+GRPO arm with L, G, epsilon and alpha varied, one small table each.
-
-The default is the long-reasoning task (`services/demo/presets/reproduce.yaml`); `--smoke` runs two steps
-per arm on the short task's warm model, which is what the test suite does.
-
-An interrupted reproduction resumes: run the same command again and the arms that finished are kept (each
-arm's directory is `arms/<name>/`), the one that stopped starts over, the rest follow. A changed base
+Runs go seed by seed, so an interrupted or partial reproduction holds whole seeds first. Running the same
+command again keeps every run that finished (`arms/<arm>/seed-<s>/`), starts the one that stopped over,
+and runs the rest; `--arms` runs a subset, so the protocol can be run in parts. A changed base
 configuration starts a new reproduction (the old directory is moved aside, never overwritten).
 """
 
@@ -42,7 +42,8 @@ from services.cli.args import UsageError, shortcut_overrides
 from services.core.config import ConfigError, RunConfig, load_config
 from services.supervisor.main_job import MainJob, fresh_run_dir, preset_path
 from services.supervisor.plots import write_plots
-from services.supervisor.results import build_results, render_markdown
+from services.supervisor.results import build_results
+from services.supervisor.results_tables import render_markdown
 
 log = logging.getLogger("rpo.reproduce")
 
@@ -51,28 +52,32 @@ SMOKE_PRESET = "tiny-demo.yaml"
 SMOKE_OVERRIDES = (
     "train.max_steps=2",
     "train.questions_per_step=4",
-    "data.max_questions=8",
+    "train.eval_every=1",
+    "data.max_questions=4",
+    "train.epochs=2",
     "data.eval_max_questions=8",
+    "data.val_dataset=builtin:arith-eval",
+    "data.val_max_questions=4",
     "sampling.eval_samples=2",
+    "sampling.eval_extra_temperatures=[1.0]",
     "train.run_dir=runs/reproduce-smoke",
 )
-"""Two steps per arm on a handful of questions: every code path, none of the statistics."""
-
-GPU_ROLLOUT_SHARE = 0.7
-"""Assumed share of rollout in a full-path GRPO step on a GPU run, for the projected step-time ratio
-(docs/results.md says where the figure comes from)."""
+"""Two steps per arm on a handful of questions, each visited twice: every code path, none of the statistics.
+(The short task has no validation split: the smoke validates on the first test questions.)"""
 
 
 @dataclass(frozen=True)
 class Arm:
-    """One training run of the comparison: the `--set` items that make it, and its full-path counterpart."""
+    """One arm of the comparison: the `--set` items that make it, and its full-path counterpart."""
 
     name: str
     label: str
     overrides: tuple[str, ...]
     full: str | None = None
-    """The full-path arm this RPO arm's tokens and times are compared with."""
-    sweep: bool = False
+    """The full-path arm this RPO arm's accuracy, tokens and times are compared with (same seed)."""
+    group: str = "headline"
+    """headline | timing | epsilon | dapo: which table the arm belongs to."""
+    first_seed_only: bool = False
 
 
 GRPO = ("algorithm.algorithm=grpo",)
@@ -85,66 +90,58 @@ DAPO = (
 )
 FULL, RPO = ("algorithm.mode=full",), ("algorithm.mode=rpo",)
 NO_LENGTH_REWARD = ("algorithm.alpha=0",)
+TIMING_LIMIT = "0.1l"
+"""L of the timing arm: a tenth of the answer (the paper's timing runs cut 800 of about 2,700 tokens, 0.3l;
+the issue's protocol reads 0.5l and 0.1l)."""
+EPSILONS = (0.0, 1.0)
+"""The epsilon sweep's points beside the base config's epsilon (0.5)."""
 
-TIMING_LIMIT = 32
-"""L of the timing arm, in tokens: about a tenth of the built-in long task's answers (the paper's timing runs
-cut 800 of about 2,700 tokens; its accuracy runs use 0.5l). `--timing-limit` changes it for another task."""
-
-
-def main_arms(timing_limit: int = TIMING_LIMIT) -> tuple[Arm, ...]:
-    """The five arms of the paper's comparison at the base config's L, and RPO+GRPO again at a short L
-    (the paper's separate timing configuration)."""
-    return (
-        Arm("grpo", "GRPO", (*GRPO, *FULL)),
-        Arm("rpo-grpo", "RPO+GRPO", (*GRPO, *RPO), full="grpo"),
+ARMS: tuple[Arm, ...] = (
+    Arm("grpo", "GRPO", (*GRPO, *FULL)),
+    Arm("rpo-grpo", "RPO+GRPO", (*GRPO, *RPO), full="grpo"),
+    Arm("grpo-no-length", "GRPO, no length reward", (*GRPO, *FULL, *NO_LENGTH_REWARD)),
+    Arm(
+        "rpo-grpo-no-length",
+        "RPO+GRPO, no length reward",
+        (*GRPO, *RPO, *NO_LENGTH_REWARD),
+        full="grpo-no-length",
+    ),
+    Arm(
+        "rpo-grpo-0.1l",
+        f"RPO+GRPO, L={TIMING_LIMIT}",
+        (*GRPO, *RPO, f"algorithm.truncation_limit={TIMING_LIMIT}"),
+        full="grpo",
+        group="timing",
+    ),
+    *(
         Arm(
-            "rpo-grpo-no-length", "RPO+GRPO, no length reward", (*GRPO, *RPO, *NO_LENGTH_REWARD), full="grpo"
-        ),
-        Arm("dapo", "DAPO", (*DAPO, *FULL)),
-        Arm("rpo-dapo", "RPO+DAPO", (*DAPO, *RPO), full="dapo"),
-        Arm(
-            "rpo-grpo-timing",
-            f"RPO+GRPO, L={timing_limit} (timing)",
-            (*GRPO, *RPO, f"algorithm.truncation_limit={timing_limit}"),
+            f"rpo-grpo-eps{e:g}",
+            f"RPO+GRPO, epsilon={e:g}",
+            (*GRPO, *RPO, f"algorithm.epsilon={e}"),
             full="grpo",
-        ),
-    )
-
-
-MAIN_ARMS = main_arms()
-REFERENCE = "grpo"
-HEADLINE_ACCURACY = ("rpo-grpo", "grpo")
-"""The accuracy targets compare these two (RPO+GRPO with the length reward at the base L, and GRPO)."""
-HEADLINE_TIMING = ("rpo-grpo-timing", "grpo")
-"""The rollout and step-time targets compare these two (L about a tenth of the answer)."""
-
-
-@dataclass(frozen=True)
-class Sweep:
-    """RPO+GRPO with one setting varied, compared with full-path GRPO."""
-
-    key: str
-    values: tuple[Any, ...]
-    full_varies: bool = False
-    """The setting applies to full-path GRPO too, so each point gets its own GRPO arm (G)."""
-    revisits: bool = False
-    """The points train on a third of the questions, each visited three times, with a GRPO arm on the same
-    questions: a cache update is only ever read when its question comes back (epsilon)."""
-
-
-SWEEPS: dict[str, Sweep] = {
-    "L": Sweep("algorithm.truncation_limit", (16, 32, 64, "0.5l")),
-    "G": Sweep("algorithm.group_size", (4, 6, 8), full_varies=True),
-    "epsilon": Sweep("algorithm.epsilon", (0.1, 0.5, 1.0), revisits=True),
-    "alpha": Sweep("algorithm.alpha", (0.0, 0.01, 0.1)),
-}
-"""The sweeps of `--sweep`; a point equal to an existing arm's settings reuses that arm."""
-VISITS = 3
-"""How often each question comes back in a `revisits` sweep."""
+            group="epsilon",
+        )
+        for e in EPSILONS
+    ),
+    Arm("dapo", "DAPO (2 updates per batch)", (*DAPO, *FULL), group="dapo", first_seed_only=True),
+    Arm(
+        "rpo-dapo",
+        "RPO+DAPO (2 updates per batch)",
+        (*DAPO, *RPO),
+        full="dapo",
+        group="dapo",
+        first_seed_only=True,
+    ),
+)
+ARM_NAMES = tuple(a.name for a in ARMS)
+HEADLINE_PAIRS = (("rpo-grpo", "grpo"), ("rpo-grpo-no-length", "grpo-no-length"))
+"""The equal-steps and equal-time targets compare these pairs."""
+EPSILON_BASE = "rpo-grpo-eps0"
+"""The epsilon sweep's differences are against epsilon 0 (the update never keeps the best response)."""
 
 
 def settings(cfg: RunConfig) -> dict[str, Any]:
-    """The settings that tell arms apart (what the tables print and what de-duplicates sweep points)."""
+    """The settings that tell arms apart (what the tables print)."""
     a, t = cfg.algorithm, cfg.train
     return {
         "algorithm": a.algorithm,
@@ -158,153 +155,139 @@ def settings(cfg: RunConfig) -> dict[str, Any]:
         "max_steps": t.max_steps,
         "max_questions": cfg.data.max_questions,
         "epochs": t.epochs,
+        "seed": t.seed,
     }
 
 
 class Reproduction:
-    """The arms of one reproduction, their run directories, and the results built from them."""
+    """The runs (arm x seed) of one reproduction, their directories, and the results built from them."""
 
     def __init__(
         self,
         base_path: Path,
         overrides: list[str],
         *,
-        sweep: bool,
+        seeds: int = 1,
+        arms: tuple[str, ...] = ARM_NAMES,
         smoke: bool,
         command: str,
-        timing_limit: int = TIMING_LIMIT,
     ):
         self.base_path = base_path
-        self.arms = main_arms(timing_limit)
         self.overrides = overrides
         self.smoke = smoke
         self.command = command
         self.base = self._config(())
         self.out = Path(self.base.train.run_dir)
-        self.plan = self._plan(sweep)
+        self.seeds = list(range(self.base.train.seed, self.base.train.seed + seeds))
+        self.plan = self._plan(arms)
 
     def _config(self, arm_overrides: tuple[str, ...]) -> RunConfig:
         return load_config(self.base_path, [*self.overrides, *arm_overrides])
 
-    def _plan(self, sweep: bool) -> dict[str, Any]:
-        arms = list(self.arms)
-        points: dict[str, list[dict[str, Any]]] = {}
-        if sweep:
-            arms, points = self._with_sweeps(arms)
+    def _plan(self, chosen: tuple[str, ...]) -> dict[str, Any]:
+        arms = [a for a in ARMS if a.name in chosen]
+        runs = [
+            {
+                "arm": arm.name,
+                "seed": seed,
+                "dir": f"arms/{arm.name}/seed-{seed}",
+                "overrides": [*arm.overrides, f"train.seed={seed}"],
+            }
+            for seed in self.seeds
+            for arm in arms
+            if seed == self.seeds[0] or not arm.first_seed_only
+        ]
         return {
             "base": self._base_identity(),
+            "seeds": self.seeds,
             "arms": [
                 {
                     "name": arm.name,
                     "label": arm.label,
                     "overrides": list(arm.overrides),
                     "full": arm.full,
-                    "sweep": arm.sweep,
-                    "settings": {**settings(self._config(arm.overrides)), "sweep": arm.sweep},
+                    "group": arm.group,
+                    "settings": settings(self._config(arm.overrides)),
                 }
                 for arm in arms
             ],
-            "reference": REFERENCE,
-            "headline_accuracy": list(HEADLINE_ACCURACY),
-            "headline_timing": list(HEADLINE_TIMING),
-            "main_rpo_arms": [a.name for a in self.arms if a.full],
-            "sweeps": points,
+            "runs": runs,
+            "headline_pairs": [list(p) for p in HEADLINE_PAIRS],
+            "epsilon_base": EPSILON_BASE,
             "smoke": self.smoke,
         }
-
-    def _with_sweeps(self, arms: list[Arm]) -> tuple[list[Arm], dict[str, list[dict[str, Any]]]]:
-        """Add one arm per sweep point unless an arm with the same settings exists already."""
-        by_settings = {json.dumps(settings(self._config(a.overrides)), sort_keys=True): a for a in arms}
-        rpo_grpo = next(a for a in self.arms if a.name == HEADLINE_ACCURACY[0])
-        grpo = next(a for a in self.arms if a.name == REFERENCE)
-        points: dict[str, list[dict[str, Any]]] = {}
-
-        def arm_for(name: str, label: str, overrides: tuple[str, ...], full: str | None) -> Arm:
-            key = json.dumps(settings(self._config(overrides)), sort_keys=True)
-            if key not in by_settings:
-                by_settings[key] = Arm(name, label, overrides, full, sweep=True)
-                arms.append(by_settings[key])
-            return by_settings[key]
-
-        steps, per_step = self.base.train.max_steps, self.base.train.questions_per_step
-        questions = max(per_step, (steps or 1) * per_step // VISITS)
-        revisit = (f"data.max_questions={questions}", f"train.epochs={VISITS}")
-        for parameter, sweep in SWEEPS.items():
-            points[parameter] = []
-            context = revisit if sweep.revisits else ()
-            suffix = f" ({questions} questions x {VISITS} visits)" if sweep.revisits else ""
-            for value in sweep.values:
-                item = f"{sweep.key}={value}"
-                full = grpo
-                if sweep.full_varies:
-                    full = arm_for(
-                        f"sweep-{parameter}-{value}-grpo",
-                        f"GRPO, {parameter}={value}{suffix}",
-                        (*grpo.overrides, *context, item),
-                        None,
-                    )
-                elif context:
-                    full = arm_for(
-                        f"sweep-{parameter}-grpo", f"GRPO{suffix}", (*grpo.overrides, *context), None
-                    )
-                arm = arm_for(
-                    f"sweep-{parameter}-{value}",
-                    f"RPO+GRPO, {parameter}={value}{suffix}",
-                    (*rpo_grpo.overrides, *context, item),
-                    full.name,
-                )
-                points[parameter].append({"value": value, "arm": arm.name})
-        return arms, points
 
     def _base_identity(self) -> dict[str, Any]:
         data = self.base.model_dump(mode="json")
         data["train"].pop("run_dir", None)
+        data["train"].pop("seed", None)  # the seeds are the plan's
         return data
 
     # ------------------------------------------------------------------------------------------- running
     def prepare(self) -> list[str]:
-        """Create (or resume in) the run directory; returns the names of the arms already finished."""
+        """Create (or resume in) the run directory; returns the directories of the runs already finished."""
         plan_file = self.out / "plan.json"
         planned_before: dict[str, list[str]] = {}
         if plan_file.exists():
             previous = json.loads(plan_file.read_text())
-            planned_before = {a["name"]: a["overrides"] for a in previous.get("arms", [])}
+            planned_before = {r["dir"]: r["overrides"] for r in previous.get("runs", [])}
             if previous.get("base") != self.plan["base"]:
                 log.info(
                     "the base configuration changed since %s was planned: starting a new reproduction",
                     self.out,
                 )
+                planned_before = {}
                 fresh_run_dir(self.out)
         else:
             fresh_run_dir(self.out)
         (self.out / "arms").mkdir(parents=True, exist_ok=True)
-        plan_file.write_text(json.dumps(self.plan, indent=2) + "\n")
+        # A partial invocation (--arms, fewer --seeds) keeps the runs planned before, so that results are
+        # built from everything finished in this directory.
+        merged = {r["dir"]: r for r in self._previous_runs(plan_file)}
+        merged.update({r["dir"]: r for r in self.plan["runs"]})
+        arms = {a["name"]: a for a in self._previous_arms(plan_file)}
+        arms.update({a["name"]: a for a in self.plan["arms"]})
+        recorded = {
+            **self.plan,
+            "arms": [arms[n] for n in ARM_NAMES if n in arms],
+            "runs": sorted(merged.values(), key=lambda r: (r["seed"], ARM_NAMES.index(r["arm"]))),
+            "seeds": sorted({r["seed"] for r in merged.values()}),
+        }
+        plan_file.write_text(json.dumps(recorded, indent=2) + "\n")
+        self.recorded_plan = recorded
         done = []
-        for arm in self.plan["arms"]:
-            summary = self.out / "arms" / arm["name"] / "summary.json"
-            # An arm of the same name planned with other settings (another --timing-limit, a changed
-            # sweep) is run again.
-            same = planned_before.get(arm["name"]) == arm["overrides"]
+        for run in self.plan["runs"]:
+            summary = self.out / run["dir"] / "summary.json"
+            # A run planned with other settings (a changed arm) is run again.
+            same = planned_before.get(run["dir"]) == run["overrides"]
             if same and summary.exists() and json.loads(summary.read_text()).get("ok"):
-                done.append(arm["name"])
+                done.append(run["dir"])
         return done
 
-    def run(self, gpu_rollout_share: float = GPU_ROLLOUT_SHARE) -> dict[str, Any]:
-        """Run every arm not finished yet, in order; then build and write the results."""
+    @staticmethod
+    def _previous_runs(plan_file: Path) -> list[dict[str, Any]]:
+        return json.loads(plan_file.read_text()).get("runs", []) if plan_file.exists() else []
+
+    @staticmethod
+    def _previous_arms(plan_file: Path) -> list[dict[str, Any]]:
+        return json.loads(plan_file.read_text()).get("arms", []) if plan_file.exists() else []
+
+    def run(self) -> dict[str, Any]:
+        """Run every run not finished yet, in order; then build and write the results."""
         started = time.monotonic()
         done = self.prepare()
-        arms = self.plan["arms"]
+        runs = self.plan["runs"]
         if done:
             log.info(
-                "resuming %s: %d of %d arms finished (%s)", self.out, len(done), len(arms), ", ".join(done)
+                "resuming %s: %d of %d runs finished (%s)", self.out, len(done), len(runs), ", ".join(done)
             )
-        with tqdm(total=len(arms), initial=len(done), desc="reproduce", unit="arm", disable=None) as bar:
-            for index, arm in enumerate(arms):
-                if arm["name"] in done:
+        with tqdm(total=len(runs), initial=len(done), desc="reproduce", unit="run", disable=None) as bar:
+            for index, run in enumerate(runs):
+                if run["dir"] in done:
                     continue
-                self._run_arm(index, arm, evaluate_before=not self._has_before(arms))
+                self._run_one(index, run, evaluate_before=not self._has_before())
                 bar.update(1)
-        results = self.write_results(gpu_rollout_share)
+        results = self.write_results()
         log.info(
             "reproduction finished in %.0f s (this invocation); results in %s",
             time.monotonic() - started,
@@ -312,22 +295,24 @@ class Reproduction:
         )
         return results
 
-    def _has_before(self, arms: list[dict[str, Any]]) -> bool:
-        """Whether a finished arm evaluated the starting model already (it is the same in every arm)."""
-        for arm in arms:
-            metrics = self.out / "arms" / arm["name"] / "metrics.jsonl"
-            if metrics.exists() and '"label": "before"' in metrics.read_text():
+    def _has_before(self) -> bool:
+        """Whether a finished run evaluated the starting model already (it is the same in every arm)."""
+        for run in self.recorded_plan["runs"]:
+            metrics = self.out / run["dir"] / "metrics.jsonl"
+            summary = self.out / run["dir"] / "summary.json"
+            if summary.exists() and metrics.exists() and '"label": "before"' in metrics.read_text():
                 return True
         return False
 
-    def _run_arm(self, index: int, arm: dict[str, Any], evaluate_before: bool) -> None:
-        arm_dir = self.out / "arms" / arm["name"]
-        count = len(self.plan["arms"])
-        log.info("arm %d/%d %s (%s): starting", index + 1, count, arm["name"], arm["label"])
+    def _run_one(self, index: int, run: dict[str, Any], evaluate_before: bool) -> None:
+        run_dir = self.out / run["dir"]
+        count = len(self.plan["runs"])
+        name = f"{run['arm']} seed {run['seed']}"
+        log.info("run %d/%d %s: starting", index + 1, count, name)
         cfg = self._config(
             (
-                *arm["overrides"],
-                f"train.run_dir={arm_dir}",
+                *run["overrides"],
+                f"train.run_dir={run_dir}",
                 f"train.eval_before={str(evaluate_before).lower()}",
             )
         )
@@ -336,15 +321,15 @@ class Reproduction:
             raise KeyboardInterrupt
         if not summary.get("ok"):
             raise ArmFailed(
-                f"arm {arm['name']} failed: {summary.get('error')} (its logs: {arm_dir / 'logs'}); "
-                "run the same command again to resume at this arm"
+                f"run {name} failed: {summary.get('error')} (its logs: {run_dir / 'logs'}); "
+                "run the same command again to resume at this run"
             )
         after = summary.get("eval_after") or {}
         log.info(
-            "arm %d/%d %s: done in %.0f s, %d steps of %.2f s, %.1f decoded tokens/sample, pass@1 after %s",
+            "run %d/%d %s: done in %.0f s, %d steps of %.2f s, %.1f decoded tokens/sample, pass@1 after %s",
             index + 1,
             count,
-            arm["name"],
+            name,
             summary["wall_seconds"],
             summary["steps"],
             summary["mean_step_seconds"],
@@ -352,21 +337,21 @@ class Reproduction:
             f"{100 * after['pass_at_1']:.1f}%" if "pass_at_1" in after else "n/a",
         )
 
-    def write_results(self, gpu_rollout_share: float) -> dict[str, Any]:
-        """`results.json`, `results.md` and the plots, from whatever arms have finished."""
+    def write_results(self) -> dict[str, Any]:
+        """`results.json`, `results.md` and the plots, from whatever runs have finished."""
         cfg = self.base
         meta = {
             "task": f"{cfg.data.dataset} on {cfg.model.path}",
             "command": self.command,
+            "commit": git_commit(),
             "date": time.strftime("%Y-%m-%d"),
             "machine": machine(),
             "learner": "shared-prefix (train.share_prefix: true)"
             if cfg.train.share_prefix
             else "one row per response (train.share_prefix: false)",
-            "gpu_rollout_share": gpu_rollout_share,
+            "base_config": self.plan["base"],
         }
-        results = build_results(self.out, self.plan, meta)
-        results["wall_seconds"] = sum((row["wall_seconds"] or 0.0) for row in results["arms"].values())
+        results = build_results(self.out, self.recorded_plan, meta)
         (self.out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
         (self.out / "results.md").write_text(render_markdown(results))
         results["plots"] = [str(p) for p in write_plots(results, self.out)]
@@ -374,7 +359,27 @@ class Reproduction:
 
 
 class ArmFailed(RuntimeError):
-    """One arm's `rpo run` did not finish; the message names the arm and its logs."""
+    """One run's `rpo run` did not finish; the message names the arm, the seed and the logs."""
+
+
+def git_commit() -> str | None:
+    """The commit the code ran at (with `+dirty` when the work tree differs), or None outside a checkout."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}+dirty" if dirty else head
 
 
 def machine() -> dict[str, Any]:
@@ -397,38 +402,46 @@ def machine() -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "platform": platform.platform()}
 
 
+def chosen_arms(spec: str | None) -> tuple[str, ...]:
+    """`--arms a,b`: the named arms, in protocol order; unknown names are a usage error."""
+    if not spec:
+        return ARM_NAMES
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ARM_NAMES]
+    if unknown or not names:
+        raise UsageError(
+            f"--arms: unknown arm {', '.join(unknown) or repr(spec)}; choose from {', '.join(ARM_NAMES)}"
+        )
+    return tuple(n for n in ARM_NAMES if n in names)
+
+
 def reproduce_main(args: Any) -> int:
     """The `rpo reproduce` command."""
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
-    if args.timing_limit < 1:
-        raise UsageError(f"--timing-limit must be >= 1 token, got {args.timing_limit}")
-    if not 0.0 <= args.gpu_rollout_share <= 1.0:
-        raise UsageError(f"--gpu-rollout-share must be in [0, 1], got {args.gpu_rollout_share}")
+    if args.seeds < 1:
+        raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
+    arms = chosen_arms(args.arms)
     base_path = Path(args.config) if args.config else preset_path(SMOKE_PRESET if args.smoke else PRESET)
     overrides = [*(SMOKE_OVERRIDES if args.smoke else ())]
     if args.steps is not None:
-        first = load_config(base_path, [*overrides, *args.overrides])
-        overrides += [
-            f"train.max_steps={args.steps}",
-            f"data.max_questions={args.steps * first.train.questions_per_step}",
-        ]
+        overrides.append(f"train.max_steps={args.steps}")
     overrides += [*shortcut_overrides(args), *args.overrides]
     try:
         reproduction = Reproduction(
             base_path,
             overrides,
-            sweep=args.sweep,
+            seeds=args.seeds,
+            arms=arms,
             smoke=args.smoke,
             command=shlex.join(["rpo", *sys.argv[1:]]) if sys.argv[1:2] == ["reproduce"] else "rpo reproduce",
-            timing_limit=args.timing_limit,
         )
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
     try:
-        results = reproduction.run(args.gpu_rollout_share)
+        results = reproduction.run()
     except KeyboardInterrupt:
-        log.warning("reproduction interrupted; run the same command again to resume at the arm it stopped in")
+        log.warning("reproduction interrupted; run the same command again to resume at the run it stopped in")
         return 130
     except ArmFailed as exc:
         log.error("%s", exc)

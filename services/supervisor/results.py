@@ -1,134 +1,79 @@
-"""The numbers of `rpo reproduce`: one row per arm read back from its run directory, 95% intervals,
-RPO/full ratios, the issue's targets, and the tables as Markdown.
+"""The numbers of `rpo reproduce`: one row per run read back from its directory, per-arm figures over
+training seeds, RPO against its full-path arm, equal time read from the curves, the epsilon sweep, the
+targets judged on intervals, and the tables as Markdown.
 
-Everything here reads files an arm's `rpo run` wrote (`summary.json`, `metrics.jsonl`) and computes; it
+Everything here reads files a run's `rpo run` wrote (`summary.json`, `metrics.jsonl`) and computes; it
 starts nothing, so a finished reproduction can be re-tabulated at any time (`build_results`).
 
-Intervals are percentile bootstraps over held-out questions (2,000 resamples, fixed seed): a question's
-pass@1 is its share of correct samples, its pass@k the unbiased estimator. A difference between two arms
-is bootstrapped question by question (paired: the arms answer the same questions), which is tighter than
-comparing two separate intervals.
+Intervals:
+- **Accuracy** (a mean over seeds and questions, or a difference between two arms at the same seed, paired
+  question by question): a percentile bootstrap that resamples training seeds, then questions
+  (`seeds_and_questions_interval`), so it holds the seed-to-seed variation as well as the evaluation's.
+  With one seed it is an interval over questions only, and the tables say how many seeds there were.
+- **Ratios** (decoded tokens, step time, RPO over full path, one ratio per seed): a Student t interval over
+  seeds (`t_interval`); none with one seed.
+A question's pass@1 is its share of correct samples.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from services.core.algorithm import predicted_decode_ratio
-from trainer.evaluate import pass_at_k
+from services.supervisor.formatting import ci, label_text, num, pct, ratio_ci, signed
+from services.supervisor.statistics import interpolate_curve, per_question_scores, ratio_summary, summary_of
 from trainer.progress import read_records, read_step_records
 
-BOOTSTRAP_RESAMPLES = 2000
 PHASES = ("rollout", "train", "weight_sync", "cache")
-"""The step phases the table shows (reward scoring runs inside rollout)."""
+"""The step phases the tables show (reward scoring runs inside rollout)."""
+MARGIN = 0.02
+"""The accuracy targets' margin: RPO may trail its full-path arm by at most 2 points (interval's lower end)."""
+ROLLOUT_TARGET, STEP_TARGET = 0.3, 0.5
+"""At L = 0.1l, the upper ends of the rollout-phase and step-time ratios RPO/full must be at most these."""
+ONE_SEED_MINUTES, PROTOCOL_MINUTES = 60, 120
 
 
-def bootstrap_interval(values: Sequence[float], seed: int = 0) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of the mean of `values`."""
-    data = np.asarray(values, dtype=float)
-    if data.size == 0:
-        return (math.nan, math.nan)
-    rng = np.random.default_rng(seed)
-    means = data[rng.integers(0, data.size, size=(BOOTSTRAP_RESAMPLES, data.size))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return (float(low), float(high))
-
-
-def seeds_and_questions_interval(cells: Sequence[Sequence[float]], seed: int = 0) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of the mean of a seeds x questions table (every row the same
-    questions): each resample draws training seeds, then questions, both with replacement, so the interval
-    holds the seed-to-seed variation as well as the evaluation's."""
-    data = np.asarray(cells, dtype=float)
-    if data.size == 0:
-        return (math.nan, math.nan)
-    rng = np.random.default_rng(seed)
-    rows = rng.integers(0, data.shape[0], size=(BOOTSTRAP_RESAMPLES, data.shape[0]))
-    columns = rng.integers(0, data.shape[1], size=(BOOTSTRAP_RESAMPLES, data.shape[1]))
-    means = np.array([data[np.ix_(r, c)].mean() for r, c in zip(rows, columns, strict=True)])
-    low, high = np.percentile(means, [2.5, 97.5])
-    return (float(low), float(high))
-
-
-def per_question_scores(eval_record: dict[str, Any], k: int | None = None) -> dict[str, tuple[float, float]]:
-    """Question id -> (pass@1, pass@k) from an evaluation's per-question [samples, correct] counts."""
-    k = k or eval_record["k"]
-    scores = {}
-    for qid, (n, c) in eval_record.get("correct_per_question", {}).items():
-        scores[qid] = (pass_at_k(n, c, 1), pass_at_k(n, c, min(k, n)))
-    return scores
-
-
-def eval_summary(eval_record: dict[str, Any] | None) -> dict[str, Any] | None:
-    """pass@1 and pass@k of one evaluation with their 95% intervals."""
-    if not eval_record:
-        return None
-    scores = per_question_scores(eval_record)
-    p1 = [s[0] for s in scores.values()]
-    pk = [s[1] for s in scores.values()]
-    return {
-        "pass_at_1": eval_record["pass_at_1"],
-        "pass_at_1_ci": bootstrap_interval(p1),
-        "pass_at_k": eval_record["pass_at_k"],
-        "pass_at_k_ci": bootstrap_interval(pk),
-        "k": eval_record["k"],
-        "questions": eval_record["questions"],
-        "mean_response_tokens": eval_record["mean_response_tokens"],
-        "step": eval_record.get("step", 0),
-    }
-
-
-def paired_difference(after: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
-    """pass@1 of `after` minus `reference` over the questions both answered, with a paired 95% interval."""
-    mine, theirs = per_question_scores(after), per_question_scores(reference)
-    shared = sorted(set(mine) & set(theirs))
-    diffs = [mine[q][0] - theirs[q][0] for q in shared]
-    return {
-        "difference": float(np.mean(diffs)) if diffs else math.nan,
-        "ci": bootstrap_interval(diffs),
-        "questions": len(shared),
-    }
-
-
-def arm_row(arm_dir: Path, arm: dict[str, Any]) -> dict[str, Any]:
-    """What one arm measured: accuracy before/after, tokens, step time and its phases, wall time."""
-    summary = json.loads((arm_dir / "summary.json").read_text())
-    steps = read_step_records(arm_dir)
-    evals = read_records(arm_dir, "eval")
+# ------------------------------------------------------------------------------------------------ runs
+def run_row(run_dir: Path) -> dict[str, Any]:
+    """What one run measured: every evaluation (per question), tokens, step time and phases, the curve."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    steps = read_step_records(run_dir)
+    evals = read_records(run_dir, "eval")
+    # The cache's initialisation: `rpo run` seeds it before the trainer starts (the summary has it); a
+    # trainer that seeds it itself records a cache_init event.
+    init = read_records(run_dir, "cache_init") or [summary.get("cache_init") or {}]
+    init_seconds = float(init[-1].get("seconds", 0.0))
     samples = sum(r.samples for r in steps) or 1
-    step_seconds = [r.step_seconds for r in steps]
-    elapsed, clock = [], 0.0
-    for seconds in step_seconds:
-        clock += seconds
+    elapsed, clock = [], init_seconds
+    for record in steps:
+        clock += record.step_seconds
         elapsed.append(clock)
-    by_label = {r["label"]: r for r in evals}
-    settings = arm["settings"]
     return {
-        "name": arm["name"],
-        "label": arm["label"],
-        "settings": settings,
         "steps": len(steps),
-        "eval_before": eval_summary(by_label.get("before")),
-        "eval_after": eval_summary(by_label.get("after")),
-        "evals": [
-            {
-                "label": r["label"],
+        "evals": {
+            r["label"]: {
                 "step": r.get("step", 0),
-                "training_seconds": elapsed[r["step"] - 1] if r.get("step") else 0.0,
+                "split": r.get("split", "test"),
+                "temperature": r.get("temperature"),
                 "pass_at_1": r["pass_at_1"],
+                "pass_at_k": r["pass_at_k"],
+                "k": r["k"],
+                "mean_response_tokens": r["mean_response_tokens"],
+                "per_question": {q: s[0] for q, s in per_question_scores(r).items()},
+                "training_seconds": elapsed[r["step"] - 1] if r.get("step") else 0.0,
             }
             for r in evals
-        ],
+        },
+        "cache_init_seconds": init_seconds,
         "decoded_tokens_per_sample": sum(r.generated_tokens for r in steps) / samples,
         "reused_prefix_tokens_per_sample": sum(r.reused_prefix_tokens for r in steps) / samples,
         "response_len_mean": sum(r.response_len_mean * r.samples for r in steps) / samples,
-        "full_path_reference": summary.get("full_path_reference"),
-        "mean_step_seconds": float(np.mean(step_seconds)) if steps else math.nan,
+        "mean_step_seconds": float(np.mean([r.step_seconds for r in steps])) if steps else math.nan,
         "phases": {
             p: float(np.mean([r.phases.get(p, 0.0) for r in steps])) if steps else math.nan for p in PHASES
         },
@@ -138,12 +83,64 @@ def arm_row(arm_dir: Path, arm: dict[str, Any]) -> dict[str, Any]:
             "step": [r.step for r in steps],
             "elapsed_seconds": elapsed,
             "generated_tokens": [r.generated_tokens for r in steps],
-            "decoded_tokens_per_sample": [r.decoded_tokens_per_sample for r in steps],
             "response_len_mean": [r.response_len_mean for r in steps],
             "accuracy": [r.accuracy for r in steps],
-            "reward_mean": [r.reward_mean for r in steps],
+            "cache_updates": [r.cache_updates for r in steps],
         },
     }
+
+
+def share_before(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
+    """The starting model's evaluations (made once, in the first run) copied into every run without them."""
+    before: dict[str, Any] = {}
+    for by_seed in runs.values():
+        for row in by_seed.values():
+            for label, ev in row["evals"].items():
+                if ev["step"] == 0 and label not in before:
+                    before[label] = ev
+    for by_seed in runs.values():
+        for row in by_seed.values():
+            for label, ev in before.items():
+                row["evals"].setdefault(label, ev)
+    return before
+
+
+def curve(row: dict[str, Any]) -> list[tuple[float, dict[str, float]]]:
+    """A run's validation curve: (training seconds, per-question pass@1), cache initialisation counted (the
+    policy is unchanged while the cache fills, so the starting point is held until training begins)."""
+    points = [
+        (ev["training_seconds"], ev["per_question"]) for ev in row["evals"].values() if ev["split"] == "val"
+    ]
+    start = next((p for t, p in points if t == 0.0), None)
+    if start is not None and row["cache_init_seconds"] > 0:
+        points.append((row["cache_init_seconds"], start))
+    return sorted(points, key=lambda p: p[0])
+
+
+def _cells(rows: list[dict[str, Any]], label: str) -> list[list[float]]:
+    """Seeds x questions pass@1 of one evaluation, on the questions every seed answered."""
+    tables = [r["evals"][label]["per_question"] for r in rows if label in r["evals"]]
+    if not tables:
+        return []
+    shared = sorted(set.intersection(*(set(t) for t in tables)))
+    return [[t[q] for q in shared] for t in tables]
+
+
+def _paired_cells(mine: dict[int, dict], theirs: dict[int, dict], label: str) -> list[list[float]]:
+    """Seeds x questions differences of one evaluation between two arms run at the same seeds."""
+    diffs = []
+    seeds = sorted(set(mine) & set(theirs))
+    tables = [
+        (mine[s]["evals"][label]["per_question"], theirs[s]["evals"][label]["per_question"])
+        for s in seeds
+        if label in mine[s]["evals"] and label in theirs[s]["evals"]
+    ]
+    if not tables:
+        return []
+    shared = sorted(set.intersection(*(set(a) & set(b) for a, b in tables)))
+    for a, b in tables:
+        diffs.append([a[q] - b[q] for q in shared])
+    return diffs
 
 
 def _ratio(a: float | None, b: float | None) -> float:
@@ -152,313 +149,240 @@ def _ratio(a: float | None, b: float | None) -> float:
     return a / b
 
 
-def compare(rpo: dict[str, Any], full: dict[str, Any]) -> dict[str, Any]:
-    """RPO/full ratios of two arms, and the predicted decoded-token ratio beside the measured one."""
-    limit = rpo["settings"]["truncation_limit"]
-    predicted = (
-        predicted_decode_ratio(limit, rpo["response_len_mean"], full["response_len_mean"])
-        if full["response_len_mean"] > 0
-        else math.nan
-    )
-    measured = _ratio(rpo["decoded_tokens_per_sample"], full["decoded_tokens_per_sample"])
+# --------------------------------------------------------------------------------------------- results
+def final_labels(runs: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
+    """The test evaluations after training (`after`, `after T=1`, ...), main temperature first."""
+    labels: set[str] = set()
+    for by_seed in runs.values():
+        for row in by_seed.values():
+            labels |= {
+                lab for lab, ev in row["evals"].items() if ev["split"] == "test" and lab.startswith("after")
+            }
+    return sorted(labels, key=lambda lab: (lab != "after", lab))
+
+
+def arm_summary(arm: dict[str, Any], by_seed: dict[int, dict[str, Any]], labels: list[str]) -> dict[str, Any]:
+    rows = [by_seed[s] for s in sorted(by_seed)]
+    mean = lambda key: float(np.mean([r[key] for r in rows]))  # noqa: E731
+    return {
+        "name": arm["name"],
+        "label": arm["label"],
+        "group": arm["group"],
+        "settings": arm["settings"],
+        "seeds": sorted(by_seed),
+        "accuracy": {label: summary_of(_cells(rows, label)) for label in labels},
+        "decoded_tokens_per_sample": mean("decoded_tokens_per_sample"),
+        "reused_prefix_tokens_per_sample": mean("reused_prefix_tokens_per_sample"),
+        "response_len_mean": mean("response_len_mean"),
+        "mean_step_seconds": mean("mean_step_seconds"),
+        "phases": {p: float(np.mean([r["phases"][p] for r in rows])) for p in PHASES},
+        "cache_init_seconds": mean("cache_init_seconds"),
+        "training_seconds": mean("training_seconds"),
+        "wall_seconds": float(np.mean([r["wall_seconds"] or 0.0 for r in rows])),
+    }
+
+
+def compare(
+    rpo: dict[int, dict[str, Any]], full: dict[int, dict[str, Any]], limit: Any, labels: list[str]
+) -> dict[str, Any]:
+    """RPO against its full-path arm, seed by seed: ratios with t intervals, accuracy differences with
+    seeds-and-questions intervals, and the decoded-token ratio predicted from the measured lengths."""
+    seeds = sorted(set(rpo) & set(full))
+
+    def per_seed(fn: Any) -> dict[str, Any]:
+        return ratio_summary([fn(rpo[s], full[s]) for s in seeds])
+
     rest = [p for p in PHASES if p != "rollout"]
     return {
-        "rpo": rpo["name"],
-        "full": full["name"],
-        "decoded_tokens_predicted": predicted,
-        "decoded_tokens_measured": measured,
-        "step_seconds": _ratio(rpo["mean_step_seconds"], full["mean_step_seconds"]),
-        "phases": {p: _ratio(rpo["phases"][p], full["phases"][p]) for p in PHASES},
-        "other_phases": _ratio(sum(rpo["phases"][p] for p in rest), sum(full["phases"][p] for p in rest)),
-        "training_seconds": _ratio(rpo["training_seconds"], full["training_seconds"]),
-        "wall_seconds": _ratio(rpo["wall_seconds"], full["wall_seconds"]),
-    }
-
-
-def accuracy_at(row: dict[str, Any], seconds: float) -> float:
-    """pass@1 of an arm at `seconds` of training time, read off its evaluations (linear in between;
-    the last evaluation after the run's end)."""
-    points = sorted((e["training_seconds"], e["pass_at_1"]) for e in row["evals"])
-    if not points:
-        return math.nan
-    times, values = zip(*points, strict=True)
-    return float(np.interp(seconds, times, values))
-
-
-def gpu_projection(comparison: dict[str, Any], rollout_share: float) -> float:
-    """Step-time ratio RPO/full if rollout took `rollout_share` of a full-path step (as on a GPU run) and
-    the rollout and the other phases (train, weight sync, cache, together) each kept the ratio measured here:
-    share * rollout ratio + (1 - share) * other phases' ratio."""
-    return rollout_share * comparison["phases"]["rollout"] + (1 - rollout_share) * comparison["other_phases"]
-
-
-# ------------------------------------------------------------------------------------------------ tables
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f}"
-
-
-def _ci(pair: Sequence[float] | None) -> str:
-    if not pair or any(math.isnan(v) for v in pair):
-        return ""
-    return f" [{100 * pair[0]:.1f}, {100 * pair[1]:.1f}]"
-
-
-def _num(value: float | None, digits: int = 2) -> str:
-    return (
-        "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-    )
-
-
-def main_table(results: dict[str, Any]) -> str:
-    """The paper's table in shape: one row per arm."""
-    arms = results["arms"]
-    before = results.get("eval_before") or {}
-    k = before.get("k") or 1
-    lines = [
-        f"| arm | pass@1 before | pass@1 after [95% CI] | pass@{k} before | pass@{k} after [95% CI] | "
-        "decoded tokens / sample | predicted RPO/full | measured RPO/full | reused prefix tokens / sample | "
-        "step s | rollout s | train s | weight sync s | cache s | wall s |",
-        "|---" * 15 + "|",
-    ]
-    for name, row in arms.items():
-        after = row.get("eval_after") or {}
-        cmp = results["comparisons"].get(name) or {}
-        lines.append(
-            f"| {row['label']} | {_pct(before.get('pass_at_1'))}{_ci(before.get('pass_at_1_ci'))} "
-            f"| {_pct(after.get('pass_at_1'))}{_ci(after.get('pass_at_1_ci'))} "
-            f"| {_pct(before.get('pass_at_k'))} | {_pct(after.get('pass_at_k'))}{_ci(after.get('pass_at_k_ci'))} "
-            f"| {_num(row['decoded_tokens_per_sample'], 1)} "
-            f"| {_num(cmp.get('decoded_tokens_predicted'), 3) if cmp else '-'} "
-            f"| {_num(cmp.get('decoded_tokens_measured'), 3) if cmp else '-'} "
-            f"| {_num(row['reused_prefix_tokens_per_sample'], 1)} | {_num(row['mean_step_seconds'])} | "
-            + " | ".join(_num(row["phases"][p]) for p in PHASES)
-            + f" | {_num(row['wall_seconds'], 0)} |"
-        )
-    return "\n".join(lines)
-
-
-def ratio_table(results: dict[str, Any]) -> str:
-    """RPO over its full-path counterpart, phase by phase."""
-    lines = [
-        "| RPO arm / full arm | decoded tokens | rollout | train | weight sync | cache | step | training time "
-        "| arm wall time | pass@1 after, RPO - full [paired 95% CI] |",
-        "|---" * 10 + "|",
-    ]
-    for name, cmp in results["comparisons"].items():
-        diff = cmp.get("pass_at_1_difference") or {}
-        arms = results["arms"]
-        lines.append(
-            f"| {arms[name]['label']} / {arms[cmp['full']]['label']} | {_num(cmp['decoded_tokens_measured'], 3)} | "
-            + " | ".join(_num(cmp["phases"][p]) for p in PHASES)
-            + f" | {_num(cmp['step_seconds'])} | {_num(cmp['training_seconds'])} | {_num(cmp['wall_seconds'])} "
-            f"| {_signed(diff.get('difference'))}{_ci(diff.get('ci'))} |"
-        )
-    return "\n".join(lines)
-
-
-def _signed(value: float | None) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{100 * value:+.1f}"
-
-
-def sweep_table(results: dict[str, Any], parameter: str) -> str:
-    """One sweep: the RPO+GRPO arm with one setting varied."""
-    rows = results["sweeps"].get(parameter, [])
-    lines = [
-        f"| {parameter} | pass@1 after [95% CI] | RPO - full [paired 95% CI] | decoded tokens / sample "
-        "| predicted RPO/full | measured RPO/full | step s | rollout s | step RPO/full |",
-        "|---" * 9 + "|",
-    ]
-    for point in rows:
-        row = results["arms"][point["arm"]]
-        cmp = results["comparisons"].get(point["arm"]) or {}
-        after = row.get("eval_after") or {}
-        diff = cmp.get("pass_at_1_difference") or {}
-        lines.append(
-            f"| {point['value']} | {_pct(after.get('pass_at_1'))}{_ci(after.get('pass_at_1_ci'))} "
-            f"| {_signed(diff.get('difference'))}{_ci(diff.get('ci'))} "
-            f"| {_num(row['decoded_tokens_per_sample'], 1)} | {_num(cmp.get('decoded_tokens_predicted'), 3)} "
-            f"| {_num(cmp.get('decoded_tokens_measured'), 3)} | {_num(row['mean_step_seconds'])} "
-            f"| {_num(row['phases']['rollout'])} | {_num(cmp.get('step_seconds'))} |"
-        )
-    return "\n".join(lines)
-
-
-def targets_table(results: dict[str, Any]) -> str:
-    lines = ["| target | measured | met |", "|---|---|---|"]
-    for target in results["targets"]:
-        met = {True: "yes", False: "no", None: "n/a"}[target["met"]]
-        lines.append(f"| {target['target']} | {target['measured']} | {met} |")
-    return "\n".join(lines)
-
-
-def gpu_projection_line(results: dict[str, Any]) -> str:
-    projection = results["gpu_projection"]
-    arms = results["arms"]
-    parts = [f"{arms[n]['label']} {ratio:.2f}" for n, ratio in projection["step_ratio"].items()]
-    return (
-        f"Step time RPO/full projected for a GPU run where rollout is {100 * projection['rollout_share']:.0f}% "
-        f"of a full-path step (an assumption) and rollout and the other phases keep the ratios measured "
-        f"here: {', '.join(parts) or 'n/a'}."
-    )
-
-
-def render_markdown(results: dict[str, Any]) -> str:
-    """Every table of a reproduction, as one Markdown document (the run directory's `results.md`)."""
-    parts = [
-        f"# rpo reproduce: {results['task']}",
-        "",
-        f"Command: `{results['command']}`  ",
-        f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, "
-        f"{results['machine']['gpu']}; {results['date']}; learner: {results['learner']}; "
-        f"total wall time {results['wall_seconds']:.0f} s.",
-        "",
-        "## Arms",
-        "",
-        main_table(results),
-        "",
-        "## RPO / full path",
-        "",
-        ratio_table(results),
-        "",
-        gpu_projection_line(results),
-        "",
-        "## Targets",
-        "",
-        targets_table(results),
-    ]
-    for parameter in results["sweeps"]:
-        parts += ["", f"## Sweep: {parameter}", "", sweep_table(results, parameter)]
-    return "\n".join(parts) + "\n"
-
-
-# ------------------------------------------------------------------------------------------------ results
-def build_results(out: Path, plan: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
-    """Every finished arm's row, the comparisons, the sweeps and the targets, as one JSON-able dict."""
-    arms: dict[str, dict[str, Any]] = {}
-    after_records: dict[str, dict[str, Any]] = {}
-    for arm in plan["arms"]:
-        arm_dir = out / "arms" / arm["name"]
-        if not (arm_dir / "summary.json").exists():
-            continue
-        arms[arm["name"]] = arm_row(arm_dir, arm)
-        after = {r["label"]: r for r in read_records(arm_dir, "eval")}.get("after")
-        if after:
-            after_records[arm["name"]] = after
-    # The starting model is the same in every arm: it is evaluated once, in the first arm.
-    eval_before = next((row["eval_before"] for row in arms.values() if row["eval_before"]), None)
-    for row in arms.values():
-        if row["eval_before"] is None and eval_before is not None:
-            row["eval_before"] = eval_before
-            row["evals"].insert(
-                0,
-                {
-                    "label": "before",
-                    "step": 0,
-                    "training_seconds": 0.0,
-                    "pass_at_1": eval_before["pass_at_1"],
-                },
+        "seeds": seeds,
+        "decoded_tokens": per_seed(
+            lambda a, b: _ratio(a["decoded_tokens_per_sample"], b["decoded_tokens_per_sample"])
+        ),
+        "decoded_tokens_predicted": per_seed(
+            lambda a, b: (
+                predicted_decode_ratio(limit, a["response_len_mean"], b["response_len_mean"])
+                if b["response_len_mean"] > 0
+                else math.nan
             )
+        ),
+        "step_seconds": per_seed(lambda a, b: _ratio(a["mean_step_seconds"], b["mean_step_seconds"])),
+        "phases": {p: per_seed(lambda a, b, p=p: _ratio(a["phases"][p], b["phases"][p])) for p in PHASES},
+        "other_phases": per_seed(
+            lambda a, b: _ratio(sum(a["phases"][p] for p in rest), sum(b["phases"][p] for p in rest))
+        ),
+        "training_seconds": per_seed(lambda a, b: _ratio(a["training_seconds"], b["training_seconds"])),
+        "accuracy_difference": {label: summary_of(_paired_cells(rpo, full, label)) for label in labels},
+    }
+
+
+def equal_time(rpo: dict[int, dict[str, Any]], full: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """RPO's validation accuracy when it finished against the full-path arm's, read off its curve at the
+    same training time (cache initialisation counted), seed by seed."""
+    diffs, times, rpo_means, full_means = [], [], [], []
+    for seed in sorted(set(rpo) & set(full)):
+        mine, theirs = curve(rpo[seed]), curve(full[seed])
+        if not mine or not theirs:
+            continue
+        at = rpo[seed]["training_seconds"]
+        final, other = mine[-1][1], interpolate_curve(theirs, at)
+        shared = sorted(set(final) & set(other))
+        diffs.append([final[q] - other[q] for q in shared])
+        times.append(at)
+        rpo_means.append(float(np.mean([final[q] for q in shared])))
+        full_means.append(float(np.mean([other[q] for q in shared])))
+    if diffs:
+        width = min(len(d) for d in diffs)
+        diffs = [d[:width] for d in diffs]
+    return {
+        **summary_of(diffs),
+        "seconds": times,
+        "rpo_pass_at_1": float(np.mean(rpo_means)) if rpo_means else math.nan,
+        "full_pass_at_1": float(np.mean(full_means)) if full_means else math.nan,
+        "full_training_seconds": [full[s]["training_seconds"] for s in sorted(set(rpo) & set(full))],
+    }
+
+
+def build_results(out: Path, plan: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """Every finished run's row, the per-arm figures, the comparisons and the targets, as one JSON-able
+    dict: results.json, the record docs/results.md is rendered from."""
+    arms = {a["name"]: a for a in plan["arms"]}
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    for run in plan["runs"]:
+        run_dir = out / run["dir"]
+        summary = run_dir / "summary.json"
+        if summary.exists() and json.loads(summary.read_text()).get("ok"):
+            runs.setdefault(run["arm"], {})[run["seed"]] = run_row(run_dir)
+    before = share_before(runs)
+    labels = final_labels(runs)
+    summaries = {name: arm_summary(arms[name], runs[name], labels) for name in arms if name in runs}
     comparisons = {
-        arm["name"]: compare(arms[arm["name"]], arms[arm["full"]])
-        for arm in plan["arms"]
-        if arm.get("full") and arm["name"] in arms and arm["full"] in arms
+        name: {
+            "full": arm["full"],
+            **compare(runs[name], runs[arm["full"]], arm["settings"]["truncation_limit"], labels),
+        }
+        for name, arm in arms.items()
+        if arm.get("full") and name in runs and arm["full"] in runs
     }
-    # Accuracy against the arm's own full-path counterpart (RPO+DAPO against DAPO, a G point against GRPO
-    # at that G), paired question by question; `differences` below are all against the reference arm.
-    for name, cmp in comparisons.items():
-        if name in after_records and cmp["full"] in after_records:
-            cmp["pass_at_1_difference"] = paired_difference(after_records[name], after_records[cmp["full"]])
-    reference = plan.get("reference")
-    differences = {
-        name: paired_difference(record, after_records[reference])
-        for name, record in after_records.items()
-        if reference in after_records and name != reference
+    equal = {
+        rpo: equal_time(runs[rpo], runs[full])
+        for rpo, full in plan.get("headline_pairs", [])
+        if rpo in runs and full in runs
     }
+    base = plan.get("epsilon_base")
+    epsilon = {
+        name: {label: summary_of(_paired_cells(runs[name], runs[base], label)) for label in labels}
+        for name in ("rpo-grpo", *[n for n in arms if arms[n]["group"] == "epsilon"])
+        if base in runs and name in runs and name != base
+    }
+    seeds = sorted({s for by_seed in runs.values() for s in by_seed})
+    wall_by_seed = {s: sum(runs[a][s]["wall_seconds"] or 0.0 for a in runs if s in runs[a]) for s in seeds}
     results = {
         **meta,
-        "eval_before": eval_before,
-        "arms": arms,
-        "comparisons": comparisons,
-        "differences": differences,
-        "sweeps": {
-            parameter: [p for p in points if p["arm"] in arms]
-            for parameter, points in plan.get("sweeps", {}).items()
+        "seeds": seeds,
+        "eval_before": {
+            label: {k: v for k, v in ev.items() if k != "per_question"} for label, ev in before.items()
         },
-    }
-    main_names = [a["name"] for a in plan["arms"] if not a.get("sweep")]
-    results["main_wall_seconds"] = sum(arms[n]["wall_seconds"] or 0.0 for n in main_names if n in arms)
-    results["gpu_projection"] = {
-        "rollout_share": meta["gpu_rollout_share"],
-        "step_ratio": {n: gpu_projection(c, meta["gpu_rollout_share"]) for n, c in comparisons.items()},
+        "eval_labels": labels,
+        "arms": summaries,
+        "comparisons": comparisons,
+        "equal_time": equal,
+        "epsilon": epsilon,
+        "wall_seconds_by_seed": wall_by_seed,
+        "wall_seconds": sum(wall_by_seed.values()),
+        "smoke": plan.get("smoke", False),
+        "runs": {name: {str(s): row for s, row in sorted(by_seed.items())} for name, by_seed in runs.items()},
     }
     results["targets"] = targets(results, plan)
     return results
 
 
+# --------------------------------------------------------------------------------------------- targets
+def _low(summary: dict[str, Any]) -> float:
+    return summary["ci"][0]
+
+
+def target(text: str, measured: str, met: bool | None) -> dict[str, Any]:
+    return {"target": text, "measured": measured, "met": met}
+
+
 def targets(results: dict[str, Any], plan: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets, each with what was measured and whether it is met (None: not measurable)."""
+    """The protocol's targets, each judged on an interval (None: not measurable from what finished)."""
     arms, comparisons = results["arms"], results["comparisons"]
     out: list[dict[str, Any]] = []
-    for name in plan.get("main_rpo_arms", []):
-        cmp = comparisons.get(name)
+    for rpo, full in plan.get("headline_pairs", []):
+        cmp = comparisons.get(rpo)
         if cmp is None:
             continue
-        off = cmp["decoded_tokens_measured"] / cmp["decoded_tokens_predicted"] - 1
-        out.append(
-            {
-                "target": f"{arms[name]['label']}: decoded tokens RPO/full within 20% of the predicted ratio",
-                "measured": f"{cmp['decoded_tokens_measured']:.3f} vs {cmp['decoded_tokens_predicted']:.3f} "
-                f"predicted ({100 * off:+.0f}%)",
-                "met": bool(abs(off) <= 0.2),
-            }
-        )
-    rpo, full = plan.get("headline_timing", (None, None))
-    cmp = comparisons.get(rpo)
-    if cmp is not None:
-        out.append(
-            {
-                "target": f"{arms[rpo]['label']}: rollout phase RPO/full <= 0.3",
-                "measured": f"{cmp['phases']['rollout']:.3f}",
-                "met": bool(cmp["phases"]["rollout"] <= 0.3),
-            }
-        )
-        out.append(
-            {
-                "target": f"{arms[rpo]['label']}: step time RPO/full <= 0.5",
-                "measured": f"{cmp['step_seconds']:.3f}",
-                "met": bool(cmp["step_seconds"] <= 0.5),
-            }
-        )
-    rpo, full = plan.get("headline_accuracy", (None, None))
-    if rpo in arms and full in arms:
-        mine, theirs = arms[rpo].get("eval_after"), arms[full].get("eval_after")
-        if mine and theirs:
-            # the paired mean difference the RPO/full table prints, so both tables show one float
-            diff = comparisons[rpo].get("pass_at_1_difference", {})
-            gap = diff.get("difference", mine["pass_at_1"] - theirs["pass_at_1"])
+        for label in results["eval_labels"]:
+            diff = cmp["accuracy_difference"].get(label)
+            if not diff or math.isnan(diff["mean"]):
+                continue
+            low = _low(diff)
             out.append(
-                {
-                    "target": f"{arms[rpo]['label']} pass@1 after >= {arms[full]['label']} - 2 points (equal steps)",
-                    "measured": f"{100 * mine['pass_at_1']:.1f} vs {100 * theirs['pass_at_1']:.1f} "
-                    f"({100 * gap:+.1f}, paired 95% CI{_ci(diff.get('ci'))})",
-                    "met": bool(gap >= -0.02),
-                }
+                target(
+                    f"equal steps, {label_text(label, results)}: {arms[rpo]['label']} - {arms[full]['label']}, "
+                    f"lower end of the 95% interval >= -{100 * MARGIN:.0f} points",
+                    f"{signed(diff['mean'])}{ci(diff['ci'])} ({diff['seeds']} seeds x {diff['questions']} questions)",
+                    None if math.isnan(low) else bool(low >= -MARGIN),
+                )
             )
-            at = arms[rpo]["training_seconds"]
-            other = accuracy_at(arms[full], at)
+        eq = results["equal_time"].get(rpo)
+        if eq and not math.isnan(eq["mean"]):
             out.append(
-                {
-                    "target": f"{arms[rpo]['label']} ahead of {arms[full]['label']} at equal wall-clock time",
-                    "measured": f"at {at:.0f} s of training: {100 * mine['pass_at_1']:.1f} vs "
-                    f"{100 * other:.1f} (interpolated between evaluations)",
-                    "met": bool(mine["pass_at_1"] > other),
-                }
+                target(
+                    f"equal time (validation curves, cache initialisation counted): {arms[rpo]['label']} - "
+                    f"{arms[full]['label']}, lower end >= -{100 * MARGIN:.0f} points",
+                    f"{pct(eq['rpo_pass_at_1'])} vs {pct(eq['full_pass_at_1'])} at "
+                    f"{np.mean(eq['seconds']):.0f} s: {signed(eq['mean'])}{ci(eq['ci'])}",
+                    None if math.isnan(_low(eq)) else bool(_low(eq) >= -MARGIN),
+                )
             )
-    out.append(
-        {
-            "target": "default reproduction (main arms) within 60 minutes",
-            "measured": f"{results['main_wall_seconds'] / 60:.1f} min",
-            "met": bool(results["main_wall_seconds"] <= 3600) if not plan.get("smoke") else None,
-        }
-    )
+    for name, cmp in comparisons.items():
+        if arms[name]["group"] != "timing":
+            continue
+        for key, bound, what in (
+            (cmp["phases"]["rollout"], ROLLOUT_TARGET, "rollout phase"),
+            (cmp["step_seconds"], STEP_TARGET, "step time"),
+        ):
+            high = key["ci"][1]
+            out.append(
+                target(
+                    f"{arms[name]['label']}: {what} RPO/full, upper end of the 95% interval <= {bound}",
+                    f"{num(key['mean'], 3)}{ratio_ci(key['ci'])}",
+                    None if math.isnan(high) else bool(high <= bound),
+                )
+            )
+    for name, by_label in results["epsilon"].items():
+        diff = by_label.get("after")
+        if not diff or math.isnan(diff["mean"]):
+            continue
+        low, high = diff["ci"]
+        resolved = not (math.isnan(low) or low <= 0.0 <= high)
+        out.append(
+            target(
+                f"epsilon sweep: {arms[name]['label']} - epsilon 0 (does the update rule matter?)",
+                f"{signed(diff['mean'])}{ci(diff['ci'])}: "
+                + ("the interval excludes 0" if resolved else "the interval holds 0, no effect shown"),
+                None,
+            )
+        )
+    by_seed = results["wall_seconds_by_seed"]
+    if by_seed and not results.get("smoke"):
+        first = by_seed[min(by_seed)]
+        out.append(
+            target(
+                f"one seed (`rpo reproduce`) within {ONE_SEED_MINUTES} minutes",
+                f"{first / 60:.1f} min",
+                bool(first <= ONE_SEED_MINUTES * 60),
+            )
+        )
+        if len(by_seed) >= 3:
+            total = sum(by_seed.values())
+            out.append(
+                target(
+                    f"{len(by_seed)} seeds (`rpo reproduce --seeds {len(by_seed)}`) within {PROTOCOL_MINUTES} minutes",
+                    f"{total / 60:.1f} min",
+                    bool(total <= PROTOCOL_MINUTES * 60),
+                )
+            )
     return out

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.supervisor.results import bootstrap_interval, paired_difference, seeds_and_questions_interval
+from services.supervisor.statistics import (
+    bootstrap_interval,
+    interpolate_curve,
+    paired_difference,
+    seeds_and_questions_interval,
+    t_interval,
+)
 
 
 def test_a_constant_has_a_point_interval_and_nothing_has_none():
@@ -45,3 +51,19 @@ def test_a_paired_difference_is_taken_question_by_question():
     assert result["difference"] == pytest.approx((0.5 + 0 + 0) / 3)
     low, high = result["ci"]
     assert 0.0 <= low <= result["difference"] <= high <= 0.5
+
+
+def test_a_t_interval_over_seeds_has_the_textbook_width():
+    # mean 0.3, sample sd 0.1, n = 3: half-width t(0.975, 2) * 0.1 / sqrt(3) = 4.303 * 0.0577 = 0.2484
+    low, high = t_interval([0.2, 0.3, 0.4])
+    assert (low, high) == pytest.approx((0.3 - 0.24844, 0.3 + 0.24844), abs=1e-4)
+    assert all(np.isnan(t_interval([0.3])))  # one seed: no interval, not a zero-width one
+    assert t_interval([0.5, 0.5]) == (0.5, 0.5)
+
+
+def test_a_curve_is_read_linearly_between_evaluations_and_held_after_its_end():
+    points = [(0.0, {"a": 0.0, "b": 1.0}), (10.0, {"a": 1.0, "b": 1.0}), (30.0, {"a": 0.5, "b": 0.0})]
+    assert interpolate_curve(points, 5.0) == {"a": 0.5, "b": 1.0}
+    assert interpolate_curve(points, 20.0) == {"a": 0.75, "b": 0.5}
+    assert interpolate_curve(points, 99.0) == {"a": 0.5, "b": 0.0}  # training stopped: its last point
+    assert interpolate_curve(points, -1.0) == {"a": 0.0, "b": 1.0}

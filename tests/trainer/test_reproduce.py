@@ -1,10 +1,12 @@
-"""`rpo reproduce --smoke`: its arms (GRPO, RPO+GRPO with and without the length reward, DAPO, RPO+DAPO, and
-RPO+GRPO at the timing L) end to end on the short task's warm model, the results they fill in, the plots, and resuming at the arm an
-interrupted reproduction stopped in."""
+"""`rpo reproduce --smoke`: runs over two training seeds end to end on the short task's warm model (GRPO,
+RPO+GRPO, RPO+GRPO at epsilon 0), the results they fill in (seed-by-seed comparisons, equal time from the
+validation curves, the epsilon sweep), the tables and plots, resuming at the run an interrupted
+reproduction stopped in, and the full protocol's plan."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,12 +15,10 @@ from pathlib import Path
 import pytest
 from training_helpers import REPO
 
-from services.supervisor.reproduce import MAIN_ARMS
-
-MAIN_NAMES = {a.name for a in MAIN_ARMS}
-
+SMOKE_ARMS = ("grpo", "rpo-grpo", "rpo-grpo-eps0")
+SEEDS = (0, 1)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-pytestmark = pytest.mark.timeout(1500)  # the first test's setup runs six arms end to end (about 6 minutes)
+pytestmark = pytest.mark.timeout(1500)  # the first test's setup runs six runs end to end (about 6 minutes)
 
 
 def _reproduce(out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -34,101 +34,118 @@ def _reproduce(out: Path, *extra: str) -> subprocess.CompletedProcess:
     )
 
 
+SMOKE_FLAGS = ("--seeds", "2", "--arms", ",".join(SMOKE_ARMS))
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory, warm_model_dir) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("reproduce") / "out"
-    done = _reproduce(out)
+    done = _reproduce(out, *SMOKE_FLAGS)
     assert done.returncode == 0, (done.stdout + done.stderr)[-8000:]
     return out, done
 
 
-def test_every_arm_row_is_filled(smoke):
+def test_every_run_is_read_back_and_the_arms_cover_both_seeds(smoke):
     out, _ = smoke
     results = json.loads((out / "results.json").read_text())
-    assert list(results["arms"]) == [arm.name for arm in MAIN_ARMS]
-    for name, row in results["arms"].items():
-        assert row["steps"] == 2, name
-        for label in ("eval_before", "eval_after"):
-            ev = row[label]
-            assert ev["questions"] == 8 and ev["k"] == 2, (name, label)
-            low, high = ev["pass_at_1_ci"]
-            assert low <= ev["pass_at_1"] <= high, (name, label)
-        assert row["decoded_tokens_per_sample"] > 0, name
-        assert row["mean_step_seconds"] > 0 and row["wall_seconds"] > 0, name
-        assert all(row["phases"][p] >= 0 for p in ("rollout", "train", "weight_sync", "cache")), name
-        assert row["phases"]["rollout"] > 0 and row["phases"]["train"] > 0, name
-        assert len(row["series"]["generated_tokens"]) == 2, name
-    arms = results["arms"]
-    # The arms are what their names say.
-    assert arms["grpo"]["settings"]["mode"] == "full" and arms["rpo-grpo"]["settings"]["mode"] == "rpo"
-    assert arms["rpo-grpo-no-length"]["settings"]["alpha"] == 0
-    assert (
-        arms["dapo"]["settings"]["algorithm"] == "dapo" and arms["dapo"]["settings"]["updates_per_batch"] == 2
-    )
-    # Full-path arms reuse nothing; RPO arms reuse cached prefixes and decode fewer tokens per sample.
-    assert arms["grpo"]["reused_prefix_tokens_per_sample"] == 0
-    for rpo, full in (("rpo-grpo", "grpo"), ("rpo-dapo", "dapo")):
-        assert arms[rpo]["reused_prefix_tokens_per_sample"] > 0
-        cmp = results["comparisons"][rpo]
-        assert cmp["full"] == full
-        assert 0 < cmp["decoded_tokens_predicted"] < 1 and 0 < cmp["decoded_tokens_measured"]
-    # The starting model is evaluated once (first arm) and shared.
-    assert {json.dumps(r["eval_before"], sort_keys=True) for r in arms.values()} == {
-        json.dumps(arms["grpo"]["eval_before"], sort_keys=True)
-    }
-    assert set(results["differences"]) == {a.name for a in MAIN_ARMS} - {"grpo"}
-    # Each RPO arm's accuracy is compared with its own full-path arm (RPO+DAPO with DAPO, not GRPO).
-    for rpo, full in (("rpo-grpo", "grpo"), ("rpo-dapo", "dapo")):
-        diff = results["comparisons"][rpo]["pass_at_1_difference"]
-        gap = arms[rpo]["eval_after"]["pass_at_1"] - arms[full]["eval_after"]["pass_at_1"]
-        assert diff["difference"] == pytest.approx(gap, abs=1e-9)
-        assert diff["ci"][0] <= diff["difference"] <= diff["ci"][1]
-    timing = arms["rpo-grpo-timing"]["settings"]
-    assert timing["truncation_limit"] == 32 and timing["mode"] == "rpo"
-    assert results["comparisons"]["rpo-grpo-timing"]["full"] == "grpo"
+    assert results["seeds"] == list(SEEDS) and list(results["arms"]) == list(SMOKE_ARMS)
+    assert results["commit"] and results["eval_labels"] == ["after", "after T=1"]
+    for name in SMOKE_ARMS:
+        assert set(results["runs"][name]) == {"0", "1"}
+        for seed, row in results["runs"][name].items():
+            assert row["steps"] == 2, (name, seed)
+            # the test set before (shared: evaluated once) and after at both temperatures; the validation
+            # curve before, at step 1 and after
+            assert {
+                "before",
+                "before T=1",
+                "after",
+                "after T=1",
+                "val before",
+                "val step 1",
+                "val after",
+            } <= set(row["evals"])
+            assert (
+                row["evals"]["after"]["temperature"] == 0.6
+                and row["evals"]["after T=1"]["temperature"] == 1.0
+            )
+            assert row["evals"]["val step 1"]["split"] == "val" and row["evals"]["after"]["split"] == "test"
+            assert len(row["evals"]["after"]["per_question"]) == 8
+            assert row["decoded_tokens_per_sample"] > 0 and row["mean_step_seconds"] > 0
+        summary = results["arms"][name]
+        assert summary["seeds"] == [0, 1]
+        for label in ("after", "after T=1"):
+            acc = summary["accuracy"][label]
+            assert acc["seeds"] == 2 and acc["questions"] == 8 and acc["ci"][0] <= acc["mean"] <= acc["ci"][1]
+    runs = results["runs"]
+    # RPO's cache initialisation counts in its training time; full path has none.
+    assert runs["rpo-grpo"]["0"]["cache_init_seconds"] > 0 and runs["grpo"]["0"]["cache_init_seconds"] == 0
+    assert runs["rpo-grpo"]["0"]["training_seconds"] > runs["rpo-grpo"]["0"]["cache_init_seconds"]
+    # Each question comes back (two epochs of 4): the RPO arms' second step updates cache entries again.
+    assert sum(runs["rpo-grpo"]["0"]["series"]["cache_updates"][1].values()) > 0
+
+
+def test_comparisons_are_seed_by_seed_with_intervals(smoke):
+    out, _ = smoke
+    results = json.loads((out / "results.json").read_text())
+    cmp = results["comparisons"]["rpo-grpo"]
+    assert cmp["full"] == "grpo" and cmp["seeds"] == [0, 1]
+    ratios = cmp["decoded_tokens"]
+    runs = results["runs"]
+    expected = [
+        runs["rpo-grpo"][s]["decoded_tokens_per_sample"] / runs["grpo"][s]["decoded_tokens_per_sample"]
+        for s in ("0", "1")
+    ]
+    assert ratios["per_seed"] == pytest.approx(expected) and 0 < ratios["mean"] < 1
+    assert ratios["ci"][0] <= ratios["mean"] <= ratios["ci"][1]  # a t interval over the two seeds
+    diff = cmp["accuracy_difference"]["after"]
+    by_seed = [
+        sum(runs["rpo-grpo"][s]["evals"]["after"]["per_question"].values()) / 8
+        - sum(runs["grpo"][s]["evals"]["after"]["per_question"].values()) / 8
+        for s in ("0", "1")
+    ]
+    assert diff["mean"] == pytest.approx(sum(by_seed) / 2) and diff["ci"][0] <= diff["mean"] <= diff["ci"][1]
+    eq = results["equal_time"]["rpo-grpo"]
+    assert len(eq["seconds"]) == 2 and not math.isnan(eq["mean"])
+    assert eq["seconds"] == pytest.approx([runs["rpo-grpo"][s]["training_seconds"] for s in ("0", "1")])
+    # the sweep: epsilon 0.5 (the headline arm) against epsilon 0, paired seed by seed
+    assert set(results["epsilon"]) == {"rpo-grpo"} and results["epsilon"]["rpo-grpo"]["after"]["seeds"] == 2
     names = " ".join(t["target"] for t in results["targets"])
-    for target in (
-        "rollout phase RPO/full <= 0.3",
-        "step time RPO/full <= 0.5",
-        "equal wall-clock",
-        "equal steps",
-    ):
-        assert target in names
+    assert "equal steps, T=0.6" in names and "equal steps, T=1" in names and "equal time" in names
+    assert "epsilon sweep" in names
 
 
 def test_tables_and_plots_are_written(smoke):
     out, done = smoke
     text = (out / "results.md").read_text()
-    for arm in MAIN_ARMS:
-        assert f"| {arm.label} |" in text
-    assert "| RPO+GRPO / GRPO |" in text and "| RPO+DAPO / DAPO |" in text
-    assert "## Targets" in text and "## Arms" in text
-    assert "| RPO+GRPO |" in done.stdout  # printed too
+    for label in ("| GRPO | 2 |", "| RPO+GRPO | 2 |", "| RPO+GRPO / GRPO | 2 |", "## Targets"):
+        assert label in text, label
+    assert "| RPO+GRPO | 2 |" in done.stdout  # printed too
     for name in ("accuracy_vs_time.png", "decoded_tokens_per_step.png", "response_length.png"):
         data = (out / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
 
 
-def test_an_interrupted_reproduction_resumes_at_the_arm_it_stopped_in(smoke):
+def test_an_interrupted_reproduction_resumes_at_the_run_it_stopped_in(smoke):
     out, _ = smoke
-    kept = {a.name: (out / "arms" / a.name / "metrics.jsonl").stat().st_mtime_ns for a in MAIN_ARMS[:-1]}
-    last = out / "arms" / MAIN_ARMS[-1].name
-    # What an interrupted last arm leaves: a run directory without an ok summary.
+    dirs = [f"arms/{arm}/seed-{seed}" for seed in SEEDS for arm in SMOKE_ARMS]
+    kept = {d: (out / d / "metrics.jsonl").stat().st_mtime_ns for d in dirs[:-1]}
+    last = out / dirs[-1]
+    # What an interrupted last run leaves: a run directory without an ok summary.
     summary = json.loads((last / "summary.json").read_text())
     (last / "summary.json").write_text(json.dumps({**summary, "ok": False, "error": "interrupted"}))
-    done = _reproduce(out)
+    done = _reproduce(out, *SMOKE_FLAGS)
     assert done.returncode == 0, (done.stdout + done.stderr)[-8000:]
     log = done.stdout + done.stderr
-    count = len(MAIN_ARMS)
-    assert f"{count - 1} of {count} arms finished" in log
-    assert f"arm {count}/{count} {MAIN_ARMS[-1].name}" in log and f"arm 1/{count}" not in log
-    assert {n: (out / "arms" / n / "metrics.jsonl").stat().st_mtime_ns for n in kept} == kept
+    assert f"{len(dirs) - 1} of {len(dirs)} runs finished" in log
+    assert f"run {len(dirs)}/{len(dirs)} rpo-grpo-eps0 seed 1" in log and f"run 1/{len(dirs)}" not in log
+    assert {d: (out / d / "metrics.jsonl").stat().st_mtime_ns for d in kept} == kept
     assert json.loads((last / "summary.json").read_text())["ok"]
-    results = json.loads((out / "results.json").read_text())
-    assert list(results["arms"]) == [arm.name for arm in MAIN_ARMS]
 
 
-def test_an_arm_planned_with_other_settings_is_run_again(smoke, tmp_path):
+def test_a_partial_invocation_keeps_the_runs_planned_before(smoke, tmp_path):
+    """Running the protocol in parts: `--arms grpo` in a directory that holds more arms plans only grpo, and
+    the results still hold every finished run."""
     from services.supervisor.main_job import preset_path
     from services.supervisor.reproduce import SMOKE_OVERRIDES, SMOKE_PRESET, Reproduction
 
@@ -136,37 +153,63 @@ def test_an_arm_planned_with_other_settings_is_run_again(smoke, tmp_path):
     copy = tmp_path / "reproduce"
     (copy / "arms").mkdir(parents=True)
     (copy / "plan.json").write_text((out / "plan.json").read_text())
-    for arm in MAIN_ARMS:
-        (copy / "arms" / arm.name).mkdir()
-        (copy / "arms" / arm.name / "summary.json").write_text(
-            (out / "arms" / arm.name / "summary.json").read_text()
+    for seed in SEEDS:
+        for arm in SMOKE_ARMS:
+            run = copy / "arms" / arm / f"seed-{seed}"
+            run.mkdir(parents=True)
+            for name in ("summary.json", "metrics.jsonl"):
+                (run / name).write_text((out / "arms" / arm / f"seed-{seed}" / name).read_text())
+
+    def reproduction(arms: tuple[str, ...], seeds: int, extra: tuple[str, ...] = ()) -> Reproduction:
+        overrides = [*SMOKE_OVERRIDES, f"train.run_dir={copy}", *extra]
+        return Reproduction(
+            preset_path(SMOKE_PRESET), overrides, seeds=seeds, arms=arms, smoke=True, command="t"
         )
 
-    def done(timing_limit: int) -> list[str]:
-        overrides = [*SMOKE_OVERRIDES, f"train.run_dir={copy}"]
-        return Reproduction(
-            preset_path(SMOKE_PRESET),
-            overrides,
-            sweep=False,
-            smoke=True,
-            command="t",
-            timing_limit=timing_limit,
-        ).prepare()
+    part = reproduction(("grpo",), 2)
+    assert set(part.prepare()) == {"arms/grpo/seed-0", "arms/grpo/seed-1"}
+    results = part.write_results()
+    assert set(results["arms"]) == set(SMOKE_ARMS) and results["seeds"] == [0, 1]
+    # A third seed for one arm: the two finished, the new one to run.
+    assert set(reproduction(("rpo-grpo",), 3).prepare()) == {"arms/rpo-grpo/seed-0", "arms/rpo-grpo/seed-1"}
+    # An arm whose settings changed runs again (here every arm: the base's epsilon changed is a new base).
+    assert reproduction(("grpo",), 2, ("algorithm.epsilon=0.25",)).prepare() == []
 
-    timing = MAIN_ARMS[-1].name
-    smoke_limit = json.loads((out / "results.json").read_text())["arms"][timing]["settings"][
-        "truncation_limit"
+
+def test_the_full_protocol_plans_every_arm_at_every_seed():
+    from services.supervisor.main_job import preset_path
+    from services.supervisor.reproduce import ARMS, PRESET, Reproduction
+
+    plan = Reproduction(preset_path(PRESET), [], seeds=3, smoke=False, command="t").plan
+    runs = [(r["arm"], r["seed"]) for r in plan["runs"]]
+    per_seed = [a.name for a in ARMS if not a.first_seed_only]
+    assert runs == [(a.name, 0) for a in ARMS] + [(n, s) for s in (1, 2) for n in per_seed]
+    assert all(f"train.seed={s}" in r["overrides"] for r, (_, s) in zip(plan["runs"], runs, strict=True))
+    arms = {a["name"]: a for a in plan["arms"]}
+    # each RPO arm is paired with its own kind
+    assert arms["rpo-grpo-no-length"]["full"] == "grpo-no-length"
+    assert (
+        arms["grpo-no-length"]["settings"]["alpha"] == 0
+        and arms["grpo-no-length"]["settings"]["mode"] == "full"
+    )
+    assert arms["rpo-grpo-0.1l"]["settings"]["truncation_limit"] == "0.1l"
+    assert [arms[n]["settings"]["epsilon"] for n in ("rpo-grpo-eps0", "rpo-grpo", "rpo-grpo-eps1")] == [
+        0,
+        0.5,
+        1,
     ]
-    assert set(done(smoke_limit)) == MAIN_NAMES  # same plan: every arm is finished
-    assert set(done(smoke_limit + 1)) == MAIN_NAMES - {timing}  # the timing arm's L changed: it runs again
+    assert arms["dapo"]["settings"]["updates_per_batch"] == 2 and "2 updates" in arms["dapo"]["label"]
+    # several epochs over a small question set: every question comes back
+    for arm in arms.values():
+        assert arm["settings"]["epochs"] == 4 and arm["settings"]["max_questions"] == 48
 
 
 def test_bad_flags_are_usage_errors(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RPO_")}
     for flags, message in (
         (["--steps", "0"], "--steps must be >= 1"),
-        (["--gpu-rollout-share", "1.5"], "--gpu-rollout-share must be in [0, 1]"),
-        (["--timing-limit", "0"], "--timing-limit must be >= 1"),
+        (["--seeds", "0"], "--seeds must be >= 1"),
+        (["--arms", "grpo,nonsense"], "--arms: unknown arm nonsense"),
         (["--set", "algorithm.group_size=0"], "algorithm.group_size"),
     ):
         done = subprocess.run(
@@ -190,55 +233,28 @@ def test_bad_flags_are_usage_errors(tmp_path):
         assert message in done.stderr and "Traceback" not in done.stderr
 
 
-def test_sweep_plan_adds_one_arm_per_new_point_and_reuses_equal_ones():
-    from services.supervisor.main_job import preset_path
-    from services.supervisor.reproduce import SMOKE_OVERRIDES, SWEEPS, Reproduction
-
-    plan = Reproduction(
-        preset_path("tiny-demo.yaml"), list(SMOKE_OVERRIDES), sweep=True, smoke=True, command="rpo reproduce"
-    ).plan
-    arms = {a["name"]: a for a in plan["arms"]}
-    points = {p: {str(x["value"]): x["arm"] for x in plan["sweeps"][p]} for p in SWEEPS}
-    # tiny-demo's L is 64 and the timing arm's 32: those points are the existing arms
-    assert points["L"]["64"] == "rpo-grpo" and points["L"]["32"] == "rpo-grpo-timing"
-    assert arms[points["L"]["0.5l"]]["settings"]["truncation_limit"] == "0.5l"
-    assert points["alpha"]["0.0"] == "rpo-grpo-no-length" and points["alpha"]["0.01"] == "rpo-grpo"
-    assert points["G"]["6"] == "rpo-grpo"
-    # a G point has its own full-path arm at that G
-    for g in ("4", "8"):
-        rpo = arms[points["G"][g]]
-        assert rpo["settings"]["group_size"] == int(g) and rpo["settings"]["mode"] == "rpo"
-        full = arms[rpo["full"]]
-        assert full["settings"]["group_size"] == int(g) and full["settings"]["mode"] == "full"
-    # epsilon only acts when a question comes back: its points (0.5 included) and their GRPO arm train on
-    # a third of the questions, three visits each
-    assert {points["epsilon"][e] for e in ("0.1", "0.5", "1.0")}.isdisjoint(MAIN_NAMES)
-    for e in ("0.1", "0.5", "1.0"):
-        rpo = arms[points["epsilon"][e]]
-        assert rpo["settings"]["epsilon"] == float(e) and rpo["settings"]["epochs"] == 3
-        full = arms[rpo["full"]]
-        assert full["settings"]["mode"] == "full" and full["settings"]["epochs"] == 3
-        assert full["settings"]["max_questions"] == rpo["settings"]["max_questions"]
-    new = [a for a in plan["arms"] if a["sweep"]]
-    assert len(new) == 11 and len({json.dumps(a["settings"], sort_keys=True) for a in plan["arms"]}) == len(
-        plan["arms"]
-    )
-
-
-def test_sweep_tables_render_from_a_finished_reproduction(smoke):
-    from services.supervisor.results import render_markdown
+def test_the_results_page_is_rendered_from_the_record_and_its_numbers_come_from_it(smoke, tmp_path):
+    from services.supervisor.formatting import signed
+    from services.supervisor.results_doc import render_results_doc
 
     out, _ = smoke
     results = json.loads((out / "results.json").read_text())
-    results["sweeps"] = {"L": [{"value": 64, "arm": "rpo-grpo"}, {"value": 32, "arm": "rpo-grpo-timing"}]}
-    text = render_markdown(results)
-    assert "## Sweep: L" in text
-    rows = [
-        line
-        for line in text.split("## Sweep: L")[1].splitlines()
-        if line.startswith("| 64 ") or line.startswith("| 32 ")
-    ]
-    assert len(rows) == 2 and all(row.count("|") == 10 for row in rows)
-    # the L = 32 point's paired difference is against its full arm, GRPO
-    diff = results["comparisons"]["rpo-grpo-timing"]["pass_at_1_difference"]["difference"]
-    assert f"| {100 * diff:+.1f} [" in next(row for row in rows if row.startswith("| 32 "))
+    page = render_results_doc(results)
+    assert page == render_results_doc(json.loads((out / "results.json").read_text()))  # deterministic
+    assert f"at commit `{results['commit']}`" in page and "## Targets" in page and "## Reading" in page
+    diff = results["comparisons"]["rpo-grpo"]["accuracy_difference"]["after"]
+    assert f"RPO+GRPO - GRPO is {signed(diff['mean'])} points" in page
+    # change a figure in the record: the page follows
+    results["comparisons"]["rpo-grpo"]["accuracy_difference"]["after"]["mean"] = 0.4321
+    assert "RPO+GRPO - GRPO is +43.2 points" in render_results_doc(results)
+    # the command line: a record that cannot be read is one message and exit 2
+    bad = tmp_path / "results.json"
+    bad.write_text("{not json")
+    done = subprocess.run(
+        [sys.executable, "-m", "services.supervisor.results_doc", str(bad)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "cannot read the record" in done.stderr and "Traceback" not in done.stderr

@@ -1,0 +1,225 @@
+"""docs/results.md, rendered from a committed reproduction record (results.json), prose included: every
+number on the page comes from the record, so the page can be checked against it by rendering it again.
+
+    .venv/bin/python -m services.supervisor.results_doc docs/results/results.json > docs/results.md
+
+The reading is written from the record too: each sentence states what a table shows (met or not, an
+interval that holds zero or not), and where RPO trails, it says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from services.supervisor.formatting import ci, label_text, num, pct, ratio_ci, signed
+from services.supervisor.results_tables import accuracy_table, cost_table, ratio_table, targets_table
+
+INTRO = """\
+`rpo reproduce` trains GRPO and RPO+GRPO (each with and without the length-aware reward, each RPO arm
+paired with its own kind), RPO+GRPO at L = 0.1l and at epsilon 0 and 1, and DAPO and RPO+DAPO, from one warm
+model, once per training seed (docs/training.md, "`rpo reproduce`", has the protocol). This page is
+rendered from the record that run wrote, `docs/results/results.json`, by
+`python -m services.supervisor.results_doc docs/results/results.json`; a test renders it again and compares.
+Nothing here ran on a GPU unless the machine line says so."""
+
+TASK = """\
+The task is `builtin:arith-long` (`services/core/synthetic_long.py`): ten one-digit terms named A to J. An
+answer adds them in one of three orders (left to right, right to left, odd letters then even), writes the
+total, adds them again from scratch in another order as a check, and boxes the total when the two agree;
+otherwise it adds a third time in the remaining order and boxes that. So every question has six correct
+texts without a redo, an error can sit at any step of either pass, it is caught when the passes disagree,
+and the answer is decided by the first pass (the check erred) or late (the first pass erred). The test
+split is evaluated only before and after training; the curves and every choice of the preset use the
+validation split."""
+
+
+def _pair_sentences(results: dict[str, Any]) -> list[str]:
+    arms, lines = results["arms"], []
+    for name, cmp in results["comparisons"].items():
+        if arms[name]["group"] != "headline":
+            continue
+        full = arms[cmp["full"]]["label"]
+        for label, diff in cmp["accuracy_difference"].items():
+            if math.isnan(diff["mean"]):
+                continue
+            low, high = diff["ci"]
+            verdict = (
+                "its lower end is above -2 points (the target is met)"
+                if low >= -0.02
+                else "its lower end reaches below -2 points (the target is not met)"
+            )
+            trails = " RPO trails: the whole interval is below zero." if high < 0 else ""
+            lines.append(
+                f"- **Equal steps, {label_text(label, results)}:** {arms[name]['label']} - {full} is "
+                f"{signed(diff['mean'])} points{ci(diff['ci'])} over {diff['seeds']} seeds x "
+                f"{diff['questions']} questions; {verdict}.{trails}"
+            )
+    return lines
+
+
+def _equal_time_sentences(results: dict[str, Any]) -> list[str]:
+    lines = []
+    arms = results["arms"]
+    for name, eq in results["equal_time"].items():
+        if math.isnan(eq["mean"]):
+            continue
+        full = arms[results["comparisons"][name]["full"]]["label"]
+        lines.append(
+            f"- **Equal time:** when {arms[name]['label']} finished (on average {sum(eq['seconds']) / len(eq['seconds']):.0f} s "
+            f"of training, cache initialisation included), its validation pass@1 was {pct(eq['rpo_pass_at_1'])}%; "
+            f"{full}'s curve read at the same time gives {pct(eq['full_pass_at_1'])}%: {signed(eq['mean'])} points"
+            f"{ci(eq['ci'])}. {full} trained for "
+            f"{sum(eq['full_training_seconds']) / max(1, len(eq['full_training_seconds'])):.0f} s."
+        )
+    return lines
+
+
+def _cost_sentences(results: dict[str, Any]) -> list[str]:
+    lines = []
+    arms = results["arms"]
+    for name, cmp in results["comparisons"].items():
+        if arms[name]["group"] not in ("headline", "timing") or arms[name]["settings"]["alpha"] == 0:
+            continue
+        full = arms[cmp["full"]]["label"]
+        lines.append(
+            f"- **{arms[name]['label']} against {full}:** decoded tokens per sample "
+            f"{num(cmp['decoded_tokens']['mean'], 3)}{ratio_ci(cmp['decoded_tokens']['ci'])} (predicted from the "
+            f"measured lengths: {num(cmp['decoded_tokens_predicted']['mean'], 3)}; near it by construction, since "
+            f"a suffix may hold at most m new tokens), rollout phase "
+            f"{num(cmp['phases']['rollout']['mean'], 3)}{ratio_ci(cmp['phases']['rollout']['ci'])}, step time "
+            f"{num(cmp['step_seconds']['mean'], 3)}{ratio_ci(cmp['step_seconds']['ci'])}."
+        )
+    return lines
+
+
+def _epsilon_sentences(results: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, by_label in results["epsilon"].items():
+        for label, diff in by_label.items():
+            if math.isnan(diff["mean"]):
+                continue
+            low, high = diff["ci"]
+            shown = (
+                "excludes zero" if not (low <= 0 <= high) else "holds zero: no effect of the rule is shown"
+            )
+            lines.append(
+                f"- **{results['arms'][name]['label']} - epsilon 0, {label_text(label, results)}:** "
+                f"{signed(diff['mean'])} points{ci(diff['ci'])}; the interval {shown}."
+            )
+    return lines
+
+
+def _dapo_sentences(results: dict[str, Any]) -> list[str]:
+    arms = results["arms"]
+    if "rpo-dapo" not in results["comparisons"]:
+        return []
+    diff = results["comparisons"]["rpo-dapo"]["accuracy_difference"].get("after")
+    if not diff:
+        return []
+    return [
+        f"- **DAPO** ran at {len(arms['dapo']['seeds'])} seed(s) and updates twice per batch (its clip-higher "
+        f"only acts when the ratio can leave 1), so it is not at equal optimizer steps with GRPO: "
+        f"{arms['rpo-dapo']['label']} - {arms['dapo']['label']} at {label_text('after', results)} is "
+        f"{signed(diff['mean'])} points{ci(diff['ci'])}."
+    ]
+
+
+def _unmet(results: dict[str, Any]) -> list[str]:
+    return [f"- {t['target']}: {t['measured']}." for t in results["targets"] if t["met"] is False]
+
+
+def render_results_doc(results: dict[str, Any], record: str = "docs/results/results.json") -> str:
+    """The whole of docs/results.md from a reproduction's results.json."""
+    machine = results["machine"]
+    commit = results.get("commit") or "unknown"
+    seeds = results["seeds"]
+    minutes = ", ".join(
+        f"seed {s}: {v / 60:.1f}"
+        for s, v in sorted(results["wall_seconds_by_seed"].items(), key=lambda kv: int(kv[0]))
+    )
+    parts = [
+        "# Results: RPO against GRPO and DAPO in the paper's regime, in miniature",
+        "",
+        INTRO,
+        "",
+        f"- **Command:** `{results['command']}` at commit `{commit}`; record `{record}`.",
+        f"- **Machine:** {machine['cpu']}, {machine['cores']} cores, {machine['gpu']}; {results['date']}.",
+        f"- **Seeds:** {', '.join(map(str, seeds))}; wall time {results['wall_seconds'] / 60:.1f} minutes "
+        f"({minutes} minutes).",
+        f"- **Learner:** {results['learner']}.",
+        "",
+        "## The task",
+        "",
+        TASK,
+        "",
+        "## Test accuracy",
+        "",
+        "pass@1 on the test split after training, the mean over seeds; the interval resamples seeds, then "
+        "questions.",
+        "",
+        accuracy_table(results),
+        "",
+        "## Tokens and time",
+        "",
+        "Means over seeds. Phases: rollout (reward scoring included), train (the learner), weight sync, cache "
+        "(the cache update commit). Training time counts cache initialisation; wall time is the whole `rpo run`.",
+        "",
+        cost_table(results),
+        "",
+        "## RPO against full path",
+        "",
+        "Ratios are taken seed by seed, with Student t intervals over seeds; pass@1 differences are paired "
+        "question by question at the same seed.",
+        "",
+        ratio_table(results),
+        "",
+        "## Targets",
+        "",
+        targets_table(results),
+        "",
+        "## Reading",
+        "",
+        *_pair_sentences(results),
+        *_equal_time_sentences(results),
+        *_cost_sentences(results),
+        *_epsilon_sentences(results),
+        *_dapo_sentences(results),
+    ]
+    unmet = _unmet(results)
+    if unmet:
+        parts += ["", "Targets not met:", "", *unmet]
+    parts += [
+        "",
+        "## Plots",
+        "",
+        "![validation pass@1 against training time](results/accuracy_vs_time.png)",
+        "",
+        "![decoded tokens per step](results/decoded_tokens_per_step.png)",
+        "",
+        "![response length per step](results/response_length.png)",
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print(
+            "usage: python -m services.supervisor.results_doc RESULTS_JSON > docs/results.md", file=sys.stderr
+        )
+        return 2
+    path = Path(argv[0])
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        print(f"{path}: cannot read the record: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(render_results_doc(results, argv[0]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

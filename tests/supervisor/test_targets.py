@@ -1,0 +1,103 @@
+"""The protocol's targets are judged on intervals, and each can fail: known inputs on both sides of every
+bound (services/supervisor/results.py, `targets`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.supervisor.results import targets
+from services.supervisor.results_tables import targets_table
+
+PLAN = {"headline_pairs": [["rpo-grpo", "grpo"]]}
+
+
+def _summary(mean: float, low: float, high: float) -> dict:
+    return {"mean": mean, "ci": (low, high), "seeds": 3, "questions": 200}
+
+
+def _results(
+    *,
+    steps_ci=(-0.019, 0.01),
+    time_ci=(-0.01, 0.03),
+    rollout_ci=(0.05, 0.29),
+    step_ci=(0.1, 0.49),
+    epsilon_ci=(0.001, 0.02),
+    wall_by_seed=None,
+) -> dict:
+    arms = {
+        "grpo": {"label": "GRPO", "group": "headline"},
+        "rpo-grpo": {"label": "RPO+GRPO", "group": "headline"},
+        "rpo-grpo-0.1l": {"label": "RPO+GRPO, L=0.1l", "group": "timing"},
+        "rpo-grpo-eps1": {"label": "RPO+GRPO, epsilon=1", "group": "epsilon"},
+    }
+    ratio = lambda ci: {"mean": sum(ci) / 2, "ci": ci}  # noqa: E731
+    return {
+        "arms": arms,
+        "eval_labels": ["after"],
+        "runs": {"grpo": {"0": {"evals": {"after": {"temperature": 0.6}}}}},
+        "comparisons": {
+            "rpo-grpo": {"accuracy_difference": {"after": _summary(sum(steps_ci) / 2, *steps_ci)}},
+            "rpo-grpo-0.1l": {
+                "accuracy_difference": {},
+                "phases": {"rollout": ratio(rollout_ci)},
+                "step_seconds": ratio(step_ci),
+            },
+        },
+        "equal_time": {
+            "rpo-grpo": {
+                **_summary(sum(time_ci) / 2, *time_ci),
+                "seconds": [100.0],
+                "rpo_pass_at_1": 0.8,
+                "full_pass_at_1": 0.79,
+            }
+        },
+        "epsilon": {"rpo-grpo-eps1": {"after": _summary(sum(epsilon_ci) / 2, *epsilon_ci)}},
+        "wall_seconds_by_seed": wall_by_seed or {0: 3000.0, 1: 2000.0, 2: 2000.0},
+        "smoke": False,
+    }
+
+
+def _met(results: dict, starts: str) -> bool | None:
+    found = [t for t in targets(results, PLAN) if t["target"].startswith(starts)]
+    assert len(found) == 1, [t["target"] for t in targets(results, PLAN)]
+    return found[0]["met"]
+
+
+def test_equal_steps_is_judged_on_the_lower_end_not_the_mean():
+    assert _met(_results(steps_ci=(-0.019, 0.01)), "equal steps") is True
+    # a mean of +0.5 points does not save an interval that reaches below -2
+    assert _met(_results(steps_ci=(-0.021, 0.031)), "equal steps") is False
+    failing = _results(steps_ci=(-0.021, 0.031))
+    text = targets_table({**failing, "targets": targets(failing, PLAN)})
+    assert "T=0.6" in text and "| no |" in text
+
+
+def test_equal_time_is_judged_on_the_lower_end():
+    assert _met(_results(time_ci=(-0.02, 0.0)), "equal time") is True
+    assert _met(_results(time_ci=(-0.0201, 0.05)), "equal time") is False
+
+
+@pytest.mark.parametrize(
+    ("what", "inside", "outside"),
+    [("rollout_ci", (0.05, 0.3), (0.05, 0.301)), ("step_ci", (0.2, 0.5), (0.2, 0.51))],
+)
+def test_timing_targets_are_judged_on_the_upper_end(what, inside, outside):
+    starts = "RPO+GRPO, L=0.1l: " + ("rollout" if what == "rollout_ci" else "step")
+    assert _met(_results(**{what: inside}), starts) is True
+    assert _met(_results(**{what: outside}), starts) is False
+
+
+def test_the_epsilon_sweep_says_whether_its_interval_excludes_zero():
+    shown = [t for t in targets(_results(epsilon_ci=(0.001, 0.02)), PLAN) if "epsilon" in t["target"]][0]
+    hidden = [t for t in targets(_results(epsilon_ci=(-0.001, 0.02)), PLAN) if "epsilon" in t["target"]][0]
+    assert "excludes 0" in shown["measured"] and "holds 0" in hidden["measured"]
+    assert shown["met"] is None  # a report, not a pass/fail
+
+
+def test_time_targets_take_the_first_seed_and_all_seeds():
+    assert _met(_results(wall_by_seed={0: 3600.0, 1: 1800.0, 2: 1800.0}), "one seed") is True
+    assert _met(_results(wall_by_seed={0: 3601.0, 1: 1800.0, 2: 1800.0}), "one seed") is False
+    assert _met(_results(wall_by_seed={0: 2400.0, 1: 2400.0, 2: 2400.0}), "3 seeds") is True
+    assert _met(_results(wall_by_seed={0: 2400.0, 1: 2400.0, 2: 2401.0}), "3 seeds") is False
+    # one seed recorded: no protocol target
+    assert not [t for t in targets(_results(wall_by_seed={0: 100.0}), PLAN) if "seeds (" in t["target"]]
