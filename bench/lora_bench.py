@@ -163,7 +163,7 @@ def main() -> int:
             print(f"{name}: {arms[name]['step_seconds']:.3f} s/step", flush=True)
         results["steps"] = arms
         if args.accuracy:
-            from services.supervisor.results import paired_difference
+            from services.supervisor.statistics import paired_difference
 
             full = run_main_job(Path(tmp) / "run-full", [])
             lora = run_main_job(

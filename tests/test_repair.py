@@ -1,6 +1,7 @@
 """The long task's repair property (services/core/synthetic_long.py, item "a trace in which an error early on
-can be noticed and repaired later"): from prefixes cut out of the warm model's own WRONG answers, with RPO's
-truncation (m ~ U{1..0.5l}) and suffix budget (m new tokens), continuations still reach the right answer.
+can be caught later"): from prefixes cut out of the warm model's own WRONG answers, with RPO's truncation
+(m ~ U{1..0.5l}) and suffix budget (m new tokens), continuations still reach the right answer; and the two
+controls are measured beside it (right answers continued the same way, fresh answers).
 
 The suite never builds the 20-minute `builtin:tiny-warm-long` model: a smaller instance of the same task
 (four terms instead of ten) is warm-started here in about three minutes. bench/repair_rate.py measures the
@@ -16,7 +17,7 @@ from services.core.synthetic_long import LongTaskConfig
 from services.demo.repair import repair_rate
 from services.demo.tiny_model import WARM_LAYERS, build_tiny_model, warm_start
 
-MINI = LongTaskConfig(num_terms=4, train_size=4000, eval_size=800, error_rate=0.3)
+MINI = LongTaskConfig(num_terms=4, train_size=4000, eval_size=200, val_size=400, error_rate=0.3)
 MINI_STEPS = 1500
 pytestmark = pytest.mark.timeout(1200)  # the module's setup warm-starts a model
 
@@ -43,10 +44,18 @@ def test_continuations_of_wrong_answers_reach_the_right_answer(mini_long_model):
     model, _ = mini_long_model
     # Answers sampled at T = 1.0: the mini model is nearly always right greedily, so its wrong answers are rare.
     result = repair_rate(
-        model, MINI, wrong_wanted=32, max_questions=800, limit="0.5l", samples=4, answer_temperature=1.0
+        model, MINI, wrong_wanted=32, max_questions=400, limit="0.5l", samples=4, answer_temperature=1.0
     )
     assert result.wrong_answers >= 12, result
     assert result.continuations == 4 * result.wrong_answers
     # Measurably often: a wrong prefix is not a dead end (at least 5 right continuations, from at least 3
     # different wrong answers, so the rate's interval clears zero).
     assert result.repaired >= 5 and result.answers_repaired >= 3, result
+    # The controls: right answers were cut and continued as often, and every sampled question got a fresh answer.
+    assert result.right_answers == result.wrong_answers and result.right_continuations == result.continuations
+    assert result.fresh_samples == result.questions_sampled and 0 < result.fresh_rate < 1
+    # A right prefix keeps its answer right more often than a wrong one is repaired.
+    assert result.kept_rate > result.rate, result
+    for name in ("rate", "kept_rate", "fresh_rate"):
+        low, high = result.intervals[name]
+        assert low <= getattr(result, name) <= high, (name, result)
