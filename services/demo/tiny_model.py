@@ -264,6 +264,8 @@ def warm_start(
     progress: bool = True,
     eval_questions: int = 200,
     group_by_length: bool = False,
+    schedule: str = "cosine",
+    on_step: Any = None,
 ) -> dict:
     """Supervised warm start on the task's train split; saves the model and tokenizer to `out_dir`.
 
@@ -288,9 +290,14 @@ def warm_start(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = max(1, min(50, steps // 10))
 
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+
     def lr_factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
         return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
@@ -343,13 +350,17 @@ def warm_start(
             losses.append(loss.item())
             done += 1
             bar.update(1)
+            if on_step is not None:
+                on_step(done, model)
             if done % 20 == 0:
                 bar.set_postfix(loss=f"{recent_loss():.3f}")
             if progress and bar.disable and (done % WARM_LOG_EVERY == 0 or done == steps):
                 rate = done / (time.monotonic() - started)
                 log.info("warm start step %d/%d loss %.3f (%.1f steps/s)", done, steps, recent_loss(), rate)
     train_seconds = time.monotonic() - started
-    eval_rows = task_rows(task_cfg, "eval")[:eval_questions]
+    # The long task's choices (the warm start's length among them) are made on its validation split.
+    held_out = "val" if isinstance(task_cfg, LongTaskConfig) else "eval"
+    eval_rows = task_rows(task_cfg, held_out)[:eval_questions]
     accuracy = greedy_accuracy(model, tokenizer, eval_rows)
     metrics = {
         "steps": done,
