@@ -139,3 +139,23 @@ def test_warm_model_is_partly_right_on_held_out_questions(warm_model_dir):
     rows = make_split(SyntheticTaskConfig(), "eval")[:64]
     accuracy = greedy_accuracy(model, tok, rows)
     assert 0.2 <= accuracy <= 0.95  # clearly non-zero, with room left for RL
+
+
+def test_a_constant_rate_build_is_exactly_the_first_steps_of_a_longer_one(tmp_path):
+    """What lets one probe run choose the long warm start's length: its checkpoint at N steps is the N-step build."""
+    random_dir = build_tiny_model(tmp_path / "random", num_layers=2, seed=0)
+    task = SyntheticTaskConfig(train_size=200, eval_size=10)
+    snapshot = {}
+
+    def keep(step, model):
+        if step == 6:
+            snapshot.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    common = {"task_cfg": task, "schedule": "constant", "eval_questions": 0, "progress": False, "batch_size": 4}
+    warm_start(random_dir, tmp_path / "long", steps=9, on_step=keep, **common)
+    warm_start(random_dir, tmp_path / "short", steps=6, **common)
+    short = load_file(tmp_path / "short" / "model.safetensors")
+    assert set(short) <= set(snapshot)
+    assert all(torch.equal(short[name], snapshot[name]) for name in short)
+    with pytest.raises(ValueError, match="schedule"):
+        warm_start(random_dir, tmp_path / "bad", steps=1, **{**common, "schedule": "linear"})

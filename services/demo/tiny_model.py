@@ -57,12 +57,13 @@ WARM_LR = 1e-3
 16 at 1e-3 reach the greedy accuracy (58%) of the earlier recipe, 600 steps of 64 at 2e-3, with a third of
 the examples and 40% of the time; with 16 per step, 2e-3 and 5e-4 both stayed below 10% after 600 steps."""
 WARM_LONG_STEPS = 900
-"""Warm start on the long-reasoning task (`services.core.synthetic_long`): answers of about 280 tokens (400
-with a redo), batches grouped by length, about 0.44 s a step on a 2-core CPU. Looking terms up by name is
-what takes the steps, and the task has a sharp cliff; each a cosine schedule over its own length, greedy /
-sampled (T = 0.6) accuracy on held-out questions: 850 steps 40% / 33%, 1,000 steps 95% / 98%, 2,000
-steps 100% / 100%. 900 steps (under 7 minutes) lands between, leaving RL room to improve;
-docs/results.md gives what it reaches."""
+"""Warm start on the long-reasoning task (`services.core.synthetic_long`) at a constant rate: answers of about
+320 tokens (470 with a redo), batches grouped by length. Chosen on the validation split with one 900-step
+probe whose checkpoints are exactly the shorter builds (2026-12-05, 2-core Intel Xeon; 64 validation
+questions, one sample each, pass@1 at T = 0.6 / T = 1.0): 600 steps 5% / 3%, 700 steps 30% / 23%, 800
+steps 34% / 19%, 900 steps 75% / 52%; the 1,200-step cosine recipe solved 100% at T = 0.6, leaving RL
+nothing to show. 900 steps leave room at both evaluation temperatures. The task has a sharp cliff, so a
+build on another CPU model may land elsewhere on it (warm_start.json records the build's greedy accuracy)."""
 WARM_LOG_EVERY = 200
 """Warm-start steps between log lines when no progress bar is drawn (stderr not a terminal)."""
 

@@ -76,6 +76,7 @@ def _recipe(kind: str) -> dict[str, Any]:
                 "lr": WARM_LR,
                 "seed": 0,
                 "group_by_length": True,
+                "schedule": "constant",
             },
         }
     raise ValueError(f"unknown tiny model kind {kind!r}; choose one of {', '.join(KINDS)}")
