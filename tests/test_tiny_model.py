@@ -151,7 +151,13 @@ def test_a_constant_rate_build_is_exactly_the_first_steps_of_a_longer_one(tmp_pa
         if step == 6:
             snapshot.update({k: v.detach().clone() for k, v in model.state_dict().items()})
 
-    common = {"task_cfg": task, "schedule": "constant", "eval_questions": 0, "progress": False, "batch_size": 4}
+    common = {
+        "task_cfg": task,
+        "schedule": "constant",
+        "eval_questions": 0,
+        "progress": False,
+        "batch_size": 4,
+    }
     warm_start(random_dir, tmp_path / "long", steps=9, on_step=keep, **common)
     warm_start(random_dir, tmp_path / "short", steps=6, **common)
     short = load_file(tmp_path / "short" / "model.safetensors")
