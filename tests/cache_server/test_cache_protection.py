@@ -187,7 +187,7 @@ async def test_bad_updates_name_the_field_and_write_nothing(http, run_id, redis_
     ("body", "field"),
     [
         ({"question_ids": ["a"], "truncation_limit": -1}, "truncation_limit"),
-        ({"question_ids": ["a"], "truncation_limit": "0.3l"}, "truncation_limit"),
+        ({"question_ids": ["a"], "truncation_limit": "1.5l"}, "truncation_limit"),
         ({"question_ids": ["a"], "truncation_limit": 2.5}, "truncation_limit"),
         ({"question_ids": ["a"], "truncation_limit": "300"}, "truncation_limit"),
         ({"question_ids": [], "truncation_limit": 3}, "question_ids"),

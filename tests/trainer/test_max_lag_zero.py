@@ -55,8 +55,11 @@ def test_max_lag_zero_gives_the_losses_and_weights_of_the_learner_before_lag_exi
             digest.update(weights[name].float().contiguous().numpy().tobytes())
         assert digest.hexdigest() == expected["weights_sha256"]
     else:
+        # Another CPU's kernels round float32 differently. The KL at these steps is about 6.5e-6, a
+        # difference of nearly equal log-probabilities, so its relative error on an AMD EPYC is 1e-3 while
+        # its absolute error is 8e-9: the absolute floor keeps that from failing a learner that is the same.
         for step, want in zip(got, expected["steps"], strict=True):
-            assert step == pytest.approx(want, rel=1e-5)
+            assert step == pytest.approx(want, rel=1e-5, abs=1e-7)
     assert sorted(weights) == sorted(expected["weight_sums"])
     for name, (total, squares) in expected["weight_sums"].items():
         tensor = weights[name].double()
