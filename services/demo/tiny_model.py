@@ -59,7 +59,7 @@ the examples and 40% of the time; with 16 per step, 2e-3 and 5e-4 both stayed be
 WARM_LONG_STEPS = 900
 """Warm start on the long-reasoning task (`services.core.synthetic_long`) at a constant rate: answers of about
 320 tokens (470 with a redo), batches grouped by length. Chosen on the validation split with one 900-step
-probe whose checkpoints are exactly the shorter builds (2026-12-05, 2-core Intel Xeon; 64 validation
+probe whose checkpoints are exactly the shorter builds (2026-12-05, 2-core AMD EPYC; 64 validation
 questions, one sample each, pass@1 at T = 0.6 / T = 1.0): 600 steps 5% / 3%, 700 steps 30% / 23%, 800
 steps 34% / 19%, 900 steps 75% / 52%; the 1,200-step cosine recipe solved 100% at T = 0.6, leaving RL
 nothing to show. 900 steps leave room at both evaluation temperatures. The task has a sharp cliff, so a
