@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from services.supervisor.formatting import ci, label_text, num, pct, ratio_ci, signed
-from services.supervisor.results_tables import accuracy_table, cost_table, ratio_table, targets_table
+from services.supervisor.results_tables import table_sections
 
 INTRO = """\
 `rpo reproduce` trains GRPO and RPO+GRPO (each with and without the length-aware reward, each RPO arm
@@ -35,6 +35,63 @@ texts without a redo, an error can sit at any step of either pass, it is caught 
 and the answer is decided by the first pass (the check erred) or late (the first pass erred). The test
 split is evaluated only before and after training; the curves and every choice of the preset use the
 validation split."""
+
+
+def _protocol(results: dict[str, Any]) -> str:
+    """The protocol in short, its sizes read from the record's base configuration."""
+    base = results["base_config"]
+    data, train, algo, sampling = base["data"], base["train"], base["algorithm"], base["sampling"]
+    questions, per_step, epochs = data["max_questions"], train["questions_per_step"], train["epochs"]
+    steps = math.ceil(questions * epochs / per_step)
+    if train["max_steps"] is not None:
+        steps = min(steps, train["max_steps"])
+    temperatures = " and ".join(
+        f"T = {t:g}" for t in [sampling["eval_temperature"], *sampling["eval_extra_temperatures"]]
+    )
+    return f"""\
+docs/training.md, "`rpo reproduce`", lists the arms and what each run evaluates. In short:
+
+- **Arms:** GRPO / RPO+GRPO and GRPO / RPO+GRPO without the length-aware reward (`algorithm.alpha: 0`), each
+  RPO arm paired with its own kind, at L = {algo["truncation_limit"]}; RPO+GRPO at L = 0.1l; RPO+GRPO at
+  epsilon 0 and 1 beside the headline's {algo["epsilon"]:g}; DAPO and RPO+DAPO at the first seed only, updating
+  twice per batch (not at equal optimizer steps with GRPO, and said so in their labels).
+- **Training:** {steps} steps of {per_step} questions x G = {algo["group_size"]} over {questions} questions, \
+{epochs} epochs: every question comes back, so the cache entries the epsilon rule updated are read again.
+- **Evaluation:** the test split ({data["eval_max_questions"]} questions, {sampling["eval_samples"]} samples \
+each) before training, once for all arms, and after, at {temperatures} (the paper's evaluation temperature \
+first, then the training temperature, {sampling["temperature"]:g}); the validation split \
+({data["val_max_questions"]} questions) before, every {train["eval_every"]} steps and after: the curves equal \
+time is read from, on a time axis that counts RPO's cache initialisation.
+- **Statistics** (`services/supervisor/statistics.py`): accuracy and paired differences with a bootstrap
+  that resamples training seeds, then questions; RPO/full ratios seed by seed with Student t intervals.
+- **Targets**, each judged on an interval and each shown able to fail by `tests/supervisor/test_targets.py`:
+  the lower end of RPO - full at equal steps and at equal time at least -2 points, for both headline pairs
+  and both temperatures; at L = 0.1l the upper ends of the rollout-phase ratio at most 0.3 and of the
+  step-time ratio at most 0.5; the epsilon sweep reported as an interval that holds zero or not; one seed
+  within 60 minutes and three within two hours."""
+
+
+REMAKE = """\
+To make the record again (it resumes run by run, and `--arms` runs it in parts):
+
+    bash scripts/bootstrap.sh
+    .venv/bin/rpo reproduce --seeds 3 --run-dir runs/reproduce
+    cp runs/reproduce/results.json runs/reproduce/*.png docs/results/
+    .venv/bin/python -m services.supervisor.results_doc docs/results/results.json > docs/results.md
+
+The warm model is built on the machine that runs the protocol, and its quality depends on the CPU model
+(the "before" row shows the one this record started from): read a record made elsewhere with its own
+"before" row."""
+
+TABLE_INTROS = {
+    "Test accuracy": "pass@1 on the test split after training, the mean over seeds; the interval resamples seeds, "
+    "then questions.",
+    "Tokens and time": "Means over seeds. Phases: rollout (reward scoring included), train (the learner), weight "
+    "sync, cache (the cache update commit). Training time counts cache initialisation; wall time is the whole "
+    "`rpo run`.",
+    "RPO against full path": "Ratios are taken seed by seed, with Student t intervals over seeds; pass@1 "
+    "differences are paired question by question at the same seed.",
+}
 
 
 def _pair_sentences(results: dict[str, Any]) -> list[str]:
@@ -156,31 +213,11 @@ def render_results_doc(results: dict[str, Any], record: str = "docs/results/resu
         "",
         TASK,
         "",
-        "## Test accuracy",
+        "## The protocol",
         "",
-        "pass@1 on the test split after training, the mean over seeds; the interval resamples seeds, then "
-        "questions.",
+        _protocol(results),
         "",
-        accuracy_table(results),
-        "",
-        "## Tokens and time",
-        "",
-        "Means over seeds. Phases: rollout (reward scoring included), train (the learner), weight sync, cache "
-        "(the cache update commit). Training time counts cache initialisation; wall time is the whole `rpo run`.",
-        "",
-        cost_table(results),
-        "",
-        "## RPO against full path",
-        "",
-        "Ratios are taken seed by seed, with Student t intervals over seeds; pass@1 differences are paired "
-        "question by question at the same seed.",
-        "",
-        ratio_table(results),
-        "",
-        "## Targets",
-        "",
-        targets_table(results),
-        "",
+        *table_sections(results, TABLE_INTROS),
         "## Reading",
         "",
         *_pair_sentences(results),
@@ -201,6 +238,10 @@ def render_results_doc(results: dict[str, Any], record: str = "docs/results/resu
         "![decoded tokens per step](results/decoded_tokens_per_step.png)",
         "",
         "![response length per step](results/response_length.png)",
+        "",
+        "## Making the record again",
+        "",
+        REMAKE,
     ]
     return "\n".join(parts) + "\n"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from services.supervisor.formatting import ci, label_text, num, pct, ratio_ci, signed
@@ -81,6 +82,26 @@ def targets_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+TABLES: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
+    ("Test accuracy", accuracy_table),
+    ("Tokens and time", cost_table),
+    ("RPO against full path", ratio_table),
+    ("Targets", targets_table),
+)
+"""The sections every rendering of a record holds, in order: the run directory's results.md and docs/results.md."""
+
+
+def table_sections(results: dict[str, Any], intros: Mapping[str, str] | None = None) -> list[str]:
+    """Markdown lines of every table in `TABLES`, each under its heading and after its intro, if any."""
+    lines: list[str] = []
+    for title, table in TABLES:
+        lines += [f"## {title}", ""]
+        if intros and title in intros:
+            lines += [intros[title], ""]
+        lines += [table(results), ""]
+    return lines
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     """Every table of a reproduction, as one Markdown document (the run directory's `results.md`)."""
     seeds = results["seeds"]
@@ -92,20 +113,6 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"{results['machine']['gpu']}; {results['date']}; learner: {results['learner']}; "
         f"training seeds {', '.join(map(str, seeds)) or 'none'}; total wall time {results['wall_seconds']:.0f} s.",
         "",
-        "## Test accuracy",
-        "",
-        accuracy_table(results),
-        "",
-        "## Tokens and time",
-        "",
-        cost_table(results),
-        "",
-        "## RPO / full path",
-        "",
-        ratio_table(results),
-        "",
-        "## Targets",
-        "",
-        targets_table(results),
+        *table_sections(results),
     ]
-    return "\n".join(parts) + "\n"
+    return "\n".join(parts).rstrip("\n") + "\n"
