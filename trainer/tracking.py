@@ -1,7 +1,8 @@
 """Experiment tracking: every record the trainer writes to metrics.jsonl, also sent to TensorBoard, MLflow or
 Weights & Biases (`train.report_to`), as TRL's `report_to` does. A thin adapter over the records: the step
-records' numbers (nested ones flattened, `phases/train`), the evaluations' (`eval/<label>/<name>`), and the
-resolved config once at the start (secrets masked).
+records' numbers (nested ones flattened, `phases/train`), the evaluations' (`eval/<split>/T<temperature>/<name>`:
+one curve per split and temperature over the steps), and the resolved config once at the start (secrets
+masked).
 
 Where each writes (all under the run directory unless the backend's own variable says otherwise):
 - `tensorboard`: `<run_dir>/tensorboard` (TensorBoard's event files; `tensorboard --logdir runs`);
@@ -46,6 +47,15 @@ def flatten(record: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, 
             yield name, float(value)
 
 
+def eval_series(record: Mapping[str, Any]) -> str:
+    """An evaluation's name in the trackers: its split and temperature (`eval/val/T0.6`), so that the
+    evaluations of one split at one temperature (before, every k steps, after) draw one curve over the steps;
+    a record without them keeps its label (`eval/after`)."""
+    if "split" in record and "temperature" in record:
+        return f"eval/{record['split']}/T{float(record['temperature']):g}"
+    return f"eval/{record['label']}"
+
+
 def metrics_of(record: Mapping[str, Any]) -> tuple[int, dict[str, float]] | None:
     """(step, metrics) to send for a metrics.jsonl record, or None for records with nothing to plot."""
     kind = record.get("kind")
@@ -53,8 +63,8 @@ def metrics_of(record: Mapping[str, Any]) -> tuple[int, dict[str, float]] | None
         skip = {"kind", "time", "step"}
         return int(record["step"]), dict(flatten({k: v for k, v in record.items() if k not in skip}))
     if kind == "eval":
-        skip = {"kind", "time", "step", "label"}
-        numbers = flatten({k: v for k, v in record.items() if k not in skip}, f"eval/{record['label']}/")
+        skip = {"kind", "time", "step", "label", "split", "temperature"}
+        numbers = flatten({k: v for k, v in record.items() if k not in skip}, f"{eval_series(record)}/")
         return int(record.get("step", 0)), dict(numbers)
     return None
 

@@ -24,7 +24,45 @@ STEPS = [
     }
     for s in (1, 2, 3)
 ]
-EVAL = {"kind": "eval", "time": 2.0, "label": "after", "step": 3, "pass@1": 0.75, "questions": 100}
+EVALS = [
+    {
+        "kind": "eval",
+        "time": 0.5,
+        "label": "val before",
+        "step": 0,
+        "split": "val",
+        "temperature": 0.6,
+        "pass@1": 0.5,
+    },
+    {
+        "kind": "eval",
+        "time": 1.5,
+        "label": "val step 2",
+        "step": 2,
+        "split": "val",
+        "temperature": 0.6,
+        "pass@1": 0.6,
+    },
+    {
+        "kind": "eval",
+        "time": 1.6,
+        "label": "val step 2 T=1",
+        "step": 2,
+        "split": "val",
+        "temperature": 1.0,
+        "pass@1": 0.4,
+    },
+]
+EVAL = {
+    "kind": "eval",
+    "time": 2.0,
+    "label": "after",
+    "step": 3,
+    "split": "test",
+    "temperature": 0.6,
+    "pass@1": 0.75,
+    "questions": 100,
+}
 
 
 @pytest.fixture
@@ -41,7 +79,8 @@ def tracked(tmp_path, monkeypatch):
     cfg = load_config(None, ["train.report_to=tensorboard,mlflow,wandb", "algorithm.group_size=5"])
     assert cfg.train.report_to == ["tensorboard", "mlflow", "wandb"]  # a comma-separated list, as documented
     tracker = Tracker(cfg.train.report_to, tmp_path, "run-test-1", cfg.public_dict())
-    for record in [{"kind": "resume", "step": 0}, *STEPS, EVAL, {"kind": "checkpoint", "step": 3}]:
+    records = [{"kind": "resume", "step": 0}, EVALS[0], *STEPS[:2], *EVALS[1:], STEPS[2], EVAL]
+    for record in [*records, {"kind": "checkpoint", "step": 3}]:
         tracker.record(record)
     tracker.close()
     return tmp_path
@@ -60,7 +99,18 @@ def test_records_become_flat_metrics_per_step():
             "learner/loss": 0.5,
         },
     )
-    assert metrics_of(EVAL) == (3, {"eval/after/pass@1": 0.75, "eval/after/questions": 100.0})
+    assert metrics_of(EVAL) == (3, {"eval/test/T0.6/pass@1": 0.75, "eval/test/T0.6/questions": 100.0})
+    # one series per split and temperature, so the evaluations every k steps draw a curve
+    assert [metrics_of(e) for e in EVALS] == [
+        (0, {"eval/val/T0.6/pass@1": 0.5}),
+        (2, {"eval/val/T0.6/pass@1": 0.6}),
+        (2, {"eval/val/T1/pass@1": 0.4}),
+    ]
+    # a record from before the split was recorded keeps its label
+    assert metrics_of({"kind": "eval", "label": "after", "step": 3, "pass@1": 0.7}) == (
+        3,
+        {"eval/after/pass@1": 0.7},
+    )
     assert metrics_of({"kind": "checkpoint", "step": 3, "path": "x"}) is None
 
 
@@ -71,7 +121,11 @@ def test_tensorboard_event_files_hold_every_step_and_the_config(tracked):
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("reward_mean")] == [(1, 0.25), (2, 0.5), (3, 0.75)]
     assert [e.step for e in events.Scalars("phases/train")] == [1, 2, 3]
-    assert [(e.step, e.value) for e in events.Scalars("eval/after/pass@1")] == [(3, 0.75)]
+    assert [(e.step, e.value) for e in events.Scalars("eval/test/T0.6/pass@1")] == [(3, 0.75)]
+    assert [(e.step, e.value) for e in events.Scalars("eval/val/T0.6/pass@1")] == [
+        (0, 0.5),
+        (2, pytest.approx(0.6)),
+    ]
     assert "config/text_summary" in events.Tags()["tensors"]
 
 
@@ -85,7 +139,9 @@ def test_mlflow_file_store_holds_the_metrics_and_the_config_as_params(tracked):
     assert run.data.params["algorithm.group_size"] == "5"
     history = client.get_metric_history(run.info.run_id, "reward_mean")
     assert sorted((m.step, m.value) for m in history) == [(1, 0.25), (2, 0.5), (3, 0.75)]
-    assert [m.value for m in client.get_metric_history(run.info.run_id, "eval/after/pass_at_1")] == [0.75]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "eval/test/T0.6/pass_at_1")] == [0.75]
+    curve = client.get_metric_history(run.info.run_id, "eval/val/T0.6/pass_at_1")
+    assert sorted((m.step, m.value) for m in curve) == [(0, 0.5), (2, 0.6)]
 
 
 def wandb_records(path):
@@ -125,7 +181,9 @@ def test_wandb_offline_run_holds_the_history_and_the_config(tracked):
             config.update({i.key: json.loads(i.value_json) for i in items})
     steps = [(h["_step"], h["reward_mean"]) for h in history if "reward_mean" in h]
     assert steps == [(1, 0.25), (2, 0.5), (3, 0.75)]
-    assert any(h.get("eval/after/pass@1") == 0.75 for h in history)
+    assert any(h.get("eval/test/T0.6/pass@1") == 0.75 for h in history)
+    curve = [(h["_step"], h["eval/val/T0.6/pass@1"]) for h in history if "eval/val/T0.6/pass@1" in h]
+    assert curve == [(0, 0.5), (2, 0.6)]
     algorithm = config["algorithm"]
     assert (
         algorithm.get("value", algorithm)["group_size"] == 5
