@@ -39,15 +39,20 @@ ONE_SEED_MINUTES, PROTOCOL_MINUTES = 60, 120
 
 
 # ------------------------------------------------------------------------------------------------ runs
+def cache_init_seconds(summary: dict[str, Any], events: list[dict[str, Any]]) -> float:
+    """Seconds spent filling the cache before the first step, all of them: `rpo run` seeds it before the
+    trainer starts (the summary's `cache_init`), and the trainer checks it again, or seeds it itself when
+    started alone (its `cache_init` events). A run that does both pays both."""
+    seconds = float((summary.get("cache_init") or {}).get("seconds", 0.0))
+    return seconds + sum(float(e.get("seconds", 0.0)) for e in events)
+
+
 def run_row(run_dir: Path) -> dict[str, Any]:
     """What one run measured: every evaluation (per question), tokens, step time and phases, the curve."""
     summary = json.loads((run_dir / "summary.json").read_text())
     steps = read_step_records(run_dir)
     evals = read_records(run_dir, "eval")
-    # The cache's initialisation: `rpo run` seeds it before the trainer starts (the summary has it); a
-    # trainer that seeds it itself records a cache_init event.
-    init = read_records(run_dir, "cache_init") or [summary.get("cache_init") or {}]
-    init_seconds = float(init[-1].get("seconds", 0.0))
+    init_seconds = cache_init_seconds(summary, read_records(run_dir, "cache_init"))
     samples = sum(r.samples for r in steps) or 1
     elapsed, clock = [], init_seconds
     for record in steps:

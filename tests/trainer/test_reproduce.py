@@ -81,6 +81,9 @@ def test_every_run_is_read_back_and_the_arms_cover_both_seeds(smoke):
     # RPO's cache initialisation counts in its training time; full path has none.
     assert runs["rpo-grpo"]["0"]["cache_init_seconds"] > 0 and runs["grpo"]["0"]["cache_init_seconds"] == 0
     assert runs["rpo-grpo"]["0"]["training_seconds"] > runs["rpo-grpo"]["0"]["cache_init_seconds"]
+    # all of it: `rpo run` seeds the cache before the trainer starts, then the trainer checks it again
+    seeded = json.loads((out / "arms/rpo-grpo/seed-0/summary.json").read_text())["cache_init"]["seconds"]
+    assert runs["rpo-grpo"]["0"]["cache_init_seconds"] >= seeded > 0
     # Each question comes back (two epochs of 4): the RPO arms' second step updates cache entries again.
     assert sum(runs["rpo-grpo"]["0"]["series"]["cache_updates"][1].values()) > 0
 
