@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -45,30 +46,37 @@ def _protocol(results: dict[str, Any]) -> str:
     steps = math.ceil(questions * epochs / per_step)
     if train["max_steps"] is not None:
         steps = min(steps, train["max_steps"])
-    temperatures = " and ".join(
-        f"T = {t:g}" for t in [sampling["eval_temperature"], *sampling["eval_extra_temperatures"]]
+    extra = " and ".join(f"T = {t:g}" for t in sampling["eval_extra_temperatures"])
+    bullets = [
+        "**Arms:** GRPO / RPO+GRPO and GRPO / RPO+GRPO without the length-aware reward (`algorithm.alpha: 0`), "
+        f"each RPO arm paired with its own kind, at L = {algo['truncation_limit']}; RPO+GRPO at L = 0.1l; "
+        f"RPO+GRPO at epsilon 0 and 1 beside the headline's {algo['epsilon']:g}; DAPO and RPO+DAPO at the first "
+        "seed only, updating twice per batch (not at equal optimizer steps with GRPO, and said so in their "
+        "labels).",
+        f"**Training:** {steps} steps of {per_step} questions x G = {algo['group_size']} over {questions} "
+        f"questions, {epochs} epochs, at T = {sampling['temperature']:g}: every question comes back, so the "
+        "cache entries the epsilon rule updated are read again.",
+        f"**Evaluation:** the test split ({data['eval_max_questions']} questions, {sampling['eval_samples']} "
+        "samples each) before training, once for all arms, and after, at "
+        f"T = {sampling['eval_temperature']:g} (the paper's)" + (f" and at {extra}" if extra else "") + "; "
+        f"the validation split ({data['val_max_questions']} questions) before, every {train['eval_every']} "
+        "steps and after: the curves equal time is read from, on a time axis that counts RPO's cache "
+        "initialisation.",
+        "**Statistics** (`services/supervisor/statistics.py`): accuracy and paired differences with a bootstrap "
+        "that resamples training seeds, then questions; RPO/full ratios seed by seed with Student t intervals.",
+        "**Targets**, each judged on an interval and each shown able to fail by "
+        "`tests/supervisor/test_targets.py`: the lower end of RPO - full at equal steps and at equal time at "
+        "least -2 points, for both headline pairs and both temperatures; at L = 0.1l the upper ends of the "
+        "rollout-phase ratio at most 0.3 and of the step-time ratio at most 0.5; the epsilon sweep reported as "
+        "an interval that holds zero or not; one seed within 60 minutes and three within two hours.",
+    ]
+    return "\n".join(
+        [
+            'docs/training.md, "`rpo reproduce`", lists the arms and what each run evaluates. In short:',
+            "",
+            *(textwrap.fill(b, 110, initial_indent="- ", subsequent_indent="  ") for b in bullets),
+        ]
     )
-    return f"""\
-docs/training.md, "`rpo reproduce`", lists the arms and what each run evaluates. In short:
-
-- **Arms:** GRPO / RPO+GRPO and GRPO / RPO+GRPO without the length-aware reward (`algorithm.alpha: 0`), each
-  RPO arm paired with its own kind, at L = {algo["truncation_limit"]}; RPO+GRPO at L = 0.1l; RPO+GRPO at
-  epsilon 0 and 1 beside the headline's {algo["epsilon"]:g}; DAPO and RPO+DAPO at the first seed only, updating
-  twice per batch (not at equal optimizer steps with GRPO, and said so in their labels).
-- **Training:** {steps} steps of {per_step} questions x G = {algo["group_size"]} over {questions} questions, \
-{epochs} epochs: every question comes back, so the cache entries the epsilon rule updated are read again.
-- **Evaluation:** the test split ({data["eval_max_questions"]} questions, {sampling["eval_samples"]} samples \
-each) before training, once for all arms, and after, at {temperatures} (the paper's evaluation temperature \
-first, then the training temperature, {sampling["temperature"]:g}); the validation split \
-({data["val_max_questions"]} questions) before, every {train["eval_every"]} steps and after: the curves equal \
-time is read from, on a time axis that counts RPO's cache initialisation.
-- **Statistics** (`services/supervisor/statistics.py`): accuracy and paired differences with a bootstrap
-  that resamples training seeds, then questions; RPO/full ratios seed by seed with Student t intervals.
-- **Targets**, each judged on an interval and each shown able to fail by `tests/supervisor/test_targets.py`:
-  the lower end of RPO - full at equal steps and at equal time at least -2 points, for both headline pairs
-  and both temperatures; at L = 0.1l the upper ends of the rollout-phase ratio at most 0.3 and of the
-  step-time ratio at most 0.5; the epsilon sweep reported as an interval that holds zero or not; one seed
-  within 60 minutes and three within two hours."""
 
 
 REMAKE = """\
