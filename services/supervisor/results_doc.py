@@ -117,7 +117,17 @@ def _pair_sentences(results: dict[str, Any]) -> list[str]:
                 if low >= -0.02
                 else "its lower end reaches below -2 points (the target is not met)"
             )
-            trails = " RPO trails: the whole interval is below zero." if high < 0 else ""
+            trails = ""
+            if high < 0:
+                rpo_row = arms[name]
+                trails = (
+                    " RPO trails: the whole interval is below zero. What the record shows of the difference: "
+                    f"of {num(rpo_row['response_len_mean'], 0)} response tokens per sample, "
+                    f"{arms[name]['label']} decoded {num(rpo_row['decoded_tokens_per_sample'], 0)} and took "
+                    f"{num(rpo_row['reused_prefix_tokens_per_sample'], 0)} from the cache, written by earlier "
+                    f"policies, where {full} decoded all {num(arms[cmp['full']]['response_len_mean'], 0)} "
+                    "with the current one."
+                )
             lines.append(
                 f"- **Equal steps, {label_text(label, results)}:** {arms[name]['label']} - {full} is "
                 f"{signed(diff['mean'])} points{ci(diff['ci'])} over {diff['seeds']} seeds x "
