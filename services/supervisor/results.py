@@ -84,6 +84,7 @@ def run_row(run_dir: Path) -> dict[str, Any]:
         },
         "training_seconds": clock,
         "wall_seconds": summary.get("wall_seconds"),
+        "model_seconds": float((summary.get("setup_seconds") or {}).get("model", 0.0)),
         "series": {
             "step": [r.step for r in steps],
             "elapsed_seconds": elapsed,
@@ -294,6 +295,9 @@ def build_results(out: Path, plan: dict[str, Any], meta: dict[str, Any]) -> dict
         "epsilon": epsilon,
         "wall_seconds_by_seed": wall_by_seed,
         "wall_seconds": sum(wall_by_seed.values()),
+        "model_build_seconds": sum(
+            row["model_seconds"] for by_seed in runs.values() for row in by_seed.values()
+        ),
         "smoke": plan.get("smoke", False),
         "runs": {name: {str(s): row for s, row in sorted(by_seed.items())} for name, by_seed in runs.items()},
     }

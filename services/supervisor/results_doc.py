@@ -224,7 +224,8 @@ def render_results_doc(results: dict[str, Any], record: str = "docs/results/resu
         f"- **Command:** `{results['command']}` at commit `{commit}`; record `{record}`.",
         f"- **Machine:** {machine['cpu']}, {machine['cores']} cores, {machine['gpu']}; {results['date']}.",
         f"- **Seeds:** {', '.join(map(str, seeds))}; wall time {results['wall_seconds'] / 60:.1f} minutes "
-        f"({minutes} minutes).",
+        f"({minutes} minutes; wall time is every run's `rpo run` from start to end, and includes "
+        f"{results.get('model_build_seconds', 0.0) / 60:.1f} minutes of finding or building the warm model).",
         f"- **Learner:** {results['learner']}.",
         "",
         "## The task",

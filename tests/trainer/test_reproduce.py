@@ -84,6 +84,13 @@ def test_every_run_is_read_back_and_the_arms_cover_both_seeds(smoke):
     # all of it: `rpo run` seeds the cache before the trainer starts, then the trainer checks it again
     seeded = json.loads((out / "arms/rpo-grpo/seed-0/summary.json").read_text())["cache_init"]["seconds"]
     assert runs["rpo-grpo"]["0"]["cache_init_seconds"] >= seeded > 0
+    # the wall time says how much of it went to finding (or building) the warm model
+    model_seconds = [
+        json.loads((out / f"arms/{name}/seed-{seed}/summary.json").read_text())["setup_seconds"]["model"]
+        for name in SMOKE_ARMS
+        for seed in SEEDS
+    ]
+    assert results["model_build_seconds"] == pytest.approx(sum(model_seconds))
     # Each question comes back (two epochs of 4): the RPO arms' second step updates cache entries again.
     assert sum(runs["rpo-grpo"]["0"]["series"]["cache_updates"][1].values()) > 0
 
