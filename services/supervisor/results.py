@@ -91,6 +91,7 @@ def run_row(run_dir: Path) -> dict[str, Any]:
             "generated_tokens": [r.generated_tokens for r in steps],
             "response_len_mean": [r.response_len_mean for r in steps],
             "accuracy": [r.accuracy for r in steps],
+            "reward_mean": [r.reward_mean for r in steps],
             "cache_updates": [r.cache_updates for r in steps],
         },
     }

@@ -136,6 +136,48 @@ def _pair_sentences(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _length_reward_sentences(results: dict[str, Any]) -> list[str]:
+    """Whether the length-aware reward acted, from the per-step series: a correct response scores between
+    the clip's floor and 1, so a step's mean reward equals floor x accuracy exactly when every correct
+    response got the floor (no shorter than its group's mean length)."""
+    floor = float(results["base_config"]["algorithm"].get("shaping_low", 0.5))
+    arms, runs, lines = results["arms"], results["runs"], []
+    for name, arm in arms.items():
+        settings = arm["settings"]
+        if arm["group"] != "headline" or settings["alpha"] == 0 or name not in runs:
+            continue
+        steps = acted = 0
+        for row in runs[name].values():
+            for reward, accuracy in zip(row["series"]["reward_mean"], row["series"]["accuracy"], strict=True):
+                steps += 1
+                acted += reward > floor * accuracy + 1e-9
+        twin = next(
+            (
+                other
+                for other, o in arms.items()
+                if o["settings"] == {**settings, "alpha": 0.0} and other in runs
+            ),
+            None,
+        )
+        same = ""
+        if twin and all(
+            runs[twin].get(seed, {}).get("series", {}).get(key) == row["series"][key]
+            for seed, row in runs[name].items()
+            for key in ("generated_tokens", "accuracy")
+        ):
+            same = (
+                f" {arm['label']} and {arms[twin]['label']} decoded the same number of tokens with the same "
+                "accuracy at every step of every seed."
+            )
+        lines.append(
+            f"- **The length-aware reward in {arm['label']}** (alpha = {settings['alpha']:g}) raised a correct "
+            f"response above the floor, {floor:g}, at {acted} of {steps} steps (over seeds); at the others "
+            f"every correct response was no shorter than its group's mean and scored the floor, as with "
+            f"alpha = 0.{same}"
+        )
+    return lines
+
+
 def _equal_time_sentences(results: dict[str, Any]) -> list[str]:
     lines = []
     arms = results["arms"]
@@ -240,6 +282,7 @@ def render_results_doc(results: dict[str, Any], record: str = "docs/results/resu
         "## Reading",
         "",
         *_pair_sentences(results),
+        *_length_reward_sentences(results),
         *_equal_time_sentences(results),
         *_cost_sentences(results),
         *_epsilon_sentences(results),
