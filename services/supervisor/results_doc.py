@@ -213,8 +213,33 @@ def _cost_sentences(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _cache_update_counts(results: dict[str, Any], name: str) -> dict[str, int]:
+    """How the cache entries of an arm were updated, summed over its steps and seeds (`best`: the group's
+    best response replaced the entry; `other`: another one did)."""
+    counts: dict[str, int] = {}
+    for row in results["runs"].get(name, {}).values():
+        for step in row["series"]["cache_updates"]:
+            for kind, n in step.items():
+                counts[kind] = counts.get(kind, 0) + n
+    return counts
+
+
 def _epsilon_sentences(results: dict[str, Any]) -> list[str]:
     lines = []
+    arms = results["arms"]
+    swept = [n for n in arms if n in results["epsilon"] or arms[n]["group"] == "epsilon"]
+    if swept:
+        counts = []
+        for name in swept:
+            c = _cache_update_counts(results, name)
+            counts.append(
+                f"{arms[name]['label']} {c.get('best', 0)} of {c.get('best', 0) + c.get('other', 0)}"
+            )
+        lines.append(
+            "- **The epsilon rule acted:** the group's best response replaced the cache entry in "
+            + "; ".join(counts)
+            + " updates (summed over seeds)."
+        )
     for name, by_label in results["epsilon"].items():
         for label, diff in by_label.items():
             if math.isnan(diff["mean"]):

@@ -26,3 +26,33 @@ def test_the_length_reward_counts_the_steps_where_a_correct_response_scored_abov
     assert "at 1 of 2 steps" in line and "RPO and RPO, no length decoded the same number of tokens" in line
     (line,) = _length_reward_sentences(_results([0.25, 0.25], [100, 121]))
     assert "at 0 of 2 steps" in line and "decoded the same" not in line
+
+
+def test_the_epsilon_reading_counts_how_the_cache_entries_were_replaced():
+    from services.supervisor.results_doc import _epsilon_sentences
+
+    def arm(label: str, group: str) -> dict:
+        return {"label": label, "group": group, "settings": SETTINGS}
+
+    def run(*steps: dict) -> dict:
+        return {"series": {"cache_updates": list(steps)}, "evals": {"after": {"temperature": 0.6}}}
+
+    results = {
+        "arms": {
+            "rpo": arm("RPO", "headline"),
+            "eps0": arm("eps 0", "epsilon"),
+            "eps1": arm("eps 1", "epsilon"),
+        },
+        "epsilon": {"rpo": {"after": {"mean": 0.01, "ci": [-0.01, 0.03]}}},
+        "runs": {
+            "rpo": {"0": run({"best": 1, "other": 1}), "1": run({"best": 2, "other": 0})},
+            "eps0": {"0": run({"best": 0, "other": 2})},
+            "eps1": {"0": run({"best": 2, "other": 0}, {"best": 2})},
+        },
+    }
+    lines = _epsilon_sentences(results)
+    assert lines[0] == (
+        "- **The epsilon rule acted:** the group's best response replaced the cache entry in RPO 3 of 4; "
+        "eps 0 0 of 2; eps 1 4 of 4 updates (summed over seeds)."
+    )
+    assert lines[1].startswith("- **RPO - epsilon 0, T=0.6:** +1.0 points") and "holds zero" in lines[1]
