@@ -178,6 +178,39 @@ def _length_reward_sentences(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _reuse_sentence(results: dict[str, Any]) -> list[str]:
+    """RPO arms against the same full-path arm at different truncation limits: how the difference at equal
+    steps moves with the share of each answer that was decoded (the rest came from the cache)."""
+    arms, comparisons = results["arms"], results["comparisons"]
+    by_full: dict[str, list[str]] = {}
+    for name, cmp in comparisons.items():
+        if arms[name]["group"] in ("headline", "timing"):
+            by_full.setdefault(cmp["full"], []).append(name)
+    lines = []
+    for full, names in by_full.items():
+        limits = {arms[n]["settings"]["truncation_limit"] for n in names}
+        if len(limits) < 2:
+            continue
+        for label in results["eval_labels"]:
+            parts = []
+            for name in sorted(names, key=lambda n: -arms[n]["decoded_tokens_per_sample"]):
+                diff = comparisons[name]["accuracy_difference"][label]
+                row = arms[name]
+                limit = row["settings"]["truncation_limit"]
+                named = row["label"] if "L=" in row["label"] else f"{row['label']} (L = {limit})"
+                parts.append(
+                    f"{named} decoded "
+                    f"{num(row['decoded_tokens_per_sample'], 0)} of {num(row['response_len_mean'], 0)} tokens per "
+                    f"sample and is {signed(diff['mean'])} points{ci(diff['ci'])}"
+                )
+            lines.append(
+                f"- **Decoded share and accuracy, {label_text(label, results)}, against {arms[full]['label']}:** "
+                + "; ".join(parts)
+                + "."
+            )
+    return lines
+
+
 def _equal_time_sentences(results: dict[str, Any]) -> list[str]:
     lines = []
     arms = results["arms"]
@@ -307,6 +340,7 @@ def render_results_doc(results: dict[str, Any], record: str = "docs/results/resu
         "## Reading",
         "",
         *_pair_sentences(results),
+        *_reuse_sentence(results),
         *_length_reward_sentences(results),
         *_equal_time_sentences(results),
         *_cost_sentences(results),

@@ -56,3 +56,40 @@ def test_the_epsilon_reading_counts_how_the_cache_entries_were_replaced():
         "eps 0 0 of 2; eps 1 4 of 4 updates (summed over seeds)."
     )
     assert lines[1].startswith("- **RPO - epsilon 0, T=0.6:** +1.0 points") and "holds zero" in lines[1]
+
+
+def test_rpo_arms_at_two_limits_are_read_side_by_side_most_decoded_first():
+    from services.supervisor.results_doc import _reuse_sentence
+
+    def arm(label: str, group: str, limit: str, decoded: float) -> dict:
+        settings = {**SETTINGS, "truncation_limit": limit}
+        return {
+            "label": label,
+            "group": group,
+            "settings": settings,
+            "decoded_tokens_per_sample": decoded,
+            "response_len_mean": 300.0,
+        }
+
+    results = {
+        "arms": {
+            "grpo": arm("GRPO", "headline", "0.5l", 300.0),
+            "short": arm("RPO, L=0.1l", "timing", "0.1l", 15.0),
+            "rpo": arm("RPO", "headline", "0.5l", 75.0),
+        },
+        "comparisons": {
+            "short": {
+                "full": "grpo",
+                "accuracy_difference": {"after": {"mean": -0.04, "ci": [-0.06, -0.02]}},
+            },
+            "rpo": {"full": "grpo", "accuracy_difference": {"after": {"mean": -0.01, "ci": [-0.03, 0.01]}}},
+        },
+        "eval_labels": ["after"],
+        "runs": {"grpo": {"0": {"evals": {"after": {"temperature": 0.6}}}}},
+    }
+    (line,) = _reuse_sentence(results)
+    assert line == (
+        "- **Decoded share and accuracy, T=0.6, against GRPO:** RPO (L = 0.5l) decoded 75 of 300 tokens per "
+        "sample and is -1.0 points [-3.0, +1.0]; RPO, L=0.1l decoded 15 of 300 tokens per sample and is "
+        "-4.0 points [-6.0, -2.0]."
+    )
