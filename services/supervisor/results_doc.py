@@ -103,7 +103,7 @@ TABLE_INTROS = {
 
 
 def _pair_sentences(results: dict[str, Any]) -> list[str]:
-    arms, lines = results["arms"], []
+    arms, lines, explained = results["arms"], [], set()
     for name, cmp in results["comparisons"].items():
         if arms[name]["group"] != "headline":
             continue
@@ -119,9 +119,12 @@ def _pair_sentences(results: dict[str, Any]) -> list[str]:
             )
             trails = ""
             if high < 0:
+                trails = " RPO trails: the whole interval is below zero."
+            if high < 0 and name not in explained:
+                explained.add(name)
                 rpo_row = arms[name]
-                trails = (
-                    " RPO trails: the whole interval is below zero. What the record shows of the difference: "
+                trails += (
+                    " What the record shows of the difference: "
                     f"of {num(rpo_row['response_len_mean'], 0)} response tokens per sample, "
                     f"{arms[name]['label']} decoded {num(rpo_row['decoded_tokens_per_sample'], 0)} and took "
                     f"{num(rpo_row['reused_prefix_tokens_per_sample'], 0)} from the cache, written by earlier "
