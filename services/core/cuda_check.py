@@ -8,11 +8,18 @@ Guarantees:
 - `check_cuda_driver(...)` reads the driver version (`nvidia-smi`, else `/proc/driver/nvidia/version`) and
   raises `CudaDriverError` with that message. The caller passes torch's facts (the shared core imports no
   torch), after the process has chosen its GPUs (`CUDA_VISIBLE_DEVICES`, `services.core.gpu_claims`):
-  asking torch whether CUDA is available initialises the CUDA driver, which reads that variable once.
+  asking torch whether CUDA is available initialises the CUDA driver, which reads that variable once;
+- `fork_safe_cuda_env()` makes a process safe to fork vLLM's engine core and workers from: torch asks NVML,
+  not the CUDA driver, whether CUDA is available (`PYTORCH_NVML_BASED_CUDA_CHECK=1`), so the driver is never
+  initialised in the parent (vLLM forks unless torch itself has set CUDA up, and a child forked after the
+  driver started fails with "CUDA error: initialization error"); and CUDA numbers GPUs in PCI order
+  (`CUDA_DEVICE_ORDER=PCI_BUS_ID`), the order of `nvidia-smi` and of the GPU claims. Called first thing by
+  every process that lets vLLM start or chooses GPUs, before torch is imported.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -38,6 +45,23 @@ MIN_DRIVER = {
 """CUDA version -> the Linux driver branch its toolkit release ships with (NVIDIA's CUDA release notes, table
 "CUDA Toolkit and Corresponding Driver Versions"); a CUDA version between two rows needs at least the lower
 row's driver."""
+
+
+FORK_SAFE_ENV = {"PYTORCH_NVML_BASED_CUDA_CHECK": "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+"""What `fork_safe_cuda_env` sets: torch's CUDA check through NVML (no driver start in the parent), and
+nvidia-smi's GPU numbering for CUDA."""
+
+
+def fork_safe_cuda_env(environ: dict[str, str] | os._Environ = os.environ) -> dict[str, str]:
+    """Set `FORK_SAFE_ENV` in `environ` (this process's environment, inherited by its children); returns the
+    settings it changed (name -> the value it replaced, "" where unset). A different value is overridden:
+    the GPU claims and vLLM's fork rely on these two."""
+    changed = {}
+    for name, value in FORK_SAFE_ENV.items():
+        if environ.get(name) != value:
+            changed[name] = environ.get(name, "")
+            environ[name] = value
+    return changed
 
 
 class CudaDriverError(RuntimeError):

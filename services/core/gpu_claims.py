@@ -12,7 +12,9 @@ The rule (`plan_gpus`, pure, tested against fake device lists):
   `gpus.shared_headroom_fraction` is left for the two processes' CUDA contexts, and the trainer caps its own
   allocator at what remains (`trainer_share`);
 - too few GPUs for a request is an error at start that names what is missing.
-The process then sees only its GPUs (`CUDA_VISIBLE_DEVICES`), set before CUDA is initialised.
+The process then sees only its GPUs (`CUDA_VISIBLE_DEVICES`), set before CUDA is initialised, numbered
+as here: nvidia-smi's indices are in PCI order, and the claim sets `CUDA_DEVICE_ORDER=PCI_BUS_ID` (CUDA's
+default, fastest first, would map a claimed index to another GPU on a box with mixed models).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import IO
 
 from services.core.config import GpusSection
+from services.core.cuda_check import fork_safe_cuda_env
 
 try:
     import fcntl
@@ -188,6 +191,7 @@ def claim_gpus(role: str, gpus: GpusSection, rollout_memory: float) -> GpuClaim 
                 if fh is not None:
                     fh.close()
             taken.update(lost)
+    fork_safe_cuda_env()  # CUDA_DEVICE_ORDER=PCI_BUS_ID: CUDA's indices are the ones claimed above
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(plan.devices)
     how = (
         f", sharing it with the trainer ({plan.memory_fraction:.2f} of its memory)"

@@ -7,6 +7,10 @@ A replica whose vLLM engine dies shuts down the same way and then exits with sta
 (after an error line naming the replica), so whatever supervises it (Docker's `restart` policy, `rpo run`)
 replaces it. A GPU machine whose NVIDIA driver is too old for torch's CUDA ends start-up with one message
 (`services.core.cuda_check`).
+
+The replica never starts the CUDA driver before vLLM forks its engine core: `fork_safe_cuda_env` runs when
+this module is imported, before anything imports torch (the command table imports it only to run it), so
+the driver check asks NVML and GPUs are numbered as `nvidia-smi` and the GPU claims number them.
 """
 
 from __future__ import annotations
@@ -15,11 +19,14 @@ import argparse
 import logging
 import signal
 
-from services.cli.args import UsageError, config_from_args
-from services.core.cuda_check import CudaDriverError, check_cuda_driver
-from services.core.gpu_claims import GpuPlacementError, claim_gpus
-from services.core.server_kit import run_uvicorn
-from services.rollout.app import create_app, replica_name, resolve_model_dir
+from services.core.cuda_check import CudaDriverError, check_cuda_driver, fork_safe_cuda_env
+
+fork_safe_cuda_env()  # before the imports below load torch: see the module docstring
+
+from services.cli.args import UsageError, config_from_args  # noqa: E402
+from services.core.gpu_claims import GpuPlacementError, claim_gpus  # noqa: E402
+from services.core.server_kit import run_uvicorn  # noqa: E402
+from services.rollout.app import create_app, replica_name, resolve_model_dir  # noqa: E402
 
 log = logging.getLogger("rpo.rollout")
 
@@ -28,6 +35,7 @@ ENGINE_DIED_EXIT_CODE = 3
 
 
 def serve_main(args: argparse.Namespace) -> int:
+    fork_safe_cuda_env()  # again, should anything have changed them since the import
     config = config_from_args(args)
     r = config.rollout
     try:  # a wrong model.path is one message, not vLLM's start-up traceback
@@ -48,7 +56,7 @@ def serve_main(args: argparse.Namespace) -> int:
         # lazy: heavy import (torch), paid only on this path
         import torch
 
-        try:  # after the claim: asking torch about CUDA fixes the visible GPUs for this process
+        try:  # after the claim; through NVML (fork_safe_cuda_env), so vLLM can still fork
             check_cuda_driver(torch.version.cuda, torch.cuda.is_available, torch.__version__)
         except CudaDriverError as exc:
             raise UsageError(str(exc)) from None
