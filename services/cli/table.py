@@ -162,6 +162,24 @@ COMMANDS: tuple[Command, ...] = (
         ),
     ),
     Command(
+        ("plan",),
+        "the memory plan of a run: weights, gradients, optimizer state, activations, KV cache and headroom per "
+        "process and per GPU; exit 2, naming the settings that would fit, when it does not fit",
+        "services.cli.plan:plan_main",
+        (
+            Flag("--model", "the model (directory, config.json, Hub id)", "model.path"),
+            Flag("--gpus", "plan for a box of N GPUs (default: this machine's)", None, {"type": int}),
+            Flag("--gpu-memory", "each GPU's memory, e.g. 80GiB or 24GB (with --gpus)", None),
+            Flag("--replicas", "rollout replicas (rpo run starts 1)", None, {"type": int, "default": 1}),
+            Flag(
+                "--prompt-tokens",
+                "prompt tokens of a training row (default: what the context leaves the response)",
+                None,
+                {"type": int},
+            ),
+        ),
+    ),
+    Command(
         ("config", "show"),
         "print the resolved configuration as YAML",
         "services.cli.config_docs:config_show_main",

@@ -91,6 +91,10 @@ class RolloutSection(ConfigSection):
     """Most sequences vLLM decodes at once."""
     enforce_eager: bool = False
     """Skip CUDA graph capture on GPU (graphs make decoding faster after a slower start); always eager on CPU."""
+    sleep_mode: bool = False
+    """vLLM's sleep mode on GPU (`enable_sleep_mode`): the engine sleeps while the learner steps (weights to
+    host memory, KV cache dropped) and wakes for the next rollout, the new weights pushed after it wakes; for a
+    GPU the trainer and a replica share (`rpo plan` says when a run needs it). Refused on CPU at start."""
     engine_busy_wait_seconds: float = Field(0.03, ge=0.0, le=10.0)
     """How long vLLM's engine processes busy-wait for the next message before they sleep (vLLM's own: 1 s).
     Longer than the gap between engine steps keeps decoding fast; a replica idles while the learner trains,
