@@ -1,16 +1,19 @@
 """What `rpo train` checks before it loads a model or starts DeepSpeed, so a wrong setting or a missing
 service is one message naming it (exit 2) within seconds, not a `[rank0]` traceback minutes later:
 the model path, the dataset, a replica to ask for rollouts, and (RPO mode) the cache server, each of them
-answering."""
+answering; on a GPU machine, that the memory plan fits (`rpo plan`).
+"""
 
 from __future__ import annotations
 
 import httpx
 
 from services.cli.args import UsageError
+from services.cli.plan import plan_or_refuse
 from services.core.clients.rollout import discover_replicas
 from services.core.config import RunConfig
 from services.core.data import DatasetError, load_dataset
+from services.core.gpu_box import detect_box
 from services.demo.model_path import resolve_model_path
 
 PROBE_SECONDS = 5.0
@@ -57,3 +60,4 @@ def check_before_training(cfg: RunConfig) -> None:
         resolve_model_path(cfg.model.path)
     except (ValueError, DatasetError) as exc:
         raise UsageError(str(exc)) from None
+    plan_or_refuse(cfg, detect_box())  # on a GPU: the memory plan fits (else what would, as `rpo plan`)

@@ -36,6 +36,7 @@ from services.core.config import RunConfig, fresh_run_id, load_config
 from services.core.data import DatasetError, encode_prompt, load_questions
 from services.core.http_client import ServiceCallError
 from services.demo.model_path import resolve_model_path
+from services.supervisor.gpu_split import fit_to_gpus
 from services.supervisor.processes import PartFailed, Supervisor, free_port, rpo_command, write_run_config
 from trainer.cache_init import seed_cache
 from trainer.checkpoint import Checkpointer
@@ -64,6 +65,7 @@ def run_config(args: Any) -> RunConfig:
 
 def run_main(args: Any) -> int:
     cfg = run_config(args)
+    cfg = fit_to_gpus(cfg)  # on a GPU: the memory plan fits, and splits a GPU the trainer shares
     summary = MainJob(cfg, resume=getattr(args, "resume", False)).run()
     print(render_summary(summary))
     if summary.get("ok"):

@@ -270,3 +270,34 @@ def test_sizes_and_the_cpu_skip():
         with pytest.raises(ValueError, match="memory|above 0"):
             parse_size(bad)
     assert plan_or_refuse(load_config(None, []), None) is None  # no GPU: nothing to plan
+
+
+def test_rpo_run_splits_one_gpu_by_the_plan(tiny_model_dir, tmp_path):
+    """`rpo run`'s fit (services/supervisor/gpu_split.py): on one GPU the replica's share and the trainer's
+    cap are the plan's, and services/core/gpu_claims.py's own rule accepts them; two GPUs keep the configured
+    share; a run that does not fit is refused naming a fix."""
+    from services.cli.args import UsageError
+    from services.core.gpu_claims import plan_gpus
+    from services.supervisor.gpu_split import fit_to_gpus
+
+    cfg = load_config(None, [f"model.path={tiny_model_dir}", f"train.run_dir={tmp_path / 'run'}"])
+    fitted = fit_to_gpus(cfg, Box(1, 24 * GiB))
+    plan = plan_memory(read_shape(tiny_model_dir), cfg, Box(1, 24 * GiB))
+    util = fitted.rollout.gpu_memory_utilization
+    assert util == plan.rollout_memory_utilization != cfg.rollout.gpu_memory_utilization
+    assert fitted.gpus.claim_dir == str(tmp_path / "run" / "gpu-claims")
+    replica = plan_gpus("rollout", ["0"], fitted.gpus, util, set())
+    trainer = plan_gpus("trainer", ["0"], fitted.gpus, util, set())
+    assert replica.shared_with_trainer and replica.memory_fraction == util
+    assert trainer.memory_fraction == pytest.approx(plan.trainer_memory_fraction)
+    two = fit_to_gpus(cfg, Box(2, 24 * GiB))
+    assert two.rollout.gpu_memory_utilization == cfg.rollout.gpu_memory_utilization and two.gpus.claim_dir
+    asleep = fit_to_gpus(
+        cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"sleep_mode": True})}),
+        Box(1, 24 * GiB),
+    )
+    assert (
+        asleep.gpus.claim_dir is None
+    )  # no trainer cap: the engine gives its memory back while the learner steps
+    with pytest.raises(UsageError, match="micro_batch_size|offload"):
+        fit_to_gpus(load_config(None, [f"model.path={_write_7b(tmp_path)}"]), Box(1, 24 * GiB))
