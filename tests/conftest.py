@@ -1,9 +1,18 @@
-# --- tiny models (services/demo/tiny_model.py): built once, cached under $RPO_CACHE_DIR or .cache/models ---
+import os
 from pathlib import Path
+
+# The tests never reach the Hugging Face Hub: Hub ids resolve from caches they lay out (tests/fixtures/hub.py),
+# and every process they start inherits this.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+# --- tiny models (services/demo/tiny_model.py): built once, cached under $RPO_CACHE_DIR or .cache/models ---
 
 import pytest
 
-pytest_plugins = ["tests.fixtures.rollout"]  # real rollout replicas: rollout_server, rollout_server_factory
+pytest_plugins = [
+    "tests.fixtures.rollout",  # real rollout replicas: rollout_server, rollout_server_factory
+    "tests.fixtures.hub",  # a Hugging Face cache laid out offline: hub_home, offline_hub
+]
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from services.cli.args import UsageError, config_from_args, named_run_id
 from services.core.algorithm import cached_answer
 from services.core.config import RunConfig
-from services.core.data import encode_prompt, load_questions
+from services.core.data import encode_prompt
+from services.core.data_roles import training_questions
 from services.core.schemas.cache import PutEntry
 from services.demo.model_path import resolve_model_path
 from trainer.preflight import check_before_training
@@ -45,12 +46,15 @@ def seed_cache(
 
     started = time.monotonic()
     if questions is None:
-        questions = load_questions(cfg.data.dataset, cfg.data, cfg.data.max_questions)
+        questions = training_questions(cfg.data)
     if prompts is None:
         # lazy: heavy import (transformers), paid only on this path
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.path))
+        tokenizer = AutoTokenizer.from_pretrained(
+            resolve_model_path(cfg.model.path, cfg.model.revision),
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
         prompts = {q.id: encode_prompt(tokenizer, q, cfg.data) for q in questions}
     batch_size = cfg.train.cache_init_batch_questions
     cached = remote.cached_question_ids([q.id for q in questions])

@@ -81,7 +81,9 @@ class Learner:
         self.dtype = resolve_dtype(cfg.train.precision)
         self.on_cpu = get_accelerator().device_name() == "cpu"
         self.device = torch.device("cpu" if self.on_cpu else get_accelerator().current_device_name())
-        self.hf_config = AutoConfig.from_pretrained(self.model_path)
+        self.hf_config = AutoConfig.from_pretrained(
+            self.model_path, trust_remote_code=cfg.model.trust_remote_code
+        )
         self.ds_config = self._deepspeed_config()
 
         model = self._load_model()
@@ -174,7 +176,9 @@ class Learner:
         # lazy: heavy import (transformers), paid only on this path
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.dtype)
+        return AutoModelForCausalLM.from_pretrained(
+            self.model_path, dtype=self.dtype, trust_remote_code=self.cfg.model.trust_remote_code
+        )
 
     def _load_reference(self) -> Any:
         # lazy: heavy import (deepspeed), paid only on this path

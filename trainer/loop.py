@@ -34,7 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from services.core.config import RunConfig, fresh_run_id
-from services.core.data import encode_prompt, load_questions
+from services.core.data import encode_prompt
+from services.core.data_roles import DatasetChoice, eval_dataset_spec, load_role, training_questions
+from services.core.model_fit import fitted_context, response_budget_note
 from services.demo.model_path import resolve_model_path
 from trainer import dist
 from trainer.cache_init import seed_cache, trainer_seeds_cache
@@ -82,9 +84,9 @@ class TrainingRecipe:
         cfg = self.cfg
         self.dist = dist
         self.run_dir = Path(cfg.train.run_dir)
-        self.model_path = resolve_model_path(cfg.model.path)
+        self.model_path = resolve_model_path(cfg.model.path, cfg.model.revision)
         # Every rank reads the question list: the step count must agree before the learner exists.
-        self.questions = load_questions(cfg.data.dataset, cfg.data, cfg.data.max_questions)
+        self.questions = training_questions(cfg.data)
         self.total_steps = planned_steps(
             len(self.questions), cfg.train.questions_per_step, cfg.train.epochs, cfg.train.max_steps
         )
@@ -99,6 +101,8 @@ class TrainingRecipe:
         self.eval_prompts: dict[str, list[int]] = {}
         self.val_questions: list = []
         self.val_prompts: dict[str, list[int]] = {}
+        self.eval_choice: DatasetChoice | None = None
+        self.val_choice: DatasetChoice | None = None
         if cfg.services.run_id == "auto":  # rank 0 picks it, every rank uses it
             _, cfg.services.run_id = self.on_main(self._pick_run_id, share=lambda run_id: run_id)
         if self.main:
@@ -106,18 +110,20 @@ class TrainingRecipe:
             from transformers import AutoTokenizer
 
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+            tokenizer = AutoTokenizer.from_pretrained(
+                self.model_path, trust_remote_code=cfg.model.trust_remote_code
+            )
             self.prompts = {q.id: encode_prompt(tokenizer, q, cfg.data) for q in self.questions}
-            if cfg.data.eval_dataset:
-                self.eval_questions = load_questions(
-                    cfg.data.eval_dataset, cfg.data, cfg.data.eval_max_questions
-                )
+            if loaded := load_role("eval", cfg.data):
+                self.eval_questions, self.eval_choice = loaded
                 self.eval_prompts = {q.id: encode_prompt(tokenizer, q, cfg.data) for q in self.eval_questions}
-            if cfg.data.val_dataset:
-                self.val_questions = load_questions(
-                    cfg.data.val_dataset, cfg.data, cfg.data.val_max_questions
-                )
+            if loaded := load_role("val", cfg.data):
+                self.val_questions, self.val_choice = loaded
                 self.val_prompts = {q.id: encode_prompt(tokenizer, q, cfg.data) for q in self.val_questions}
+            every_prompt = [*self.prompts.values(), *self.eval_prompts.values(), *self.val_prompts.values()]
+            context, _ = fitted_context(cfg, self.model_path)
+            if note := response_budget_note(cfg, context, max(map(len, every_prompt), default=0)):
+                log.warning(note)
             self.remote = RemoteServices(cfg)
             self.rollout_source = RolloutSource(
                 self.remote, self.cursor, self.questions, self.prompts, cfg, self.total_steps
@@ -284,7 +290,9 @@ class TrainingRecipe:
                     min_policy_version=self.learner.policy_version,
                     settings=self.remote.plans.evaluation_on(dataset, temperature),
                 )
-                log.info("evaluation %s: %s", name, result.describe(), extra={"step": self.step})
+                choice = self.val_choice if split == "val" else self.eval_choice
+                on = choice.describe() if choice else dataset
+                log.info("evaluation %s on %s: %s", name, on, result.describe(), extra={"step": self.step})
                 self.progress.event(
                     "eval",
                     label=name,
@@ -301,7 +309,7 @@ class TrainingRecipe:
     def _evaluations(self, label: str) -> list[tuple[str, str, str, float]]:
         """(label, split, dataset, temperature) of each evaluation `evaluate(label)` runs."""
         data, sampling = self.cfg.data, self.cfg.sampling
-        test = data.eval_dataset
+        test = eval_dataset_spec(data)
         val = (
             [(f"val {label}", "val", data.val_dataset, sampling.eval_temperature)] if data.val_dataset else []
         )

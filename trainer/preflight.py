@@ -12,8 +12,10 @@ from services.cli.args import UsageError
 from services.cli.plan import plan_or_refuse
 from services.core.clients.rollout import discover_replicas
 from services.core.config import RunConfig
-from services.core.data import DatasetError, load_dataset
+from services.core.data import DatasetError
+from services.core.data_roles import choose_dataset, training_questions
 from services.core.gpu_box import detect_box
+from services.core.model_fit import check_fit
 from services.demo.model_path import resolve_model_path
 
 PROBE_SECONDS = 5.0
@@ -55,9 +57,10 @@ def check_before_training(cfg: RunConfig) -> None:
     if all(failures.values()):
         listed = "; ".join(f"{url}: {why}" for url, why in failures.items())
         raise UsageError(f"no rollout replica answers ({listed}): start one with `rpo serve rollout`")
-    try:  # the dataset, then the model (a built-in one may be built here, the first time)
-        load_dataset(cfg.data.dataset, cfg.data, cfg.data.max_questions)
-        resolve_model_path(cfg.model.path)
+    try:  # the datasets, then the model (a built-in one may be built here, the first time)
+        training_questions(cfg.data)
+        choose_dataset("eval", cfg.data)  # `eval_dataset: auto` with nothing to evaluate on is refused here
+        check_fit(cfg, resolve_model_path(cfg.model.path, cfg.model.revision))
     except (ValueError, DatasetError) as exc:
         raise UsageError(str(exc)) from None
     plan_or_refuse(cfg, detect_box())  # on a GPU: the memory plan fits (else what would, as `rpo plan`)

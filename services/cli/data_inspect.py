@@ -11,6 +11,7 @@ import argparse
 
 from services.cli.args import UsageError, config_from_args
 from services.core.data import DatasetError, build_prompt_text, encode_prompt, load_dataset
+from services.core.data_sources import Source
 from services.core.reward_terms import ScoringGroup, score_groups
 from services.core.rewards import RewardSpecError, resolve_reward
 from services.demo.model_path import resolve_model_path
@@ -27,7 +28,9 @@ def final_answer(reference: str) -> str:
 def inspect_main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     try:
-        loaded = load_dataset(args.path, cfg.data)
+        loaded = load_dataset(
+            Source(args.path, cfg.data.subset, cfg.data.split, cfg.data.revision, setting="PATH"), cfg.data
+        )
         terms = cfg.reward.reward_terms()
         for term in terms:
             resolve_reward(term.function, args.path)
@@ -36,7 +39,9 @@ def inspect_main(args: argparse.Namespace) -> int:
     # lazy: heavy import (transformers), paid only on this path
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.path))
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model_path(cfg.model.path, cfg.model.revision), trust_remote_code=cfg.model.trust_remote_code
+    )
     example = loaded.questions[0]
     prompt = build_prompt_text(tokenizer, example, cfg.data)
     prompt_ids = encode_prompt(tokenizer, example, cfg.data)

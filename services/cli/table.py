@@ -13,6 +13,9 @@ import importlib
 
 from services.cli.args import Command, Flag, UsageError, add_config_args, add_logging_args
 
+MODEL_HELP = "a Hugging Face Hub id (Qwen/Qwen2.5-0.5B-Instruct) or an HF model directory"
+DATASET_HELP = "a Hugging Face Hub id (openai/gsm8k), a .jsonl/.json/.csv/.parquet file or a folder"
+
 COMMANDS: tuple[Command, ...] = (
     Command(
         ("run",),
@@ -20,6 +23,15 @@ COMMANDS: tuple[Command, ...] = (
         "train, evaluate and print a summary",
         "services.supervisor.main_job:run_main",
         (
+            Flag(
+                "--model", "the policy: " + MODEL_HELP + " (no --config: the library defaults)", "model.path"
+            ),
+            Flag("--dataset", "training questions: " + DATASET_HELP, "data.dataset"),
+            Flag(
+                "--eval-dataset",
+                "evaluation questions (default auto: see data.eval_dataset)",
+                "data.eval_dataset",
+            ),
             Flag("--run-dir", "where the run's logs, checkpoints and final model go", "train.run_dir"),
             Flag(
                 "--resume",
@@ -74,8 +86,12 @@ COMMANDS: tuple[Command, ...] = (
         "pass@1 / pass@k of a model on a dataset through the rollout service",
         "services.supervisor.eval_job:eval_main",
         (
-            Flag("--model", "HF model directory", "model.path"),
-            Flag("--dataset", "questions to evaluate on (jsonl, parquet, datasets dir)", "data.eval_dataset"),
+            Flag("--model", MODEL_HELP, "model.path"),
+            Flag(
+                "--dataset",
+                "questions to evaluate on: " + DATASET_HELP + " (split: data.eval_split)",
+                "data.eval_dataset",
+            ),
         ),
     ),
     Command(
@@ -93,7 +109,7 @@ COMMANDS: tuple[Command, ...] = (
         "a rollout replica (vLLM behind FastAPI)",
         "services.rollout.server:serve_main",
         (
-            Flag("--model", "HF model directory", "model.path"),
+            Flag("--model", MODEL_HELP, "model.path"),
             Flag("--host", "bind address", "rollout.host"),
             Flag("--port", "port", "rollout.port"),
             Flag("--cache-url", "cache server base URL", "services.cache_url"),
@@ -139,7 +155,7 @@ COMMANDS: tuple[Command, ...] = (
         "load a dataset exactly as training would: rows, repeats dropped, a prompt as the model sees it, "
         "how the reward scores the reference answers",
         "services.cli.data_inspect:inspect_main",
-        (Flag("path", "the dataset (jsonl, parquet, a datasets directory, builtin:arith)"),),
+        (Flag("path", "the dataset: " + DATASET_HELP + " (data.subset, data.split apply)"),),
     ),
     Command(
         ("data", "synth"),
@@ -154,9 +170,10 @@ COMMANDS: tuple[Command, ...] = (
         "services.compose.init:compose_init_main",
         (
             Flag("--cpu", "use the CPU profile (deploy/compose.cpu.yml)", None, {"action": "store_true"}),
-            Flag("--model", "your HF model directory (default: the tiny warm model)", None),
-            Flag("--dataset", "your training questions (jsonl)", None),
-            Flag("--eval-dataset", "your held-out questions (jsonl)", None),
+            Flag("--model", "your model: " + MODEL_HELP + " (default: the tiny warm model)", None),
+            Flag("--dataset", "your training questions: " + DATASET_HELP, None),
+            Flag("--eval-dataset", "your evaluation questions (default: the dataset's test split)", None),
+            Flag("--subset", "the dataset's subset (data.subset), e.g. main for openai/gsm8k", None),
             Flag("--force", "replace a model or data already in place", None, {"action": "store_true"}),
             Flag("--dir", "the directory holding docker-compose.yml", None, {"default": "."}),
         ),

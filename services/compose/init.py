@@ -1,14 +1,20 @@
-"""`rpo compose init [--cpu] [--model DIR] [--dataset FILE --eval-dataset FILE]`: everything the compose
-stack (docker-compose.yml) reads from the host, in place, in one command.
+"""`rpo compose init [--cpu] [--model ID|DIR] [--dataset ID|FILE [--subset S] [--eval-dataset ID|FILE]]`:
+everything the compose stack (docker-compose.yml) reads from the host, in place, in one command.
 
 - `./models/policy`: the policy. By default the tiny model warm-started on the synthetic task (built here,
-  nothing downloaded); `--model` copies your HF model directory. Files are made readable by every user,
-  since the containers run under a uid of their own.
-- `./data/train.jsonl`, `./data/eval.jsonl`: the synthetic task by default, or copies of your files.
+  nothing downloaded); `--model` copies your HF model directory, or the snapshot of a Hub id (downloaded
+  into the Hugging Face cache first unless HF_HUB_OFFLINE=1). Files are made readable by every user, since
+  the containers run under a uid of their own.
+- `./configs/compose-local.yaml` with `--model`: configs/compose.yaml sized for that model, from its own
+  config.json (the context, and the response budget the context leaves); what was chosen is printed.
+- `./data/train.jsonl`, `./data/eval.jsonl`: the synthetic task by default, or your questions read as
+  training reads them (any source `data.dataset` takes, a Hub id with `--subset` included) and written
+  with the field names the configs use; the evaluation set follows `data.eval_dataset: auto` (the
+  dataset's test split) unless `--eval-dataset` names one.
 - `./runs`: created, and writable by the uid the containers run as (RPO_UID).
 - `.env`: made from `.env.example` if missing. Secrets left empty get fresh random values; RPO_UID/RPO_GID
   name the owner of ./runs (the invoking user; uid 1000 when run as root, which then owns ./runs); RPO_CONFIG
-  names the run config (configs/compose-tiny.yaml for the tiny model, configs/compose.yaml for yours); `--cpu`
+  names the run config (configs/compose-tiny.yaml for the tiny model, configs/compose-local.yaml for yours); `--cpu`
   adds COMPOSE_FILE so plain `docker compose` commands use the CPU profile (deploy/compose.cpu.yml).
 Guarantees: re-running is safe: an existing model or data file is kept unless `--force`, and .env keeps every
 value it has except the ones this command owns (RPO_UID, RPO_GID, RPO_CONFIG, COMPOSE_FILE).
@@ -17,6 +23,7 @@ value it has except the ones this command owns (RPO_UID, RPO_GID, RPO_CONFIG, CO
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -24,18 +31,26 @@ import secrets
 import shutil
 from pathlib import Path
 
+import yaml
+
 from services.cli.args import UsageError
-from services.core.config import DataSection
+from services.core.config import DataSection, load_config
+from services.core.data import Question
+from services.core.data_roles import load_role
 from services.core.file_modes import make_readable
+from services.core.model_fit import PROMPT_ROOM_TOKENS, model_context
 from services.core.synthetic import make_dataset_files
 from services.demo.make import task_config
-from services.demo.model_path import not_a_model_directory, resolve_model_path
+from services.demo.model_path import resolve_model_path
 
 log = logging.getLogger("rpo.compose")
 
 CPU_COMPOSE_FILES = "docker-compose.yml:deploy/compose.cpu.yml"
 TINY_CONFIG = "compose-tiny.yaml"
 OWN_CONFIG = "compose.yaml"
+"""The committed run config for a user's model; `rpo compose init --model` sizes a copy of it."""
+SIZED_CONFIG = "compose-local.yaml"
+"""The copy of OWN_CONFIG sized for the user's model (written by this command, not committed)."""
 DEFAULT_UID = 1000
 """The image's own user: what containers run as when `rpo compose init` is run by root."""
 SECRETS = ("RPO_API_TOKEN", "GRAFANA_ADMIN_PASSWORD")
@@ -46,17 +61,18 @@ def compose_init_main(args: argparse.Namespace) -> int:
     root = Path(args.dir).resolve()
     if not (root / "docker-compose.yml").is_file():
         raise UsageError(f"--dir {args.dir}: no docker-compose.yml there (run it in the repository's root)")
-    if bool(args.dataset) != bool(args.eval_dataset):
-        raise UsageError("--dataset and --eval-dataset go together: the trainer reads both")
+    if args.eval_dataset and not args.dataset:
+        raise UsageError("--eval-dataset needs --dataset: the trainer reads both")
     uid, gid = container_user()
     model = place_model(root / "models" / "policy", args.model, args.force)
-    data = place_data(root / "data", args.dataset, args.eval_dataset, args.force)
+    data = place_data(root / "data", dataset_settings(args), args.force)
+    config = TINY_CONFIG
+    if args.model:
+        config = SIZED_CONFIG
+        for line in write_sized_config(root / "configs", model, args.model):
+            print(f"sized:  {line}")
     runs = prepare_runs(root / "runs", uid, gid)
-    values = {
-        "RPO_UID": str(uid),
-        "RPO_GID": str(gid),
-        "RPO_CONFIG": OWN_CONFIG if args.model else TINY_CONFIG,
-    }
+    values = {"RPO_UID": str(uid), "RPO_GID": str(gid), "RPO_CONFIG": config}
     if args.cpu:
         values["COMPOSE_FILE"] = CPU_COMPOSE_FILES
     env_file = write_env(root / ".env", root / ".env.example", values)
@@ -82,12 +98,10 @@ def place_model(target: Path, source: str | None, force: bool) -> Path:
         log.info("keeping the model already at %s (--force replaces it)", target)
         make_readable(target)
         return target
-    if source is None:
-        source_dir = resolve_model_path("builtin:tiny-warm")
-    else:
-        source_dir = Path(source)
-        if not (source_dir / "config.json").is_file():
-            raise UsageError(not_a_model_directory(f"--model {source}", source))
+    try:
+        source_dir = resolve_model_path(source or "builtin:tiny-warm")
+    except ValueError as exc:
+        raise UsageError(f"--model {source}: {exc}") from None
     if target.exists():
         shutil.rmtree(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -96,25 +110,97 @@ def place_model(target: Path, source: str | None, force: bool) -> Path:
     return target
 
 
-def place_data(out: Path, train: str | None, eval_: str | None, force: bool) -> list[Path]:
-    """`out/train.jsonl` and `out/eval.jsonl`: copies of the given files, or the synthetic task."""
+def dataset_settings(args: argparse.Namespace) -> DataSection | None:
+    """The `data` settings the flags name (None: the synthetic task)."""
+    if not args.dataset:
+        return None
+    return DataSection(dataset=args.dataset, subset=args.subset, eval_dataset=args.eval_dataset or "auto")
+
+
+def place_data(out: Path, data: DataSection | None, force: bool) -> list[Path]:
+    """`out/train.jsonl` and `out/eval.jsonl`: the questions `data` names, or the synthetic task."""
     files = [out / "train.jsonl", out / "eval.jsonl"]
     if all(f.exists() for f in files) and not force:
         log.info("keeping the data already in %s (--force replaces it)", out)
         return files
-    out.mkdir(parents=True, exist_ok=True)
-    if train is None:
+    if data is None:
+        out.mkdir(parents=True, exist_ok=True)
         made = make_dataset_files(task_config(DataSection()), out)
         files = [made["train"], made["eval"]]
     else:
-        for source, target in zip((train, eval_), files, strict=True):
-            if not Path(source).is_file():
-                raise UsageError(f"--dataset/--eval-dataset {source}: no such file")
-            shutil.copyfile(source, target)
+        try:  # both read whole before anything is written
+            train, _ = load_role("train", data) or ([], None)
+            evaluation, choice = load_role("eval", data) or ([], None)
+        except ValueError as exc:  # DatasetError, ConfigError
+            raise UsageError(f"--dataset/--eval-dataset: {exc}") from None
+        out.mkdir(parents=True, exist_ok=True)
+        for questions, target in ((train, files[0]), (evaluation, files[1])):
+            target.write_text(
+                "".join(json.dumps(question_row(q), ensure_ascii=False) + "\n" for q in questions)
+            )
+        print(
+            f"data:   {len(train)} training questions from {data.dataset}; {len(evaluation)} to evaluate on "
+            f"from {choice.describe() if choice else 'none'}"
+        )
     for f in files:
         make_readable(f)
     make_readable(out)
     return files
+
+
+def question_row(question: Question) -> dict:
+    """A question as a row of the configs' default field names (id, question or messages, answer), with the
+    row's other columns kept for reward functions that read them."""
+    prompt = (
+        {"messages": [{"role": r, "content": c} for r, c in question.messages]}
+        if question.messages
+        else {"question": question.question}
+    )
+    return {**question.columns, "id": question.id, **prompt, "answer": question.answer}
+
+
+def write_sized_config(configs: Path, model_dir: Path, source: str) -> list[str]:
+    """`configs/compose-local.yaml`: configs/compose.yaml with the context and the response budget fitted to
+    the model in `model_dir` (`services.core.model_fit`); returns what was chosen, one line each."""
+    base = yaml.safe_load((configs / OWN_CONFIG).read_text())
+    cfg = load_config(configs / OWN_CONFIG)
+    positions = model_context(model_dir)
+    lines = []
+    if positions is not None and cfg.model.max_model_len and cfg.model.max_model_len > positions:
+        context = positions
+        response = max(
+            16, min(cfg.algorithm.max_response_tokens, positions - PROMPT_ROOM_TOKENS, positions // 2)
+        )
+        lines.append(
+            f"model.max_model_len {context} (the model's {positions} positions; configs/{OWN_CONFIG} asks "
+            f"{cfg.model.max_model_len})"
+        )
+        lines.append(
+            f"algorithm.max_response_tokens {response} (configs/{OWN_CONFIG} asks "
+            f"{cfg.algorithm.max_response_tokens}; the prompt keeps {context - response})"
+        )
+        base["model"]["max_model_len"] = context
+        base.setdefault("algorithm", {})["max_response_tokens"] = response
+        base.setdefault("sampling", {})["init_max_tokens"] = response
+    else:
+        lines.append(
+            f"model.max_model_len {cfg.model.max_model_len} and algorithm.max_response_tokens "
+            f"{cfg.algorithm.max_response_tokens} as configs/{OWN_CONFIG} sets them (the model has "
+            f"{positions or 'unstated'} positions)"
+        )
+    header = (
+        f"# Written by `rpo compose init --model {source}`: configs/{OWN_CONFIG}, sized for that model's "
+        "config.json.\n# Edit it freely; `rpo compose init --model ...` writes it again.\n"
+    )
+    draft = configs / f".{SIZED_CONFIG}.draft"
+    draft.write_text(header + yaml.safe_dump(base, sort_keys=False))
+    sized = load_config(draft)  # what the containers will load, checked before it replaces anything
+    draft.replace(configs / SIZED_CONFIG)
+    make_readable(configs / SIZED_CONFIG)
+    lines.append(
+        f"train.questions_per_step {sized.train.questions_per_step}, group size {sized.algorithm.group_size}"
+    )
+    return lines
 
 
 def prepare_runs(runs: Path, uid: int, gid: int) -> Path:

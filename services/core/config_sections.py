@@ -63,24 +63,50 @@ class ModelSection(ConfigSection):
     """The policy being trained (and served by every rollout replica)."""
 
     path: str = "builtin:tiny-warm"
-    """HF model directory (local path), or `builtin:tiny-warm` / `builtin:tiny-random` for the embedded tiny model."""
+    """A Hugging Face Hub id (`Qwen/Qwen2.5-0.5B-Instruct`: downloaded into the Hugging Face cache, or read
+    from it with HF_HUB_OFFLINE=1), a local HF model directory, or `builtin:tiny-warm` / `builtin:tiny-random`
+    for the embedded tiny model."""
+    revision: str | None = None
+    """The Hub revision of `path` (a branch, tag or commit); None: the default branch. Ignored for a local path."""
+    trust_remote_code: bool = False
+    """Let transformers and vLLM run the model repository's own Python code (models not built into them)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """`auto`: bfloat16 on GPU, float32 on CPU."""
-    max_model_len: int = Field(1024, ge=16)
-    """Context length (prompt + response) the rollout engine is sized for, in tokens."""
+    max_model_len: int | None = Field(None, ge=16)
+    """Context length (prompt + response) the rollout engine is sized for, in tokens. None: the model's own
+    context (its config.json's positions), at most `algorithm.max_response_tokens` + 512 for the prompt.
+    Longer than the model's context is refused at start."""
 
 
 class DataSection(ConfigSection):
     """Training and held-out questions, their field names, and how prompts are built."""
 
     dataset: str = "builtin:arith"
-    """Training questions: a .jsonl or .parquet file, a saved `datasets` directory, or `builtin:arith`."""
-    eval_dataset: str | None = "builtin:arith-eval"
-    """Held-out questions for evaluation (same formats); None disables evaluation."""
+    """Training questions: a Hugging Face Hub dataset id (`openai/gsm8k`), a .jsonl, .json, .csv or .parquet
+    file, a folder (a `datasets` save, or parquet/json/csv shards as the Hub lays them out), or a built-in
+    task (`builtin:arith`, `builtin:arith-long`)."""
+    subset: str | None = None
+    """The dataset's subset (its configuration, `load_dataset`'s `name`: `main` for openai/gsm8k); applies
+    to every dataset named here that has subsets."""
+    split: str = "train"
+    """The split training reads (folders and Hub datasets; a single file is one split)."""
+    revision: str | None = None
+    """The Hub revision of the datasets named by Hub id (a branch, tag or commit); None: the default branch."""
+    eval_dataset: str | None = "auto"
+    """Held-out questions for evaluation (same sources). `auto`: a built-in task's held-out split; else
+    `eval_holdout` of the training rows when it is set; else `dataset`'s `eval_split`; else the run is
+    refused with what to set. None (`none`) disables evaluation."""
+    eval_split: str = "test"
+    """The split evaluation reads."""
+    eval_holdout: float = Field(0.0, ge=0.0, lt=1.0)
+    """With `eval_dataset: auto`: this share of the training rows (chosen by a hash of each question's id,
+    the same rows in every run) is held out of training and evaluated on instead. 0: off."""
     val_dataset: str | None = None
-    """Validation questions (same formats). When set, the evaluations during training (`train.eval_every`)
+    """Validation questions (same sources). When set, the evaluations during training (`train.eval_every`)
     and a curve point before and after training use them, so the test set (`eval_dataset`) is touched only
     by the evaluations before and after training."""
+    val_split: str = "validation"
+    """The split validation reads."""
     id_field: str = "id"
     """Field holding a unique question id; rows without it get one derived from the question text."""
     question_field: str = "question"
@@ -113,6 +139,22 @@ class DataSection(ConfigSection):
     """Questions in the built-in held-out split (never in training)."""
     synthetic_seed: int = 0
     """Seed of the built-in task; the same seed gives the same questions."""
+
+    @field_validator("eval_dataset", "val_dataset", mode="before")
+    @classmethod
+    def _none_disables(cls, value: Any) -> Any:
+        """`none` on the command line or in the environment means None, as `null` does in YAML."""
+        return None if isinstance(value, str) and value.strip().lower() in ("none", "null", "") else value
+
+    @model_validator(mode="after")
+    def _holdout_needs_auto(self) -> DataSection:
+        if self.eval_holdout > 0 and self.eval_dataset != "auto":
+            raise ValueError(
+                f"data.eval_holdout ({self.eval_holdout}) holds training rows out for evaluation, which is "
+                f"only used with data.eval_dataset: auto, but data.eval_dataset is {self.eval_dataset!r}: "
+                "set one or the other"
+            )
+        return self
 
 
 def _absolute_file_spec(spec: str) -> str:

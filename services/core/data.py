@@ -1,7 +1,7 @@
 """Questions in, prompts out: loading a training or evaluation set and building the prompt token ids.
 
-Formats: `.jsonl`, `.parquet`, a directory written by `datasets.Dataset.save_to_disk`, or a built-in
-synthetic task: `builtin:arith` / `builtin:arith-eval` (short sums) and `builtin:arith-long` /
+Sources: files, folders and Hugging Face Hub ids at a subset and split (`services.core.data_sources`; which
+one each role of a run reads: `services.core.data_roles`), or a built-in synthetic task: `builtin:arith` / `builtin:arith-eval` (short sums) and `builtin:arith-long` /
 `builtin:arith-long-eval` (long reasoning with a check and a redo, `services.core.synthetic_long`; its
 validation split is `builtin:arith-long-val`). Field names are configurable. A bad row fails with the file,
 the line (jsonl) or row (parquet, datasets) and the field; nothing is half-loaded.
@@ -29,12 +29,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from services.core.config import DataSection
+from services.core.data_sources import DatasetError, Rows, Source, source_rows
 from services.core.synthetic import SyntheticTaskConfig, make_split
 from services.core.synthetic_long import LongTaskConfig
 from services.core.synthetic_long import make_split as make_long_split
@@ -48,10 +48,6 @@ LONG_SPLITS = {
     "builtin:arith-long-eval": "eval",
 }
 BUILTIN_DATASETS = ("builtin:arith", "builtin:arith-eval", *LONG_SPLITS)
-
-
-class DatasetError(ValueError):
-    """A dataset cannot be read; the message names the file, the line or row, and the field."""
 
 
 ROLES = ("system", "user", "assistant")
@@ -170,22 +166,6 @@ def _turns(value: Any, name: str, where: str) -> tuple[tuple[str, str], ...]:
     return tuple(turns)
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}, line {lineno}", json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetError(f"{path}, line {lineno}: not valid JSON: {exc.msg}") from None
-
-
-def _table_rows(rows: Iterable[dict], origin: str) -> Iterator[tuple[str, Any]]:
-    for index, row in enumerate(rows):
-        yield f"{origin}, row {index}", row
-
-
 def _synthetic_rows(spec: str, fields: DataSection) -> list[Question]:
 
     task = SyntheticTaskConfig(
@@ -210,61 +190,42 @@ def _builtin_question(row: dict[str, Any]) -> Question:
     return Question(id=row["id"], question=row["question"], answer=row["answer"], columns=columns)
 
 
-def load_questions(spec: str, fields: DataSection, limit: int | None = None) -> list[Question]:
+def load_questions(spec: str | Source, fields: DataSection, limit: int | None = None) -> list[Question]:
     """Read every question of a dataset (validated whole before returning; repeats dropped, logged)."""
     loaded = load_dataset(spec, fields, limit)
-    if loaded.repeats_dropped:
-        log.info("%s: dropped %d repeated question(s) of %d rows", spec, loaded.repeats_dropped, loaded.rows)
     return loaded.questions
 
 
-def load_dataset(spec: str, fields: DataSection, limit: int | None = None) -> LoadedDataset:
-    """Read every row of a dataset, apply the rules of the module docstring, then keep the first `limit`."""
-    if spec.startswith("builtin:"):
-        questions = _synthetic_rows(spec, fields)
+def load_dataset(
+    spec: str | Source,
+    fields: DataSection,
+    limit: int | None = None,
+    keep: Callable[[Question], bool] | None = None,
+) -> LoadedDataset:
+    """Read every row of a dataset (a spec, or a Source with its subset and split), apply the rules of the
+    module docstring, keep the questions `keep` accepts (a hold-out), then the first `limit`."""
+    source = spec if isinstance(spec, Source) else Source(spec)
+    if source.spec.startswith("builtin:"):
+        questions = _synthetic_rows(source.spec, fields)
         loaded = LoadedDataset(questions, len(questions), 0, 0)
     else:
-        loaded = _read_rows(_rows_of(Path(spec)), fields)
-    if not loaded.questions:
-        raise DatasetError(f"dataset {spec} has no questions")
-    if limit:
-        return LoadedDataset(
-            loaded.questions[:limit], loaded.rows, loaded.repeats_dropped, loaded.derived_ids
+        loaded = _read_rows(source_rows(source), fields)
+    if loaded.repeats_dropped:
+        log.info(
+            "%s: dropped %d repeated question(s) of %d rows",
+            source.describe(),
+            loaded.repeats_dropped,
+            loaded.rows,
         )
-    return loaded
+    questions = [q for q in loaded.questions if keep is None or keep(q)]
+    if not questions:
+        raise DatasetError(f"dataset {source.describe()} has no questions ({source.setting})")
+    return LoadedDataset(
+        questions[:limit] if limit else questions, loaded.rows, loaded.repeats_dropped, loaded.derived_ids
+    )
 
 
-def _rows_of(path: Path) -> Iterator[tuple[str, Any]]:
-    if not path.exists():
-        raise DatasetError(f"dataset not found: {path}")
-    if path.is_dir():
-        try:
-            # lazy: heavy import (datasets), paid only on this path
-            import datasets
-
-            table = datasets.load_from_disk(str(path))
-        except Exception as exc:  # noqa: BLE001 - datasets raises many types for a bad directory
-            raise DatasetError(f"{path}: not a saved `datasets` directory: {exc}") from None
-        if isinstance(table, datasets.DatasetDict):
-            if "train" not in table:
-                raise DatasetError(f"{path}: a DatasetDict needs a 'train' split, has {list(table)}")
-            table = table["train"]
-        return _table_rows(table, str(path))
-    if path.suffix == ".jsonl":
-        return _jsonl_rows(path)
-    if path.suffix == ".parquet":
-        # lazy: heavy import (pyarrow), paid only on this path
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(path).to_pylist()
-        except Exception as exc:  # noqa: BLE001 - pyarrow raises many types for a bad file
-            raise DatasetError(f"{path}: not a readable parquet file: {exc}") from None
-        return _table_rows(table, str(path))
-    raise DatasetError(f"{path}: unsupported dataset format; use .jsonl, .parquet or a datasets directory")
-
-
-def _read_rows(rows: Iterable[tuple[str, Any]], fields: DataSection) -> LoadedDataset:
+def _read_rows(rows: Rows, fields: DataSection) -> LoadedDataset:
     questions: list[Question] = []
     by_id: dict[str, tuple[str, str]] = {}  # id -> (normalised question, where)
     seen_text: set[str] = set()

@@ -55,10 +55,10 @@ def replica_name(config: RunConfig) -> str:
     return f"{host}:{r.port}"
 
 
-def resolve_model_dir(spec: str) -> Path:
+def resolve_model_dir(spec: str, revision: str | None = None) -> Path:
     """`model.path` as a directory (the built-in tiny models are built on first use)."""
 
-    return Path(resolve_model_path(spec)).resolve()
+    return Path(resolve_model_path(spec, revision)).resolve()
 
 
 async def watch_engine(engine: RolloutEngine, name: str, on_death: Callable[[], None] | None) -> None:
@@ -94,7 +94,9 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
         directory = (
-            Path(model_dir).resolve() if model_dir is not None else resolve_model_dir(config.model.path)
+            Path(model_dir).resolve()
+            if model_dir is not None
+            else resolve_model_dir(config.model.path, config.model.revision)
         )
         log.info("loading %s into vLLM", directory, extra={"replica": name})
         engine = RolloutEngine.start(config, directory, gpu_devices)

@@ -26,6 +26,7 @@ from typing import Any, get_args
 
 from services.core.config import RunConfig
 from services.core.errors import InvalidInput, Unavailable
+from services.core.model_fit import fitted_context
 from services.rollout.vllm_worker import BUSY_WAIT_ENV
 
 log = logging.getLogger("rpo.rollout")
@@ -97,17 +98,19 @@ def engine_kwargs(
     """The engine settings of a replica, as keyword arguments of vLLM's engine args (or of `vllm.LLM`);
     `gpu_devices`: how many GPUs the replica claimed (None: no claim, see `tensor_parallel_size`)."""
     r = cfg.rollout
+    context, _ = fitted_context(cfg, model_dir)
     kwargs: dict[str, Any] = {
         "model": str(model_dir),
         "tensor_parallel_size": tensor_parallel_size(cfg, on_cpu, gpu_devices),
         "dtype": served_dtype(cfg, on_cpu),
-        "max_model_len": cfg.model.max_model_len,
+        "max_model_len": context,
         "max_num_seqs": r.max_num_seqs,
         "enforce_eager": True if on_cpu else r.enforce_eager,
         "seed": r.engine_seed,
         "logprobs_mode": "processed_logprobs",
         "worker_extension_cls": WORKER_EXTENSION,
         "disable_log_stats": False,
+        "trust_remote_code": cfg.model.trust_remote_code,
     }
     if on_cpu:
         kwargs["kv_cache_memory_bytes"] = r.kv_cache_bytes
@@ -116,7 +119,7 @@ def engine_kwargs(
         # torch-internal impl details", vLLM PR #10097); CPU generators have no offset, the engine core dies
         # ("CPU Generator does not use offset"). Every rollout is seeded, so prompts are prefilled whole.
         kwargs["enable_chunked_prefill"] = False
-        kwargs["max_num_batched_tokens"] = max(cfg.model.max_model_len, CPU_MAX_BATCHED_TOKENS)
+        kwargs["max_num_batched_tokens"] = max(context, CPU_MAX_BATCHED_TOKENS)
     else:
         kwargs["gpu_memory_utilization"] = r.gpu_memory_utilization
     if cfg.train.lora.enabled:  # the base is loaded once; each push brings an adapter (`load_adapter`)

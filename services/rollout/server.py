@@ -25,6 +25,7 @@ fork_safe_cuda_env()  # before the imports below load torch: see the module docs
 
 from services.cli.args import UsageError, config_from_args  # noqa: E402
 from services.core.gpu_claims import GpuPlacementError, claim_gpus  # noqa: E402
+from services.core.model_fit import check_fit  # noqa: E402
 from services.core.server_kit import run_uvicorn  # noqa: E402
 from services.rollout.app import create_app, replica_name, resolve_model_dir  # noqa: E402
 
@@ -39,7 +40,8 @@ def serve_main(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     r = config.rollout
     try:  # a wrong model.path is one message, not vLLM's start-up traceback
-        model_dir = resolve_model_dir(config.model.path)
+        model_dir = resolve_model_dir(config.model.path, config.model.revision)
+        check_fit(config, model_dir)  # a context the model lacks: one line here, not vLLM's traceback
         # Before vLLM initialises CUDA: this replica's own GPUs on a compose box (gpus.claim_dir).
         claim = claim_gpus("rollout", config.gpus, r.gpu_memory_utilization)
     except (ValueError, GpuPlacementError) as exc:

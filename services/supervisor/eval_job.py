@@ -14,7 +14,8 @@ from typing import Any
 
 from services.cli.args import UsageError, config_from_args
 from services.core.config import RunConfig
-from services.core.data import encode_prompt, load_questions
+from services.core.data import encode_prompt
+from services.core.data_roles import load_role
 from services.demo.model_path import resolve_model_path
 from services.supervisor.processes import Supervisor, free_port, rpo_command, write_run_config
 from trainer.evaluate import evaluate_questions
@@ -27,14 +28,17 @@ def eval_main(args: Any) -> int:
     """`rpo eval --model PATH --dataset FILE`: print pass@1 / pass@k (and write them with --set train.run_dir)."""
 
     cfg = config_from_args(args)
-    if not cfg.data.eval_dataset:
-        raise UsageError("no dataset to evaluate on: pass --dataset FILE (or set data.eval_dataset)")
-    questions = load_questions(cfg.data.eval_dataset, cfg.data, cfg.data.eval_max_questions)
-    model_path = resolve_model_path(cfg.model.path)
+    loaded = load_role("eval", cfg.data)
+    if loaded is None:
+        raise UsageError(
+            "no dataset to evaluate on: pass --dataset (a file, folder or Hub id; or set data.eval_dataset)"
+        )
+    questions, choice = loaded
+    model_path = resolve_model_path(cfg.model.path, cfg.model.revision)
     # lazy: heavy import (transformers), paid only on this path
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     prompts = {q.id: encode_prompt(tokenizer, q, cfg.data) for q in questions}
     with local_replicas_if_none(cfg, model_path) as cfg:
         remote = RemoteServices(cfg)
@@ -42,11 +46,11 @@ def eval_main(args: Any) -> int:
             result = evaluate_questions(remote, cfg, questions, prompts)
         finally:
             remote.close()
-    print(f"{cfg.data.eval_dataset}: {result.describe()}")
+    print(f"{choice.describe()}: {result.describe()}")
     out = Path(cfg.train.run_dir) / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
-        json.dumps({"model": str(model_path), "dataset": cfg.data.eval_dataset, **result.as_dict()}) + "\n"
+        json.dumps({"model": str(model_path), "dataset": choice.describe(), **result.as_dict()}) + "\n"
     )
     return 0
 

@@ -6,7 +6,10 @@ data under the run directory, unless `services.redis_url` names one), one rollou
 lets the trainer evaluate, train and evaluate again; then prints a summary table (accuracy before and
 after, decoded tokens per sample of RPO against full-path, wall time) and writes it to the run directory.
 Without `--config` it runs the built-in default, `services/demo/presets/tiny-demo.yaml` (the tiny model,
-warm-started on the synthetic task).
+warm-started on the synthetic task); given a model or dataset of the user's (`--model`, `--dataset`, a Hub
+id or a path) and no `--config`, it runs on the library's defaults instead, and says so. A Hub id is
+resolved once, and every process gets that snapshot and the context fitted to the model
+(`services.core.model_fit`).
 
 Guarantees: every process it started is stopped when it returns, fails, or gets Ctrl-C/SIGTERM (the
 trainer first gets SIGTERM, so it saves a checkpoint); a part that dies is named, with its log's tail;
@@ -33,8 +36,10 @@ from rich.table import Table
 from services.cli.args import UsageError, config_from_args, shortcut_overrides
 from services.core.clients.replica_set import RolloutFailed
 from services.core.config import RunConfig, fresh_run_id, load_config
-from services.core.data import DatasetError, encode_prompt, load_questions
+from services.core.data import DatasetError, encode_prompt
+from services.core.data_roles import choose_dataset, training_questions
 from services.core.http_client import ServiceCallError
+from services.core.model_fit import check_fit, fitted_context
 from services.demo.model_path import resolve_model_path
 from services.supervisor.gpu_split import fit_to_gpus
 from services.supervisor.processes import PartFailed, Supervisor, free_port, rpo_command, write_run_config
@@ -56,21 +61,45 @@ def preset_path(name: str = PRESET) -> Path:
 
 
 def run_config(args: Any) -> RunConfig:
-    """The configuration `rpo run` uses: --config when given, else the built-in preset; then the environment,
-    the shortcut flags and --set. `rpo config show --run` prints it."""
+    """The configuration `rpo run` uses: --config when given; else the built-in preset, unless the model or
+    the dataset is the user's, which then runs on the library defaults (the preset's tiny sizes would not
+    fit it); then the environment, the shortcut flags and --set. `rpo config show --run` prints it."""
     if getattr(args, "config", None):
         return config_from_args(args)
-    return load_config(preset_path(), [*shortcut_overrides(args), *getattr(args, "overrides", [])])
+    overrides = [*shortcut_overrides(args), *getattr(args, "overrides", [])]
+    preset = load_config(preset_path(), overrides)
+    users = [
+        f"{what} {value!r}"
+        for what, value in (("model", preset.model.path), ("dataset", preset.data.dataset))
+        if not value.startswith("builtin:")
+    ]
+    if not users:
+        return preset
+    log.info(
+        "rpo run: your %s and no --config: the library defaults (the paper's settings), not the tiny "
+        "demo's preset; `rpo config show` prints them, --config FILE or --set changes them",
+        " and ".join(users),
+    )
+    return load_config(None, overrides)
 
 
 def run_main(args: Any) -> int:
     cfg = run_config(args)
+    check_inputs(cfg)
     cfg = fit_to_gpus(cfg)  # on a GPU: the memory plan fits, and splits a GPU the trainer shares
     summary = MainJob(cfg, resume=getattr(args, "resume", False)).run()
     print(render_summary(summary))
     if summary.get("ok"):
         return 0
     return 130 if summary.get("error") == "interrupted" else 1
+
+
+def check_inputs(cfg: RunConfig) -> None:
+    """What can be refused before any process starts (a ConfigError or DatasetError: one line, exit 2): a
+    user's model that is missing or shorter than the configured context, and nothing to evaluate on."""
+    choose_dataset("eval", cfg.data)
+    if not cfg.model.path.startswith("builtin:"):  # a built-in one is built later, once
+        check_fit(cfg, resolve_model_path(cfg.model.path, cfg.model.revision))
 
 
 def fresh_run_dir(path: Path) -> Path:
@@ -146,7 +175,8 @@ class MainJob:
     def _run(self, supervisor: Supervisor, run_dir: Path) -> dict[str, Any]:
 
         t = time.monotonic()
-        model_path = resolve_model_path(self.cfg.model.path)  # builds (and warm-starts) the tiny model once
+        # builds (and warm-starts) the tiny model once; a Hub id resolves to one snapshot, which every process gets
+        model_path = resolve_model_path(self.cfg.model.path, self.cfg.model.revision)
         setup_seconds = {"model": time.monotonic() - t}
         t = time.monotonic()
         cfg, config_file, env = start_services(supervisor, self.cfg, run_dir, model_path)
@@ -224,7 +254,11 @@ def start_services(
     cache_url = f"http://127.0.0.1:{free_port()}"
     ports = [free_port() for _ in range(replicas)]
     cfg = cfg.model_copy(deep=True)
+    context, how = fitted_context(cfg, model_path)
+    check_fit(cfg, model_path)
+    log.info("context: %s", how)
     cfg.model.path = str(model_path)
+    cfg.model.max_model_len = context
     cfg.train.run_dir = str(run_dir)
     cfg.train.metrics_host = "127.0.0.1"
     if cfg.train.metrics_port == 0:
@@ -265,13 +299,13 @@ def full_path_reference(cfg: RunConfig, remote: RemoteServices) -> dict[str, Any
     """Decoded tokens per sample of full-path rollouts (cache off) for the first step's questions, at the
     starting policy: what RPO's first step is compared against, question for question."""
 
-    questions = load_questions(cfg.data.dataset, cfg.data, cfg.data.max_questions)
+    questions = training_questions(cfg.data)
     indices = DataCursor(len(questions), cfg.train.seed).take(cfg.train.questions_per_step)
     chosen = [questions[i] for i in indices]
     # lazy: heavy import (transformers), paid only on this path
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     prompts = {q.id: encode_prompt(tokenizer, q, cfg.data) for q in chosen}
     settings = remote.plans.train(seed=request_seed(cfg.train.seed, 1, 0))
     settings = settings.model_copy(update={"mode": "full", "seed_cache_on_miss": False})

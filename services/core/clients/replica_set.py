@@ -23,6 +23,7 @@ from typing import Any
 from services.core.clients.rollout import RolloutClient, discover_replicas
 from services.core.config import RunConfig
 from services.core.data import Question
+from services.core.data_roles import eval_dataset_spec
 from services.core.http_client import RetryPolicy, ServiceCallError, ServiceHTTPError
 from services.core.schemas.rollout import (
     RolloutGroup,
@@ -132,7 +133,7 @@ class RolloutPlans:
                 "group_size": s.eval_samples,
                 "temperature": s.eval_temperature,
                 "top_p": s.eval_top_p,
-                "dataset": cfg.data.eval_dataset or cfg.data.dataset,
+                "dataset": eval_dataset_spec(cfg.data) or cfg.data.dataset,
                 "seed": cfg.train.seed,
                 "overlong_buffer_tokens": 0,
             }
