@@ -8,7 +8,8 @@ One step (docs/architecture.md, synchronous mode):
     the replicas for group rollouts, the batch split across them
     (concurrent requests; a failed request is retried on another replica); DAPO's dynamic sampling keeps
     only groups with 0 < #correct < G and refills the batch from the cursor for a bounded number of rounds;
- 3. rank 0 turns the groups into training samples and broadcasts them; every rank takes the learner step;
+ 3. rank 0 turns the groups into training samples and broadcasts them; every rank takes the learner step
+    (with `rollout.sleep_mode` the replicas' engines sleep meanwhile and wake before step 4);
  4. the new weights are pushed to every replica, and the step waits until all serve the new version;
  5. only then are the step's epsilon-greedy cache updates committed (idempotent per step and question).
 `algorithm.mode: full` is the same loop with the cache off: no cache call is made at all. With
@@ -33,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from services.core.clients.engine_sleep import EngineSleep
 from services.core.config import RunConfig, fresh_run_id
 from services.core.data import encode_prompt
 from services.core.data_roles import DatasetChoice, eval_dataset_spec, load_role, training_questions
@@ -208,9 +210,10 @@ class TrainingRecipe:
         if self.main:
             phases["rollout"], phases["reward"] = collected.rollout_seconds, collected.reward_seconds
 
-        # 3. The learner step, on every rank with the same samples.
+        # 3. The learner step, on every rank with the same samples (the engines asleep meanwhile, if asked).
         t = time.monotonic()
-        learner_stats = self.learner.train_step(samples) if samples else None
+        with self.engines_asleep(replicas if samples else []):
+            learner_stats = self.learner.train_step(samples) if samples else None
         phases["train"] = time.monotonic() - t
 
         # 4. The new weights to every replica; wait until all serve them.
@@ -248,6 +251,12 @@ class TrainingRecipe:
         if behind:
             self.weight_sender.push(behind, version, PushKind.CATCH_UP)
         return found[0] if found else []
+
+    def engines_asleep(self, replicas: list[str]) -> contextlib.AbstractContextManager:
+        """`rollout.sleep_mode`: the replicas' engines asleep for the block (rank 0 asks them), awake after."""
+        if not self.main:
+            return contextlib.nullcontext()
+        return EngineSleep(self.cfg).asleep(replicas, before_wake=release_cached_gpu_memory)
 
     def _rollouts(self, step: int, replicas: list[str], version: int) -> CollectedGroups:
         return self.rollout_source.take(step, replicas, version)
@@ -439,6 +448,15 @@ class TrainingRecipe:
         ):
             if closer is not None:
                 closer.close()
+
+
+def release_cached_gpu_memory() -> None:
+    """The learner's cached, unused GPU memory back to the driver, for the waking engines to take."""
+    # lazy: heavy import (torch), paid only with rollout.sleep_mode on
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def run_training(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:

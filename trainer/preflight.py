@@ -32,6 +32,11 @@ def _answers(url: str) -> str | None:
 
 def check_before_training(cfg: RunConfig) -> None:
     """Raise UsageError naming the first thing that would make the run fail."""
+    if cfg.rollout.sleep_mode and cfg.train.max_lag:
+        raise UsageError(
+            "rollout.sleep_mode puts the replicas' engines to sleep during the learner step, and train.max_lag 1 "
+            "rolls the next step out during it: use one or the other"
+        )
     s = cfg.services
     if cfg.algorithm.mode == "rpo":
         if not s.cache_url:

@@ -11,7 +11,9 @@ Guarantees:
 On CPU the KV cache is sized explicitly (`rollout.kv_cache_bytes`) and the model runs eagerly; weights are
 loaded in place through `services.rollout.vllm_worker` (the one module that knows vLLM's internals). On GPU a
 replica's engine spans every GPU the replica holds: tensor parallelism of `gpus.per_replica`, or of the GPUs
-its claim gave it (`tensor_parallel_size`); NCCL weight transfer takes one GPU per replica.
+its claim gave it (`tensor_parallel_size`); NCCL weight transfer takes one GPU per replica. With
+`rollout.sleep_mode` (GPU only; refused at start on CPU) the engine sleeps on request and answers 409 to
+generation and weight loads until it wakes.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
 
-from services.core.config import RunConfig
-from services.core.errors import InvalidInput, Unavailable
+from services.core.config import ConfigError, RunConfig
+from services.core.errors import Conflict, InvalidInput, Unavailable
 from services.core.model_fit import fitted_context
 from services.rollout.vllm_worker import BUSY_WAIT_ENV
 
@@ -122,6 +125,9 @@ def engine_kwargs(
         kwargs["max_num_batched_tokens"] = max(context, CPU_MAX_BATCHED_TOKENS)
     else:
         kwargs["gpu_memory_utilization"] = r.gpu_memory_utilization
+    if r.sleep_mode:  # the engine frees its GPU memory while the learner steps (`RolloutEngine.sleep`)
+        check_sleep_mode(cfg, available=not on_cpu)
+        kwargs["enable_sleep_mode"] = True
     if cfg.train.lora.enabled:  # the base is loaded once; each push brings an adapter (`load_adapter`)
         kwargs.update(enable_lora=True, max_loras=1, max_cpu_loras=2, max_lora_rank=lora_rank_slot(cfg))
     if r.weight_transfer == "nccl":
@@ -133,6 +139,23 @@ def engine_kwargs(
             )
         kwargs["weight_transfer_config"] = {"backend": "nccl"}
     return kwargs
+
+
+def check_sleep_mode(cfg: RunConfig, available: bool | None = None) -> None:
+    """Refuse `rollout.sleep_mode` where vLLM has no sleep mode (its CPU platform has none), in one
+    ConfigError naming the setting; `available`: vLLM's own answer when None (imports vLLM only then)."""
+    if not cfg.rollout.sleep_mode:
+        return
+    if available is None:
+        # lazy: heavy import (vllm), paid only with rollout.sleep_mode on
+        from vllm.platforms import current_platform
+
+        available = current_platform.is_sleep_mode_available()
+    if not available:
+        raise ConfigError(
+            "rollout.sleep_mode: vLLM's sleep mode needs a GPU and this replica runs on CPU (vLLM's CPU platform "
+            "has no sleep mode); leave rollout.sleep_mode off here (it frees a GPU the trainer shares)"
+        )
 
 
 def lora_rank_slot(cfg: RunConfig) -> int:
@@ -163,6 +186,8 @@ class RolloutEngine:
         self.tokenizer = llm.get_tokenizer()
         self.adapter: Any = None
         """The LoRA adapter every new request runs with (vLLM's `LoRARequest`); None: the base alone."""
+        self.sleep_level = 0
+        """vLLM's sleep level the engine is at (`rollout.sleep_mode`); 0: awake."""
 
     @classmethod
     def start(cls, cfg: RunConfig, model_dir: Path, gpu_devices: int | None = None) -> RolloutEngine:
@@ -232,6 +257,7 @@ class RolloutEngine:
         # lazy: heavy import (vllm), paid only on this path
         from vllm.sampling_params import RequestOutputKind
 
+        self.check_awake("generate")
         final = None
         try:
             params = SamplingParams(
@@ -271,6 +297,7 @@ class RolloutEngine:
 
     async def load_weights(self, paths: list[str]) -> int:
         """Load checked safetensors files in place (callers hold generation off); returns tensors loaded."""
+        self.check_awake("load weights")
         results = await self.llm.collective_rpc("rpo_load_weights", args=(paths,))
         return int(min(results)) if results else 0
 
@@ -280,6 +307,7 @@ class RolloutEngine:
         # lazy: heavy import (vllm), paid only on this path
         from vllm.lora.request import LoRARequest
 
+        self.check_awake("load an adapter")
         adapter = LoRARequest(f"policy-v{version}", version, directory)
         if not await self.llm.add_lora(adapter):
             raise RuntimeError(f"vLLM did not load the adapter in {directory}")
@@ -301,6 +329,31 @@ class RolloutEngine:
                 f"the engine is not healthy: {type(exc).__name__}: {exc}", retry_after_seconds=5
             ) from None
 
+    # -- Sleep mode (rollout.sleep_mode; GPU only) -----------------------------------------------------
+    async def sleep(self, level: int) -> float:
+        """Free the engine's GPU memory (vLLM's sleep at `level`; requests still running are aborted);
+        returns the seconds it took, 0 when already asleep."""
+        if self.sleep_level:
+            return 0.0
+        started = time.perf_counter()
+        await self.llm.sleep(level=level)
+        self.sleep_level = level
+        return time.perf_counter() - started
+
+    async def wake(self) -> float:
+        """Take the GPU memory back (weights, then the KV cache) and serve again; a new prefix cache (vLLM
+        starts it empty). Returns the seconds it took, 0 when already awake."""
+        if not self.sleep_level:
+            return 0.0
+        started = time.perf_counter()
+        await self.llm.wake_up()
+        self.sleep_level = 0
+        return time.perf_counter() - started
+
+    def check_awake(self, what: str) -> None:
+        if self.sleep_level:
+            raise Conflict(f"cannot {what}: the engine is asleep (POST /v1/engine/wake first)")
+
     # -- NCCL data plane (vLLM's weight transfer engine; GPU only) ------------------------------------
     async def nccl_init(self, init_info: dict[str, Any]) -> None:
         # lazy: heavy import (vllm), paid only on this path
@@ -309,6 +362,7 @@ class RolloutEngine:
         await self.llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info))
 
     async def nccl_start(self) -> None:
+        self.check_awake("receive weights")
         await self.llm.start_weight_update()
 
     async def nccl_update(self, update_info: Any) -> None:

@@ -1,6 +1,6 @@
 """HTTP routes of a rollout replica: thin wrappers that decode, call the service's plain classes, count,
 encode. Bodies are JSON, or msgpack when Content-Type / Accept say so. `/v1/rollouts` (it may seed the
-cache) and every weight route require the bearer token when one is configured.
+cache), every weight route and the engine's sleep and wake require the bearer token when one is configured.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from services.core.errors import Conflict, Unavailable
 from services.core.schemas.common import ErrorResponse
 from services.core.schemas.rollout import (
     CHECKSUM_HEADER,
+    EngineState,
     GenerateRequest,
     GenerateResponse,
     NcclFinishRequest,
@@ -26,6 +27,7 @@ from services.core.schemas.rollout import (
     NcclUpdateRequest,
     RolloutRequest,
     RolloutResponse,
+    SleepRequest,
     WeightVersion,
 )
 from services.core.server_kit import ERROR_RESPONSES, RequireToken, body_openapi, typed_body, typed_response
@@ -201,3 +203,52 @@ async def nccl_finish(
     await service.updater.nccl_finish(body.version)
     service.metrics.weight_apply_seconds.observe(time.perf_counter() - started)
     return await weight_version(request)
+
+
+# -- Engine sleep (rollout.sleep_mode: vLLM's sleep mode, GPU replicas) --------------------------------------
+
+
+def _sleep_mode(request: Request) -> RolloutService:
+    service = _service(request)
+    if not service.config.rollout.sleep_mode:
+        raise Conflict(
+            f"replica {service.replica} was started without rollout.sleep_mode, so its engine cannot sleep",
+            field="rollout.sleep_mode",
+        )
+    return service
+
+
+@router.post(
+    "/engine/sleep",
+    tags=["engine"],
+    response_model=EngineState,
+    responses=_CONFLICT,
+    dependencies=[RequireToken],
+    openapi_extra=body_openapi(SleepRequest),
+)
+async def engine_sleep(request: Request, body: SleepRequest = typed_body(SleepRequest)) -> EngineState:
+    """Free the engine's GPU memory while the learner steps; generation and weight loads answer 409 until
+    `POST /v1/engine/wake`. Level 2 drops the weights too, so it is refused with LoRA (the base would be lost)."""
+    service = _sleep_mode(request)
+    if body.level == 2 and service.config.train.lora.enabled:
+        raise Conflict(
+            "sleep level 2 drops the base weights, which LoRA pushes never bring back", field="level"
+        )
+    seconds = await service.engine.sleep(body.level)
+    return EngineState(
+        replica=service.replica, sleeping=True, level=service.engine.sleep_level, seconds=seconds
+    )
+
+
+@router.post(
+    "/engine/wake",
+    tags=["engine"],
+    response_model=EngineState,
+    responses=_CONFLICT,
+    dependencies=[RequireToken],
+)
+async def engine_wake(request: Request) -> EngineState:
+    """Take the GPU memory back and serve again (the weights it slept with, until the next push)."""
+    service = _sleep_mode(request)
+    seconds = await service.engine.wake()
+    return EngineState(replica=service.replica, sleeping=False, level=0, seconds=seconds)

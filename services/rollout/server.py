@@ -28,6 +28,7 @@ from services.core.gpu_claims import GpuPlacementError, claim_gpus  # noqa: E402
 from services.core.model_fit import check_fit  # noqa: E402
 from services.core.server_kit import run_uvicorn  # noqa: E402
 from services.rollout.app import create_app, replica_name, resolve_model_dir  # noqa: E402
+from services.rollout.engine import check_sleep_mode  # noqa: E402
 
 log = logging.getLogger("rpo.rollout")
 
@@ -44,6 +45,7 @@ def serve_main(args: argparse.Namespace) -> int:
         check_fit(config, model_dir)  # a context the model lacks: one line here, not vLLM's traceback
         # Before vLLM initialises CUDA: this replica's own GPUs on a compose box (gpus.claim_dir).
         claim = claim_gpus("rollout", config.gpus, r.gpu_memory_utilization)
+        check_sleep_mode(config)  # vLLM's CPU platform has none: one line here
     except (ValueError, GpuPlacementError) as exc:
         raise UsageError(str(exc)) from None
     engine_died = False

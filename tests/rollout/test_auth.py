@@ -37,6 +37,8 @@ def _routes(server) -> list[tuple[str, str, dict]]:
         ("POST", server.url + "/v1/weights/nccl/start", {"json": {"version": 1}}),
         ("POST", server.url + "/v1/weights/nccl/update", {"json": {"version": 1, "update_info": {}}}),
         ("POST", server.url + "/v1/weights/nccl/finish", {"json": {"version": 1}}),
+        ("POST", server.url + "/v1/engine/sleep", {"json": {"level": 1}}),
+        ("POST", server.url + "/v1/engine/wake", {}),
         (
             "PUT",
             plane + "/v1/weights/1",

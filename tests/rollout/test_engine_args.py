@@ -55,3 +55,19 @@ def test_nccl_weight_transfer_with_a_sharded_replica_is_refused_by_name():
         engine_kwargs(cfg, MODEL, on_cpu=False)
     one = load_config(None, ["rollout.weight_transfer=nccl"])
     assert engine_kwargs(one, MODEL, on_cpu=False)["weight_transfer_config"] == {"backend": "nccl"}
+
+
+def test_sleep_mode_reaches_the_gpu_engine_and_is_refused_on_cpu(tmp_path):
+    from services.core.config import ConfigError
+    from services.rollout.engine import check_sleep_mode
+
+    cfg = load_config(None, ["rollout.sleep_mode=true"])
+    kwargs = engine_kwargs(cfg, tmp_path, on_cpu=False)
+    assert kwargs["enable_sleep_mode"] is True
+    assert engine_args(cfg, tmp_path, on_cpu=False).enable_sleep_mode  # vLLM's own engine args take it
+    assert "enable_sleep_mode" not in engine_kwargs(load_config(None, []), tmp_path, on_cpu=False)
+    with pytest.raises(ConfigError, match="rollout.sleep_mode.*CPU"):
+        engine_kwargs(cfg, tmp_path, on_cpu=True)
+    with pytest.raises(ConfigError, match="rollout.sleep_mode"):  # vLLM's CPU platform says it has none
+        check_sleep_mode(cfg)
+    check_sleep_mode(load_config(None, []))  # off: nothing to check

@@ -2,8 +2,8 @@
 
 - `discover_replicas(cfg)`: the replicas' base URLs, from `services.rollout_urls` or, with
   `services.rollout_discovery: dns://host:port`, every address `host` resolves to (call it before each step);
-- `RolloutClient`: generate, rollouts, version, on the one retry policy
-  (`services.core.http_client`: transport errors and 5xx retried, 4xx never).
+- `RolloutClient`: generate, rollouts, version, the engine's sleep and wake (`rollout.sleep_mode`), on the
+  one retry policy (`services.core.http_client`: transport errors and 5xx retried, 4xx never).
 
 Weights travel from the trainer's side: `trainer/weight_push.py` (HTTP) and `trainer/weight_nccl.py` (NCCL).
 """
@@ -21,10 +21,12 @@ from services.core.http_client import (
 )
 from services.core.schemas.common import MSGPACK_MEDIA_TYPE, decode_model, encode_model
 from services.core.schemas.rollout import (
+    EngineState,
     GenerateRequest,
     GenerateResponse,
     RolloutRequest,
     RolloutResponse,
+    SleepRequest,
     WeightVersion,
 )
 
@@ -34,6 +36,8 @@ if TYPE_CHECKING:
 GENERATE_PATH = "/v1/generate"
 ROLLOUT_PATH = "/v1/rollouts"
 VERSION_PATH = "/v1/weights/version"
+SLEEP_PATH = "/v1/engine/sleep"
+WAKE_PATH = "/v1/engine/wake"
 # ---------------------------------------------------------------------------------------------------------
 # Discovery
 
@@ -116,6 +120,17 @@ class RolloutClient:
         return parse_reply(
             WeightVersion, self.http.request("GET", VERSION_PATH, phase="weight version check")
         )
+
+    def sleep(self, level: int = 1) -> EngineState:
+        """Put the engine to sleep (frees its GPU memory); 409 from a replica without rollout.sleep_mode."""
+        body = SleepRequest(level=level).model_dump(mode="json")
+        return parse_reply(
+            EngineState, self.http.request("POST", SLEEP_PATH, phase="engine sleep", json=body)
+        )
+
+    def wake(self) -> EngineState:
+        """Wake the engine (its GPU memory back, the weights it slept with)."""
+        return parse_reply(EngineState, self.http.request("POST", WAKE_PATH, phase="engine wake"))
 
     def close(self) -> None:
         self.http.close()

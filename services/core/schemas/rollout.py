@@ -312,3 +312,26 @@ class NcclFinishRequest(Wire):
     """`POST /v1/weights/nccl/finish`: close the update, reset the prefix cache, serve `version`."""
 
     version: Annotated[int, Field(ge=1, le=MAX_INT64)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Engine sleep (rollout.sleep_mode: vLLM's sleep mode, on GPU)
+
+
+class SleepRequest(Wire):
+    """`POST /v1/engine/sleep`: free the engine's GPU memory while the learner steps."""
+
+    level: Literal[1, 2] = 1
+    """vLLM's sleep level. 1: the weights go to host memory and come back on wake, the KV cache is dropped;
+    2: the weights are dropped too (only when every weight is pushed after wake, never with LoRA)."""
+
+
+class EngineState(Wire):
+    """`POST /v1/engine/sleep` and `/v1/engine/wake`: the engine's state once the call is done."""
+
+    replica: str
+    sleeping: bool
+    level: int = Field(ge=0, le=2)
+    """The level it sleeps at; 0 when awake."""
+    seconds: float = Field(ge=0.0)
+    """How long this call took (0 when the engine was already in the state asked for)."""
