@@ -101,7 +101,7 @@ def render_plan(plan: MemoryPlan, cfg: RunConfig) -> str:
             "yes" if g.fits else "NO",
         )
     console.print(gpus)
-    if plan.rollout_memory_utilization is not None:
+    if plan.rollout_memory_utilization:  # None: no replica on these GPUs; 0: it does not fit
         split = f"rollout.gpu_memory_utilization {plan.rollout_memory_utilization}"
         if plan.trainer_memory_fraction is not None:
             split += f", the trainer capped at {plan.trainer_memory_fraction} of GPU 0"
