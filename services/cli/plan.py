@@ -12,8 +12,11 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import re
 from pathlib import Path
 
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 from rich.console import Console
 from rich.table import Table
 
@@ -37,16 +40,32 @@ ROW_LABELS = {
 }
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _hub_config(spec: str, revision: str | None) -> Path | None:
+    """A Hub model's config.json alone (the plan needs nothing else), from the cache or the Hub; None when
+    it cannot be had (the model's own resolution then says why)."""
+    try:
+        return Path(hf_hub_download(spec, "config.json", revision=revision))
+    except (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OSError):
+        return None
+
+
 def model_shape(cfg: RunConfig) -> ModelShape:
-    """The shape of `model.path`: a config.json file or a model directory as given, else the model it
-    resolves to (a Hub id's snapshot, a built-in model)."""
-    path = Path(cfg.model.path)
+    """The shape of `model.path`: a config.json file or a model directory as given, a Hub id's config.json
+    (downloaded alone), else the model it resolves to (a built-in model)."""
+    path, revision = Path(cfg.model.path), getattr(cfg.model, "revision", None)
     try:
         if path.is_file() or (path / "config.json").is_file():
             return read_shape(path)
-        return read_shape(resolve_model_path(cfg.model.path, getattr(cfg.model, "revision", None)))
+        if HUB_ID.match(cfg.model.path) and not path.exists():
+            config = _hub_config(cfg.model.path, revision)
+            if config is not None:
+                return read_shape(config)
+        return read_shape(resolve_model_path(cfg.model.path, revision))
     except (ModelShapeError, ConfigError) as exc:
-        raise UsageError(f"model.path: {exc}") from None
+        raise UsageError(str(exc) if str(exc).startswith("model.path") else f"model.path: {exc}") from None
 
 
 def box_from_args(args: argparse.Namespace) -> Box | None:
@@ -64,13 +83,17 @@ def box_from_args(args: argparse.Namespace) -> Box | None:
         raise UsageError(f"--gpu-memory: {exc}") from None
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
+
+
 def render_plan(plan: MemoryPlan, cfg: RunConfig) -> str:
     """The plan's tables and lines, as text."""
     console = Console(record=True, width=120, file=io.StringIO())
     s, t = plan.shape, cfg.train
     lora = f"LoRA rank {t.lora.rank}" if t.lora.enabled else "full fine-tuning"
     console.print(
-        f"model {s.model_type}: {plan.params / 1e9:.3f}B parameters ({plan.trainable / 1e6:.1f}M trained, {lora}), "
+        f"model {s.model_type}: {_count(plan.params)} parameters ({_count(plan.trainable)} trained, {lora}), "
         f"{s.layers} layers, {s.kv_heads}/{s.heads} KV/attention heads; ZeRO-{t.zero_stage} on "
         f"{t.num_processes} rank(s), micro-batch {t.micro_batch_size}, {plan.context}-token context; "
         f"box: {plan.box.gpus} GPU(s) of {gib(plan.box.memory_bytes)}"

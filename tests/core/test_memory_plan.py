@@ -301,3 +301,11 @@ def test_rpo_run_splits_one_gpu_by_the_plan(tiny_model_dir, tmp_path):
     )  # no trainer cap: the engine gives its memory back while the learner steps
     with pytest.raises(UsageError, match="micro_batch_size|offload"):
         fit_to_gpus(load_config(None, [f"model.path={_write_7b(tmp_path)}"]), Box(1, 24 * GiB))
+
+
+def test_rpo_plan_reads_a_hub_models_config_from_the_cache(offline_hub, capsys):
+    """A Hub id, offline: only its config.json is read, through huggingface_hub, from the prepared cache."""
+    assert main(["plan", "--model", "rpo-test/tiny-qwen2", "--gpus", "1", "--gpu-memory", "24GiB"]) == 0
+    assert "model qwen2: 444,160 parameters" in capsys.readouterr().out  # the tiny Qwen2 of the cache
+    assert main(["plan", "--model", "rpo-test/not-there", "--gpus", "1", "--gpu-memory", "24GiB"]) == 2
+    assert "hf download rpo-test/not-there" in capsys.readouterr().err
