@@ -64,8 +64,13 @@ def compose_init_main(args: argparse.Namespace) -> int:
     if args.eval_dataset and not args.dataset:
         raise UsageError("--eval-dataset needs --dataset: the trainer reads both")
     uid, gid = container_user()
+    settings = dataset_settings(args)
+    keep_data = data_in_place(root / "data", args.force)
+    questions = (
+        None if keep_data or settings is None else read_questions(settings)
+    )  # refused before any write
     model = place_model(root / "models" / "policy", args.model, args.force)
-    data = place_data(root / "data", dataset_settings(args), args.force)
+    data = place_data(root / "data", questions, keep_data)
     config = TINY_CONFIG
     if args.model:
         config = SIZED_CONFIG
@@ -117,31 +122,43 @@ def dataset_settings(args: argparse.Namespace) -> DataSection | None:
     return DataSection(dataset=args.dataset, subset=args.subset, eval_dataset=args.eval_dataset or "auto")
 
 
-def place_data(out: Path, data: DataSection | None, force: bool) -> list[Path]:
-    """`out/train.jsonl` and `out/eval.jsonl`: the questions `data` names, or the synthetic task."""
-    files = [out / "train.jsonl", out / "eval.jsonl"]
-    if all(f.exists() for f in files) and not force:
+DATA_FILES = ("train.jsonl", "eval.jsonl")
+
+
+def data_in_place(out: Path, force: bool) -> bool:
+    """Whether the data already in `out` stays (both files there and no --force)."""
+    if all((out / name).exists() for name in DATA_FILES) and not force:
         log.info("keeping the data already in %s (--force replaces it)", out)
+        return True
+    return False
+
+
+def read_questions(data: DataSection) -> tuple[list[Question], list[Question]]:
+    """The training and evaluation questions `data` names, read whole (a UsageError naming the problem)."""
+    try:
+        train, _ = load_role("train", data) or ([], None)
+        evaluation, choice = load_role("eval", data) or ([], None)
+    except ValueError as exc:  # DatasetError, ConfigError
+        raise UsageError(f"--dataset/--eval-dataset: {exc}") from None
+    print(
+        f"data:   {len(train)} training questions from {data.dataset}; {len(evaluation)} to evaluate on, "
+        f"from {choice.describe() if choice else 'none'}"
+    )
+    return train, evaluation
+
+
+def place_data(out: Path, questions: tuple[list[Question], list[Question]] | None, keep: bool) -> list[Path]:
+    """`out/train.jsonl` and `out/eval.jsonl`: the given questions, or the synthetic task."""
+    files = [out / name for name in DATA_FILES]
+    if keep:
         return files
-    if data is None:
-        out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if questions is None:
         made = make_dataset_files(task_config(DataSection()), out)
         files = [made["train"], made["eval"]]
     else:
-        try:  # both read whole before anything is written
-            train, _ = load_role("train", data) or ([], None)
-            evaluation, choice = load_role("eval", data) or ([], None)
-        except ValueError as exc:  # DatasetError, ConfigError
-            raise UsageError(f"--dataset/--eval-dataset: {exc}") from None
-        out.mkdir(parents=True, exist_ok=True)
-        for questions, target in ((train, files[0]), (evaluation, files[1])):
-            target.write_text(
-                "".join(json.dumps(question_row(q), ensure_ascii=False) + "\n" for q in questions)
-            )
-        print(
-            f"data:   {len(train)} training questions from {data.dataset}; {len(evaluation)} to evaluate on "
-            f"from {choice.describe() if choice else 'none'}"
-        )
+        for rows, target in zip(questions, files, strict=True):
+            target.write_text("".join(json.dumps(question_row(q), ensure_ascii=False) + "\n" for q in rows))
     for f in files:
         make_readable(f)
     make_readable(out)

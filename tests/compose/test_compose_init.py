@@ -3,6 +3,7 @@ run as; rendered by the real Compose v2 (.venv/bin/docker-compose) with the .env
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -31,10 +32,11 @@ def stack_copy(tmp_path: Path) -> Path:
     return root
 
 
-def compose_init(root: Path, *args: str) -> subprocess.CompletedProcess:
+def compose_init(root: Path, *args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     """The command as a user types it (the tiny models' cache, RPO_CACHE_DIR, as the tests use it)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RPO_") or k == "RPO_CACHE_DIR"}
     env["PYTHONPATH"] = str(REPO)
+    env.update(env_extra or {})
     return subprocess.run(
         [sys.executable, "-m", "services.cli", "compose", "init", "--dir", str(root), *args],
         capture_output=True,
@@ -137,7 +139,7 @@ def test_init_as_another_user_gives_the_containers_that_users_uid(tmp_path, warm
         status = compose_init(root, "--model", str(warm_model_dir)).returncode
     assert status == 0
     values = env_values(root)
-    assert (values["RPO_UID"], values["RPO_CONFIG"]) == (str(uid), "compose.yaml")
+    assert (values["RPO_UID"], values["RPO_CONFIG"]) == (str(uid), "compose-local.yaml")
     assert "COMPOSE_FILE" not in values  # the GPU profile: docker-compose.yml alone
     assert (root / "runs").stat().st_uid == uid and (root / ".env").stat().st_uid == uid
     assert rendered(root)["trainer"]["user"] == f"{uid}:{values['RPO_GID']}"
@@ -148,11 +150,53 @@ def test_init_as_another_user_gives_the_containers_that_users_uid(tmp_path, warm
 
 def test_init_refuses_what_it_cannot_use_with_a_message(tmp_path):
     root = stack_copy(tmp_path)
-    done = compose_init(root, "--model", "Qwen/Qwen2.5-0.5B")
-    assert done.returncode == 2 and "--model Qwen/Qwen2.5-0.5B: not an HF model directory" in done.stderr
-    assert "Traceback" not in done.stderr
-    done = compose_init(root, "--dataset", str(tmp_path / "train.jsonl"))
-    assert done.returncode == 2 and "--dataset and --eval-dataset go together" in done.stderr
+    done = compose_init(root, "--model", "Qwen/Qwen2.5-0.5B")  # offline (the suite's HF_HUB_OFFLINE=1)
+    assert done.returncode == 2 and "--model Qwen/Qwen2.5-0.5B: model.path 'Qwen/Qwen2.5-0.5B'" in done.stderr
+    assert "hf download Qwen/Qwen2.5-0.5B" in done.stderr and "Traceback" not in done.stderr
+    done = compose_init(root, "--model", str(tmp_path))
+    assert done.returncode == 2 and "not an HF model directory" in done.stderr
+    done = compose_init(root, "--eval-dataset", str(tmp_path / "eval.jsonl"))
+    assert done.returncode == 2 and "--eval-dataset needs --dataset" in done.stderr
+    (tmp_path / "train.jsonl").write_text('{"question": "1+1?", "answer": "2"}\n')
+    done = compose_init(root, "--dataset", str(tmp_path / "train.jsonl"))  # one file: nothing to evaluate on
+    assert (
+        done.returncode == 2 and "nothing to evaluate on" in done.stderr and "--eval-dataset" in done.stderr
+    )
+    assert not (root / "data").exists()
     done = compose_init(tmp_path / "nowhere")
     assert done.returncode == 2 and "no docker-compose.yml there" in done.stderr
     assert not (root / ".env").exists()  # nothing half-done
+
+
+def test_init_by_hub_ids_sizes_the_config_from_the_model_and_writes_the_subsets_splits(tmp_path, offline_hub):
+    """`--model ORG/NAME --dataset ORG/NAME --subset main` from a prepared Hugging Face cache, offline: the
+    snapshot copied, configs/compose-local.yaml sized to the model's 2,048 positions (configs/compose.yaml
+    asks 4,608), the training and test splits written with the configs' field names."""
+    root = stack_copy(tmp_path)
+    done = compose_init(
+        root,
+        "--model",
+        "rpo-test/tiny-qwen2",
+        "--dataset",
+        "rpo-test/arith-gsm8k",
+        "--subset",
+        "main",
+        env_extra=offline_hub.env(),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (
+        "sized:  model.max_model_len 2048 (the model's 2048 positions; configs/compose.yaml asks 4608)"
+        in (done.stdout)
+    )
+    assert env_values(root)["RPO_CONFIG"] == "compose-local.yaml"
+    from services.core.config import load_config
+    from services.core.model_fit import check_fit
+
+    sized = load_config(root / "configs" / "compose-local.yaml")
+    assert sized.model.max_model_len == 2048 and sized.algorithm.max_response_tokens == 1024
+    assert check_fit(sized, root / "models" / "policy") == 2048  # what every container checks at start
+    train = [json.loads(line) for line in (root / "data" / "train.jsonl").read_text().splitlines()]
+    test = [json.loads(line) for line in (root / "data" / "eval.jsonl").read_text().splitlines()]
+    assert (len(train), len(test)) == (96, 40)
+    assert set(train[0]) == {"id", "question", "answer"} and "####" in train[0]["answer"]
+    assert not {r["id"] for r in train} & {r["id"] for r in test}

@@ -160,9 +160,12 @@ SHORT = (
 )
 
 
-def _rpo_run(run_dir: Path, *extra: str, flags: tuple[str, ...] = ()) -> subprocess.Popen:
+def _rpo_run(
+    run_dir: Path, *extra: str, flags: tuple[str, ...] = (), env_extra: dict[str, str] | None = None
+) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RPO_")}
     env.setdefault("DS_ACCELERATOR", "cpu")
+    env.update(env_extra or {})
     sets = [a for item in (*SHORT, f"train.run_dir={run_dir}", *extra) for a in ("--set", item)]
     # Ctrl-C must reach the job even when pytest itself was started with SIGINT ignored (a shell's background
     # job is), which a child process would inherit: the job gets Python's own handler back first.
@@ -185,14 +188,35 @@ def _started_pids(output: str) -> list[int]:
     return [int(m) for m in re.findall(r"started \S+ \(pid (\d+)\)", output)]
 
 
-def test_rpo_run_completes_and_stops_everything_it_started(tmp_path, warm_model_dir):
+def test_rpo_run_on_a_model_and_dataset_named_by_hub_id_completes_and_stops_everything_it_started(
+    tmp_path, warm_model_dir, hub_home
+):
+    """The user's path, offline: `rpo run --model ORG/NAME --dataset ORG/NAME --set data.subset=main` from a
+    Hugging Face cache (tests/fixtures/hub.py), no --config, so the library defaults; evaluation on the
+    dataset's own test split, each line naming it."""
+    hub_home.add_model("rpo-test/tiny-warm", warm_model_dir)
     run_dir = tmp_path / "run"
-    job = _rpo_run(run_dir)
+    job = _rpo_run(
+        run_dir,
+        "data.subset=main",
+        "train.metrics_port=0",
+        "algorithm.max_response_tokens=96",
+        flags=("--model", "rpo-test/tiny-warm", "--dataset", "rpo-test/arith-gsm8k"),
+        env_extra=hub_home.env(),
+    )
     output, _ = job.communicate(timeout=600)
     assert job.returncode == 0, output[-6000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["ok"] and summary["steps"] == 2
     assert summary["eval_before"]["questions"] == summary["eval_after"]["questions"] == 32
+    assert "the library defaults (the paper's settings), not the tiny demo's preset" in output
+    # the context sized from the model (2,048 positions) and the response budget, said once at start
+    assert "context: model.max_model_len 608: algorithm.max_response_tokens 96 + 512" in output
+    assert re.search(r"evaluation before on rpo-test/arith-gsm8k \(main, test\): pass@1", output), output[
+        -4000:
+    ]
+    config = (run_dir / "config.yaml").read_text()
+    assert "/models--rpo-test--tiny-warm/snapshots/" in config  # one snapshot, handed to every process
     assert summary["cache_init"]["written"] + summary["cache_init"]["empty"] == 64
     ref = summary["full_path_reference"]
     assert (
