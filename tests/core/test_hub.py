@@ -99,3 +99,25 @@ def test_the_eval_split_is_chosen_by_setting(offline_hub):
     data = DataSection(dataset="rpo-test/arith-gsm8k", subset="main", eval_split="train")
     choice = choose_dataset("eval", data)
     assert choice.source.split == "train" and choice.describe() == "rpo-test/arith-gsm8k (main, train)"
+
+
+def test_data_inspect_reads_a_hub_dataset_subset_and_split_with_a_hub_model(offline_hub, capsys):
+    from services.cli.main import main
+
+    code = main(
+        [
+            "data",
+            "inspect",
+            "rpo-test/arith-gsm8k",
+            "--set",
+            "data.subset=hard",
+            "--set",
+            "data.split=test",
+            "--set",
+            "model.path=rpo-test/tiny-qwen2",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "rows: 40; questions: 40" in out  # the hard subset's test split
+    assert "correct (auto) on 40 of 40 rows" in out  # GSM8K-style answers scored on the number after ####
