@@ -217,9 +217,12 @@ class TrainingRecipe:
         phases["train"] = time.monotonic() - t
 
         # 4. The new weights to every replica; wait until all serve them.
+        transport = None
         if samples:
             t = time.monotonic()
-            self.weight_sender.push(replicas, self.learner.policy_version, PushKind.STEP, f"step {step}")
+            transport = self.weight_sender.push(
+                replicas, self.learner.policy_version, PushKind.STEP, f"step {step}"
+            )
             phases["weight_sync"] = time.monotonic() - t
 
         # 5. Only now the step's cache updates (none in full mode).
@@ -233,6 +236,7 @@ class TrainingRecipe:
             record.step_seconds = time.monotonic() - started
             record.phases = phases
             record.weight_sync_seconds = phases["weight_sync"] if samples else None
+            record.weight_transport = transport
             record.cache_updates = cache_updates
             record.learner = learner_stats.as_dict() if learner_stats is not None else {}
         return record, bool(stop)

@@ -13,7 +13,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from trainer.records import StepRecord
+from trainer.records import TRANSPORTS, StepRecord
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,14 @@ class TrainerMetrics:
         )
         self.weight_sync_seconds = Histogram(
             "rpo_train_weight_sync_seconds",
-            "Push of new weights to every replica until all serve them",
+            "Push of new weights to every replica until all serve them, by the transport that carried it "
+            "(nccl, http, http_fallback: NCCL configured and failed)",
+            ["transport"],
             buckets=SYNC_SECONDS_BUCKETS,
             registry=r,
         )
+        for transport in TRANSPORTS:  # every transport's series exists from the start (0 pushes)
+            self.weight_sync_seconds.labels(transport=transport)
         self.reward_mean = Gauge(
             "rpo_reward_mean", "Mean shaped reward of the last step's responses", registry=r
         )
@@ -105,7 +109,8 @@ class TrainerMetrics:
             self.phase_seconds.labels(phase=phase).set(seconds)
         self.policy_version.set(record.policy_version)
         if record.weight_sync_seconds is not None:
-            self.weight_sync_seconds.observe(record.weight_sync_seconds)
+            transport = record.weight_transport or "http"
+            self.weight_sync_seconds.labels(transport=transport).observe(record.weight_sync_seconds)
         self.reward_mean.set(record.reward_mean)
         for name, mean in record.reward_functions.items():
             self.reward_function_mean.labels(function=name).set(mean)

@@ -32,7 +32,8 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def format_step_line(r: StepRecord, total_steps: int) -> str:
-    """One human line per step, e.g. `step 3/40 v3 | reward 0.41 acc 52.1% len 41.2 | decoded 1,204 ...`."""
+    """One human line per step, e.g. `step 3/40 v3 | reward 0.41 acc 52.1% len 41.2 | decoded 1,204 ...`;
+    the weight push's transport follows its time (`sync 0.31 (http)`)."""
     p = r.phases
     return (
         f"step {r.step}/{total_steps} v{r.policy_version} | reward {r.reward_mean:.3f} "
@@ -40,7 +41,9 @@ def format_step_line(r: StepRecord, total_steps: int) -> str:
         f"decoded {r.generated_tokens:,} ({r.decoded_tokens_per_sample:.1f}/sample) "
         f"reused {r.reused_prefix_tokens:,} | {r.tokens_per_second:,.0f} tok/s | "
         f"{r.step_seconds:.2f}s: rollout {p['rollout']:.2f} (reward {p['reward']:.2f}) "
-        f"train {p['train']:.2f} sync {p['weight_sync']:.2f} cache {p['cache']:.2f}"
+        f"train {p['train']:.2f} sync {p['weight_sync']:.2f}"
+        + (f" ({r.weight_transport})" if r.weight_transport else "")
+        + f" cache {p['cache']:.2f}"
     )
 
 

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+Transport = Literal["nccl", "http", "http_fallback"]
+"""What carried a weight push: NCCL; HTTP as configured (or a catch-up push); HTTP because NCCL failed."""
+
+TRANSPORTS: tuple[Transport, ...] = ("nccl", "http", "http_fallback")
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,9 @@ class StepRecord:
     """Wall time per phase: rollout, reward (inside rollout), train, weight_sync, cache."""
     weight_sync_seconds: float | None = None
     """None when the step had nothing to train on (no push)."""
+    weight_transport: Transport | None = None
+    """What carried the step's push: "nccl", "http", or "http_fallback" (NCCL configured and failed, the cause
+    in the log); None when there was no push."""
     cache_updates: dict[str, int] = field(default_factory=dict)
     """Cache entries replaced, per epsilon-greedy choice."""
     reward_functions: dict[str, float] = field(default_factory=dict)

@@ -16,6 +16,16 @@ timeout), the step's weights go over HTTP instead, with a warning naming the fai
 again only when the set of replicas changes. A catch-up push (`PushKind.CATCH_UP`: replicas that joined late
 or restarted) goes over HTTP: it targets a few replicas, not the group. On one GPU shared by the trainer and
 a replica, NCCL between two processes on the same device is not supported: use HTTP there (docs/deploy.md).
+
+Every push says which transport carried it (`Transport`): "nccl", "http" (configured, LoRA, or a catch-up),
+or "http_fallback" (NCCL was configured and failed: the failed push and every later one until the replicas
+change; the cause is logged once, at the failure). The step record, the step's log line and the trainer's
+`rpo_train_weight_sync_seconds{transport}` carry it. `rollout.require_nccl` makes every fall-back an error
+(`WeightTransferError`, naming the phase and the cause), and a trainer that cannot use NCCL at all (CPU,
+several ranks, LoRA) a configuration error at start.
+
+Each set-up of the group takes a fresh rendezvous port: the first free one from `train.nccl_port` on,
+never the port of the group before (whose store may still hold it), within `NCCL_PORT_SPAN` ports.
 """
 
 from __future__ import annotations
@@ -27,8 +37,9 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from services.core.adapter_wire import METADATA_KEY, settings_json
-from services.core.config import RunConfig
+from services.core.config import ConfigError, RunConfig
 from trainer import dist
+from trainer.records import Transport
 from trainer.weight_nccl import NcclReplicaGroup
 
 log = logging.getLogger("rpo.train")
@@ -42,6 +53,16 @@ class ReplicaGroup(Protocol):
 
 HttpPush = Callable[[list[str], int, str], None]
 """(replicas, version, label): the HTTP push to every replica, returning once all serve `version`."""
+
+MakeGroup = Callable[[list[str], int], ReplicaGroup]
+"""(replicas, rendezvous port): a set-up NCCL group of the trainer and those replicas."""
+
+NCCL_PORT_SPAN = 64
+"""Ports from `train.nccl_port` on that a set-up of the NCCL group may take."""
+
+
+class WeightTransferError(RuntimeError):
+    """NCCL failed and `rollout.require_nccl` forbids the HTTP fall-back; the message names phase and cause."""
 
 
 class PushKind(enum.Enum):
@@ -64,7 +85,7 @@ class WeightSender:
         model: Any = None,
         on_gpu: bool = False,
         world_size: int = 1,
-        make_group: Callable[[list[str]], ReplicaGroup] | None = None,
+        make_group: MakeGroup | None = None,
     ):
         self.cfg = cfg
         self.http_push = http_push
@@ -73,16 +94,25 @@ class WeightSender:
         self.group: ReplicaGroup | None = None
         self.members: tuple[str, ...] = ()
         self.failed_members: tuple[str, ...] | None = None
+        self.port: int | None = None
+        """The rendezvous port of the group now (or last) set up."""
+        self.require_nccl = cfg.rollout.require_nccl
         self.use_nccl = cfg.rollout.weight_transfer == "nccl"
+        if self.require_nccl and not self.use_nccl:
+            raise ConfigError("rollout.require_nccl is set, so rollout.weight_transfer must be nccl")
+        why = consequence = None
         if self.use_nccl and cfg.train.lora.enabled:
-            log.warning(
-                "rollout.weight_transfer=nccl, but train.lora is on: each step's adapter (a few MB) goes over "
-                "HTTP, since the NCCL transfer carries whole models"
+            why = "train.lora is on"
+            consequence = (
+                "each step's adapter (a few MB) goes over HTTP, since the NCCL transfer carries whole models"
             )
-            self.use_nccl = False
-        if self.use_nccl and make_group is None and (not on_gpu or world_size != 1):
+        elif self.use_nccl and make_group is None and (not on_gpu or world_size != 1):
             why = "the trainer runs on CPU" if not on_gpu else f"the trainer has {world_size} ranks"
-            log.warning("rollout.weight_transfer=nccl, but %s: weights go over HTTP", why)
+            consequence = "weights go over HTTP"
+        if why is not None:
+            if self.require_nccl:
+                raise ConfigError(f"rollout.require_nccl is set, but {why}: NCCL cannot carry the weights")
+            log.warning("rollout.weight_transfer=nccl, but %s: %s", why, consequence)
             self.use_nccl = False
 
     @classmethod
@@ -108,44 +138,56 @@ class WeightSender:
             world_size=dist.world_size(),
         )
 
-    def push(self, replicas: Sequence[str], version: int, kind: PushKind, label: str = "") -> str:
-        """Bring every replica to `version`; returns the transport used ("nccl" or "http"). `label` names the
-        push in the log (e.g. "step 12"; default: the kind)."""
+    def push(self, replicas: Sequence[str], version: int, kind: PushKind, label: str = "") -> Transport:
+        """Bring every replica to `version`; returns the transport used ("nccl", "http" or
+        "http_fallback"). `label` names the push in the log (e.g. "step 12"; default: the kind). Raises
+        WeightTransferError when NCCL fails and `rollout.require_nccl` is set."""
         replicas = list(replicas)
         label = label or kind.value
         members = tuple(sorted(replicas))
-        if not self.use_nccl or kind is PushKind.CATCH_UP or members == self.failed_members:
+        if not self.use_nccl or kind is PushKind.CATCH_UP:
             self.http_push(replicas, version, label)
             return "http"
+        if members == self.failed_members:  # NCCL failed for these replicas: said then, not again
+            self.http_push(replicas, version, label)
+            return "http_fallback"
         phase = "send"
         try:
             if self.group is None or members != self.members:
                 phase = "setup" if self.group is None else "setup (replicas changed)"
                 self.close()
+                port = self._next_port()
                 log.info(
-                    "NCCL weight transfer: %s with %d replica(s) at %s",
+                    "NCCL weight transfer: %s with %d replica(s) at %s:%d",
                     phase,
                     len(members),
-                    self._rendezvous(),
+                    self._host(),
+                    port,
                 )
-                self.group = self.make_group(list(members))
+                self.port = port
+                self.group = self.make_group(list(members), port)
                 self.members = members
                 phase = "send"
             self.group.push(version)
         except Exception as exc:  # noqa: BLE001 - any failure falls back to the HTTP push, named
+            self.close()
+            cause = f"{type(exc).__name__}: {exc}"
+            if self.require_nccl:
+                raise WeightTransferError(
+                    f"NCCL weight transfer of version {version} to {len(members)} replica(s) failed in {phase} "
+                    f"({cause}); rollout.require_nccl forbids the HTTP fall-back"
+                ) from exc
             log.warning(
-                "NCCL weight transfer failed in %s (%s: %s); version %d goes over HTTP, and NCCL is tried "
-                "again when the replicas change",
+                "NCCL weight transfer failed in %s (%s); version %d goes over HTTP (transport http_fallback), "
+                "and NCCL is tried again when the replicas change",
                 phase,
-                type(exc).__name__,
-                exc,
+                cause,
                 version,
                 extra={"phase": f"nccl {phase}", "policy_version": version},
             )
-            self.close()
             self.failed_members = members
             self.http_push(replicas, version, label)
-            return "http"
+            return "http_fallback"
         self.failed_members = None
         return "nccl"
 
@@ -158,17 +200,37 @@ class WeightSender:
             self.group = None
             self.members = ()
 
-    def _rendezvous(self) -> str:
-        return f"{self.cfg.train.nccl_host or socket.gethostname()}:{self.cfg.train.nccl_port}"
+    def _host(self) -> str:
+        return self.cfg.train.nccl_host or socket.gethostname()
 
-    def _nccl_group(self, urls: list[str]) -> ReplicaGroup:
+    def _next_port(self) -> int:
+        """The first port from `train.nccl_port` on that is free here and not the previous group's."""
+        first = self.cfg.train.nccl_port
+        for port in range(first, min(first + NCCL_PORT_SPAN, 65536)):
+            if port != self.port and _port_free(port):
+                return port
+        raise OSError(
+            f"no free port for the NCCL rendezvous in {first}..{first + NCCL_PORT_SPAN - 1} (train.nccl_port)"
+        )
+
+    def _nccl_group(self, urls: list[str], port: int) -> ReplicaGroup:
         token = self.cfg.services.api_token
         return NcclReplicaGroup(
             urls,
             self.model,
-            master_address=self.cfg.train.nccl_host or socket.gethostname(),
-            master_port=self.cfg.train.nccl_port,
+            master_address=self._host(),
+            master_port=port,
             rank=0,
             token=token.get_secret_value() if token is not None else None,
             timeout_seconds=self.cfg.train.weight_sync_timeout_seconds,
         )
+
+
+def _port_free(port: int) -> bool:
+    """Whether a listening socket can bind `port` on every address here (what the NCCL store does)."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("", port))
+        except OSError:
+            return False
+    return True

@@ -429,7 +429,9 @@ class TrainSection(ConfigSection):
     """rollout.weight_transfer=nccl: the address the replicas reach the trainer's NCCL rendezvous on (compose:
     `trainer`); None: this machine's host name."""
     nccl_port: int = Field(29600, ge=1, le=65535)
-    """rollout.weight_transfer=nccl: the port of the trainer's NCCL rendezvous."""
+    """rollout.weight_transfer=nccl: the first port of the trainer's NCCL rendezvous; each set-up of the group
+    (the first push, and again whenever the replicas change) takes the first free port from here on that
+    the group before did not use, within 64 ports."""
     cache_init_batch_questions: int = Field(256, ge=1)
     """`rpo cache init`: questions sampled and written to the cache per batch."""
     seed_cache: bool = True

@@ -105,6 +105,11 @@ class RolloutSection(ConfigSection):
     such as `0-3` (several replicas on one box)."""
     weight_transfer: Literal["http", "nccl"] = "http"
     """Data plane for weight pushes: chunked safetensors over HTTP, or vLLM's NCCL engine on GPUs."""
+    require_nccl: bool = False
+    """With weight_transfer=nccl: a push NCCL cannot carry stops the run with the cause instead of going over
+    HTTP (the fall-back, `transport="http_fallback"` in the step records and metrics); a trainer that
+    cannot use NCCL at all (CPU, several ranks, LoRA) is an error at start. Catch-up pushes to replicas
+    that joined late stay on HTTP."""
     weight_port: int = Field(0, ge=0, le=65535)
     """Port of the replica's weight data plane (HTTP weight pushes; 0: any free port, announced by
     `GET /v1/weights/version`). Fix it where a firewall sits between trainer and replicas."""

@@ -182,7 +182,9 @@ def test_prometheus_config_is_valid_and_finds_every_replica():
 def test_dashboard_uses_only_metric_names_from_the_spec():
     names = set()
     for expr in dashboard_queries():
-        names |= {m.removesuffix("_bucket") for m in re.findall(r"\brpo_[a-z_]+", expr)}
+        names |= {
+            m.removesuffix("_bucket").removesuffix("_count") for m in re.findall(r"\brpo_[a-z_]+", expr)
+        }
     spec = {
         "rpo_generated_tokens_total",
         "rpo_reused_prefix_tokens_total",
@@ -216,3 +218,5 @@ def test_dashboard_uses_only_metric_names_from_the_spec():
     } <= names
     exprs = " ".join(dashboard_queries())
     assert "vllm:kv_cache_usage_perc" in exprs and "vllm:num_requests_waiting" in exprs
+    # the transport each weight push used (nccl, http, http_fallback) has its panel
+    assert "sum by (transport) (rpo_train_weight_sync_seconds_count" in exprs

@@ -28,7 +28,7 @@ def _step_record() -> StepRecord:
         accuracy=0.5, response_len_mean=40.0, cache_hit_rate=1.0, generated_tokens=320, reused_prefix_tokens=960,
         decoded_tokens_per_sample=10.0, tokens_per_second=1000.0, rollout_retries=0, step_seconds=1.5,
         phases={"rollout": 0.5, "reward": 0.1, "train": 0.8, "weight_sync": 0.1, "cache": 0.1},
-        weight_sync_seconds=0.1, cache_updates={"best": 5, "other": 3, "none": 0},
+        weight_sync_seconds=0.1, weight_transport="http", cache_updates={"best": 5, "other": 3, "none": 0},
         reward_functions={"exact": 0.5, "format": 0.9},
     )  # fmt: skip
 
@@ -133,3 +133,7 @@ def test_prometheus_scrapes_the_cache_server_and_every_dashboard_query_runs(prom
             if not answer["data"]["result"]:
                 empty.append(expr)
     assert not empty, f"trainer panels without data: {empty}"
+    # the push of the step above is counted under its transport, the others at 0
+    pushes = query(prometheus, 'sum by (transport) (rpo_train_weight_sync_seconds_count{job="rpo-trainer"})')
+    by_transport = {r["metric"]["transport"]: float(r["value"][1]) for r in pushes["data"]["result"]}
+    assert by_transport == {"http": 1.0, "nccl": 0.0, "http_fallback": 0.0}

@@ -312,6 +312,7 @@ def test_rpo_steps_leave_every_replica_at_the_trainers_version(rpo_run):
         assert r["samples"] == 8 * 4 and r["reused_prefix_tokens"] > 0
         assert set(r["phases"]) == {"rollout", "reward", "train", "weight_sync", "cache"}
         assert r["phases"]["weight_sync"] > 0 and r["learner"]["sequences"] == 32
+        assert r["weight_transport"] == "http"  # the configured transport, said in every step record
 
 
 def test_rpo_steps_update_the_cache_by_the_epsilon_greedy_rule(rpo_run):
