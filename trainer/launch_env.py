@@ -1,4 +1,13 @@
-"""The variables a multi-node trainer needs on every node, written where DeepSpeed's launcher reads them.
+"""DeepSpeed's launcher for the trainer: N local ranks started by `rpo train` itself, and the variables a
+multi-node trainer needs on every node, written where the launcher reads them.
+
+Local ranks (`run_local_ranks`): `rpo train` with `train.num_processes` N > 1, outside a launcher (no
+`WORLD_SIZE`), runs itself again as N ranks under DeepSpeed's launcher (`local_ranks_command`) and waits for
+them, passing SIGTERM and SIGINT on, and exits with their status. This is how a compose trainer with
+`RPO_TRAINER_GPUS=N` trains on its N GPUs: the ranks are placed on the GPUs this process was given
+(`CUDA_VISIBLE_DEVICES`, set by its GPU claim: the first N of them, one rank each, in PCI order), or, with
+none given, on `--num_gpus N` (CPU ranks with DS_ACCELERATOR=cpu). The parent keeps its GPU claim while they
+run.
 
 DeepSpeed's multi-node launchers (pdsh, the default; also OpenMPI, MPICH, Slurm...) start the ranks of other
 nodes over ssh with a fresh environment: they forward only a few prefixes of the launching shell's
@@ -23,17 +32,23 @@ the launcher reads in the current directory) and prints their names.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+log = logging.getLogger("rpo.train")
 
 PREFIXES = ("RPO_", "NCCL_")
 """Variables forwarded by prefix: the run's settings and token, and NCCL's network settings."""
-NAMES = ("DS_ACCELERATOR",)
-"""Variables forwarded by exact name."""
+NAMES = ("DS_ACCELERATOR", "CUDA_DEVICE_ORDER", "PYTORCH_NVML_BASED_CUDA_CHECK")
+"""Variables forwarded by exact name (GPU numbering as nvidia-smi's, and torch's fork-safe CUDA check)."""
 ENV_FILE_NAME = "DS_ENV_FILE"
 """The variable DeepSpeed's launcher reads the file's name from (default `.deepspeed_env`)."""
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -88,6 +103,57 @@ def write_deepspeed_env(path: str | Path, environ: Mapping[str, str]) -> list[st
         Path(tmp).unlink(missing_ok=True)
         raise
     return list(chosen)
+
+
+def local_ranks_command(
+    n: int, argv: Sequence[str], environ: Mapping[str, str], master_port: int
+) -> tuple[list[str], dict[str, str]]:
+    """The command and environment that run `rpo <argv>` as `n` ranks on this machine under DeepSpeed's
+    launcher: on the first `n` GPUs of `CUDA_VISIBLE_DEVICES` when it names some (the launcher then places
+    one rank on each), else on `--num_gpus n`. Raises ValueError when fewer than `n` GPUs are given."""
+    env = dict(environ)
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--no_local_rank",
+        "--master_port",
+        str(master_port),
+    ]
+    visible = [d.strip() for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if visible:
+        if len(visible) < n:
+            raise ValueError(
+                f"train.num_processes is {n}, but this trainer was given {len(visible)} GPU(s) "
+                f"(CUDA_VISIBLE_DEVICES={','.join(visible)}): set gpus.trainer (RPO_TRAINER_GPUS) to {n}"
+            )
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(visible[:n])
+    else:
+        cmd += ["--num_gpus", str(n)]
+    return [*cmd, "--module", "services.cli", *argv], env
+
+
+def run_local_ranks(n: int, argv: Sequence[str]) -> int:
+    """Run `rpo <argv>` as `n` local ranks (`local_ranks_command`) until they end; SIGTERM and SIGINT sent to
+    this process go to the launcher, which passes them to the ranks. Returns the launcher's exit status."""
+    with socket.socket() as probe:  # the ranks' rendezvous, on a port free now
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd, env = local_ranks_command(n, argv, os.environ, port)
+    devices = env.get("CUDA_VISIBLE_DEVICES")
+    log.info(
+        "rpo train: %d ranks under DeepSpeed's launcher (%s)",
+        n,
+        f"GPUs {devices}" if devices else "--num_gpus",
+    )
+    launcher = subprocess.Popen(cmd, env=env)
+    forwarded = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, lambda sig, _frame: launcher.send_signal(sig)) for sig in forwarded}
+    try:
+        return launcher.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def main(argv: list[str]) -> int:
