@@ -311,6 +311,7 @@ class TrainingRecipe:
                     label=name,
                     step=self.step,
                     split=split,
+                    dataset=on,
                     temperature=temperature,
                     **result.as_dict(),
                 )

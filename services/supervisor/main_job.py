@@ -405,5 +405,7 @@ def render_summary(summary: dict[str, Any]) -> str:
     table.add_row("steps (mean step time)", "", f"{summary['steps']} ({summary['mean_step_seconds']:.2f} s)")
     table.add_row("wall time", "", f"{summary['wall_seconds']:.0f} s")
     console.print(table)
+    if evaluated_on := after.get("dataset") or before.get("dataset"):
+        console.print(f"evaluated on: {evaluated_on}")
     console.print(f"run directory: {summary['run_dir']}")
     return console.export_text()

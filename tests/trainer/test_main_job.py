@@ -209,6 +209,8 @@ def test_rpo_run_on_a_model_and_dataset_named_by_hub_id_completes_and_stops_ever
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["ok"] and summary["steps"] == 2
     assert summary["eval_before"]["questions"] == summary["eval_after"]["questions"] == 32
+    assert summary["eval_after"]["dataset"] == "rpo-test/arith-gsm8k (main, test)"
+    assert "evaluated on: rpo-test/arith-gsm8k (main, test)" in output  # the summary names the set
     assert "the library defaults (the paper's settings), not the tiny demo's preset" in output
     # the context sized from the model (2,048 positions) and the response budget, said once at start
     assert "context: model.max_model_len 608: algorithm.max_response_tokens 96 + 512" in output
