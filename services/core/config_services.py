@@ -37,7 +37,8 @@ class ServicesSection(ConfigSection):
     max_attempts: int = Field(3, ge=1)
     """Attempts per HTTP call on transport errors and 5xx (never on 4xx), each on another replica if any."""
     startup_timeout_seconds: float = Field(600.0, gt=0)
-    """`rpo run` / `rpo eval`: most seconds to wait for a service they start to answer /readyz."""
+    """`rpo run` / `rpo eval`: most seconds to wait for a service they start to answer /readyz; `rpo train`
+    with services.rollout_discovery: for a first replica to be ready."""
     max_call_seconds: float = Field(1800.0, gt=0)
     """Bound on one HTTP call with all its attempts and back-off together, in seconds."""
     retry_backoff_seconds: float = Field(0.5, ge=0)

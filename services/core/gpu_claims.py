@@ -6,6 +6,12 @@ The rule (`plan_gpus`, pure, tested against fake device lists):
 - each replica claims `gpus.per_replica` devices among the others, the lowest free ones, by taking an
   exclusive `flock` on `<gpus.claim_dir>/gpu-<index>.lock` (a volume every container mounts). The lock
   lives as long as the process: a replica that dies frees its GPUs, a restarted one claims again;
+- claims happen one at a time: a replica holds `<gpus.claim_dir>/claims.lock` while it reads which GPUs are
+  held and takes its own (milliseconds; a claim waits up to `CLAIM_WAIT_SECONDS` for it), so a GPU another
+  replica is only testing never looks taken, and two replicas starting together never both give up;
+- a replica that finds every GPU left to replicas held by other replicas raises `NoFreeGpu` (a surplus
+  replica: `rpo serve rollout` exits 0 with one line saying so, and compose's `restart: on-failure` leaves
+  it stopped), which is told apart from a box too small for the request (`GpuPlacementError`);
 - on a box with fewer GPUs than the trainer plus one replica need, with `gpus.share_with_trainer` (the
   default), the single replica shares the trainer's first GPU; the split is explicit: the replica takes
   `rollout.gpu_memory_utilization` of it (at most `gpus.shared_rollout_fraction`),
@@ -22,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -40,8 +47,18 @@ DEVICES_ENV = "RPO_GPU_DEVICES"
 """Overrides device discovery (a comma-separated list of indices): tests, or a box whose nvidia-smi lies."""
 
 
+CLAIM_WAIT_SECONDS = 120.0
+"""Most seconds a claim waits for another replica's claim to finish (each takes milliseconds)."""
+MUTEX_NAME = "claims.lock"
+"""The lock file in `gpus.claim_dir` a replica holds while it claims."""
+
+
 class GpuPlacementError(RuntimeError):
     """Too few GPUs for what was asked; the message says which and how many."""
+
+
+class NoFreeGpu(GpuPlacementError):
+    """Every GPU this replica could use is held by another replica: a surplus replica (scale down)."""
 
 
 @dataclass
@@ -122,7 +139,7 @@ def plan_gpus(
         if len(spare) >= gpus.per_replica:
             return GpuPlan(spare[: gpus.per_replica])
         others = sorted(set(devices[gpus.trainer :]) & taken, key=devices.index)
-        raise GpuPlacementError(
+        raise NoFreeGpu(
             f"this rollout replica needs {gpus.per_replica} GPU(s) (gpus.per_replica) and none are free: the box "
             f"has {len(devices)}, the trainer keeps {', '.join(trainer_devices) or 'none'} (gpus.trainer="
             f"{gpus.trainer}), other replicas hold {', '.join(others) or 'none'}. Scale rollout down to "
@@ -141,7 +158,7 @@ def plan_gpus(
             f"({rollout_memory}) must be at most gpus.shared_rollout_fraction ({gpus.shared_rollout_fraction})"
         )
     if devices[0] in taken:
-        raise GpuPlacementError(
+        raise NoFreeGpu(
             f"the box has {len(devices)} GPU(s): one rollout replica shares GPU {devices[0]} with the trainer, "
             "and another replica already does. Scale rollout to 1 or add GPUs"
         )
@@ -155,6 +172,19 @@ def _try_lock(path: Path) -> IO | None:
     except BlockingIOError:
         fh.close()
         return None
+    return fh
+
+
+def _claim_mutex(root: Path, wait_seconds: float) -> IO:
+    """The claim directory's mutex (`MUTEX_NAME`), waited for up to `wait_seconds`."""
+    deadline = time.monotonic() + wait_seconds
+    while (fh := _try_lock(root / MUTEX_NAME)) is None:
+        if time.monotonic() > deadline:
+            raise GpuPlacementError(
+                f"another process has held {root / MUTEX_NAME} for over {wait_seconds:.0f} s while claiming "
+                "GPUs (a claim takes milliseconds): is a replica stuck at start?"
+            )
+        time.sleep(0.05)
     return fh
 
 
@@ -172,25 +202,20 @@ def claim_gpus(role: str, gpus: GpusSection, rollout_memory: float) -> GpuClaim 
     if role == "trainer":
         plan = plan_gpus("trainer", devices, gpus, rollout_memory, set())
     else:
-        # Lock free candidates one at a time, lowest first; what others hold is read from the locks.
-        taken: set[str] = set()
-        for device in devices:
-            lock = _try_lock(root / f"gpu-{device}.lock")
-            if lock is None:
-                taken.add(device)
-            else:
-                lock.close()
-        while True:
-            plan = plan_gpus("rollout", devices, gpus, rollout_memory, taken)
-            got = [(d, _try_lock(root / f"gpu-{d}.lock")) for d in plan.devices]
-            lost = [d for d, fh in got if fh is None]
-            if not lost:
-                locks = [fh for _, fh in got if fh is not None]
-                break
-            for _, fh in got:  # another replica was faster: release, mark taken, plan again
-                if fh is not None:
+        # One claim at a time (the mutex): a GPU lock that cannot be taken now is held by a running replica,
+        # never by one that is only testing it. Free GPUs are locked as they are found; the plan keeps the
+        # lowest ones it needs and the others are let go before the mutex is.
+        with _claim_mutex(root, CLAIM_WAIT_SECONDS):
+            free: dict[str, IO] = {}
+            for device in devices:
+                if (lock := _try_lock(root / f"gpu-{device}.lock")) is not None:
+                    free[device] = lock
+            try:
+                plan = plan_gpus("rollout", devices, gpus, rollout_memory, set(devices) - set(free))
+                locks = [free.pop(d) for d in plan.devices]
+            finally:
+                for fh in free.values():
                     fh.close()
-            taken.update(lost)
     fork_safe_cuda_env()  # CUDA_DEVICE_ORDER=PCI_BUS_ID: CUDA's indices are the ones claimed above
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(plan.devices)
     how = (

@@ -3,6 +3,9 @@
 On shutdown uvicorn finishes in-flight requests, then the lifespan stops the reward workers, removes the
 weight spool directory and shuts the vLLM engine (and its engine-core process) down.
 
+A replica that finds every GPU it could use held by other replicas (a compose box scaled past its GPUs)
+says so in one line and exits with `SURPLUS_EXIT_CODE` (0), which compose does not restart.
+
 A replica whose vLLM engine dies shuts down the same way and then exits with status `ENGINE_DIED_EXIT_CODE`
 (after an error line naming the replica), so whatever supervises it (Docker's `restart` policy, `rpo run`)
 replaces it. A GPU machine whose NVIDIA driver is too old for torch's CUDA ends start-up with one message
@@ -24,7 +27,7 @@ from services.core.cuda_check import CudaDriverError, check_cuda_driver, fork_sa
 fork_safe_cuda_env()  # before the imports below load torch: see the module docstring
 
 from services.cli.args import UsageError, config_from_args  # noqa: E402
-from services.core.gpu_claims import GpuPlacementError, claim_gpus  # noqa: E402
+from services.core.gpu_claims import GpuPlacementError, NoFreeGpu, claim_gpus  # noqa: E402
 from services.core.model_fit import check_fit  # noqa: E402
 from services.core.server_kit import run_uvicorn  # noqa: E402
 from services.rollout.app import create_app, replica_name, resolve_model_dir  # noqa: E402
@@ -34,6 +37,9 @@ log = logging.getLogger("rpo.rollout")
 
 ENGINE_DIED_EXIT_CODE = 3
 """Exit status of a replica whose vLLM engine died (1 stays a start-up failure)."""
+SURPLUS_EXIT_CODE = 0
+"""Exit status of a surplus replica (every GPU it could use is held by other replicas): nothing failed, and
+compose's `restart: on-failure` leaves it stopped instead of restarting it forever."""
 
 
 def serve_main(args: argparse.Namespace) -> int:
@@ -46,6 +52,14 @@ def serve_main(args: argparse.Namespace) -> int:
         # Before vLLM initialises CUDA: this replica's own GPUs on a compose box (gpus.claim_dir).
         claim = claim_gpus("rollout", config.gpus, r.gpu_memory_utilization)
         check_sleep_mode(config)  # vLLM's CPU platform has none: one line here
+    except NoFreeGpu as exc:  # one line, once: the replica is not restarted (SURPLUS_EXIT_CODE)
+        log.warning(
+            "rollout replica %s is not needed and stops (status %d): %s",
+            replica_name(config),
+            SURPLUS_EXIT_CODE,
+            exc,
+        )
+        return SURPLUS_EXIT_CODE
     except (ValueError, GpuPlacementError) as exc:
         raise UsageError(str(exc)) from None
     engine_died = False

@@ -1,14 +1,18 @@
 """GPU placement on a compose box: the plan against fake device lists (1, 2, 4, 8 GPUs, too few), the
-claims through real file locks, and a replica that cannot get a GPU failing at start with one message."""
+claims through real file locks and several real processes (a replica in the middle of its claim never
+makes a GPU look taken; replicas starting together get distinct GPUs, the surplus ones stop), and a surplus
+replica stopping at start with one line and status 0 (compose's `restart: on-failure` leaves it stopped)."""
 
+import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 from services.core.config import GpusSection
-from services.core.gpu_claims import GpuPlacementError, claim_gpus, plan_gpus
+from services.core.gpu_claims import MUTEX_NAME, GpuPlacementError, NoFreeGpu, claim_gpus, plan_gpus
 
 
 def _devices(n: int) -> list[str]:
@@ -94,7 +98,7 @@ def test_claims_lock_distinct_gpus_and_free_them(tmp_path, monkeypatch):
     assert first.plan.devices == ["1"] and os.environ["CUDA_VISIBLE_DEVICES"] == "1"
     second = claim_gpus("rollout", gpus, 0.85)
     assert second.plan.devices == ["2"]
-    with pytest.raises(GpuPlacementError, match="none are free"):
+    with pytest.raises(NoFreeGpu, match="none are free"):
         claim_gpus("rollout", gpus, 0.85)
     first.release()  # a replica that stops frees its GPU for the next one
     third = claim_gpus("rollout", gpus, 0.85)
@@ -104,7 +108,7 @@ def test_claims_lock_distinct_gpus_and_free_them(tmp_path, monkeypatch):
     assert claim_gpus("rollout", GpusSection(), 0.85) is None  # outside compose: no claims
 
 
-def test_a_replica_without_a_free_gpu_fails_at_start_with_one_message(tmp_path, tiny_model_dir):
+def test_a_surplus_replica_stops_at_start_with_one_line_and_status_0(tmp_path, tiny_model_dir):
     holder = subprocess.Popen(  # another replica's process holds GPU 1
         [
             sys.executable,
@@ -128,6 +132,90 @@ def test_a_replica_without_a_free_gpu_fails_at_start_with_one_message(tmp_path, 
     finally:
         holder.kill()
         holder.wait()
-    assert out.returncode == 2, out.stderr
-    assert "needs 1 GPU(s)" in out.stderr and "other replicas hold 1" in out.stderr
+    assert out.returncode == 0, out.stderr  # not a failure: compose's restart: on-failure leaves it stopped
+    said = [line for line in out.stderr.splitlines() if "is not needed and stops" in line]
+    assert len(said) == 1 and "needs 1 GPU(s)" in said[0] and "other replicas hold 1" in said[0]
     assert "Traceback" not in out.stderr
+
+
+CLAIMER = """
+import json, sys, time
+from pathlib import Path
+from services.core.config import GpusSection
+from services.core.gpu_claims import NoFreeGpu, claim_gpus
+go = Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.001)
+try:
+    claim = claim_gpus("rollout", GpusSection(claim_dir=sys.argv[1]), 0.85)
+except NoFreeGpu as exc:
+    print(json.dumps({"surplus": str(exc)}), flush=True)
+else:
+    print(json.dumps({"gpus": claim.plan.devices}), flush=True)
+    time.sleep(float(sys.argv[3]))  # hold it while the others claim
+"""
+
+
+def _claimers(tmp_path, n: int, devices: str, hold_seconds: float) -> list[subprocess.Popen]:
+    env = {**os.environ, "RPO_GPU_DEVICES": devices}
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                CLAIMER,
+                str(tmp_path / "claims"),
+                str(tmp_path / "go"),
+                str(hold_seconds),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(n)
+    ]
+
+
+def test_a_replica_in_the_middle_of_its_claim_never_makes_a_gpu_look_taken(tmp_path):
+    """Another replica is testing GPU 1 (it holds the claim mutex and GPU 1's lock, as a claim does while it
+    reads which GPUs are held) and then lets it go; the replica claiming meanwhile gets GPU 1."""
+    claims = tmp_path / "claims"
+    claims.mkdir()
+    prober = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time\n"
+            "mutex = open(sys.argv[1], 'a'); fcntl.flock(mutex, fcntl.LOCK_EX)\n"
+            "gpu = open(sys.argv[2], 'a'); fcntl.flock(gpu, fcntl.LOCK_EX)\n"
+            "print('probing', flush=True); time.sleep(1.5)\n"
+            "gpu.close(); mutex.close()  # GPU 1 was free: it only tested it\n"
+            "time.sleep(30)",
+            str(claims / MUTEX_NAME),
+            str(claims / "gpu-1.lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert prober.stdout.readline().strip() == "probing"
+        (tmp_path / "go").touch()
+        started = time.monotonic()
+        [claimer] = _claimers(tmp_path, 1, "0,1", 0.0)
+        out, _ = claimer.communicate(timeout=60)
+    finally:
+        prober.kill()
+        prober.wait()
+    assert json.loads(out) == {"gpus": ["1"]}
+    assert time.monotonic() - started >= 1.0  # it waited for the other claim instead of giving up
+
+
+def test_replicas_starting_together_get_distinct_gpus_and_the_surplus_ones_stop(tmp_path):
+    procs = _claimers(tmp_path, 5, "0,1,2,3", 3.0)  # the trainer keeps 0: three GPUs for five replicas
+    time.sleep(2.0)  # every process imported and waiting
+    (tmp_path / "go").touch()
+    results = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    got = sorted(r["gpus"][0] for r in results if "gpus" in r)
+    surplus = [r["surplus"] for r in results if "surplus" in r]
+    assert got == ["1", "2", "3"], results
+    assert len(surplus) == 2 and all("other replicas hold 1, 2, 3" in s for s in surplus), surplus

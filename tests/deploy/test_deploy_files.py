@@ -32,6 +32,7 @@ LAYOUTS = {
     1: ({"RPO_ROLLOUT_GPU_MEMORY": "0.4"}, 1),
     2: ({}, 1),
     4: ({}, 3),
+    8: ({"RPO_TRAINER_GPUS": "2"}, 6),  # two trainer ranks
 }
 SECRETS = {"RPO_API_TOKEN": "test-token", "GRAFANA_ADMIN_PASSWORD": "test-password"}
 
@@ -77,7 +78,11 @@ def test_compose_file_is_valid_for_each_gpu_layout_and_places_every_process(gpus
     # the trainer pushes weights to each replica's weight port, which must be reachable on the network
     assert rollout["environment"]["RPO_ROLLOUT__WEIGHT_PORT"] == "8201" and "8201" in rollout["expose"]
     assert services["cache"]["depends_on"]["redis"]["condition"] == "service_healthy"
-    assert {d["condition"] for d in trainer["depends_on"].values()} == {"service_healthy"}
+    # the trainer waits for a first replica itself, not for all of them (a surplus replica stops, status 0)
+    assert trainer["depends_on"]["cache"]["condition"] == "service_healthy"
+    assert trainer["depends_on"]["rollout"]["condition"] == "service_started"
+    assert rollout["restart"] == "on-failure"
+    assert trainer["environment"]["RPO_TRAIN__NUM_PROCESSES"] == layout.get("RPO_TRAINER_GPUS", "1")
     assert all("healthcheck" in services[n] for n in ("redis", "cache", "rollout"))
     # nothing is published beyond this machine by default
     published = [port for s in services.values() for port in s.get("ports", [])]
