@@ -12,17 +12,25 @@ from services.core.config import GpusSection, load_config
 from services.core.gpu_claims import plan_gpus
 from services.rollout.engine import engine_args, engine_kwargs, tensor_parallel_size
 
-MODEL = Path("/models/policy")
+MODEL = Path(__file__).resolve().parent / "_no_such_model"
+"""A path that names no model: vLLM's engine args take it as a local path only while it exists, so the test
+that builds them makes it exist (a missing path is a Hub id to vLLM, and the suite runs offline)."""
+
+
+@pytest.fixture
+def model_dir(tmp_path) -> Path:
+    (tmp_path / "config.json").write_text("{}")
+    return tmp_path
 
 
 @pytest.mark.parametrize("per_replica", [1, 2, 4])
-def test_on_gpu_a_replica_shards_over_its_gpus_per_replica(per_replica):
+def test_on_gpu_a_replica_shards_over_its_gpus_per_replica(per_replica, model_dir):
     cfg = load_config(None, [f"gpus.per_replica={per_replica}"])
-    kwargs = engine_kwargs(cfg, MODEL, on_cpu=False)
+    kwargs = engine_kwargs(cfg, model_dir, on_cpu=False)
     assert kwargs["tensor_parallel_size"] == per_replica
     assert kwargs["gpu_memory_utilization"] == cfg.rollout.gpu_memory_utilization
     assert "kv_cache_memory_bytes" not in kwargs
-    args = engine_args(cfg, MODEL, on_cpu=False)  # vLLM's own engine args take it as given
+    args = engine_args(cfg, model_dir, on_cpu=False)  # vLLM's own engine args take it as given
     assert args.tensor_parallel_size == per_replica
 
 
