@@ -197,6 +197,43 @@ COMMANDS: tuple[Command, ...] = (
         ),
     ),
     Command(
+        ("slurm", "script"),
+        "write the sbatch script that runs the whole stack in one Slurm allocation for a layout (nodes, GPUs "
+        "per node, trainer ranks, replicas): docs/deploy.md, Past one machine",
+        "services.cluster.slurm:script_main",
+        (
+            Flag("--nodes", "nodes of the allocation", None, {"type": int, "default": 1}),
+            Flag(
+                "--gpus-per-node", "GPUs of each node (0: the CPU profile)", None, {"type": int, "default": 0}
+            ),
+            Flag(
+                "--trainer-ranks",
+                "trainer processes (one GPU each on GPUs)",
+                None,
+                {"type": int, "default": 1},
+            ),
+            Flag("--replicas", "rollout replicas (default: every GPU left; 2 on CPU)", None, {"type": int}),
+            Flag("--gpus-per-replica", "GPUs of each replica", None, {"type": int, "default": 1}),
+            Flag("--run-dir", "the run directory on shared storage (default train.run_dir)", None),
+            Flag("--out", "file to write (default: stdout)", None),
+            Flag("--job-name", "Slurm job name", None, {"default": "rpo"}),
+            Flag("--time", "Slurm time limit, e.g. 2-00:00:00", None),
+            Flag("--partition", "Slurm partition", None),
+            Flag("--account", "Slurm account", None),
+            Flag("--env-file", "secrets file the job reads (default ~/.config/rpo/slurm.env)", None),
+            Flag("--python", "the interpreter on the nodes (default: this one)", None),
+            Flag("--cache-port", "cache server port on the first node", None, {"type": int, "default": 8100}),
+            Flag(
+                "--rollout-port",
+                "first replica port of a node (+2 per replica)",
+                None,
+                {"type": int, "default": 8200},
+            ),
+            Flag("--metrics-port", "trainer metrics port", None, {"type": int, "default": 9100}),
+            Flag("--master-port", "trainer ranks' rendezvous port", None, {"type": int, "default": 29500}),
+        ),
+    ),
+    Command(
         ("config", "show"),
         "print the resolved configuration as YAML",
         "services.cli.config_docs:config_show_main",
