@@ -2,7 +2,8 @@
 
 Guarantees:
 - every sample of a group gets the group-relative advantage of its shaped reward (the paper's Eq. 3,
-  `services.core.algorithm.group_advantages`); samples keep the groups' order;
+  `services.core.algorithm.batch_advantages`, scaled as `algorithm.scale_rewards` says); samples keep the
+  groups' order;
 - two layouts give the same per-token log-probs, so the same loss and gradients: `collate` lays each row
   out as prompt + response, right-padded (positions 0..L-1 as unpadded, no fully masked query row);
   `pack` (`train.share_prefix`) feeds a group's shared prompt and cached prefix to the model once, then
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.core.algorithm import dynamic_sampling_keep, dynamic_sampling_keep_rewards, group_advantages
+from services.core.algorithm import batch_advantages, dynamic_sampling_keep, dynamic_sampling_keep_rewards
 from services.core.config import AlgorithmSection
 from services.core.schemas.rollout import RolloutGroup
 from trainer.losses import response_loss_mask
@@ -40,9 +41,14 @@ class TrainSample:
     behaviour_logprobs: list[float] | None = None
     """For a sample of an older policy than the learner's: the replica's sampling log-prob of each decoded
     token (response_ids[prefix_len:]); None for an on-policy sample (no importance weight)."""
+    masked: bool = False
+    """The loss covers none of its tokens (`algorithm.mask_truncated_completions` and the response was cut
+    at max_response_tokens); it still counts as a sequence in the normalisers, as in TRL."""
 
     def loss_tokens(self, suffix_only: bool) -> int:
         """Tokens of this response the loss covers."""
+        if self.masked:
+            return 0
         n = len(self.response_ids)
         return n - min(self.prefix_len, n) if suffix_only else n
 
@@ -64,6 +70,10 @@ def build_samples(
     """One `TrainSample` per response, advantages per group from the shaped rewards. `lagged[g]`: group g
     came from an older policy than the learner's, so its samples carry their behaviour log-probs."""
     samples: list[TrainSample] = []
+    all_advantages = batch_advantages(
+        [[s.shaped_reward for s in g.samples] for g in groups], cfg.scale_rewards, cfg.advantage_eps
+    )
+    mask_truncated = cfg.mask_truncated_completions
     for index, group in enumerate(groups):
         behind = bool(lagged[index]) if lagged is not None else False
         if group.question_id not in prompts:
@@ -73,7 +83,7 @@ def build_samples(
             raise ValueError(
                 f"question {group.question_id!r} has an empty prompt; the learner needs >= 1 token"
             )
-        advantages = group_advantages([s.shaped_reward for s in group.samples], cfg.advantage_eps)
+        advantages = all_advantages[index]
         for sample, advantage in zip(group.samples, advantages, strict=True):
             samples.append(
                 TrainSample(
@@ -83,6 +93,7 @@ def build_samples(
                     advantage=float(advantage),
                     question_id=group.question_id,
                     behaviour_logprobs=list(sample.suffix_logprobs) if behind else None,
+                    masked=mask_truncated and sample.finish_reason == "length",
                 )
             )
     return samples
@@ -166,6 +177,9 @@ def _response_tensors(
     loss_mask = response_loss_mask(
         torch.tensor([s.prefix_len for s in samples]), torch.tensor(response_lens), width, suffix_only
     )  # [B, T]
+    for b, s in enumerate(samples):
+        if s.masked:
+            loss_mask[b].zero_()
     advantages = torch.tensor([s.advantage for s in samples], dtype=torch.float32)  # [B]
     return response_ids, loss_mask, advantages, width
 

@@ -26,7 +26,7 @@ from services.core.file_modes import make_readable
 from trainer import dist, lora
 from trainer.batch import Batch, TrainSample, count_loss_tokens, make_micro_batch, plan_micro_batches
 from trainer.logprobs import token_logprobs
-from trainer.losses import dapo_loss, grpo_loss, truncated_importance_weights
+from trainer.losses import policy_loss, truncated_importance_weights
 from trainer.records import LearnerStats
 from trainer.rng_state import capture_rng, restore_rng
 from trainer.safetensors_shards import ShardWriter, size_buckets
@@ -253,6 +253,7 @@ class Learner:
         num_tokens = max(1, count_loss_tokens(samples, suffix_only))
         batches = self._micro_batches(samples)
         n_micro = len(batches)
+        loss_type = a.loss_type if a.loss_type != "auto" else a.algorithm
 
         refs: list[torch.Tensor | None] = [None] * n_micro
         olds: list[torch.Tensor | None] = [None] * n_micro
@@ -296,29 +297,23 @@ class Learner:
                         lag_sums["weight"] += float((weights * on).sum())
                         lag_sums["truncated"] += float(((weights >= a.tis_cap) * on).sum())
                         lag_sums["tokens"] += float(on.sum())
-                if a.algorithm == "grpo":
-                    loss, stats = grpo_loss(
-                        logp,
-                        old,
-                        batch.advantages,
-                        batch.loss_mask,
-                        ref_logp=refs[i],
-                        clip_eps=a.clip_eps,
-                        beta=a.beta,
-                        num_sequences=num_sequences,
-                        is_weights=weights,
-                    )
-                else:
-                    loss, stats = dapo_loss(
-                        logp,
-                        old,
-                        batch.advantages,
-                        batch.loss_mask,
-                        clip_eps_low=a.clip_eps_low,
-                        clip_eps_high=a.clip_eps_high,
-                        num_tokens=num_tokens,
-                        is_weights=weights,
-                    )
+                grpo = a.algorithm == "grpo"
+                loss, stats = policy_loss(
+                    logp,
+                    old,
+                    batch.advantages,
+                    batch.loss_mask,
+                    loss_type=loss_type,
+                    eps_low=a.clip_eps if grpo else a.clip_eps_low,
+                    eps_high=a.clip_eps if grpo else a.clip_eps_high,
+                    ref_logp=refs[i],
+                    beta=a.beta if grpo else 0.0,
+                    num_sequences=num_sequences,
+                    num_tokens=num_tokens,
+                    max_completion_length=a.max_response_tokens,
+                    micro_batches=n_micro * self.world,
+                    is_weights=weights,
+                )
                 # DeepSpeed averages gradients over ranks; scaling by the world size makes the reduced
                 # gradient the SUM over ranks, i.e. that of the whole-batch loss.
                 self.engine.backward(loss * self.world)

@@ -39,6 +39,7 @@ from services.core.config import RunConfig, fresh_run_id
 from services.core.data import encode_prompt
 from services.core.data_roles import DatasetChoice, eval_dataset_spec, load_role, training_questions
 from services.core.model_fit import fitted_context, response_budget_note
+from services.core.reward_terms import shaping_note
 from services.demo.model_path import resolve_model_path
 from trainer import dist
 from trainer.cache_init import seed_cache, trainer_seeds_cache
@@ -148,6 +149,9 @@ class TrainingRecipe:
             self.metrics.policy_version.set(self.learner.policy_version)
             if self.resume:
                 self.progress.event("resume", step=self.step, policy_version=self.learner.policy_version)
+            a, r = cfg.algorithm, cfg.reward
+            if note := shaping_note(r.reward_terms(), r.correctness_index(), a.length_shaping, a.alpha):
+                log.info(note)
             log.info(
                 "training %s (%s + %s) on %d questions: %d steps of %d questions x G=%d, from step %d",
                 self.model_path,

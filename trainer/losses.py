@@ -1,4 +1,5 @@
-"""GRPO and DAPO policy losses over prefix+suffix tokens (docs/algorithm.md, step 5), as pure torch functions.
+"""GRPO and DAPO policy losses over prefix+suffix tokens (docs/algorithm.md, step 5), as pure torch functions,
+with TRL's four normalisers (`policy_loss`, `algorithm.loss_type`).
 
 Tensors are [B, T]: B responses, T response positions (right-padded). `loss_mask` is 1 where a token is
 trained on: by default every real token of o_i = cached prefix + new suffix (the paper's Eq. 5 and the
@@ -64,6 +65,71 @@ def _clipped_surrogate(logp, old_logp, advantages, eps_low, eps_high):
     return surrogate, was_clipped
 
 
+LOSS_TYPES = ("grpo", "dr_grpo", "bnpo", "dapo")
+"""TRL's names for how the per-token objective is summed and normalised (`algorithm.loss_type`)."""
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    loss_type: str,
+    eps_low: float,
+    eps_high: float,
+    ref_logp: torch.Tensor | None = None,
+    beta: float = 0.0,
+    num_sequences: int | None = None,
+    num_tokens: int | None = None,
+    max_completion_length: int | None = None,
+    micro_batches: int = 1,
+    is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, LossStats]:
+    """The clipped surrogate with an optional k3 KL, per token l_t = -(w min(r A, clip(r, 1-eps_low,
+    1+eps_high) A) - beta KL_t), summed over the mask and normalised as TRL's `loss_type` says:
+
+    - `grpo`: (1/N) sum_i (1/|o_i|) sum_t l_t, N = `num_sequences` (the whole batch; default B);
+    - `dr_grpo`: sum l_t / (N x `max_completion_length`);
+    - `bnpo`: sum l_t / (this call's mask tokens), divided by `micro_batches` (TRL's gradient accumulation
+      steps times processes: the mean of the micro-batches' token means);
+    - `dapo`: sum l_t / `num_tokens` (the whole batch's mask tokens; default this call's).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; use one of {', '.join(LOSS_TYPES)}")
+    surrogate, was_clipped = _clipped_surrogate(logp, old_logp, advantages, eps_low, eps_high)
+    if is_weights is not None:
+        surrogate = surrogate * is_weights
+    per_token = surrogate
+    kl = torch.zeros_like(logp)
+    if beta > 0:
+        if ref_logp is None:
+            raise ValueError("the loss needs ref_logp when beta > 0")
+        kl = k3_kl(logp, ref_logp)
+        per_token = per_token - beta * kl
+    masked = per_token * loss_mask
+    tokens = loss_mask.sum()
+    n = num_sequences if num_sequences is not None else logp.shape[0]
+    if loss_type == "grpo":
+        loss = -(masked.sum(dim=1) / loss_mask.sum(dim=1).clamp(min=1.0)).sum() / n
+    elif loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("loss_type dr_grpo needs max_completion_length")
+        loss = -masked.sum() / (n * max_completion_length)
+    elif loss_type == "bnpo":
+        loss = -masked.sum() / tokens.clamp(min=1.0) / micro_batches
+    else:
+        denom = float(num_tokens) if num_tokens is not None else tokens.clamp(min=1.0)
+        loss = -masked.sum() / denom
+    stats = LossStats(
+        loss=float(loss.detach()),
+        clip_fraction=float((was_clipped * loss_mask).sum() / tokens.clamp(min=1.0)),
+        kl=float((kl.detach() * loss_mask).sum() / tokens.clamp(min=1.0)),
+        tokens=int(tokens.item()),
+    )
+    return loss, stats
+
+
 def grpo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -82,28 +148,19 @@ def grpo_loss(
     or B. `ref_logp` is required when beta > 0. `is_weights` (w, [B, T]): the truncated importance weights
     of samples from an older policy (`truncated_importance_weights`); None: 1.
     """
-    surrogate, was_clipped = _clipped_surrogate(logp, old_logp, advantages, clip_eps, clip_eps)
-    if is_weights is not None:
-        surrogate = surrogate * is_weights
-    per_token = surrogate
-    kl = torch.zeros_like(logp)
-    if beta > 0:
-        if ref_logp is None:
-            raise ValueError("grpo_loss needs ref_logp when beta > 0")
-        kl = k3_kl(logp, ref_logp)
-        per_token = per_token - beta * kl
-    seq_tokens = loss_mask.sum(dim=1).clamp(min=1.0)  # [B]
-    per_seq = (per_token * loss_mask).sum(dim=1) / seq_tokens
-    n = num_sequences if num_sequences is not None else logp.shape[0]
-    loss = -per_seq.sum() / n
-    tokens = loss_mask.sum()
-    stats = LossStats(
-        loss=float(loss.detach()),
-        clip_fraction=float((was_clipped * loss_mask).sum() / tokens.clamp(min=1.0)),
-        kl=float((kl.detach() * loss_mask).sum() / tokens.clamp(min=1.0)),
-        tokens=int(tokens.item()),
+    return policy_loss(
+        logp,
+        old_logp,
+        advantages,
+        loss_mask,
+        loss_type="grpo",
+        eps_low=clip_eps,
+        eps_high=clip_eps,
+        ref_logp=ref_logp,
+        beta=beta,
+        num_sequences=num_sequences,
+        is_weights=is_weights,
     )
-    return loss, stats
 
 
 def dapo_loss(
@@ -122,16 +179,14 @@ def dapo_loss(
     `num_tokens` is the masked token count of the whole batch (across micro-batches and ranks); default: this
     call's count. `is_weights`: as in `grpo_loss`.
     """
-    surrogate, was_clipped = _clipped_surrogate(logp, old_logp, advantages, clip_eps_low, clip_eps_high)
-    if is_weights is not None:
-        surrogate = surrogate * is_weights
-    tokens = loss_mask.sum()
-    denom = float(num_tokens) if num_tokens is not None else tokens.clamp(min=1.0)
-    loss = -(surrogate * loss_mask).sum() / denom
-    stats = LossStats(
-        loss=float(loss.detach()),
-        clip_fraction=float((was_clipped * loss_mask).sum() / tokens.clamp(min=1.0)),
-        kl=0.0,
-        tokens=int(tokens.item()),
+    return policy_loss(
+        logp,
+        old_logp,
+        advantages,
+        loss_mask,
+        loss_type="dapo",
+        eps_low=clip_eps_low,
+        eps_high=clip_eps_high,
+        num_tokens=num_tokens,
+        is_weights=is_weights,
     )
-    return loss, stats

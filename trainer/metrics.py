@@ -19,6 +19,15 @@ log = logging.getLogger(__name__)
 
 STEP_SECONDS_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 SYNC_SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+LEARNER_GAUGES = (
+    ("loss", "loss", "The last step's whole-batch objective"),
+    ("kl", "kl", "Mean k3 KL to the reference over the last step's loss tokens"),
+    ("grad_norm", "grad_norm", "Gradient norm before clipping, last update"),
+    ("lr", "learning_rate", "Learning rate of the last update"),
+    ("clip_fraction", "clipped_ratio", "Share of the last step's loss tokens whose ratio was clipped"),
+    ("entropy", "entropy", "Mean per-token entropy of the policy over the last step's loss tokens, nats"),
+)
+"""(key in the step record's `learner`, metric name after `rpo_train_`, help) of the learner's gauges."""
 
 
 class TrainerMetrics:
@@ -84,6 +93,44 @@ class TrainerMetrics:
         self.cache_updates = Counter(
             "rpo_train_cache_updates", "Cache entries replaced by the step's updates", ["choice"], registry=r
         )
+        self.step = Gauge(
+            "rpo_train_step", "The run's last finished step (counts on across resumes)", registry=r
+        )
+        self.raw_reward_mean = Gauge(
+            "rpo_train_raw_reward_mean",
+            "Mean reward as written (weighted sum of the functions) of the last step's responses, before shaping",
+            registry=r,
+        )
+        self.reward_std = Gauge(
+            "rpo_train_reward_std",
+            "Mean over the last step's groups of their shaped rewards' std",
+            registry=r,
+        )
+        self.zero_std_groups = Gauge(
+            "rpo_train_zero_std_groups_ratio",
+            "Share of the last step's groups whose rewards are all equal (zero advantages)",
+            registry=r,
+        )
+        self.reward_function_std = Gauge(
+            "rpo_train_reward_function_std",
+            "Standard deviation of each reward function's scores over the last step's responses",
+            ["function"],
+            registry=r,
+        )
+        self.response_tokens = Gauge(
+            "rpo_train_response_length_tokens",
+            "Response length of the last step's responses (stat: min, mean, max)",
+            ["stat"],
+            registry=r,
+        )
+        self.truncated = Gauge(
+            "rpo_train_truncated_ratio",
+            "Share of the last step's responses cut at max_response_tokens",
+            registry=r,
+        )
+        self.learner = {
+            key: Gauge(f"rpo_train_{name}", help_text, registry=r) for key, name, help_text in LEARNER_GAUGES
+        }
         self._server: Any = None
         self.port: int | None = None
 
@@ -120,3 +167,19 @@ class TrainerMetrics:
         self.rollout_retries.inc(record.rollout_retries)
         for choice, count in record.cache_updates.items():
             self.cache_updates.labels(choice=choice).inc(count)
+        self.step.set(record.step)
+        self.raw_reward_mean.set(record.raw_reward_mean)
+        self.reward_std.set(record.reward_std)
+        self.zero_std_groups.set(record.zero_std_groups_ratio)
+        for name, std in record.reward_functions_std.items():
+            self.reward_function_std.labels(function=name).set(std)
+        for stat, value in (
+            ("min", record.response_len_min),
+            ("mean", record.response_len_mean),
+            ("max", record.response_len_max),
+        ):
+            self.response_tokens.labels(stat=stat).set(value)
+        self.truncated.set(record.truncated_ratio)
+        for key, gauge in self.learner.items():
+            if key in record.learner:
+                gauge.set(record.learner[key])

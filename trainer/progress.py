@@ -32,12 +32,22 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def format_step_line(r: StepRecord, total_steps: int) -> str:
-    """One human line per step, e.g. `step 3/40 v3 | reward 0.41 acc 52.1% len 41.2 | decoded 1,204 ...`;
-    the weight push's transport follows its time (`sync 0.31 (http)`)."""
-    p = r.phases
+    """One human line per step, e.g. `step 3/40 v3 | reward 0.41 (raw 0.52) std 0.31 zero-std 25% acc 52.1%
+    len 12/41.2/96 trunc 0% | loss 0.012 kl 0.0004 grad 0.81 lr 1e-06 clip 0% | decoded 1,204 ...`; the
+    weight push's transport follows its time (`sync 0.31 (http)`)."""
+    p, learner = r.phases, r.learner
+    learned = ""
+    if learner:
+        learned = (
+            f"loss {learner.get('loss', 0.0):.4g} kl {learner.get('kl', 0.0):.4g} "
+            f"grad {learner.get('grad_norm', 0.0):.3g} lr {learner.get('lr', 0.0):.3g} "
+            f"clip {100 * learner.get('clip_fraction', 0.0):.0f}% | "
+        )
     return (
         f"step {r.step}/{total_steps} v{r.policy_version} | reward {r.reward_mean:.3f} "
-        f"acc {100 * r.accuracy:.1f}% len {r.response_len_mean:.1f} | "
+        f"(raw {r.raw_reward_mean:.3f}) std {r.reward_std:.3f} zero-std {100 * r.zero_std_groups_ratio:.0f}% "
+        f"acc {100 * r.accuracy:.1f}% len {r.response_len_min}/{r.response_len_mean:.1f}/{r.response_len_max} "
+        f"trunc {100 * r.truncated_ratio:.0f}% | {learned}"
         f"decoded {r.generated_tokens:,} ({r.decoded_tokens_per_sample:.1f}/sample) "
         f"reused {r.reused_prefix_tokens:,} | {r.tokens_per_second:,.0f} tok/s | "
         f"{r.step_seconds:.2f}s: rollout {p['rollout']:.2f} (reward {p['reward']:.2f}) "

@@ -63,7 +63,7 @@ class StepRecord:
     samples: int
     rounds: int
     reward_mean: float
-    """Mean shaped reward of every sample."""
+    """Mean shaped reward of every sample (what the advantages read; `raw_reward_mean` is before shaping)."""
     accuracy: float
     response_len_mean: float
     """Mean response length in tokens, the reused prefix included."""
@@ -89,6 +89,21 @@ class StepRecord:
     """Cache entries replaced, per epsilon-greedy choice."""
     reward_functions: dict[str, float] = field(default_factory=dict)
     """Mean score of each reward function (`reward.functions`), by name, over the samples it scored."""
+    reward_functions_std: dict[str, float] = field(default_factory=dict)
+    """Standard deviation (population) of each reward function's scores over the samples it scored."""
+    raw_reward_mean: float = 0.0
+    """Mean reward as written (the weighted sum of the functions' scores), before shaping and penalties."""
+    raw_reward_std: float = 0.0
+    """Its standard deviation (population) over every sample."""
+    reward_std: float = 0.0
+    """Mean over groups of the standard deviation (sample) of a group's shaped rewards (TRL's `reward_std`)."""
+    zero_std_groups_ratio: float = 0.0
+    """Share of groups whose shaped rewards are all equal: they give zero advantages (TRL's
+    `frac_reward_zero_std`)."""
+    response_len_min: int = 0
+    response_len_max: int = 0
+    truncated_ratio: float = 0.0
+    """Share of responses cut at max_response_tokens (finish `length`)."""
     learner: dict[str, float] = field(default_factory=dict)
     """The learner's numeric statistics (loss, KL, clip fraction, grad norm, tokens, ...)."""
 

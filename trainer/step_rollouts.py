@@ -4,6 +4,7 @@ update; the groups it trains on; what producing them cost; and the step's record
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +79,7 @@ class CollectedGroups:
             rounds=self.rounds,
             reward_mean=sum(s.shaped_reward for s in samples) / n,
             reward_functions=reward_function_means(samples),
+            **reward_spread(self.all_groups),
             accuracy=sum(1 for s in samples if s.correct) / n,
             response_len_mean=sum(len(s.response_ids) for s in samples) / n,
             cache_hit_rate=sum(1 for g in self.all_groups if g.cache_hit) / max(1, len(self.all_groups)),
@@ -97,3 +99,42 @@ def reward_function_means(samples: Sequence[Any]) -> dict[str, float]:
             if score is not None:
                 scored.setdefault(name, []).append(score)
     return {name: sum(values) / len(values) for name, values in scored.items()}
+
+
+def _std(values: Sequence[float], ddof: int = 0) -> float:
+    n = len(values)
+    if n <= ddof:
+        return 0.0
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - ddof))
+
+
+def reward_spread(groups: Sequence[RolloutGroup]) -> dict[str, Any]:
+    """The step record's reward and length spread: raw (as written) and shaped rewards apart, each function's
+    std, TRL's `reward_std` (mean of the groups' sample std) and share of zero-std groups, response lengths."""
+    samples = [s for g in groups for s in g.samples]
+    if not samples:
+        return {}
+    raw = [s.raw_reward for s in samples]
+    scored: dict[str, list[float]] = {}
+    for sample in samples:
+        for name, score in sample.reward_scores.items():
+            if score is not None:
+                scored.setdefault(name, []).append(score)
+    group_stds = [_std([s.shaped_reward for s in g.samples], ddof=1) for g in groups]
+    lengths = [len(s.response_ids) for s in samples]
+    return {
+        "raw_reward_mean": sum(raw) / len(raw),
+        "raw_reward_std": _std(raw),
+        "reward_functions_std": {name: _std(values) for name, values in scored.items()},
+        "reward_std": sum(group_stds) / len(group_stds),
+        "zero_std_groups_ratio": sum(1 for g in groups if _all_equal(g)) / len(groups),
+        "response_len_min": min(lengths),
+        "response_len_max": max(lengths),
+        "truncated_ratio": sum(1 for s in samples if s.finish_reason == "length") / len(samples),
+    }
+
+
+def _all_equal(group: RolloutGroup) -> bool:
+    rewards = [s.shaped_reward for s in group.samples]
+    return max(rewards) - min(rewards) <= 1e-9

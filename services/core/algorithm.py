@@ -99,13 +99,18 @@ def length_shaped_rewards(
     alpha: float,
     low: float = 0.5,
     high: float = 1.0,
+    correct: Sequence[bool] | None = None,
+    contributions: Sequence[float] | None = None,
 ) -> list[float]:
     """Length-aware shaping over ONE group of G responses (docs/algorithm.md, step 3).
 
-    R_i = raw_i * clip(sigmoid(alpha * (l_ref - len_i)), low, high) for responses with raw_i > 0, and 0
-    otherwise; l_ref is the mean length of all G responses of the group. For the binary rewards of the paper
-    raw_i is 1 or 0, so this is exactly the paper's formula; a fractional custom reward is scaled. alpha = 0
-    gives every correct response 0.5: a scaled binary reward, as the formula says.
+    f_i = clip(sigmoid(alpha * (l_ref - len_i)), low, high), l_ref the mean length of all G responses. A
+    CORRECT response's correctness contribution c_i (the correctness function's weight times its score) is
+    scaled by f_i, its other terms kept: R_i = raw_i + c_i * (f_i - 1). Every other response keeps its
+    value as written (negative and partial rewards included): R_i = raw_i. `correct` defaults to
+    raw_i >= 1 and `contributions` to raw_i (one function: its score is the reward), so for the paper's
+    binary reward this is exactly its formula (1 -> f_i, 0 -> 0). alpha = 0 gives every correct response
+    0.5 of its correctness contribution: a scaled binary reward, as the formula says.
     """
     if len(raw_rewards) != len(lengths):
         raise ValueError(f"{len(raw_rewards)} rewards but {len(lengths)} lengths")
@@ -113,15 +118,21 @@ def length_shaped_rewards(
         return []
     if low > high:
         raise ValueError(f"shaping bounds inverted: low={low} > high={high}")
+    flags = [r >= 1.0 for r in raw_rewards] if correct is None else list(correct)
+    parts = list(raw_rewards) if contributions is None else list(contributions)
+    if not len(flags) == len(parts) == len(raw_rewards):
+        raise ValueError(
+            f"{len(raw_rewards)} rewards but {len(flags)} verdicts and {len(parts)} contributions"
+        )
     l_ref = sum(lengths) / len(lengths)
     shaped = []
-    for raw, length in zip(raw_rewards, lengths, strict=True):
-        if raw <= 0:
-            shaped.append(0.0)
+    for raw, length, ok, part in zip(raw_rewards, lengths, flags, parts, strict=True):
+        if not ok:
+            shaped.append(float(raw))
             continue
         z = alpha * (l_ref - length)
         sig = 1.0 / (1.0 + math.exp(-z)) if z >= -700 else 0.0
-        shaped.append(raw * min(max(sig, low), high))
+        shaped.append(raw + part * (min(max(sig, low), high) - 1.0))
     return shaped
 
 
@@ -162,6 +173,25 @@ def dynamic_sampling_keep(correct: Sequence[bool]) -> bool:
     """DAPO's dynamic-sampling filter: keep a group only when 0 < #correct < G."""
     k = sum(1 for c in correct if c)
     return 0 < k < len(correct)
+
+
+def batch_advantages(
+    groups: Sequence[Sequence[float]], scale: Literal["group", "batch", "none"] = "group", eps: float = 1e-4
+) -> list[list[float]]:
+    """Advantages of a batch of groups, as TRL's `scale_rewards` says: A_i = R_i - mean(group), divided by
+    std(group) + eps (`group`: `group_advantages`, the paper's Eq. 3), by std(every reward of the batch) + eps
+    (`batch`), or by nothing (`none`, Dr. GRPO). Standard deviations are sample ones (torch.std in TRL)."""
+    if scale == "group":
+        return [group_advantages(g, eps) for g in groups]
+    if scale not in ("batch", "none"):
+        raise ValueError(f"unknown scale_rewards {scale!r}; use group, batch or none")
+    centred = [[r - sum(g) / len(g) for r in g] if g else [] for g in groups]
+    if scale == "none":
+        return centred
+    rewards = [r for g in groups for r in g]
+    mean = sum(rewards) / len(rewards) if rewards else 0.0
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (len(rewards) - 1)) if len(rewards) > 1 else 0.0
+    return [[a / (std + eps) for a in g] for g in centred]
 
 
 def dynamic_sampling_keep_rewards(shaped_rewards: Sequence[float], tolerance: float = 1e-9) -> bool:

@@ -52,6 +52,8 @@ def fresh_run_id() -> str:
 
 
 ENV_PREFIX = "RPO_"
+REFERENCE_REWARDS = ("math", "exact", "auto")
+"""The built-in reward functions that compare a response with the reference answer."""
 
 _yaml_data: ContextVar[dict[str, Any] | None] = ContextVar("_yaml_data", default=None)
 
@@ -113,6 +115,19 @@ class RunConfig(BaseSettings):
         if isinstance(services, Mapping) and "api_token" not in services:
             return {**data, "services": {**services, "api_token": token}}
         return data
+
+    @model_validator(mode="after")
+    def _prompt_only_needs_no_reference(self) -> RunConfig:
+        """A prompt-only dataset (`data.answer_field: null`) only with reward functions that need no reference."""
+        if self.data.answer_field is None:
+            needing = [t.label() for t in self.reward.reward_terms() if t.function in REFERENCE_REWARDS]
+            if needing:
+                raise ValueError(
+                    f"data.answer_field is null (a prompt-only dataset), but the reward function(s) "
+                    f"{', '.join(needing)} compare against a reference; name the answer column, or use "
+                    "reward.functions that need none"
+                )
+        return self
 
     def public_dict(self) -> dict[str, Any]:
         """The config as plain data with secrets masked, for run directories and logs."""

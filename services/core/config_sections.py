@@ -111,8 +111,9 @@ class DataSection(ConfigSection):
     """Field holding a unique question id; rows without it get one derived from the question text."""
     question_field: str = "question"
     """Field holding the question text."""
-    answer_field: str = "answer"
-    """Field holding the reference answer the reward checks against."""
+    answer_field: str | None = "answer"
+    """Field holding the reference answer the reward checks against; null: a prompt-only dataset (the
+    reference is empty), allowed when no reward function needs one (not `math`, `exact` or `auto`)."""
     messages_field: str = "messages"
     """Field holding a conversation (a list of `{role, content}` turns: system, user, assistant; the last one
     a user turn), used instead of the question field in a row that has it: the prompt is the conversation
@@ -237,6 +238,18 @@ class AlgorithmSection(ConfigSection):
     """Lower clip of the shaped reward of a correct response. Paper: 0.5."""
     shaping_high: float = Field(wire_default("shaping_high"), ge=0.0)
     """Upper clip of the shaped reward. Paper: 1.0."""
+    length_shaping: bool = wire_default("length_shaping")
+    """Length-aware shaping: a correct response's correctness term is scaled by its length factor in [low, high];
+    others keep their reward as written (docs/algorithm.md, step 3). False: the weighted sum as TRL uses it."""
+    loss_type: Literal["auto", "grpo", "dr_grpo", "bnpo", "dapo"] = "auto"
+    """TRL's loss normaliser: `grpo` 1/|o_i| then mean over sequences; `dr_grpo` 1/(N x max_response_tokens);
+    `bnpo` mean over a micro-batch's tokens; `dapo` mean over the batch's tokens; `auto`: the algorithm's own."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """TRL's advantage scale: (R - group mean) / (std + advantage_eps) with the group's std (`group`, the
+    paper's) or the whole batch's (`batch`); `none`: R - group mean (Dr. GRPO)."""
+    mask_truncated_completions: bool = False
+    """TRL's: responses cut at max_response_tokens (finish `length`) add nothing to the loss (they still
+    count in their group's advantages and in the normalisers' sequence count)."""
     epsilon: float = Field(0.5, ge=0.0, le=1.0)
     """Probability of storing the BEST response of a group in the cache. Release code: 0.5."""
     replace_only_correct: bool = False

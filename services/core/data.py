@@ -114,6 +114,9 @@ def _row_to_question(row: Any, fields: DataSection, where: str) -> tuple[Questio
     ):
         if (role == "id" and derived) or (role == "question" and conversational):
             continue
+        if role == "answer" and name is None:  # a prompt-only dataset (data.answer_field: null)
+            values["answer"] = ""
+            continue
         if name not in row or row[name] is None:
             keys = ", ".join(repr(k) for k in row) or "none"
             raise DatasetError(

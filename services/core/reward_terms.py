@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.core.rewards import resolve_reward, score_safely
+from services.core.rewards import BUILTIN_REWARDS, resolve_reward, score_safely
 from services.core.schemas.rollout import RewardTerm
 
 log = logging.getLogger("rpo.rewards")
@@ -101,6 +101,22 @@ def score_groups(
             k += 1
         out.append(scored)
     return out
+
+
+def shaping_note(
+    terms: Sequence[RewardTerm], correctness: int, length_shaping: bool, alpha: float
+) -> str | None:
+    """The line said at start when length-aware shaping changes a user's rewards (None: shaping off, or only the
+    built-in rewards, where it is the paper's rule)."""
+    if not length_shaping or all(t.function in (*BUILTIN_REWARDS, "auto") for t in terms):
+        return None
+    decisive = terms[correctness]
+    return (
+        f"length-aware shaping is on (algorithm.alpha={alpha}): a response that {decisive.label()} marks "
+        f"correct gets its {decisive.label()} term (weight {decisive.weight:g}) scaled by a length factor in "
+        "[algorithm.shaping_low, shaping_high]; other terms and wrong responses keep their values as written. "
+        "Set algorithm.length_shaping: false for the weighted sum as TRL uses it."
+    )
 
 
 def _batch_kwargs(fn: Callable[..., Any], groups: Sequence[ScoringGroup]) -> dict[str, list[Any]]:

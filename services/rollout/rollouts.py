@@ -3,9 +3,9 @@
 For a batch of questions: ONE batched cache call fetches every prefix (the cache server draws m and
 truncates); each question's G suffixes are decoded within the suffix budget (`services.core.algorithm`), all
 questions concurrently, under one policy version; prefix + suffix is scored with the configured reward and
-shaped within its group. `mode="full"` skips the cache (full-path GRPO/DAPO: the only difference). A miss
-decodes G full samples and, when asked, seeds the entry with the first one (its trailing EOS stripped: the
-cache stores answers without EOS). A response never exceeds `max_response_tokens` nor the context.
+its correct responses shaped by length within their group (unless `length_shaping` is off). `mode="full"`
+skips the cache (full-path GRPO/DAPO: the only difference). A miss decodes G full samples and, when asked,
+seeds the entry with the first one (its trailing EOS stripped: the cache stores answers without EOS). A response never exceeds `max_response_tokens` nor the context.
 """
 
 from __future__ import annotations
@@ -214,7 +214,20 @@ class GroupRollouts:
     ) -> RolloutGroup:
         lengths = [len(r) for r in ids]
         raw = [score.raw for score in scores]
-        shaped = length_shaped_rewards(raw, lengths, req.alpha, req.shaping_low, req.shaping_high)
+        shaped = raw
+        if req.length_shaping:
+            decisive = req.reward_terms()[req.correctness_index()]
+            shaped = length_shaped_rewards(
+                raw,
+                lengths,
+                req.alpha,
+                req.shaping_low,
+                req.shaping_high,
+                correct=[score.correct for score in scores],
+                contributions=[
+                    decisive.weight * (score.scores.get(decisive.label()) or 0.0) for score in scores
+                ],
+            )
         if req.overlong_buffer_tokens > 0:
             shaped = [
                 r + overlong_penalty(n, req.max_response_tokens, req.overlong_buffer_tokens)

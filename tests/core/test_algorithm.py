@@ -106,6 +106,26 @@ class TestLengthShaping:
     def test_custom_bounds(self):
         assert A.length_shaped_rewards([1], [10], alpha=0.01, low=0.7, high=0.9) == pytest.approx([0.7])
 
+    def test_negative_and_partial_rewards_of_wrong_responses_are_kept_as_written(self):
+        # A TRL-style -1 penalty and a partial 0.3: not correct, so neither is shaped nor floored at 0.
+        got = A.length_shaped_rewards([-1.0, 0.3, 0.0], [10, 20, 30], alpha=0.01)
+        assert got == [-1.0, 0.3, 0.0]
+
+    def test_a_wrong_answer_with_a_format_bonus_is_not_shaped_as_if_correct(self):
+        # correctness weight 1, format weight 0.1. Group: correct+format (len 100), wrong+format (len 300).
+        # l_ref = 200; correct one: f = sigmoid(0.01 * 100) = sigmoid(1); R = 1.1 + 1 * (sigmoid(1) - 1).
+        # Wrong one keeps its format bonus, 0.1, unshaped (before: 0.1 * clip(sigmoid(-1)) = 0.05).
+        got = A.length_shaped_rewards(
+            [1.1, 0.1], [100, 300], alpha=0.01, correct=[True, False], contributions=[1.0, 0.0]
+        )
+        assert got == pytest.approx([0.1 + sigmoid(1.0), 0.1])
+
+    def test_shaping_scales_only_the_correctness_contribution_of_a_correct_response(self):
+        # correctness weight 2 (score 1), a -0.5 penalty term: raw = 2 - 0.5 = 1.5, contribution 2.
+        # Alone in its group (l_ref = len): f = sigmoid(0) = 0.5 -> R = 1.5 + 2 * (0.5 - 1) = 0.5.
+        got = A.length_shaped_rewards([1.5], [40], alpha=0.01, correct=[True], contributions=[2.0])
+        assert got == pytest.approx([0.5])
+
 
 class TestAdvantages:
     def test_hand_computed(self):

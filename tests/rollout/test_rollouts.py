@@ -288,6 +288,20 @@ def test_weighted_reward_functions_on_a_replica_sum_and_a_batch_function_gets_th
             assert s.reward_scores == pytest.approx({"exact": exact, "format": fmt, "echo": echo})
             assert s.raw_reward == pytest.approx(exact + 0.1 * fmt + 0.01 * echo)
             assert s.correct == (exact >= 1.0)  # the first function decides, not the sum
+        # Shaping scales the correctness term (exact, weight 1) of the correct responses alone: a wrong answer
+        # keeps its format bonus and echo score as written.
+        lengths = [len(s.response_ids) for s in group.samples]
+        shaped = length_shaped_rewards(
+            [s.raw_reward for s in group.samples],
+            lengths,
+            req.alpha,
+            correct=[s.correct for s in group.samples],
+            contributions=[s.reward_scores["exact"] for s in group.samples],
+        )
+        assert [s.shaped_reward for s in group.samples] == pytest.approx(shaped, abs=1e-12)
+        for s in group.samples:
+            if not s.correct:
+                assert s.shaped_reward == s.raw_reward
     calls = [json.loads(line) for line in (tmp_path / "batch_reward.jsonl").read_text().splitlines()]
     assert sum(len(c["completions"]) for c in calls) == 4 * 4  # every response, in batches of whole groups
     got = {
@@ -297,3 +311,26 @@ def test_weighted_reward_functions_on_a_replica_sum_and_a_batch_function_gets_th
     }
     assert got == {(r["question"], i, r["answer"]) for i, r in enumerate(rows)}
     assert all(c["others"] == ["id"] for c in calls)  # the row's other column, by name
+
+
+PENALTY_REWARD = '''
+def penalty(completions, **kwargs):
+    """TRL-style, one value per completion: -1 (a penalty) and 0.5 (partial credit) in turn."""
+    return [-1.0 if i % 2 == 0 else 0.5 for i in range(len(completions))]
+'''
+
+
+def test_without_length_shaping_a_penalty_reaches_the_advantage_as_written(rollout_server, tmp_path):
+    """`length_shaping: false`: the reward of every response is its weighted sum, negative values kept (a
+    batch holds whole groups of 4, so each group scores -1, 0.5, -1, 0.5)."""
+    (tmp_path / "penalty.py").write_text(PENALTY_REWARD)
+    rows = ROWS[:2]
+    rewards = [{"function": f"{tmp_path / 'penalty.py'}:penalty", "weight": 2.0}]
+    req = _request("unused", rows, mode="full", rewards=rewards, reward="auto", length_shaping=False)
+    with RolloutClient(rollout_server.url) as client:
+        reply = client.rollouts(req)
+    for group in reply.groups:
+        assert [s.reward_scores["penalty"] for s in group.samples] == [-1.0, 0.5, -1.0, 0.5]
+        assert [s.raw_reward for s in group.samples] == [-2.0, 1.0, -2.0, 1.0]
+        assert [s.shaped_reward for s in group.samples] == [-2.0, 1.0, -2.0, 1.0]
+        assert not any(s.correct for s in group.samples)  # correct: the function's own score >= 1

@@ -31,7 +31,15 @@ def _record(step: int) -> StepRecord:
         phases={"rollout": 0.5, "reward": 0.1, "train": 0.8, "weight_sync": 0.1, "cache": 0.1},
         weight_sync_seconds=0.1,
         cache_updates={"best": 5, "other": 3, "none": 0},
-        learner={"loss": 0.01},
+        learner={"loss": 0.01, "kl": 0.002, "grad_norm": 0.5, "lr": 1e-6, "clip_fraction": 0.25},
+        raw_reward_mean=0.4,
+        reward_std=0.3,
+        zero_std_groups_ratio=0.125,
+        reward_functions={"acc": 0.5},
+        reward_functions_std={"acc": 0.5},
+        response_len_min=12,
+        response_len_max=96,
+        truncated_ratio=0.0625,
     )
 
 
@@ -48,9 +56,75 @@ def test_a_step_record_reads_back_equal_and_feeds_the_line_and_the_metrics(tmp_p
     # a newer writer's extra keys are ignored, not an error
     line = {**_record(3).to_json(), "kind": "step", "something_new": 1}
     assert StepRecord.from_json(json.loads(json.dumps(line))) == _record(3)
-    assert format_step_line(_record(2), 2).startswith("step 2/2 v2 | reward 0.250 acc 50.0%")
+    line = format_step_line(_record(2), 2)
+    assert line.startswith(
+        "step 2/2 v2 | reward 0.250 (raw 0.400) std 0.300 zero-std 12% acc 50.0% len 12/40.0/96 trunc 6% | "
+        "loss 0.01 kl 0.002 grad 0.5 lr 1e-06 clip 25% | decoded 320"
+    ), line
     metrics = TrainerMetrics()
     metrics.observe_step(_record(1))
     text = generate_latest(metrics.registry).decode()
     assert "rpo_train_generated_tokens_total 320.0" in text
     assert 'rpo_train_cache_updates_total{choice="best"} 5.0' in text
+    for expected in (
+        "rpo_train_step 1.0",
+        "rpo_train_raw_reward_mean 0.4",
+        "rpo_reward_mean 0.25",
+        "rpo_train_reward_std 0.3",
+        "rpo_train_zero_std_groups_ratio 0.125",
+        'rpo_train_reward_function_std{function="acc"} 0.5',
+        'rpo_train_response_length_tokens{stat="max"} 96.0',
+        "rpo_train_truncated_ratio 0.0625",
+        "rpo_train_loss 0.01",
+        "rpo_train_kl 0.002",
+        "rpo_train_grad_norm 0.5",
+        "rpo_train_learning_rate 1e-06",
+        "rpo_train_clipped_ratio 0.25",
+    ):
+        assert expected in text, expected
+
+
+def test_the_reward_spread_of_a_step_by_hand():
+    """Two groups of 2: raw and shaped rewards apart, each function's std, TRL's reward_std and zero-std share."""
+    from services.core.schemas.rollout import RolloutGroup, RolloutSample
+    from trainer.step_rollouts import reward_spread
+
+    def sample(n, raw, shaped, acc, finish="stop"):
+        return RolloutSample(
+            response_ids=[1] * n,
+            prefix_len=0,
+            suffix_logprobs=[0.0] * n,
+            finish_reason=finish,
+            raw_reward=raw,
+            shaped_reward=shaped,
+            correct=acc >= 1,
+            reward_scores={"acc": acc, "pen": None if acc else -1.0},
+        )
+
+    groups = [
+        RolloutGroup(
+            question_id="a",
+            cache_hit=False,
+            m=0,
+            prefix_len=0,
+            samples=[sample(2, 1.0, 0.75, 1.0), sample(6, -1.0, -1.0, 0.0, "length")],
+        ),
+        RolloutGroup(
+            question_id="b",
+            cache_hit=False,
+            m=0,
+            prefix_len=0,
+            samples=[sample(4, -1.0, -1.0, 0.0), sample(4, -1.0, -1.0, 0.0)],
+        ),
+    ]
+    got = reward_spread(groups)
+    # raw: 1, -1, -1, -1 -> mean -0.5, population std sqrt((2.25 + 3 * 0.25) / 4) = sqrt(0.75)
+    assert got["raw_reward_mean"] == -0.5
+    assert abs(got["raw_reward_std"] - 0.75**0.5) < 1e-12
+    # acc scores 1, 0, 0, 0 -> std sqrt(0.1875); pen scored where not None: -1 x 3 -> std 0
+    assert abs(got["reward_functions_std"]["acc"] - 0.1875**0.5) < 1e-12
+    assert got["reward_functions_std"]["pen"] == 0.0
+    # group a: shaped 0.75, -1 -> sample std |0.75 + 1| / sqrt(2); group b: 0 -> mean of the two, and b is zero-std
+    assert abs(got["reward_std"] - (1.75 / 2**0.5) / 2) < 1e-12
+    assert got["zero_std_groups_ratio"] == 0.5
+    assert (got["response_len_min"], got["response_len_max"], got["truncated_ratio"]) == (2, 6, 0.25)

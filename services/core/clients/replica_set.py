@@ -114,6 +114,7 @@ class RolloutPlans:
             alpha=a.alpha,
             shaping_low=a.shaping_low,
             shaping_high=a.shaping_high,
+            length_shaping=a.length_shaping,
             overlong_buffer_tokens=a.overlong_buffer(),
             seed_cache_on_miss=a.mode == "rpo",
         )

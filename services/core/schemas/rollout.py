@@ -156,6 +156,8 @@ class RolloutSettings(Wire):
     alpha: float = Field(0.01, ge=0.0)
     shaping_low: float = Field(0.5, ge=0.0)
     shaping_high: float = Field(1.0, ge=0.0)
+    length_shaping: bool = True
+    """Length-aware shaping of correct responses (docs/algorithm.md, step 3); False: rewards as written."""
     overlong_buffer_tokens: int = Field(0, ge=0)
     """DAPO soft overlong punishment (0: off), added to the shaped reward."""
     seed_cache_on_miss: bool = True
@@ -215,7 +217,9 @@ class RolloutSample(Wire):
     raw_reward: float
     """The reward of the whole response (prefix + suffix): the weighted sum of the reward functions' scores."""
     shaped_reward: float
-    """After length-aware shaping within the group (and the overlong penalty, if on)."""
+    """What the advantage reads: `raw_reward`, with a correct response's correctness contribution scaled by
+    length within the group when `length_shaping` is on (docs/algorithm.md), plus the overlong penalty, if
+    on."""
     correct: bool
     """The correctness function's score >= 1.0 (binary verifiable correctness)."""
     reward_scores: dict[str, float | None] = Field(default_factory=dict)
