@@ -5,16 +5,14 @@ config when unset, a context the model lacks refused in one line by every proces
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from services.core.config import ConfigError, load_config
 from services.core.model_fit import check_fit, fitted_context, model_context, response_budget_note
+from tests.fixtures.cli import run_rpo
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -61,18 +59,6 @@ def test_a_response_budget_cut_by_the_context_is_said_with_the_numbers():
     assert response_budget_note(cfg, context=8192, longest_prompt=300) is None
 
 
-def _rpo(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RPO_")}
-    return subprocess.run(
-        [sys.executable, "-m", "services.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-        env=env,
-    )
-
-
 def test_a_replica_and_rpo_run_refuse_a_context_the_model_lacks_before_any_engine_starts(
     tmp_path, tiny_model_dir
 ):
@@ -81,7 +67,7 @@ def test_a_replica_and_rpo_run_refuse_a_context_the_model_lacks_before_any_engin
         ("serve", "rollout", "--model", str(short), "--port", "0"),
         ("run", "--model", str(short), "--set", f"train.run_dir={tmp_path / 'run'}"),
     ):
-        done = _rpo(*command, "--set", "model.max_model_len=4608", "--set", "data.eval_dataset=none")
+        done = run_rpo(*command, "--set", "model.max_model_len=4608", "--set", "data.eval_dataset=none")
         assert done.returncode == 2, done.stderr[-3000:]
         assert "model.max_model_len 4608 is longer than the model's context" in done.stderr
         assert "1024 positions" in done.stderr and "Traceback" not in done.stderr

@@ -5,11 +5,10 @@ prints is what `rpo plan` prints for that config (models by Hub id, from a prepa
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
+
+from tests.fixtures.cli import run_rpo
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "one-gpu-gsm8k.yaml"
@@ -39,17 +38,8 @@ def test_the_gsm8k_rewards_score_the_number_after_the_hashes():
     assert rewards.boxed_format(completions) == [1.0, 0.0, 0.0, 0.0, 0.0]
 
 
-def _rpo(*args: str, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RPO_")}
-    env.update(env_extra, COLUMNS="110")
-    return subprocess.run(
-        [sys.executable, "-m", "services.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-        env=env,
-    )
+def _rpo(*args: str, env_extra: dict[str, str]):
+    return run_rpo(*args, env_extra={**env_extra, "COLUMNS": "110"})  # the plan's tables at the page's width
 
 
 def test_the_recipe_reads_a_hub_datasets_subset_and_its_rewards_call_the_references_right(hub_home):
