@@ -116,24 +116,33 @@ step() {
 
 alive() { [[ ${PID[$1]:-} ]] && kill -0 "${PID[$1]}" 2>/dev/null; }
 
-# stop NAMES...: SIGTERM to each step (srun passes it to the tasks), wait, then SIGKILL what is left.
+# stop SECONDS NAMES...: SIGTERM to each step's processes, wait, then SIGKILL what is left.
 stop() {
   local seconds=$1
   shift
   local name
-  for name in "$@"; do alive "$name" && kill -TERM "${PID[$name]}" 2>/dev/null; done
+  for name in "$@"; do alive "$name" && signal_step TERM "$name"; done
   local deadline=$(( SECONDS + seconds ))
   for name in "$@"; do
     while alive "$name" && (( SECONDS < deadline )); do sleep 1; done
     if alive "$name"; then
       say "step $name did not stop in ${seconds} s: killing it"
-      local id
-      id=$(step_id "$name")
-      [[ -n $id ]] && scancel --quiet --signal=KILL "$JOB.$id" 2>/dev/null
-      kill -KILL "${PID[$name]}" 2>/dev/null
+      signal_step KILL "$name"
     fi
     wait "${PID[$name]}" 2>/dev/null
   done
+}
+
+# signal_step SIGNAL NAME: the signal to the step's processes (scancel), or to its srun if Slurm no longer
+# lists the step (srun then ends the step).
+signal_step() {
+  local id
+  id=$(step_id "$2")
+  if [[ -n $id ]]; then
+    scancel --quiet --signal="$1" "$JOB.$id" 2>/dev/null
+  else
+    kill -"$1" "${PID[$2]}" 2>/dev/null
+  fi
 }
 
 step_id() { squeue --noheader --steps --job "$JOB" --format='%i %j' 2>/dev/null | awk -v n="rpo-$1" '$2 == n {split($1, a, "."); print a[2]}'; }
