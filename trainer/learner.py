@@ -154,8 +154,8 @@ class Learner:
                 "type": "AdamW",
                 "params": {
                     "lr": t.lr,
-                    "betas": [0.9, 0.999],
-                    "eps": 1e-8,
+                    "betas": [t.adam_beta1, t.adam_beta2],
+                    "eps": t.adam_epsilon,
                     "weight_decay": t.weight_decay,
                     # torch's AdamW, fused on GPU: DeepSpeed's FusedAdam compiles a CUDA kernel at start
                     # (nvcc, which the image does not ship). With optimizer offload, DeepSpeed's CPU Adam

@@ -44,6 +44,7 @@ from services.demo.model_path import resolve_model_path
 from trainer import dist
 from trainer.cache_init import seed_cache, trainer_seeds_cache
 from trainer.checkpoint import HF_DIR, LEARNER_DIR, Checkpointer, StopRequest, TrainerState
+from trainer.completions import StepCompletions
 from trainer.evaluate import evaluate_questions
 from trainer.learner import Learner
 from trainer.metrics import TrainerMetrics
@@ -79,6 +80,7 @@ class TrainingRecipe:
         self.cfg = cfg
         self.resume = resume
         self.remote = self.progress = self.metrics = self.stop_request = self.weight_sender = None
+        self.completions: StepCompletions | None = None
         self.rollout_source: RolloutSource | None = None
 
     # ---------------------------------------------------------------------------------------------- setup
@@ -146,6 +148,10 @@ class TrainingRecipe:
             self.progress = StepProgress(
                 self.run_dir, self.total_steps, self.step, cfg.train.log_every, tracker=tracker
             )
+            if cfg.train.log_completions:
+                self.completions = StepCompletions(
+                    self.run_dir, tokenizer, self.questions, cfg.train.num_completions_to_log, tracker
+                )
             self.metrics.policy_version.set(self.learner.policy_version)
             if self.resume:
                 self.progress.event("resume", step=self.step, policy_version=self.learner.policy_version)
@@ -243,6 +249,8 @@ class TrainingRecipe:
             record.weight_transport = transport
             record.cache_updates = cache_updates
             record.learner = learner_stats.as_dict() if learner_stats is not None else {}
+            if self.completions is not None:
+                self.completions.step(step, collected)
         return record, bool(stop)
 
     def sync_replicas(self) -> list[str]:
@@ -452,6 +460,7 @@ class TrainingRecipe:
             self.weight_sender,
             self.stop_request,
             self.progress,
+            self.completions,
             self.metrics,
             self.remote,
         ):

@@ -76,10 +76,11 @@ def request_seed(base: int, step: int, round_index: int) -> int:
 
 @dataclass
 class LRSchedule:
-    """Multiplier of the peak lr after `step` optimizer steps: linear warm-up, then cosine or constant.
+    """Multiplier of the peak lr after `step` optimizer steps: linear warm-up, then cosine, linear or constant.
 
     Warm-up covers w = ceil(warmup_ratio * total) steps with factors 1/(w+1) .. w/(w+1) (never 0: the
-    first step learns); cosine then falls from 1 at step w towards 0 at step `total`.
+    first step learns); cosine (or linear, as transformers' linear schedule) then falls from 1 at step w towards
+    0 at step `total`.
     """
 
     total: int
@@ -92,4 +93,6 @@ class LRSchedule:
         if self.kind == "constant":
             return 1.0
         progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        if self.kind == "linear":
+            return 1.0 - progress
         return 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -2,7 +2,7 @@
 Weights & Biases (`train.report_to`), as TRL's `report_to` does. A thin adapter over the records: the step
 records' numbers (nested ones flattened, `phases/train`), the evaluations' (`eval/<split>/T<temperature>/<name>`:
 one curve per split and temperature over the steps), and the resolved config once at the start (secrets
-masked).
+masked); with `train.log_completions`, each step's sampled completions as a table.
 
 Where each writes (all under the run directory unless the backend's own variable says otherwise):
 - `tensorboard`: `<run_dir>/tensorboard` (TensorBoard's event files; `tensorboard --logdir runs`);
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,12 @@ class _TensorBoard:
             self.writer.add_scalar(name, value, step)
         self.writer.flush()
 
+    def table(self, step: int, name: str, columns: Sequence[str], rows: list[list[Any]]) -> None:
+        cells = ["| " + " | ".join(map(_markdown, row)) + " |" for row in rows]
+        head = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        self.writer.add_text(name, "\n".join(head + cells), step)
+        self.writer.flush()
+
     def close(self) -> None:
         self.writer.close()
 
@@ -108,6 +114,10 @@ class _MLflow:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.mlflow.log_metrics({_mlflow_name(k): v for k, v in metrics.items()}, step=step)
 
+    def table(self, step: int, name: str, columns: Sequence[str], rows: list[list[Any]]) -> None:
+        data = {column: [row[i] for row in rows] for i, column in enumerate(columns)}
+        self.mlflow.log_table(data=data, artifact_file=f"{name}/step_{step:06d}.json")
+
     def close(self) -> None:
         self.mlflow.end_run()
 
@@ -131,6 +141,12 @@ class _WandB:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.run.log(metrics, step=step)
 
+    def table(self, step: int, name: str, columns: Sequence[str], rows: list[list[Any]]) -> None:
+        # lazy: heavy import (wandb), paid only when asked for
+        import wandb
+
+        self.run.log({name: wandb.Table(columns=list(columns), data=rows)}, step=step)
+
     def close(self) -> None:
         self.run.finish()
 
@@ -145,6 +161,11 @@ def _params(config: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, 
             yield from _params(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", str(value)[:500]
+
+
+def _markdown(value: Any) -> str:
+    """A table cell as Markdown text: `|` escaped, line breaks kept inside the cell."""
+    return str(value).replace("|", "\\|").replace("\n", "<br>")
 
 
 def _mlflow_name(name: str) -> str:
@@ -177,9 +198,17 @@ class Tracker:
         sent = metrics_of(record)
         if sent is None or not sent[1]:
             return
+        self._each("log", *sent)
+
+    def table(self, step: int, name: str, columns: Sequence[str], rows: list[list[Any]]) -> None:
+        """A table at `step` (a step's sampled completions): TensorBoard text, an MLflow table artifact
+        `<name>/step_<step>.json`, a W&B Table."""
+        self._each("table", step, name, columns, rows)
+
+    def _each(self, method: str, *args: Any) -> None:
         for name, sink in list(self.sinks.items()):
             try:
-                sink.log(*sent)
+                getattr(sink, method)(*args)
             except Exception as exc:  # noqa: BLE001 - tracking never stops training
                 log.warning(
                     "tracking to %s failed (%s: %s); it is turned off for this run",

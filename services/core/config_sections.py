@@ -373,8 +373,14 @@ class TrainSection(ConfigSection):
     (docs/training.md, "Shared layout")."""
     lr: float = Field(1e-6, gt=0.0)
     """Peak learning rate. Paper: 1e-6."""
-    lr_scheduler: Literal["cosine", "constant"] = "cosine"
-    """Learning-rate schedule after warm-up. Paper: cosine."""
+    lr_scheduler: Literal["cosine", "constant", "linear"] = "cosine"
+    """Learning-rate schedule after warm-up (`linear`: down to 0 at the last step, TRL's default). Paper: cosine."""
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    """AdamW's beta1 (TRL's name)."""
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    """AdamW's beta2 (TRL's name)."""
+    adam_epsilon: float = Field(1e-8, gt=0.0)
+    """AdamW's epsilon (TRL's name)."""
     warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
     """Fraction of the planned steps spent warming up. Paper: 0.1."""
     weight_decay: float = Field(0.0, ge=0.0)
@@ -423,6 +429,11 @@ class TrainSection(ConfigSection):
     """Evaluate before the first step (`rpo reproduce` does it once for all arms: same starting model)."""
     log_every: int = Field(1, ge=1)
     """One log line every N steps."""
+    log_completions: bool = False
+    """Write a sample of each step's prompts, completions and rewards to `<run_dir>/completions.jsonl` and as a
+    table to each tracker (TRL's `log_completions`)."""
+    num_completions_to_log: int | None = Field(8, ge=1)
+    """How many of a step's responses `log_completions` keeps (the first groups' in order); null: all."""
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)
     """Experiment trackers that get every step's figures, the evaluations and the config (trainer/tracking.py),
     e.g. `tensorboard,mlflow`; none by default. Needs the tracking extra: `pip install "rpo-rl[tracking]"`."""

@@ -65,6 +65,11 @@ EVAL = {
 }
 
 
+TABLE_COLUMNS = ("step", "prompt", "completion", "raw_reward", "advantage")
+TABLE_ROWS = [[3, "2+3=?", "2+3=5. \\boxed{5}", 1.0, 0.5], [3, "2+3=?", "a | b\nc", -1.0, -0.5]]
+"""A step's sampled completions (train.log_completions), as the loop sends them."""
+
+
 @pytest.fixture
 def tracked(tmp_path, monkeypatch):
     """A run directory with every backend fed the same records; the config the trackers were given."""
@@ -82,6 +87,7 @@ def tracked(tmp_path, monkeypatch):
     records = [{"kind": "resume", "step": 0}, EVALS[0], *STEPS[:2], *EVALS[1:], STEPS[2], EVAL]
     for record in [*records, {"kind": "checkpoint", "step": 3}]:
         tracker.record(record)
+    tracker.table(3, "completions", TABLE_COLUMNS, TABLE_ROWS)
     tracker.close()
     return tmp_path
 
@@ -127,6 +133,11 @@ def test_tensorboard_event_files_hold_every_step_and_the_config(tracked):
         (2, pytest.approx(0.6)),
     ]
     assert "config/text_summary" in events.Tags()["tensors"]
+    (table,) = events.Tensors("completions/text_summary")
+    text = table.tensor_proto.string_val[0].decode()
+    assert table.step == 3
+    assert "| step | prompt | completion | raw_reward | advantage |" in text
+    assert "| 3 | 2+3=? | a \\| b<br>c | -1.0 | -0.5 |" in text  # a cell's | and line break kept in the cell
 
 
 def test_mlflow_file_store_holds_the_metrics_and_the_config_as_params(tracked):
@@ -142,6 +153,13 @@ def test_mlflow_file_store_holds_the_metrics_and_the_config_as_params(tracked):
     assert [m.value for m in client.get_metric_history(run.info.run_id, "eval/test/T0.6/pass_at_1")] == [0.75]
     curve = client.get_metric_history(run.info.run_id, "eval/val/T0.6/pass_at_1")
     assert sorted((m.step, m.value) for m in curve) == [(0, 0.5), (2, 0.6)]
+    table = json.loads(
+        (tracked / "mlruns")
+        .joinpath(experiment.experiment_id, run.info.run_id, "artifacts", "completions", "step_000003.json")
+        .read_text()
+    )
+    assert table["columns"] == list(TABLE_COLUMNS)
+    assert table["data"] == TABLE_ROWS
 
 
 def wandb_records(path):
@@ -184,6 +202,9 @@ def test_wandb_offline_run_holds_the_history_and_the_config(tracked):
     assert any(h.get("eval/test/T0.6/pass@1") == 0.75 for h in history)
     curve = [(h["_step"], h["eval/val/T0.6/pass@1"]) for h in history if "eval/val/T0.6/pass@1" in h]
     assert curve == [(0, 0.5), (2, 0.6)]
+    (table_file,) = run_file.parent.glob("files/media/table/completions_3_*.table.json")
+    table = json.loads(table_file.read_text())
+    assert table["columns"] == list(TABLE_COLUMNS) and table["data"] == TABLE_ROWS
     algorithm = config["algorithm"]
     assert (
         algorithm.get("value", algorithm)["group_size"] == 5

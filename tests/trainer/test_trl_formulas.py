@@ -125,3 +125,25 @@ def test_mask_truncated_completions_drops_a_cut_response_from_the_loss_but_not_f
     # off: both train
     samples = build_samples([group], {"q": [7, 8]}, AlgorithmSection(scale_rewards="none"))
     assert count_loss_tokens(samples, suffix_only=False) == 8
+
+
+def test_lr_scheduler_linear_falls_to_zero_at_the_last_step_as_transformers_linear_schedule():
+    from trainer.schedule import LRSchedule
+
+    # warm-up 2 steps (1/3, 2/3), then (total - step) / (total - warmup): step 6 of 10 -> 4/8
+    linear = LRSchedule(total=10, warmup=2, kind="linear")
+    assert [linear(0), linear(1), linear(2), linear(6), linear(10)] == pytest.approx(
+        [1 / 3, 2 / 3, 1, 0.5, 0]
+    )
+
+
+def test_adam_betas_and_epsilon_reach_deepspeeds_optimizer_config():
+    from types import SimpleNamespace
+
+    from services.core.config import load_config
+    from trainer.learner import Learner
+
+    cfg = load_config(None, ["train.adam_beta1=0.8", "train.adam_beta2=0.95", "train.adam_epsilon=1e-6"])
+    learner = SimpleNamespace(cfg=cfg, stage=2, on_cpu=True, world=1, dtype=torch.float32)
+    params = Learner._deepspeed_config(learner)["optimizer"]["params"]
+    assert (params["betas"], params["eps"]) == ([0.8, 0.95], 1e-6)
