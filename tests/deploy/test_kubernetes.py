@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import json
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 import kubernetes_validate
@@ -62,6 +64,7 @@ def test_every_rendered_manifest_validates_strictly_against_the_current_api(over
             ("Service", "rpo-rollout"),
             ("Deployment", "rpo-rollout"),
             ("Job", "rpo-trainer"),
+            ("Service", "rpo-trainer"),
         ]
     )
     errors = []
@@ -165,6 +168,38 @@ def test_every_rpo_pod_is_scraped_on_the_port_it_serves_metrics_on(overlay):
     trainer_env = {e["name"]: e.get("value") for e in container(docs[("Job", "rpo-trainer")])["env"]}
     assert trainer_env["RPO_TRAIN__METRICS_HOST"] == "0.0.0.0"
     assert load_config(None).train.metrics_port == 9100
+
+
+def test_the_prometheus_config_scrapes_the_services_under_the_dashboards_job_names():
+    promtool = shutil.which("promtool")
+    assert promtool, "scripts/test.sh installs prometheus (promtool) from the OS packages"
+    config = K8S / "prometheus.yml"
+    done = subprocess.run(
+        [promtool, "check", "config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    jobs = yaml.safe_load(config.read_text())["scrape_configs"]
+    compose = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())[
+        "scrape_configs"
+    ]
+    assert [j["job_name"] for j in jobs] == [j["job_name"] for j in compose]
+    docs = by_key(render(K8S / "gpu"))
+    workloads = {"rpo-cache": ("Deployment", "rpo-cache"), "rpo-rollout": ("Deployment", "rpo-rollout")}
+    workloads["rpo-trainer"] = ("Job", "rpo-trainer")
+    for job in jobs:
+        if "static_configs" in job:
+            (target,) = job["static_configs"][0]["targets"]
+            host, port = target.split(":")
+        else:
+            (sd,) = job["dns_sd_configs"]
+            (host,), port = sd["names"], sd["port"]
+            assert docs[("Service", host)]["spec"]["clusterIP"] == "None"  # one A record per pod
+        service, workload = docs[("Service", host)], docs[workloads[job["job_name"]]]
+        assert (
+            service["spec"]["selector"].items() <= workload["spec"]["template"]["metadata"]["labels"].items()
+        )
+        assert int(port) in {p["containerPort"] for p in container(workload)["ports"]}
+        assert workload["metadata"]["labels"]["app.kubernetes.io/name"] == job["job_name"]
 
 
 def test_redis_keeps_the_compose_stacks_persistence_on_its_own_claim():
