@@ -77,11 +77,27 @@ export RPO_TRAIN__METRICS_HOST=0.0.0.0
 export RPO_TRAIN__METRICS_PORT=$METRICS_PORT
 export RPO_CACHE_SERVER__DATA_DIR=$RUN_DIR/redis
 unset RPO_SERVICES__ROLLOUT_DISCOVERY RPO_SERVICES__REDIS_URL
+# Prometheus's file-based discovery reads this (file_sd_configs), under the job names the Grafana
+# dashboard selects on; the host names change with each allocation, so it is written at every start.
+prometheus_targets() {
+  local r name node port gpus
+  local -a replicas=()
+  for r in "${REPLICAS[@]}"; do
+    IFS=: read -r name node port gpus <<< "$r"
+    replicas+=("\"${NODES[$node]}:$port\"")
+  done
+  printf '[{"targets": ["%s:%s"], "labels": {"job": "rpo-cache"}}, ' "$HEAD" "$CACHE_PORT"
+  printf '{"targets": [%s], "labels": {"job": "rpo-rollout"}}, ' "$(IFS=,; echo "${replicas[*]}")"
+  printf '{"targets": ["%s:%s"], "labels": {"job": "rpo-trainer"}}]\n' "$HEAD" "$METRICS_PORT"
+}
+
 if [[ $DRY_RUN == 1 ]]; then
+  echo "prometheus targets: $(prometheus_targets)"
   echo "token: RPO_API_TOKEN $TOKEN_FROM (every step inherits it; it is on no command line)"
   env | grep -E '^(RPO_|DS_ACCELERATOR=)' | grep -v '^RPO_API_TOKEN=' | sort | sed 's/^/env: /'
 else
   mkdir -p "$RUN_DIR/logs"
+  prometheus_targets > "$RUN_DIR/prometheus-targets.json"
 fi
 say "job $JOB (restart ${SLURM_RESTART_COUNT:-0}) on ${NODES[*]}: cache $RPO_SERVICES__CACHE_URL, replicas $RPO_SERVICES__ROLLOUT_URLS"
 

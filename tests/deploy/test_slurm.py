@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from services.cli.args import UsageError
 from services.cli.main import main as rpo_main
@@ -96,6 +97,18 @@ def test_the_cpu_script_runs_each_part_as_its_own_step_and_the_trainer_resumes(t
     assert env["RPO_TRAIN__RUN_DIR"] == str(tmp_path / "run")
     assert env["RPO_CACHE_SERVER__DATA_DIR"] == str(tmp_path / "run" / "redis")
     assert env["DS_ACCELERATOR"] == "cpu"
+    (targets,) = [
+        json.loads(line.split(": ", 1)[1]) for line in lines if line.startswith("prometheus targets: ")
+    ]
+    assert targets == [
+        {"targets": ["node-a:8100"], "labels": {"job": "rpo-cache"}},
+        {"targets": ["node-a:8200", "node-a:8202"], "labels": {"job": "rpo-rollout"}},
+        {"targets": ["node-a:9100"], "labels": {"job": "rpo-trainer"}},
+    ]
+    compose = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())[
+        "scrape_configs"
+    ]
+    assert [t["labels"]["job"] for t in targets] == [j["job_name"] for j in compose]  # the dashboard's jobs
 
 
 def test_the_token_comes_from_the_env_file_or_the_shell_and_is_on_no_command_line(tmp_path):
@@ -107,10 +120,10 @@ def test_the_token_comes_from_the_env_file_or_the_shell_and_is_on_no_command_lin
     assert envs(lines)["RPO_SERVICES__RUN_ID"] == "my-run"
     assert not any("from-the-file-123" in line for line in lines)
     lines = dry_run(script, "n1", RPO_ENV_FILE=str(tmp_path / "none"), RPO_API_TOKEN="shell-token")
-    assert lines[0].startswith("token: RPO_API_TOKEN from the submitting environment")
+    assert lines[1].startswith("token: RPO_API_TOKEN from the submitting environment")
     assert not any("shell-token" in line for line in lines)
     lines = dry_run(script, "n1", RPO_ENV_FILE=str(tmp_path / "none"))
-    assert lines[0].startswith("token: RPO_API_TOKEN made for this job")
+    assert lines[1].startswith("token: RPO_API_TOKEN made for this job")
 
 
 def test_a_gpu_layout_gives_each_replica_its_own_gpus_and_the_trainer_its_ranks(tmp_path):
