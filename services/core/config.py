@@ -10,6 +10,7 @@ Importable without torch or vLLM.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import time
@@ -40,6 +41,7 @@ from services.core.config_services import (  # noqa: F401 - as above
     RolloutSection,
     ServicesSection,
 )
+from services.core.trl_names import suggestion
 
 
 class ConfigError(ValueError):
@@ -52,6 +54,7 @@ def fresh_run_id() -> str:
 
 
 ENV_PREFIX = "RPO_"
+log = logging.getLogger("rpo.config")
 REFERENCE_REWARDS = ("math", "exact", "auto")
 """The built-in reward functions that compare a response with the reference answer."""
 
@@ -176,13 +179,26 @@ def _yaml_key_lines(text: str) -> dict[tuple[str, ...], int]:
 
 
 def _env_sources() -> dict[tuple[str, ...], str]:
-    """The settings the environment sets (`RPO_<SECTION>__<FIELD>`), by key path."""
+    """The settings the environment sets (`RPO_<SECTION>__<FIELD>`), by key path. A variable that reads as a
+    setting with one underscore for the two (`RPO_TRAIN_LR`) is ignored by the settings: it is warned about,
+    with the right spelling."""
     sources = {}
     for name in os.environ:
         if name.startswith(ENV_PREFIX) and "__" in name:
             path = tuple(part.lower() for part in name[len(ENV_PREFIX) :].split("__"))
             sources[path] = f"environment variable {name}"
+        elif name.startswith(ENV_PREFIX) and (right := _misspelt_env(name)):
+            log.warning("environment variable %s is not read (one underscore); did you mean %s?", name, right)
     return sources
+
+
+def _misspelt_env(name: str) -> str | None:
+    """`RPO_<SECTION>__<FIELD>` for a variable spelt `RPO_<SECTION>_<FIELD>` (None: not such a variable)."""
+    rest = name[len(ENV_PREFIX) :].lower()
+    for section, field in RunConfig.model_fields.items():
+        if rest.startswith(section + "_") and rest[len(section) + 1 :] in field.annotation.model_fields:
+            return f"{ENV_PREFIX}{section.upper()}__{rest[len(section) + 1 :].upper()}"
+    return None
 
 
 def _format_errors(
@@ -214,7 +230,8 @@ def _format_errors(
             where = f"{below[0]}: " if below else ""
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key"
+            hint = suggestion(loc[-1]) if loc else None
+            msg = "unknown key" + (f" ({hint})" if hint else "")
         got = e.get("input")
         detail = f"; got {got!r}" if e["type"] != "extra_forbidden" and not isinstance(got, dict) else ""
         # A union (int | literal) reports once per branch: one line per key, branches joined with "or".
@@ -230,7 +247,12 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        text, origin = p.read_text(), str(p)
+        try:
+            text, origin = p.read_text(encoding="utf-8"), str(p)
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"{p}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8"
+            ) from None
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:

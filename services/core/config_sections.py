@@ -321,6 +321,13 @@ class SamplingSection(ConfigSection):
     """Rollout temperature. Paper: 0.7."""
     top_p: float = Field(wire_default("top_p"), gt=0.0, le=1.0)
     """Rollout nucleus sampling."""
+    top_k: int = Field(wire_default("top_k"), ge=0)
+    """Training rollouts keep the k most likely tokens (TRL's `top_k`, vLLM's); 0: all."""
+    min_p: float = Field(wire_default("min_p"), ge=0.0, le=1.0)
+    """Training rollouts drop tokens below min_p x the most likely one's probability (TRL's `min_p`); 0: none."""
+    repetition_penalty: float = Field(wire_default("repetition_penalty"), gt=0.0)
+    """Training rollouts' repetition penalty (TRL's, vLLM's); 1: none. The learner's log-probs are the
+    model's own, not penalised or truncated (docs/training.md, "Moving a TRL GRPO script over")."""
     init_temperature: float = Field(0.9, ge=0.0)
     """Cache initialisation temperature. Release code: 0.9."""
     init_top_p: float = Field(0.9, gt=0.0, le=1.0)

@@ -223,20 +223,28 @@ class RolloutEngine:
         top_p: float,
         seed: int | None,
         policy_version: int,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
     ) -> list[Generated]:
-        """n samples of one prompt (already checked against the vocabulary and the context).
+        """n samples of one prompt (already checked against the vocabulary and the context). `top_k`, `min_p`
+        and `repetition_penalty` are vLLM's (defaults: off); the log-probs are then those after them.
 
         KV blocks are salted with the policy version, so a cached prefix computed with other weights is
         never reused (on top of the prefix-cache reset after each weight load). Greedy decoding (temperature
         0) with n > 1 is n requests of one sample (vLLM takes n = 1 only).
         """
         salt = f"policy-v{policy_version}"
+        extra = {"top_k": top_k, "min_p": min_p, "repetition_penalty": repetition_penalty}
         if temperature == 0.0 and n > 1:
             groups = await asyncio.gather(
-                *(self._request(prompt_ids, 1, max_tokens, temperature, top_p, seed, salt) for _ in range(n))
+                *(
+                    self._request(prompt_ids, 1, max_tokens, temperature, top_p, seed, salt, extra)
+                    for _ in range(n)
+                )
             )
             return [sample for group in groups for sample in group]
-        return await self._request(prompt_ids, n, max_tokens, temperature, top_p, seed, salt)
+        return await self._request(prompt_ids, n, max_tokens, temperature, top_p, seed, salt, extra)
 
     async def _request(
         self,
@@ -247,6 +255,7 @@ class RolloutEngine:
         top_p: float,
         seed: int | None,
         salt: str,
+        extra: dict[str, float] | None = None,
     ) -> list[Generated]:
         # lazy: heavy import (vllm), paid only on this path
         from vllm import SamplingParams
@@ -266,6 +275,7 @@ class RolloutEngine:
                 temperature=temperature,
                 top_p=top_p,
                 seed=seed,
+                **(extra or {}),
                 logprobs=0,
                 detokenize=False,
                 output_kind=RequestOutputKind.FINAL_ONLY,  # one output holding all n samples, none streamed

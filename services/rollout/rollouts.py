@@ -143,6 +143,9 @@ class GroupRollouts:
                         temperature=req.temperature,
                         top_p=req.top_p,
                         seed=derive_seed(req.seed, q.id),
+                        top_k=req.top_k,
+                        min_p=req.min_p,
+                        repetition_penalty=req.repetition_penalty,
                         policy_version=version,
                     )
                     for q, plan in zip(req.questions, plans, strict=True)

@@ -334,3 +334,25 @@ def test_without_length_shaping_a_penalty_reaches_the_advantage_as_written(rollo
         assert [s.raw_reward for s in group.samples] == [-2.0, 1.0, -2.0, 1.0]
         assert [s.shaped_reward for s in group.samples] == [-2.0, 1.0, -2.0, 1.0]
         assert not any(s.correct for s in group.samples)  # correct: the function's own score >= 1
+
+
+def test_top_k_min_p_and_repetition_penalty_reach_vllms_sampling(rollout_server):
+    """top_k = 1 (or min_p = 1: only tokens as likely as the best) at temperature 1 leaves the most likely
+    token alone, so every sample is the greedy one; a strong repetition penalty changes the responses."""
+    rows = ROWS[:2]
+    with RolloutClient(rollout_server.url) as client:
+        greedy = client.rollouts(_request("unused", rows, mode="full", temperature=0.0, group_size=1))
+        for narrowed in ({"top_k": 1}, {"min_p": 1.0}):
+            reply = client.rollouts(_request("unused", rows, mode="full", **narrowed))
+            for g, group in zip(greedy.groups, reply.groups, strict=True):
+                assert [s.response_ids for s in group.samples] == [g.samples[0].response_ids] * 4, narrowed
+                # the log-probs are those after the filter: the one token kept has probability 1
+                assert all(
+                    lp == pytest.approx(0.0, abs=1e-5) for s in group.samples for lp in s.suffix_logprobs
+                )
+        penalised = client.rollouts(
+            _request("unused", rows, mode="full", temperature=0.0, group_size=1, repetition_penalty=5.0)
+        )
+    assert [g.samples[0].response_ids for g in penalised.groups] != [
+        g.samples[0].response_ids for g in greedy.groups
+    ]

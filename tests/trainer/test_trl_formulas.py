@@ -147,3 +147,23 @@ def test_adam_betas_and_epsilon_reach_deepspeeds_optimizer_config():
     learner = SimpleNamespace(cfg=cfg, stage=2, on_cpu=True, world=1, dtype=torch.float32)
     params = Learner._deepspeed_config(learner)["optimizer"]["params"]
     assert (params["betas"], params["eps"]) == ([0.8, 0.95], 1e-6)
+
+
+def test_trls_sampling_options_reach_the_training_rollouts_only():
+    from services.core.clients.replica_set import RolloutPlans
+    from services.core.config import load_config
+
+    cfg = load_config(
+        None,
+        [
+            "sampling.top_k=20",
+            "sampling.min_p=0.05",
+            "sampling.repetition_penalty=1.1",
+            "algorithm.length_shaping=false",
+        ],
+    )
+    plans = RolloutPlans.from_config(cfg)
+    t = plans.training
+    assert (t.top_k, t.min_p, t.repetition_penalty, t.length_shaping) == (20, 0.05, 1.1, False)
+    for other in (plans.initialisation, plans.evaluation):  # their own sampling.init_* / eval_* only
+        assert (other.top_k, other.min_p, other.repetition_penalty) == (0, 0.0, 1.0)

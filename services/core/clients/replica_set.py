@@ -109,6 +109,9 @@ class RolloutPlans:
             max_response_tokens=a.max_response_tokens,
             temperature=s.temperature,
             top_p=s.top_p,
+            top_k=s.top_k,
+            min_p=s.min_p,
+            repetition_penalty=s.repetition_penalty,
             **cfg.reward.wire(),
             dataset=cfg.data.dataset,
             alpha=a.alpha,
@@ -118,7 +121,13 @@ class RolloutPlans:
             overlong_buffer_tokens=a.overlong_buffer(),
             seed_cache_on_miss=a.mode == "rpo",
         )
-        full = {"mode": "full", "seed_cache_on_miss": False}
+        full = {
+            "mode": "full",
+            "seed_cache_on_miss": False,
+            "top_k": 0,
+            "min_p": 0.0,
+            "repetition_penalty": 1.0,
+        }
         initialisation = training.model_copy(
             update={
                 **full,

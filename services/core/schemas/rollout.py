@@ -141,6 +141,12 @@ class RolloutSettings(Wire):
     """Cap on a whole response (prefix + suffix), tokens; prompt plus this is also capped by the context."""
     temperature: float = Field(0.7, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    """Keep the k most likely tokens when sampling (vLLM's `top_k`); 0: all."""
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    """Drop tokens less likely than min_p times the most likely one (vLLM's `min_p`); 0: none."""
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    """vLLM's `repetition_penalty` over the prompt and the response so far; 1: none."""
     seed: int | None = None
     """Makes the truncation draw (and vLLM sampling) reproducible: a question's draws and samples depend
     only on (seed, question id), not on how the batch was split over replicas."""
