@@ -211,6 +211,18 @@ def test_dashboard_uses_only_metric_names_from_the_spec():
         "rpo_reward_function_mean",
         "rpo_accuracy",
         "rpo_http_request_duration_seconds",
+        "rpo_train_step",
+        "rpo_train_loss",
+        "rpo_train_kl",
+        "rpo_train_grad_norm",
+        "rpo_train_learning_rate",
+        "rpo_train_raw_reward_mean",
+        "rpo_train_reward_std",
+        "rpo_train_clipped_ratio",
+        "rpo_train_zero_std_groups_ratio",
+        "rpo_train_truncated_ratio",
+        "rpo_train_response_length_tokens",
+        "rpo_train_reward_function_std",
     }
     assert names <= spec, names - spec
     # tokens saved in training, the step-time breakdown, policy lag and eval accuracy are shown
@@ -225,3 +237,6 @@ def test_dashboard_uses_only_metric_names_from_the_spec():
     assert "vllm:kv_cache_usage_perc" in exprs and "vllm:num_requests_waiting" in exprs
     # the transport each weight push used (nccl, http, http_fallback) has its panel
     assert "sum by (transport) (rpo_train_weight_sync_seconds_count" in exprs
+    # the learner in sight, and the run's step (a gauge: it counts on across resumes, a counter restarts)
+    assert {"rpo_train_loss", "rpo_train_kl", "rpo_train_grad_norm", "rpo_train_learning_rate"} <= names
+    assert "rpo_train_step{" in exprs and "rpo_train_steps_total" not in exprs

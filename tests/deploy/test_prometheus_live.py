@@ -29,7 +29,8 @@ def _step_record() -> StepRecord:
         decoded_tokens_per_sample=10.0, tokens_per_second=1000.0, rollout_retries=0, step_seconds=1.5,
         phases={"rollout": 0.5, "reward": 0.1, "train": 0.8, "weight_sync": 0.1, "cache": 0.1},
         weight_sync_seconds=0.1, weight_transport="http", cache_updates={"best": 5, "other": 3, "none": 0},
-        reward_functions={"exact": 0.5, "format": 0.9},
+        reward_functions={"exact": 0.5, "format": 0.9}, reward_functions_std={"exact": 0.5, "format": 0.3},
+        learner={"loss": 0.01, "kl": 0.001, "grad_norm": 0.7, "lr": 1e-6, "clip_fraction": 0.0},
     )  # fmt: skip
 
 
