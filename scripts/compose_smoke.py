@@ -2,7 +2,8 @@
 the CPU profile, on a copy of the compose files under OUT/stack, as project `rpo-smoke`.
 
 One line per check as it passes (or the reason it failed), then a table of the measured times, also written
-to OUT/compose_smoke.json. Exit 1 if a check failed; the stack is taken down (`down -v`) either way unless
+to OUT/compose_smoke.json. With --surplus it runs instead the scenario of scripts/compose_smoke_surplus.py
+(more rollout replicas than GPUs: the surplus one stops, the trainer trains on the others). Exit 1 if a check failed; the stack is taken down (`down -v`) either way unless
 --keep. Every wait has a deadline, and a failure names the service and the phase.
 """
 
@@ -23,6 +24,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+import compose_smoke_surplus as surplus  # noqa: E402
 
 from services.core.clients.cache import SyncCacheClient  # noqa: E402
 
@@ -167,6 +170,7 @@ def main() -> int:
     parser.add_argument("--out", default="runs/compose-smoke")
     parser.add_argument("--build-seconds", type=float, default=None)
     parser.add_argument("--keep", action="store_true", help="leave the stack up at the end")
+    parser.add_argument("--surplus", action="store_true", help="more replicas than GPUs, instead of the run")
     args = parser.parse_args()
 
     out = Path(args.out).resolve()
@@ -227,169 +231,184 @@ def main() -> int:
         services.append("grafana")
 
     try:
-        t0 = time.monotonic()
-        stack.up(services)
+        if args.surplus:
+            surplus.use_override(stack_dir)
+            surplus.run(stack, services, check, wait_for, SmokeFailure, figures)
+        else:
+            t0 = time.monotonic()
+            stack.up(services)
 
-        def healthy() -> str:
-            def ready() -> bool:
-                rows = stack.containers("cache") + stack.containers("rollout")
-                return len(rows) == 3 and all(r.get("Health") == "healthy" for r in rows)
+            def healthy() -> str:
+                def ready() -> bool:
+                    rows = stack.containers("cache") + stack.containers("rollout")
+                    return len(rows) == 3 and all(r.get("Health") == "healthy" for r in rows)
 
-            wait_for("cache and both rollout replicas to be healthy", ready, 420)
-            figures["up_to_healthy_seconds"] = time.monotonic() - t0
-            return f"{figures['up_to_healthy_seconds']:.0f} s after up"
+                wait_for("cache and both rollout replicas to be healthy", ready, 420)
+                figures["up_to_healthy_seconds"] = time.monotonic() - t0
+                return f"{figures['up_to_healthy_seconds']:.0f} s after up"
 
-        check("cache server and 2 rollout replicas healthy", healthy)
+            check("cache server and 2 rollout replicas healthy", healthy)
 
-        def first_step() -> str:
-            step = wait_for("the trainer's first step (trainer)", lambda: stack.records("step"), 300)[0]
-            figures["up_to_first_step_seconds"] = time.monotonic() - t0
-            if step["reused_prefix_tokens"] <= 0:
-                raise SmokeFailure(f"trainer: step 1 reused no prefix tokens: {step}")
-            figures["step1_reused_prefix_tokens"] = step["reused_prefix_tokens"]
-            return (
-                f"{figures['up_to_first_step_seconds']:.0f} s after up; step 1 reused "
-                f"{step['reused_prefix_tokens']} prefix tokens, decoded {step['generated_tokens']}"
-            )
-
-        check("first training step, with tokens saved", first_step)
-
-        def both_replicas() -> str:
-            def served() -> list:
-                rows = prometheus(
-                    'sum by (instance) (rpo_rollout_requests_total{job="rpo-rollout",outcome="ok"}) > 0'
+            def first_step() -> str:
+                step = wait_for("the trainer's first step (trainer)", lambda: stack.records("step"), 300)[0]
+                figures["up_to_first_step_seconds"] = time.monotonic() - t0
+                if step["reused_prefix_tokens"] <= 0:
+                    raise SmokeFailure(f"trainer: step 1 reused no prefix tokens: {step}")
+                figures["step1_reused_prefix_tokens"] = step["reused_prefix_tokens"]
+                return (
+                    f"{figures['up_to_first_step_seconds']:.0f} s after up; step 1 reused "
+                    f"{step['reused_prefix_tokens']} prefix tokens, decoded {step['generated_tokens']}"
                 )
-                return rows if len(rows) == 2 else []
 
-            rows = wait_for("both replicas to have served rollouts (prometheus)", served, 120)
-            return ", ".join(f"{r['metric']['instance']}: {float(r['value'][1]):.0f} requests" for r in rows)
+            check("first training step, with tokens saved", first_step)
 
-        check("both replicas serve rollouts", both_replicas)
+            def both_replicas() -> str:
+                def served() -> list:
+                    rows = prometheus(
+                        'sum by (instance) (rpo_rollout_requests_total{job="rpo-rollout",outcome="ok"}) > 0'
+                    )
+                    return rows if len(rows) == 2 else []
 
-        def panels_live() -> str:
-            wait_for("every dashboard query to return data", lambda: not empty_dashboard_queries(), 120, 5)
-            saved = float(prometheus(dashboard_queries()[0][1])[0]["value"][1])
-            figures["tokens_saved_share_panel"] = saved
-            return f"{len(dashboard_queries())} queries; tokens saved panel {saved:.2f}"
+                rows = wait_for("both replicas to have served rollouts (prometheus)", served, 120)
+                return ", ".join(
+                    f"{r['metric']['instance']}: {float(r['value'][1]):.0f} requests" for r in rows
+                )
 
-        check("every Grafana dashboard query returns data (live)", panels_live)
+            check("both replicas serve rollouts", both_replicas)
 
-        def kill_replica() -> str:
-            victim = stack.containers("rollout")[-1]
-            inspect = json.loads(
-                subprocess.run(["docker", "inspect", victim["Name"]], capture_output=True, text=True).stdout
-            )[0]
-            ip = next(iter(inspect["NetworkSettings"]["Networks"].values()))["IPAddress"]
-            before = len(stack.records("step"))
-            subprocess.run(["kill", "-9", str(inspect["State"]["Pid"])], check=True)
-            wait_for(
-                f"the trainer's log to name the killed replica {victim['Name']} ({ip})",
-                lambda: ip in stack.logs("trainer"),
-                240,
-            )
-            wait_for("two more steps after the kill", lambda: len(stack.records("step")) >= before + 2, 240)
-            named = next(line for line in stack.logs("trainer").splitlines() if ip in line)
+            def panels_live() -> str:
+                wait_for(
+                    "every dashboard query to return data", lambda: not empty_dashboard_queries(), 120, 5
+                )
+                saved = float(prometheus(dashboard_queries()[0][1])[0]["value"][1])
+                figures["tokens_saved_share_panel"] = saved
+                return f"{len(dashboard_queries())} queries; tokens saved panel {saved:.2f}"
 
-            def replaced() -> bool:  # Docker's restart policy brings the killed replica back
-                state = json.loads(
+            check("every Grafana dashboard query returns data (live)", panels_live)
+
+            def kill_replica() -> str:
+                victim = stack.containers("rollout")[-1]
+                inspect = json.loads(
                     subprocess.run(
                         ["docker", "inspect", victim["Name"]], capture_output=True, text=True
                     ).stdout
                 )[0]
-                return (
-                    state["RestartCount"] >= 1 and state["State"].get("Health", {}).get("Status") == "healthy"
+                ip = next(iter(inspect["NetworkSettings"]["Networks"].values()))["IPAddress"]
+                before = len(stack.records("step"))
+                subprocess.run(["kill", "-9", str(inspect["State"]["Pid"])], check=True)
+                wait_for(
+                    f"the trainer's log to name the killed replica {victim['Name']} ({ip})",
+                    lambda: ip in stack.logs("trainer"),
+                    240,
                 )
-
-            wait_for(f"{victim['Name']} to be restarted and healthy again", replaced, 300)
-            return f"{victim['Name']} ({ip}), restarted by Docker; trainer: {named.strip()[:160]}"
-
-        check("a replica killed mid-run is named and the run goes on", kill_replica)
-
-        def restart_trainer() -> str:
-            checkpoint = wait_for(
-                "a checkpoint (trainer)",
-                lambda: [r for r in stack.records("checkpoint") if r.get("step")],
-                300,
-            )[-1]["step"]
-            resumes = len(stack.records("resume"))
-            started = time.monotonic()
-            stack.run("restart", "trainer", timeout=300)
-            resume = wait_for(
-                "the restarted trainer's resume record",
-                lambda: stack.records("resume")[resumes:],
-                300,
-            )[0]
-            if resume["step"] < checkpoint or resume["step"] == 0:
-                raise SmokeFailure(
-                    f"trainer: resumed at step {resume['step']}, the last checkpoint was {checkpoint}"
+                wait_for(
+                    "two more steps after the kill", lambda: len(stack.records("step")) >= before + 2, 240
                 )
-            wait_for(
-                "a step after the resume",
-                lambda: [
-                    r
-                    for r in stack.records(None)[-50:]
-                    if r.get("kind") == "step" and r["step"] == resume["step"] + 1
-                ],
-                300,
-            )
-            figures["restart_to_next_step_seconds"] = time.monotonic() - started
-            return f"resumed at step {resume['step']} (checkpoint {checkpoint}), next step in {figures['restart_to_next_step_seconds']:.0f} s"
+                named = next(line for line in stack.logs("trainer").splitlines() if ip in line)
 
-        check("docker compose restart trainer resumes from the last checkpoint", restart_trainer)
+                def replaced() -> bool:  # Docker's restart policy brings the killed replica back
+                    state = json.loads(
+                        subprocess.run(
+                            ["docker", "inspect", victim["Name"]], capture_output=True, text=True
+                        ).stdout
+                    )[0]
+                    return (
+                        state["RestartCount"] >= 1
+                        and state["State"].get("Health", {}).get("Status") == "healthy"
+                    )
 
-        def down_up() -> str:
-            checkpoint = wait_for(
-                "a checkpoint after the restart",
-                lambda: [
-                    r for r in stack.records("checkpoint") if r["step"] > stack.records("resume")[-1]["step"]
-                ],
-                300,
-            )[-1]["step"]
-            resumes = len(stack.records("resume"))
-            stack.run("down", timeout=300)
-            started = time.monotonic()
-            stack.up(services)
-            resume = wait_for(
-                "the resume record after down/up", lambda: stack.records("resume")[resumes:], 420
-            )[0]
-            if resume["step"] < checkpoint:
-                raise SmokeFailure(
-                    f"trainer: resumed at step {resume['step']} after down/up; checkpoint {checkpoint}"
+                wait_for(f"{victim['Name']} to be restarted and healthy again", replaced, 300)
+                return f"{victim['Name']} ({ip}), restarted by Docker; trainer: {named.strip()[:160]}"
+
+            check("a replica killed mid-run is named and the run goes on", kill_replica)
+
+            def restart_trainer() -> str:
+                checkpoint = wait_for(
+                    "a checkpoint (trainer)",
+                    lambda: [r for r in stack.records("checkpoint") if r.get("step")],
+                    300,
+                )[-1]["step"]
+                resumes = len(stack.records("resume"))
+                started = time.monotonic()
+                stack.run("restart", "trainer", timeout=300)
+                resume = wait_for(
+                    "the restarted trainer's resume record",
+                    lambda: stack.records("resume")[resumes:],
+                    300,
+                )[0]
+                if resume["step"] < checkpoint or resume["step"] == 0:
+                    raise SmokeFailure(
+                        f"trainer: resumed at step {resume['step']}, the last checkpoint was {checkpoint}"
+                    )
+                wait_for(
+                    "a step after the resume",
+                    lambda: [
+                        r
+                        for r in stack.records(None)[-50:]
+                        if r.get("kind") == "step" and r["step"] == resume["step"] + 1
+                    ],
+                    300,
                 )
-            wait_for(
-                "a step after down/up",
-                lambda: [r for r in stack.records("step") if r["time"] > resume["time"]],
-                300,
-            )
-            figures["down_up_to_next_step_seconds"] = time.monotonic() - started
-            return f"resumed at step {resume['step']}, next step {figures['down_up_to_next_step_seconds']:.0f} s after up"
+                figures["restart_to_next_step_seconds"] = time.monotonic() - started
+                return f"resumed at step {resume['step']} (checkpoint {checkpoint}), next step in {figures['restart_to_next_step_seconds']:.0f} s"
 
-        check("down, then up with the same run name, resumes", down_up)
+            check("docker compose restart trainer resumes from the last checkpoint", restart_trainer)
 
-        def no_double_updates() -> str:
-            named = re.findall(r"run id (\S+)", stack.logs("trainer"))
-            if not named:
-                raise SmokeFailure("trainer: its log names no run id")
-            run_id = named[-1]
-            counts = cache_update_counts(run_id, token)
-            if max(counts) > 1:
-                raise SmokeFailure(
-                    f"cache: {sum(c > 1 for c in counts)} entries updated more than once in one epoch"
+            def down_up() -> str:
+                checkpoint = wait_for(
+                    "a checkpoint after the restart",
+                    lambda: [
+                        r
+                        for r in stack.records("checkpoint")
+                        if r["step"] > stack.records("resume")[-1]["step"]
+                    ],
+                    300,
+                )[-1]["step"]
+                resumes = len(stack.records("resume"))
+                stack.run("down", timeout=300)
+                started = time.monotonic()
+                stack.up(services)
+                resume = wait_for(
+                    "the resume record after down/up", lambda: stack.records("resume")[resumes:], 420
+                )[0]
+                if resume["step"] < checkpoint:
+                    raise SmokeFailure(
+                        f"trainer: resumed at step {resume['step']} after down/up; checkpoint {checkpoint}"
+                    )
+                wait_for(
+                    "a step after down/up",
+                    lambda: [r for r in stack.records("step") if r["time"] > resume["time"]],
+                    300,
                 )
-            replays = sum(float(r["value"][1]) for r in prometheus("rpo_cache_update_replays_total"))
-            return f"{len(counts)} entries, {sum(counts)} updated once, none twice (replays answered since the last up: {replays:.0f})"
+                figures["down_up_to_next_step_seconds"] = time.monotonic() - started
+                return f"resumed at step {resume['step']}, next step {figures['down_up_to_next_step_seconds']:.0f} s after up"
 
-        check("no cache update applied twice", no_double_updates)
+            check("down, then up with the same run name, resumes", down_up)
 
-        def panels_after_exit() -> str:
-            stack.run("stop", "trainer", timeout=120)
-            time.sleep(15)  # a few scrapes: the trainer's series are marked stale
-            empty = empty_dashboard_queries()
-            if empty:
-                raise SmokeFailure("prometheus: empty after the trainer stopped: " + "; ".join(empty))
-            return "every panel still shows the last values"
+            def no_double_updates() -> str:
+                named = re.findall(r"run id (\S+)", stack.logs("trainer"))
+                if not named:
+                    raise SmokeFailure("trainer: its log names no run id")
+                run_id = named[-1]
+                counts = cache_update_counts(run_id, token)
+                if max(counts) > 1:
+                    raise SmokeFailure(
+                        f"cache: {sum(c > 1 for c in counts)} entries updated more than once in one epoch"
+                    )
+                replays = sum(float(r["value"][1]) for r in prometheus("rpo_cache_update_replays_total"))
+                return f"{len(counts)} entries, {sum(counts)} updated once, none twice (replays answered since the last up: {replays:.0f})"
 
-        check("dashboard queries after the trainer exits", panels_after_exit)
+            check("no cache update applied twice", no_double_updates)
+
+            def panels_after_exit() -> str:
+                stack.run("stop", "trainer", timeout=120)
+                time.sleep(15)  # a few scrapes: the trainer's series are marked stale
+                empty = empty_dashboard_queries()
+                if empty:
+                    raise SmokeFailure("prometheus: empty after the trainer stopped: " + "; ".join(empty))
+                return "every panel still shows the last values"
+
+            check("dashboard queries after the trainer exits", panels_after_exit)
     except SmokeFailure:
         for service in ("trainer", "rollout", "cache"):
             (out / f"{service}.log").write_text(stack.logs(service))

@@ -14,8 +14,11 @@
 # named or pullable). The build gets pip's find-links directory and CA bundle from this machine's pip
 # configuration (deploy/build-extras/), so it works behind a proxy or from a local wheel directory.
 #
-# Usage: bash scripts/compose_smoke.sh [--skip-build] [--keep] [--out DIR]
+# Usage: bash scripts/compose_smoke.sh [--skip-build] [--keep] [--surplus] [--out DIR]
 #   --skip-build  use the rpo-rl-cpu image already built;  --keep  leave the stack up at the end
+#   --surplus     instead of the run above: GPU claims on a fake 3-GPU box with --scale rollout=3, so one
+#                 replica is surplus; it must stop once (status 0, not restarted) and the trainer train on
+#                 the other two (scripts/compose_smoke_surplus.py)
 #   about 15 minutes on 2 cores the first time (debootstrap ~3 min, build ~6 min), under 10 without them.
 # Needs: root (or a user in the docker group with the images at hand) and a Docker engine; as root on
 # Debian/Ubuntu it installs docker.io and debootstrap and starts dockerd (RPO_DOCKERD_ARGS) if none runs.
@@ -23,13 +26,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 build=1
 keep=0
+surplus=0
 out=runs/compose-smoke
 while [ $# -gt 0 ]; do
   case $1 in
     --skip-build) build=0 ;;
     --keep) keep=1 ;;
+    --surplus) surplus=1 ;;
     --out) out=$2; shift ;;
-    *) echo "usage: bash scripts/compose_smoke.sh [--skip-build] [--keep] [--out DIR]" >&2; exit 2 ;;
+    *) echo "usage: bash scripts/compose_smoke.sh [--skip-build] [--keep] [--surplus] [--out DIR]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -115,4 +120,5 @@ have rpo-rl-cpu:latest || { echo "compose_smoke.sh: no rpo-rl-cpu:latest image (
 args=(--compose "$compose_bin" --out "$out")
 [ -n "$build_seconds" ] && args+=(--build-seconds "$build_seconds")
 [ "$keep" = 1 ] && args+=(--keep)
+[ "$surplus" = 1 ] && args+=(--surplus)
 exec .venv/bin/python scripts/compose_smoke.py "${args[@]}"
