@@ -120,6 +120,11 @@ class DataSection(ConfigSection):
     through the chat template (docs/training.md, "Datasets")."""
     prompt_template: str = "Q: {question}\nA: "
     """Plain prompt used when the tokenizer has no chat template (or `use_chat_template` is false)."""
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra keyword arguments of the chat template (TRL's `chat_template_kwargs`), e.g. `{enable_thinking:
+    false}`."""
+    max_prompt_length: int | None = Field(None, ge=1)
+    """Prompts longer than this many tokens keep their last ones (TRL's left truncation); null: whole."""
     use_chat_template: bool = True
     """Use the tokenizer's chat template when it has one."""
     system_prompt: str | None = None

@@ -264,7 +264,9 @@ def build_prompt_text(tokenizer: Any, question: str | Question, fields: DataSect
         turns = (("system", fields.system_prompt), *turns)
     if fields.use_chat_template and getattr(tokenizer, "chat_template", None):
         messages = [{"role": role, "content": content} for role, content in turns]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **fields.chat_template_kwargs
+        )
     if not isinstance(question, Question) or not question.messages:
         return fields.prompt_template.format(question=text)
     plain = {"user": lambda c: fields.prompt_template.format(question=c), "system": "{}\n".format}
@@ -272,7 +274,9 @@ def build_prompt_text(tokenizer: Any, question: str | Question, fields: DataSect
 
 
 def encode_prompt(tokenizer: Any, question: str | Question, fields: DataSection) -> list[int]:
-    """Prompt token ids. Special tokens come from the chat template when one is used, else the tokenizer's own."""
+    """Prompt token ids. Special tokens come from the chat template when one is used, else the tokenizer's own.
+    A prompt over `data.max_prompt_length` tokens keeps its last ones (TRL's left truncation)."""
     text = build_prompt_text(tokenizer, question, fields)
     templated = fields.use_chat_template and getattr(tokenizer, "chat_template", None)
-    return list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
+    ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
+    return ids[-fields.max_prompt_length :] if fields.max_prompt_length else ids

@@ -68,10 +68,7 @@ SAME: dict[str, tuple[str, str]] = {
     "top_p": ("sampling.top_p", ""),
     "top_k": ("sampling.top_k", "training rollouts; log-probs: see below"),
     "min_p": ("sampling.min_p", "training rollouts; log-probs: see below"),
-    "chat_template_kwargs": (
-        "",
-        "not yet: the chat template is applied with its defaults (data.use_chat_template, data.system_prompt)",
-    ),
+    "chat_template_kwargs": ("data.chat_template_kwargs", ""),
     "repetition_penalty": ("sampling.repetition_penalty", "training rollouts; log-probs: see below"),
     "use_vllm": ("", "always: rollouts are decoded by vLLM replicas (`rpo replica`)"),
     "vllm_mode": ("", "always server mode: services.rollout_urls or discovery"),
