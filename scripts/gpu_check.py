@@ -102,13 +102,9 @@ def http_json(url: str, timeout: float = 10):
 
 
 def push_transports(record: dict) -> list[str]:
-    """The transport(s) a step record says its weight push used: the trainer writes `weight_transport`
-    (nccl, http, or http-fallback after an NCCL failure); [] for a record without one."""
-    found = [record.get("weight_transport"), record.get("transport")]
-    push = record.get("weight_push")
-    if isinstance(push, dict):
-        found.append(push.get("transport"))
-    return [str(t) for t in found if t]
+    """The transport a step record says its weight push used (trainer/records.py, `weight_transport`: nccl,
+    http, or http_fallback when NCCL was configured and failed); [] for a step without a push."""
+    return [record["weight_transport"]] if record.get("weight_transport") else []
 
 
 def plan(gpus: int) -> list[dict]:
