@@ -16,9 +16,9 @@
 #
 # Usage: bash scripts/compose_smoke.sh [--skip-build] [--keep] [--surplus] [--out DIR]
 #   --skip-build  use the rpo-rl-cpu image already built;  --keep  leave the stack up at the end
-#   --surplus     instead of the run above: GPU claims on a fake 3-GPU box with --scale rollout=3, so one
-#                 replica is surplus; it must stop once (status 0, not restarted) and the trainer train on
-#                 the other two (scripts/compose_smoke_surplus.py)
+#   --surplus     instead of the run above: GPU claims on a fake 4-GPU box, RPO_TRAINER_GPUS=2 and
+#                 --scale rollout=3, so one replica is surplus; it must stop once (status 0, not restarted)
+#                 and the trainer train with two ranks on the other two (scripts/compose_smoke_surplus.py)
 #   about 15 minutes on 2 cores the first time (debootstrap ~3 min, build ~6 min), under 10 without them.
 # Needs: root (or a user in the docker group with the images at hand) and a Docker engine; as root on
 # Debian/Ubuntu it installs docker.io and debootstrap and starts dockerd (RPO_DOCKERD_ARGS) if none runs.

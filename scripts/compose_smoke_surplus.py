@@ -1,10 +1,12 @@
-"""`scripts/compose_smoke.sh --surplus`: more rollout replicas than GPUs, with real containers on the CPU
-profile. The GPU claims are switched on with a fake three-GPU box (`RPO_GPU_DEVICES=0,1,2`: the trainer keeps
-0, two replicas get 1 and 2) and the stack is started with `--scale rollout=3`, so one replica is surplus.
+"""`scripts/compose_smoke.sh --surplus`: more rollout replicas than GPUs, and a trainer of two ranks, with
+real containers on the CPU profile. The GPU claims are switched on with a fake four-GPU box
+(`RPO_GPU_DEVICES=0,1,2,3`) and `RPO_TRAINER_GPUS=2` (the trainer keeps 0 and 1 and runs two DeepSpeed
+ranks, CPU ranks here; two replicas get 2 and 3), and the stack is started with `--scale rollout=3`, so one
+replica is surplus.
 
 Checked: the surplus replica says why in one line and exits with status 0, and Docker does not restart it
 (`restart: on-failure`); the other two become healthy on distinct "GPUs"; the trainer, which waits for a
-first ready replica rather than for all of them, reaches its first step; `up -d` itself returns.
+first ready replica rather than for all of them, reaches its first step with two ranks; `up -d` returns.
 """
 
 from __future__ import annotations
@@ -18,28 +20,30 @@ from pathlib import Path
 from typing import Any
 
 OVERRIDE = """\
-# compose_smoke.sh --surplus: GPU claims on, on a fake box of three GPUs (RPO_GPU_DEVICES)
+# compose_smoke.sh --surplus: GPU claims on, on a fake box of four GPUs (RPO_GPU_DEVICES)
 services:
   rollout:
     environment:
       RPO_GPUS__CLAIM_DIR: /run/rpo-gpus
-      RPO_GPU_DEVICES: "0,1,2"
+      RPO_GPU_DEVICES: "0,1,2,3"
   trainer:
     environment:
       RPO_GPUS__CLAIM_DIR: /run/rpo-gpus
-      RPO_GPU_DEVICES: "0,1,2"
+      RPO_GPU_DEVICES: "0,1,2,3"
 """
 SURPLUS_LINE = "is not needed and stops"
 
 
 def use_override(stack_dir: Path) -> None:
-    """Write the override next to the copied compose files and add it to COMPOSE_FILE in .env."""
+    """Write the override next to the copied compose files, add it to COMPOSE_FILE in .env, and give the
+    trainer two GPUs there (RPO_TRAINER_GPUS=2: two claimed "GPUs" and two DeepSpeed ranks)."""
     (stack_dir / "surplus.yml").write_text(OVERRIDE)
     env = stack_dir / ".env"
     lines = env.read_text().splitlines()
     files = [line for line in lines if line.startswith("COMPOSE_FILE=")]
     assert files, ".env names no COMPOSE_FILE (rpo compose init --cpu writes it)"
     lines = [line + ":surplus.yml" if line.startswith("COMPOSE_FILE=") else line for line in lines]
+    lines = [line for line in lines if not line.startswith("RPO_TRAINER_GPUS=")] + ["RPO_TRAINER_GPUS=2"]
     env.write_text("\n".join(lines) + "\n")
 
 
@@ -64,7 +68,7 @@ def run(
         figures["surplus_up_seconds"] = time.monotonic() - t0
         return f"`up -d --scale rollout=3` returned after {figures['surplus_up_seconds']:.0f} s"
 
-    check("up with 3 replicas on a box with GPUs for 2 returns", up_returns)
+    check("up with 3 replicas on a box with GPUs for 2 of them returns", up_returns)
 
     def surplus_stops() -> str:
         def stopped() -> list:
@@ -96,8 +100,8 @@ def run(
         for row in rows:
             log = container_log(row["Name"])
             gpus += re.findall(r"rollout uses GPU\(s\) (\S+) of", log)
-        if sorted(gpus) != ["1", "2"]:
-            raise failure(f"rollout: the healthy replicas claimed {gpus}, not 1 and 2")
+        if sorted(gpus) != ["2", "3"]:
+            raise failure(f"rollout: the healthy replicas claimed {gpus}, not 2 and 3")
         return ", ".join(f"{r['Name']} on GPU {g}" for r, g in zip(rows, gpus, strict=True))
 
     check("the other two replicas are healthy on distinct GPUs", two_healthy)
@@ -105,9 +109,12 @@ def run(
     def trains() -> str:
         step = wait_for("the trainer's first step (trainer)", lambda: stack.records("step"), 600)[0]
         figures["surplus_up_to_first_step_seconds"] = time.monotonic() - t0
+        log = stack.logs("trainer")
+        if "rpo train: 2 ranks under DeepSpeed's launcher" not in log or "num_local_procs=2" not in log:
+            raise failure(f"trainer: not two DeepSpeed ranks: {log[-2000:]}")
         return (
-            f"step 1 {figures['surplus_up_to_first_step_seconds']:.0f} s after up, weights over "
+            f"step 1 {figures['surplus_up_to_first_step_seconds']:.0f} s after up, two ranks, weights over "
             f"{step.get('weight_transport')}"
         )
 
-    check("the trainer trains on the replicas that came up", trains)
+    check("the trainer trains with two ranks on the replicas that came up", trains)

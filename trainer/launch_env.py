@@ -110,7 +110,7 @@ def local_ranks_command(
 ) -> tuple[list[str], dict[str, str]]:
     """The command and environment that run `rpo <argv>` as `n` ranks on this machine under DeepSpeed's
     launcher: on the first `n` GPUs of `CUDA_VISIBLE_DEVICES` when it names some (the launcher then places
-    one rank on each), else on `--num_gpus n`. Raises ValueError when fewer than `n` GPUs are given."""
+    one rank on each), else (or with DS_ACCELERATOR=cpu) on `--num_gpus n`. Raises ValueError when fewer than `n` GPUs are given."""
     env = dict(environ)
     cmd = [
         sys.executable,
@@ -121,7 +121,7 @@ def local_ranks_command(
         str(master_port),
     ]
     visible = [d.strip() for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    if visible:
+    if visible and env.get("DS_ACCELERATOR") != "cpu":  # CPU ranks use no GPU, whatever is visible
         if len(visible) < n:
             raise ValueError(
                 f"train.num_processes is {n}, but this trainer was given {len(visible)} GPU(s) "

@@ -23,6 +23,10 @@ def test_ranks_go_on_the_claimed_gpus_or_on_num_gpus():
     assert cmd[cmd.index("--master_port") + 1] == "29511"
     cmd, env = local_ranks_command(3, ["train"], {"DS_ACCELERATOR": "cpu"}, 29511)
     assert cmd[cmd.index("--num_gpus") + 1] == "3" and "CUDA_VISIBLE_DEVICES" not in env
+    cmd, env = local_ranks_command(
+        2, ["train"], {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "0"}, 29511
+    )
+    assert cmd[cmd.index("--num_gpus") + 1] == "2"  # CPU ranks: a claim's GPUs play no part
     with pytest.raises(ValueError, match=r"train.num_processes is 3, but this trainer was given 2 GPU\(s\)"):
         local_ranks_command(3, ["train"], {"CUDA_VISIBLE_DEVICES": "0,1"}, 29511)
 
