@@ -42,6 +42,9 @@ sys.path.insert(0, str(REPO))
 from services.core.clients.cache import SyncCacheClient  # noqa: E402
 from services.demo.model_path import resolve_model_path  # noqa: E402
 
+MID_STEP_SECONDS = 1.0
+"""How long after a step's record the check cancels: the step's checkpoint is written, the next one runs
+(a step takes several seconds here)."""
 QUESTIONS = 256  # one epoch of 16 steps of 16: each entry is updated at most once unless one is applied twice
 
 
@@ -64,12 +67,15 @@ def sh(*args: str, timeout: float = 30, check: bool = True) -> str:
     return done.stdout
 
 
-def wait_for(what: str, probe, timeout: float, every: float = 0.5):
+def wait_for(what: str, probe, timeout: float, every: float = 0.5, alive=None):
+    """Poll `probe` until it returns something true; `alive` (if given) raises when the job has ended."""
     deadline = time.monotonic() + timeout
     while True:
         value = probe()
         if value:
             return value
+        if alive is not None:
+            alive(what)
         if time.monotonic() > deadline:
             raise CheckFailed(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(every)
@@ -294,6 +300,13 @@ def main() -> int:
         figures["job_id"] = job
         print(f"[slurm-check] submitted job {job}; logs under {run_dir}", flush=True)
 
+        def running(what: str) -> None:
+            state = job_state(cluster, job)
+            if state in ENDED or state == "GONE":
+                raise CheckFailed(
+                    f"the job is {state} while waiting for {what}; its log: {run_dir}/slurm-{job}.out"
+                )
+
         def separate_steps() -> str:
             def steps():
                 names = sorted(
@@ -309,7 +322,7 @@ def main() -> int:
                     else None
                 )
 
-            names = wait_for("the job's four steps", steps, min(600, left()))
+            names = wait_for("the job's four steps", steps, min(600, left()), alive=running)
             figures["steps_seen"] = names
             return ", ".join(names)
 
@@ -333,6 +346,7 @@ def main() -> int:
             wait_for(
                 "a new step to begin", lambda: len(records(run_dir, "step")) > count, min(300, left()), 0.1
             )
+            time.sleep(MID_STEP_SECONDS)  # past the step's checkpoint: the next step's rollouts are in flight
             running = job_processes(job, str(run_dir))  # what the scan finds while the job runs
             t = time.monotonic()
             cluster.run("scancel", job)
@@ -342,6 +356,7 @@ def main() -> int:
             leftovers = job_processes(job, str(run_dir))
             figures["checks"][label] = {
                 "cancelled_after_step": count + 1,
+                "seconds_into_next_step": MID_STEP_SECONDS,
                 "cancel_to_job_end_seconds": round(seconds, 1),
                 "processes_while_running": len(running),
                 "processes_left": len(leftovers),
@@ -350,7 +365,7 @@ def main() -> int:
             if leftovers:
                 raise CheckFailed(f"{len(leftovers)} process(es) left: " + "; ".join(leftovers))
             return (
-                f"cancelled during step {count + 2} (after step {count + 1}); job ended in {seconds:.1f} s; "
+                f"cancelled {MID_STEP_SECONDS:.0f} s into step {count + 2}; job ended in {seconds:.1f} s; "
                 f"{len(running)} processes of the job before, 0 left"
             )
 
@@ -373,7 +388,7 @@ def main() -> int:
             figures["requeue_to_resume_seconds"] = round(time.monotonic() - t, 1)
             wait_for(
                 "a step after the resume",
-                lambda: [r for r in records(run_dir, "step") if r["step"] > resume["step"]],
+                lambda: [r for r in records(run_dir, "step") if r["time"] > resume["time"]],
                 min(300, left()),
             )
             figures["requeue_to_next_step_seconds"] = round(time.monotonic() - t, 1)
@@ -407,6 +422,7 @@ def main() -> int:
             wait_for(
                 "a new step to begin", lambda: len(records(run_dir, "step")) > count, min(300, left()), 0.1
             )
+            time.sleep(MID_STEP_SECONDS)
             in_flight = records(run_dir, "step")[-1]["step"] + 1
             resumes = len(records(run_dir, "resume"))
             t = time.monotonic()

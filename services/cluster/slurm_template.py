@@ -145,8 +145,9 @@ stop() {
       say "step $name did not stop in ${seconds} s: killing it"
       signal_step KILL "$name"
     fi
-    wait "${PID[$name]}" 2>/dev/null
+    [[ ${PID[$name]:-} ]] && wait "${PID[$name]}" 2>/dev/null
   done
+  return 0
 }
 
 # signal_step SIGNAL NAME: the signal to the step's processes (scancel), or to its srun if Slurm no longer
