@@ -332,7 +332,7 @@ class SamplingSection(ConfigSection):
     """Training rollouts drop tokens below min_p x the most likely one's probability (TRL's `min_p`); 0: none."""
     repetition_penalty: float = Field(wire_default("repetition_penalty"), gt=0.0)
     """Training rollouts' repetition penalty (TRL's, vLLM's); 1: none. The learner's log-probs are the
-    model's own, not penalised or truncated (docs/training.md, "Moving a TRL GRPO script over")."""
+    model's own, not penalised or truncated (docs/training.md, "TRL's options, and what they mean here")."""
     init_temperature: float = Field(0.9, ge=0.0)
     """Cache initialisation temperature. Release code: 0.9."""
     init_top_p: float = Field(0.9, gt=0.0, le=1.0)
