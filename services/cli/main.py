@@ -1,13 +1,17 @@
 """The `rpo` command line. The command table is services/cli/table.py; each handler lives in the package
 that owns the feature, and heavy imports (torch, vLLM, DeepSpeed) happen inside it, so `--help` is instant.
 A `ConfigError`, `UsageError`, `DatasetError` or `RewardSpecError` ends the command with its message and exit
-code 2, never a traceback.
+code 2, never a traceback: a refusal. Under a supervisor that restarts whatever fails (Docker's `restart:
+on-failure`), a refusal would repeat forever, since a restart cannot fix a setting; there,
+`RPO_REFUSAL_EXIT_STATUS=0` (docker-compose.yml sets it) makes a refusal end the process for good, after the
+same one-line message.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -20,6 +24,14 @@ from services.core.logs import setup_logging
 from services.core.rewards import RewardSpecError
 
 log = logging.getLogger("rpo")
+
+REFUSAL_STATUS_ENV = "RPO_REFUSAL_EXIT_STATUS"
+"""The exit status of a refusal (bad input: a message, no traceback); 2 unless this variable says otherwise."""
+
+
+def refusal_status() -> int:
+    value = os.environ.get(REFUSAL_STATUS_ENV, "2").strip()
+    return int(value) if value.isdigit() and int(value) < 256 else 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(handler(args) or 0)
     except (ConfigError, UsageError, DatasetError, RewardSpecError) as exc:  # bad input: its message
         print(f"rpo {args.command}: {exc}", file=sys.stderr)
-        return 2
+        return refusal_status()
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0

@@ -72,3 +72,10 @@ def test_a_replica_and_rpo_run_refuse_a_context_the_model_lacks_before_any_engin
         assert "model.max_model_len 4608 is longer than the model's context" in done.stderr
         assert "1024 positions" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "run").exists()  # refused before anything was started or written
+    # under compose (RPO_REFUSAL_EXIT_STATUS=0, docker-compose.yml) the same refusal ends the replica with 0,
+    # which `restart: on-failure` leaves stopped instead of restarting it forever
+    done = run_rpo(
+        "serve", "rollout", "--model", str(short), "--port", "0", "--set", "model.max_model_len=4608",
+        env_extra={"RPO_REFUSAL_EXIT_STATUS": "0"},
+    )  # fmt: skip
+    assert done.returncode == 0 and "model.max_model_len 4608 is longer" in done.stderr

@@ -82,6 +82,12 @@ def test_compose_file_is_valid_for_each_gpu_layout_and_places_every_process(gpus
     assert trainer["depends_on"]["cache"]["condition"] == "service_healthy"
     assert trainer["depends_on"]["rollout"]["condition"] == "service_started"
     assert rollout["restart"] == "on-failure"
+    # a refused setting ends a replica or the trainer with 0, so on-failure does not restart it forever
+    assert (
+        rollout["environment"]["RPO_REFUSAL_EXIT_STATUS"]
+        == trainer["environment"]["RPO_REFUSAL_EXIT_STATUS"]
+        == "0"
+    )
     assert trainer["environment"]["RPO_TRAIN__NUM_PROCESSES"] == layout.get("RPO_TRAINER_GPUS", "1")
     assert all("healthcheck" in services[n] for n in ("redis", "cache", "rollout"))
     # nothing is published beyond this machine by default
