@@ -1,8 +1,9 @@
 """Greedy parity after a weight push (run by scripts/gpu_smoke.sh): a replica started on the warm tiny
 model receives the weights of a trained policy over HTTP, then its greedy continuations must equal
-transformers' greedy continuations of that policy, token for token. On a GPU by default; `--cpu` runs the
-replica on vLLM's CPU engine and transformers on CPU (what the test suite runs). Prints one line; exit 1
-on a mismatch. Usage: python scripts/gpu_smoke.py [--cpu] BASE_MODEL_DIR TRAINED_MODEL_DIR WORK_DIR"""
+transformers' greedy continuations of that policy. Both sides run in float32 (the replica with
+model.dtype=float32): vLLM in bfloat16 against transformers in float32 would differ by rounding alone.
+On a GPU by default; `--cpu` runs the replica on vLLM's CPU engine and transformers on CPU (what the test
+suite runs), where the tokens must be the same, every one. Prints one line; exit 1 on a mismatch. Usage: python scripts/gpu_smoke.py [--cpu] BASE_MODEL_DIR TRAINED_MODEL_DIR WORK_DIR"""
 
 from __future__ import annotations
 
@@ -19,6 +20,12 @@ from services.core.config import load_config
 from services.supervisor.processes import Supervisor, free_port, rpo_command, write_run_config
 from trainer.weight_push import push_weights
 
+# On a GPU the two sides still run different kernels (vLLM's paged attention and its fused layers against
+# transformers' SDPA), whose float32 sums differ in the last bits; where two logits nearly tie, greedy picks
+# can part late in a continuation, and then every later token differs too. So on GPU the check is the share
+# of tokens before the first difference, at least MIN_GPU_AGREEMENT, and every first token the same: a push
+# that failed or landed wrong weights parts from the first tokens, a late rounding tie costs a few of 72.
+MIN_GPU_AGREEMENT = 0.9
 PROMPTS = ["Q: 12+7+30=?\nA: ", "Q: 401+96=?\nA: ", "Q: 5+5+5+5=?\nA: "]
 
 
@@ -31,7 +38,7 @@ def main(base: Path, trained: Path, work: Path, *, cpu: bool = False) -> int:
     device_settings = (
         ["rollout.kv_cache_bytes=134217728", "rollout.reward_workers=0"]
         if cpu
-        else ["rollout.gpu_memory_utilization=0.3"]
+        else ["rollout.gpu_memory_utilization=0.3", "model.dtype=float32"]
     )
     device = "cpu" if cpu else "cuda"
     cfg = load_config(None, [f"model.path={base}", *device_settings, f"rollout.port={port}"])
@@ -59,11 +66,18 @@ def main(base: Path, trained: Path, work: Path, *, cpu: bool = False) -> int:
         out = model.generate(torch.tensor([ids]).to(device), max_new_tokens=24, do_sample=False)
         expected.append(out[0, len(ids) :].tolist())
     # the replica stops at EOS (kept); transformers pads after it: compare up to the replica's length
-    same = (
-        all(e[: len(s)] == s for s, e in zip(served, expected, strict=True)) and reply["policy_version"] == 1
-    )
+    agreed = compared = 0
+    first_same = True
+    for s, e in zip(served, expected, strict=True):
+        n = next((i for i, (a, b) in enumerate(zip(s, e, strict=False)) if a != b), min(len(s), len(e)))
+        agreed, compared = agreed + n, compared + len(s)
+        first_same = first_same and n > 0
+    rate = agreed / max(compared, 1)
+    same = rate == 1.0 or (not cpu and first_same and rate >= MIN_GPU_AGREEMENT)
+    same = same and reply["policy_version"] == 1
+    what = "same greedy tokens" if rate == 1.0 else f"{rate:.0%} of greedy tokens the same"
     print(
-        f"parity after a push: {'same' if same else 'DIFFERENT'} greedy tokens on {len(prompts)} prompts, "
+        f"parity after a push: {what if same else 'DIFFERENT: ' + what} on {len(prompts)} prompts (float32), "
         f"version {reply['policy_version']}, push {push_seconds:.2f} s"
     )
     return 0 if same else 1
