@@ -217,7 +217,7 @@ def records(run_dir: Path, kind: str) -> list[dict]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / "runs" / "slurm-check"))
-    parser.add_argument("--budget", type=float, default=900, help="seconds the whole check may take")
+    parser.add_argument("--budget", type=float, default=1500, help="seconds the whole check may take")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     if out.exists():

@@ -7,7 +7,8 @@
 # the figures go to OUT/slurm_check.json (default runs/slurm-check). Needs root (slurmd runs as root) and
 # Debian's slurm-wlm and munge packages, which it installs with apt-get when they are missing.
 #
-# Usage: bash scripts/slurm_check.sh [--out DIR] [--budget SECONDS]   (about 3 minutes on 2 cores)
+# Usage: bash scripts/slurm_check.sh [--out DIR] [--budget SECONDS]   (about 10 minutes on 2 cores: two
+# requeues, each held 2 minutes by Slurm, and three starts of the two CPU replicas)
 # The test suite does not run it (it runs the generated script's syntax and dry run: tests/deploy);
 # docs/records/slurm-check-*.json keeps what it measured.
 set -uo pipefail

@@ -198,3 +198,43 @@ def test_the_run_config_is_required_and_checked_before_anything_is_written(tmp_p
 def test_the_committed_example_is_what_the_generator_writes():
     assert EXAMPLE.read_text() == example_script(), "stale: python -m services.cluster.slurm example"
     assert subprocess.run(["bash", "-n", str(EXAMPLE)], timeout=30).returncode == 0
+
+
+def test_the_slurm_command_in_the_docs_is_accepted_and_its_layout_fits():
+    import shlex
+
+    from services.cli.main import build_parser
+
+    text = (REPO / "docs" / "deploy.md").read_text().replace("\\\n", " ")
+    commands = [line.strip() for line in text.splitlines() if line.strip().startswith("rpo slurm script ")]
+    assert commands, "docs/deploy.md shows the rpo slurm script command"
+    for command in commands:
+        args = build_parser().parse_args(shlex.split(command, comments=True)[1:])
+        layout = plan_layout(
+            args.nodes, args.gpus_per_node, args.trainer_ranks, args.replicas, args.gpus_per_replica
+        )
+        assert len(layout.replicas) >= 1
+
+
+def test_the_committed_slurm_check_record_passed_every_check():
+    records = sorted((REPO / "docs" / "records").glob("slurm-check-*.json"))
+    assert records, "scripts/slurm_check.sh --out ... writes the record; commit it under docs/records"
+    record = json.loads(records[-1].read_text())
+    assert record["ok"] is True
+    assert [r["check"] for r in record["results"]] == [
+        "separate job steps",
+        "3 steps, tokens saved > 0",
+        "scancel mid-step leaves nothing",
+        "scontrol requeue resumes from the checkpoint",
+        "no cache update applied twice",
+        "USR1 to the batch script: checkpoint, requeue, resume",
+        "no cache update applied twice after it",
+        "final scancel leaves nothing",
+    ]
+    for cancel in ("cancel", "final_cancel"):
+        assert record["checks"][cancel]["processes_while_running"] > 0  # the scan sees the job while it runs
+        assert record["checks"][cancel]["processes_left"] == 0
+    assert record["resumed_at_step"] == record["last_checkpoint_before_requeue"] > 0
+    assert record["tokens_saved"]["reused"] > 0
+    assert record["cache"]["updated_twice_or_more"] == 0
+    assert record["graceful_requeue"]["resumed_at_step"] == record["graceful_requeue"]["step_in_flight"]
