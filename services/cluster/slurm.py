@@ -249,7 +249,7 @@ def script_main(args: Any) -> int:
         cache_port=args.cache_port,
         metrics_port=args.metrics_port,
         master_port=args.master_port,
-        command_line="rpo slurm script " + " ".join(shlex.quote(a) for a in sys.argv[3:]),
+        command_line=_command_line(args, config_file),
     )
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)  # Slurm opens the job's output there at start
     if args.out:
@@ -262,6 +262,16 @@ def script_main(args: Any) -> int:
         sys.stdout.write(text)
     print(layout.describe(), file=sys.stderr)
     return 0
+
+
+def _command_line(args: Any, config_file: Path) -> str:
+    """The command that wrote the script, from the parsed options (for its header)."""
+    parts = ["rpo", "slurm", "script", "--config", str(config_file)]
+    for flag in args.command_spec.flags:
+        value = getattr(args, flag.kwargs.get("dest", flag.name.lstrip("-").replace("-", "_")), None)
+        if value is not None and value != flag.kwargs.get("default"):
+            parts += [flag.name, str(value)]
+    return shlex.join(parts)
 
 
 def example_script() -> str:

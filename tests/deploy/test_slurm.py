@@ -74,6 +74,10 @@ def test_the_cpu_script_runs_each_part_as_its_own_step_and_the_trainer_resumes(t
         f"--output={tmp_path}/run/slurm-%j.out",
     ):
         assert f"#SBATCH {directive}" in text
+    assert (
+        f"#   rpo slurm script --config {CONFIG} --replicas 2 --run-dir {tmp_path}/run --out {script}\n"
+        in text
+    )
     assert (tmp_path / "run" / "logs").is_dir()  # Slurm opens the job's output there at start
     lines = dry_run(script, "node-a")
     found = steps(lines)
