@@ -56,7 +56,7 @@ check() {  # check NAME COMMAND...: run it, log to $out/NAME.log, print one line
   if "$@" >"$out/$name.log" 2>&1; then
     echo "[ok]   $name ($((SECONDS - t0)) s)"
   else
-    echo "[fail] $name ($((SECONDS - t0)) s): $(tail -1 "$out/$name.log" | cut -c1-200) (see $out/$name.log)"
+    echo "[fail] $name ($((SECONDS - t0)) s): $(grep -v '^[[:space:]]*$' "$out/$name.log" | tail -1 | cut -c1-200) (see $out/$name.log)"
     failed=1
   fi
 }
@@ -98,6 +98,7 @@ else
   check stack $py -c "import torch, vllm, deepspeed, peft; assert torch.cuda.is_available(), 'no CUDA'; \
 print(torch.__version__, torch.version.cuda, torch.cuda.nccl.version(), vllm.__version__, deepspeed.__version__, \
 torch.cuda.get_device_name())"
+  [ $failed = 0 ] || { echo "(the image sees no GPU: is the NVIDIA Container Toolkit installed? docs/deploy.md)"; exit 1; }
   # The replica takes 30% of the GPU, the trainer the rest.
   short+=(--set rollout.gpu_memory_utilization=0.3 --set train.precision=bf16 --set model.dtype=bfloat16)
   parity_args=()
