@@ -147,6 +147,7 @@ class Stack:
     def __init__(self, compose: list[str], dir_: Path):
         self.compose, self.dir = compose, dir_
         self.env: dict[str, str] = {}
+        self.base_env: dict[str, str] = {}  # every phase's (the image tag)
         self.files = ["docker-compose.yml"]
 
     def run(self, *args: str, timeout: float = 300) -> str:
@@ -160,7 +161,7 @@ class Stack:
         name = f"override-{phase['phase']}.yml"
         (self.dir / name).write_text(json.dumps(override(phase, max_steps), indent=2) + "\n")
         self.files = ["docker-compose.yml", name]
-        self.env = {"RPO_RUN_NAME": f"gpu-check-{phase['phase']}", **phase["env"]}
+        self.env = {**self.base_env, "RPO_RUN_NAME": f"gpu-check-{phase['phase']}", **phase["env"]}
         self.run_dir = self.dir / "runs" / self.env["RPO_RUN_NAME"]
 
     def containers(self, service: str) -> list[dict]:
@@ -221,7 +222,7 @@ def main() -> int:
     parser.add_argument("--gpus", type=int, default=None, help="plan for this many GPUs (--dry-run)")
     parser.add_argument("--out", default="runs/gpu-check", help="where the stack, logs and record go")
     parser.add_argument(
-        "--image", default=None, help="the RPO image (default rpo-rl:${RPO_IMAGE_TAG:-latest})"
+        "--image", default=None, help="the RPO image, rpo-rl:TAG (default rpo-rl:${RPO_IMAGE_TAG:-latest})"
     )
     args = parser.parse_args()
     if args.gpus is not None and args.gpus < 1:
@@ -231,6 +232,8 @@ def main() -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     image = args.image or f"rpo-rl:{os.environ.get('RPO_IMAGE_TAG') or 'latest'}"
+    if not re.fullmatch(r"rpo-rl:[\w][\w.-]*", image):
+        parser.error(f"--image {image}: the compose file runs rpo-rl:TAG (RPO_IMAGE_TAG); tag yours so")
     started = time.monotonic()
     record: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "image": image,
                     "mode": "dry-run" if args.dry_run else "gpu", "checks": []}  # fmt: skip

@@ -44,6 +44,7 @@ def run_phases(record, phases, image: str, stack: Stack, out: Path, line, check,
     check("fork", lambda: docker_run(image, "-c", FORK_TEST).strip())
 
     copy_stack(stack.dir)
+    stack.base_env["RPO_IMAGE_TAG"] = image.split(":", 1)[1]  # the services run the image checked above
     uid, gid = os.getuid(), os.getgid()
     cache = out / "cache"
     cache.mkdir(exist_ok=True)

@@ -78,6 +78,7 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path):
         (["--dry-run", "--gpus", "0"], "--gpus 0: a box has at least one GPU"),
         (["--gpus", "2"], "--gpus is for --dry-run"),
         (["--dry-run", "--gpus", "two"], "invalid int value: 'two'"),
+        (["--dry-run", "--image", "other:1"], "--image other:1: the compose file runs rpo-rl:TAG"),
     ):
         done = subprocess.run(["bash", str(SCRIPT), *args, "--out", str(tmp_path)], cwd=REPO,
                               capture_output=True, text=True, timeout=60)  # fmt: skip
