@@ -279,12 +279,15 @@ class Learner:
                 ]
         lag_sums = {"weight": 0.0, "truncated": 0.0, "tokens": 0.0}
 
-        sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "tokens": 0.0}
+        sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "tokens": 0.0, "entropy": 0.0}
         grad_norm, lr = 0.0, 0.0
         for _update in range(t.updates_per_batch):
             for i, batch in enumerate(batches):
                 self.engine.set_gradient_accumulation_boundary(i == n_micro - 1)
-                logp = token_logprobs(self.engine, batch, self.dtype)  # [B, T]
+                entropy: list[torch.Tensor] | None = [] if _update == 0 else None
+                logp = token_logprobs(self.engine, batch, self.dtype, entropy=entropy)  # [B, T]
+                if entropy:
+                    sums["entropy"] += float((entropy[0] * batch.loss_mask).sum())
                 old = logp.detach() if olds[i] is None else olds[i]
                 weights = None
                 if correct and batch.behaviour_logp is not None:
@@ -329,8 +332,8 @@ class Learner:
             grad_norm = float(norm if norm is not None else own_norm)
             self.policy_version += 1
 
-        loss_sum, kl_sum, clipped_sum, token_sum = dist.sum_over_ranks(
-            [sums["loss"], sums["kl"], sums["clipped"], sums["tokens"]]
+        loss_sum, kl_sum, clipped_sum, token_sum, entropy_sum = dist.sum_over_ranks(
+            [sums["loss"], sums["kl"], sums["clipped"], sums["tokens"], sums["entropy"]]
         )
         token_sum = max(token_sum, 1.0)
         lag_stats = {}
@@ -347,6 +350,7 @@ class Learner:
             loss=loss_sum / t.updates_per_batch,
             kl=kl_sum / token_sum,
             clip_fraction=clipped_sum / token_sum,
+            entropy=entropy_sum / max(1.0, token_sum / t.updates_per_batch),
             grad_norm=grad_norm,
             lr=lr,
             tokens=count_loss_tokens(samples, suffix_only),

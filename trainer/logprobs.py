@@ -27,19 +27,30 @@ class _SelectedLogProb(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, flat: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, chunk_bytes: int
-    ) -> torch.Tensor:
+        ctx: Any,
+        flat: torch.Tensor,
+        rows: torch.Tensor,
+        targets: torch.Tensor,
+        chunk_bytes: int,
+        with_entropy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         step = max(1, chunk_bytes // (4 * flat.shape[1]))
         lse = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)  # [R]
+        entropy = torch.zeros(flat.shape[0] if with_entropy else 0, dtype=torch.float32, device=flat.device)
         for start in range(0, flat.shape[0], step):
-            lse[start : start + step] = torch.logsumexp(flat[start : start + step].float(), dim=-1)
+            chunk = flat[start : start + step].float()
+            lse[start : start + step] = torch.logsumexp(chunk, dim=-1)
+            if with_entropy:  # H = lse - sum_j p_j x_j, in the same pass over the chunk
+                p = torch.exp(chunk - lse[start : start + step, None])
+                entropy[start : start + step] = lse[start : start + step] - (p * chunk).sum(dim=-1)
         chosen = flat[rows, targets].float()  # [N]
         ctx.save_for_backward(flat, rows, targets, lse)
         ctx.step = step
-        return chosen - lse[rows]
+        ctx.mark_non_differentiable(entropy)
+        return chosen - lse[rows], entropy[rows] if with_entropy else entropy
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+    def backward(ctx: Any, grad: torch.Tensor, _entropy_grad: Any = None) -> tuple[Any, ...]:
         flat, rows, targets, lse = ctx.saved_tensors
         g = grad.float()  # [N]
         # d out[n] / d x[r, j] = [r = rows[n]] ([j = targets[n]] - softmax(x[r])_j)
@@ -51,7 +62,7 @@ class _SelectedLogProb(torch.autograd.Function):
             inside = (rows >= start) & (rows < stop)
             part.index_put_((rows[inside] - start, targets[inside]), g[inside], accumulate=True)
             out[start:stop] = part.to(out.dtype)
-        return out, None, None, None
+        return out, None, None, None, None
 
 
 def selected_logprobs(
@@ -59,8 +70,11 @@ def selected_logprobs(
     targets: torch.Tensor,
     rows: torch.Tensor | None = None,
     chunk_bytes: int = 256 * 2**20,
+    entropy: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """float32 log_softmax(logits)[..., targets], shaped like `targets`.
+    """float32 log_softmax(logits)[..., targets], shaped like `targets`. With `entropy` (a list), the entropy
+    of each target's distribution (nats, no gradient, same shape) is appended to it, computed in the same
+    pass over the logits.
 
     Without `rows`, logits are [..., V] and targets [...] (one target per logits row). With `rows` (same
     shape as targets), logits are read as [R, V] rows (all leading dimensions flattened) and target n is
@@ -71,7 +85,11 @@ def selected_logprobs(
         if targets.shape != logits.shape[:-1]:
             raise ValueError(f"targets {tuple(targets.shape)} do not match logits {tuple(logits.shape)}")
         rows = torch.arange(flat.shape[0], device=flat.device)
-    out = _SelectedLogProb.apply(flat, rows.reshape(-1), targets.reshape(-1), chunk_bytes)
+    out, ent = _SelectedLogProb.apply(
+        flat, rows.reshape(-1), targets.reshape(-1), chunk_bytes, entropy is not None
+    )
+    if entropy is not None:
+        entropy.append(ent.detach().view(targets.shape))
     return out.view(targets.shape)
 
 
@@ -82,13 +100,17 @@ def block_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def token_logprobs(
-    model: Any, batch: Batch, dtype: torch.dtype = torch.float32, temperature: float = 1.0
+    model: Any,
+    batch: Batch,
+    dtype: torch.dtype = torch.float32,
+    temperature: float = 1.0,
+    entropy: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """[B, T] float32 log pi(response token t | prompt, response[:t]) under `model` (any HF causal LM).
 
     `dtype` is the model's compute dtype, that of the shared layout's additive attention mask. `temperature`
     != 1 scores under the tempered distribution (logits / T), the one a replica samples from: only for the
-    importance weights of lagged samples, computed without gradients.
+    importance weights of lagged samples, computed without gradients. `entropy`: as in `selected_logprobs`.
     """
     if batch.shared:
         extra = {
@@ -102,4 +124,4 @@ def token_logprobs(
     if temperature != 1.0:
         logits = logits / temperature
     rows = batch.row_index * logits.shape[1] + batch.logit_index  # [B, T] into the [R * K] flattened rows
-    return selected_logprobs(logits, batch.response_ids, rows)
+    return selected_logprobs(logits, batch.response_ids, rows, entropy=entropy)

@@ -25,6 +25,7 @@ LEARNER_GAUGES = (
     ("grad_norm", "grad_norm", "Gradient norm before clipping, last update"),
     ("lr", "learning_rate", "Learning rate of the last update"),
     ("clip_fraction", "clipped_ratio", "Share of the last step's loss tokens whose ratio was clipped"),
+    ("entropy", "entropy", "Mean entropy of the policy over the last step's loss tokens, nats"),
 )
 """(key in the step record's `learner`, metric name after `rpo_train_`, help) of the learner's gauges."""
 

@@ -33,7 +33,7 @@ METRICS_FILE = "metrics.jsonl"
 
 def format_step_line(r: StepRecord, total_steps: int) -> str:
     """One human line per step, e.g. `step 3/40 v3 | reward 0.41 (raw 0.52) std 0.31 zero-std 25% acc 52.1%
-    len 12/41.2/96 trunc 0% | loss 0.012 kl 0.0004 grad 0.81 lr 1e-06 clip 0% | decoded 1,204 ...`; the
+    len 12/41.2/96 trunc 0% | loss 0.012 kl 0.0004 grad 0.81 lr 1e-06 clip 0% ent 0.9 | decoded 1,204 ...`; the
     weight push's transport follows its time (`sync 0.31 (http)`)."""
     p, learner = r.phases, r.learner
     learned = ""
@@ -41,7 +41,7 @@ def format_step_line(r: StepRecord, total_steps: int) -> str:
         learned = (
             f"loss {learner.get('loss', 0.0):.4g} kl {learner.get('kl', 0.0):.4g} "
             f"grad {learner.get('grad_norm', 0.0):.3g} lr {learner.get('lr', 0.0):.3g} "
-            f"clip {100 * learner.get('clip_fraction', 0.0):.0f}% | "
+            f"clip {100 * learner.get('clip_fraction', 0.0):.0f}% ent {learner.get('entropy', 0.0):.3g} | "
         )
     return (
         f"step {r.step}/{total_steps} v{r.policy_version} | reward {r.reward_mean:.3f} "

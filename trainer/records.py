@@ -26,6 +26,8 @@ class LearnerStats:
     """Mean over loss tokens (GRPO's k3 estimate against the reference; 0 without one)."""
     clip_fraction: float
     """Share of loss tokens whose ratio was clipped."""
+    entropy: float
+    """Mean entropy (nats) of the policy's next-token distribution over the loss tokens, first update."""
     grad_norm: float
     """Before clipping, of the last update."""
     lr: float

@@ -225,6 +225,7 @@ def test_dashboard_uses_only_metric_names_from_the_spec():
         "rpo_train_raw_reward_mean",
         "rpo_train_reward_std",
         "rpo_train_clipped_ratio",
+        "rpo_train_entropy",
         "rpo_train_zero_std_groups_ratio",
         "rpo_train_truncated_ratio",
         "rpo_train_response_length_tokens",

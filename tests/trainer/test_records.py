@@ -31,7 +31,14 @@ def _record(step: int) -> StepRecord:
         phases={"rollout": 0.5, "reward": 0.1, "train": 0.8, "weight_sync": 0.1, "cache": 0.1},
         weight_sync_seconds=0.1,
         cache_updates={"best": 5, "other": 3, "none": 0},
-        learner={"loss": 0.01, "kl": 0.002, "grad_norm": 0.5, "lr": 1e-6, "clip_fraction": 0.25},
+        learner={
+            "loss": 0.01,
+            "kl": 0.002,
+            "grad_norm": 0.5,
+            "lr": 1e-6,
+            "clip_fraction": 0.25,
+            "entropy": 0.75,
+        },
         raw_reward_mean=0.4,
         reward_std=0.3,
         zero_std_groups_ratio=0.125,
@@ -59,7 +66,7 @@ def test_a_step_record_reads_back_equal_and_feeds_the_line_and_the_metrics(tmp_p
     line = format_step_line(_record(2), 2)
     assert line.startswith(
         "step 2/2 v2 | reward 0.250 (raw 0.400) std 0.300 zero-std 12% acc 50.0% len 12/40.0/96 trunc 6% | "
-        "loss 0.01 kl 0.002 grad 0.5 lr 1e-06 clip 25% | decoded 320"
+        "loss 0.01 kl 0.002 grad 0.5 lr 1e-06 clip 25% ent 0.75 | decoded 320"
     ), line
     metrics = TrainerMetrics()
     metrics.observe_step(_record(1))
@@ -80,6 +87,7 @@ def test_a_step_record_reads_back_equal_and_feeds_the_line_and_the_metrics(tmp_p
         "rpo_train_grad_norm 0.5",
         "rpo_train_learning_rate 1e-06",
         "rpo_train_clipped_ratio 0.25",
+        "rpo_train_entropy 0.75",
     ):
         assert expected in text, expected
 

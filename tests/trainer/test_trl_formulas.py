@@ -167,3 +167,18 @@ def test_trls_sampling_options_reach_the_training_rollouts_only():
     assert (t.top_k, t.min_p, t.repetition_penalty, t.length_shaping) == (20, 0.05, 1.1, False)
     for other in (plans.initialisation, plans.evaluation):  # their own sampling.init_* / eval_* only
         assert (other.top_k, other.min_p, other.repetition_penalty) == (0, 0.0, 1.0)
+
+
+def test_entropy_comes_out_of_the_log_softmax_pass_equal_to_torchs_and_changes_nothing_else():
+    """TRL's `entropy` metric: the policy's per-token entropy, here from the same chunked pass (chunks of 3
+    rows over 10) as the log-probs, which stay bit for bit those computed without it."""
+    from trainer.logprobs import selected_logprobs
+
+    gen = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(2, 5, 11, generator=gen)).requires_grad_()
+    targets = torch.randint(0, 11, (2, 5), generator=gen)
+    entropy: list[torch.Tensor] = []
+    logp = selected_logprobs(logits, targets, chunk_bytes=3 * 11 * 4, entropy=entropy)
+    expected = torch.distributions.Categorical(logits=logits.detach()).entropy()
+    assert torch.allclose(entropy[0], expected, atol=1e-5) and not entropy[0].requires_grad
+    assert torch.equal(logp, selected_logprobs(logits, targets, chunk_bytes=3 * 11 * 4))

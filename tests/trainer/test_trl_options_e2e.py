@@ -103,5 +103,6 @@ def test_a_trl_script_with_a_penalty_on_prompts_only_trains_with_trls_rewards_an
         ) / (n * MAX_TOKENS)
         assert learner["loss"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
     assert records[0]["learner"]["kl"] == pytest.approx(0.0, abs=1e-6)  # step 1: the policy is the reference
+    assert all(0 < r["learner"]["entropy"] < 20 for r in records)  # nats, over a small vocabulary
     assert penalised > 0, "no completion was penalised: the -1 never reached the advantages"
     assert min(r["raw_reward"] for r in completions) < 0
