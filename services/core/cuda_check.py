@@ -144,6 +144,27 @@ def gpu_expected() -> bool:
     return shutil.which("nvidia-smi") is not None or PROC_VERSION.exists()
 
 
+def no_gpu_problem(torch_cuda: str | None, gpu_visible: bool, torch_version: str = "") -> str | None:
+    """The message for a replica whose torch is a CUDA build on a machine where no NVIDIA GPU is visible
+    (vLLM's GPU engine would fail deep in its start-up: "Device string must not be empty"); None otherwise."""
+    if not torch_cuda or gpu_visible:
+        return None
+    torch_name = f"torch {torch_version.split('+')[0]}" if torch_version else "torch"
+    return (
+        f"no NVIDIA GPU is visible here (no nvidia-smi, no {PROC_VERSION}) and this {torch_name} is built for "
+        f"CUDA {torch_cuda}, with vLLM's GPU engine: give the container the GPUs (`docker run --gpus all`, or "
+        "compose with the NVIDIA Container Toolkit installed), or use the CPU build (`rpo compose init --cpu`, "
+        "or scripts/bootstrap.sh on a machine without a GPU)"
+    )
+
+
+def check_replica_gpu(torch_cuda: str | None, torch_version: str = "") -> None:
+    """Raise CudaDriverError when a CUDA build of torch finds no GPU to run vLLM on (`no_gpu_problem`)."""
+    message = no_gpu_problem(torch_cuda, gpu_expected(), torch_version)
+    if message:
+        raise CudaDriverError(message)
+
+
 def check_cuda_driver(
     torch_cuda: str | None, cuda_available: Callable[[], bool], torch_version: str = ""
 ) -> None:

@@ -22,7 +22,12 @@ import argparse
 import logging
 import signal
 
-from services.core.cuda_check import CudaDriverError, check_cuda_driver, fork_safe_cuda_env
+from services.core.cuda_check import (
+    CudaDriverError,
+    check_cuda_driver,
+    check_replica_gpu,
+    fork_safe_cuda_env,
+)
 
 fork_safe_cuda_env()  # before the imports below load torch: see the module docstring
 
@@ -75,6 +80,7 @@ def serve_main(args: argparse.Namespace) -> int:
         import torch
 
         try:  # after the claim; through NVML (fork_safe_cuda_env), so vLLM can still fork
+            check_replica_gpu(torch.version.cuda, torch.__version__)
             check_cuda_driver(torch.version.cuda, torch.cuda.is_available, torch.__version__)
         except CudaDriverError as exc:
             raise UsageError(str(exc)) from None

