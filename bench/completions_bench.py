@@ -9,7 +9,10 @@
      zero-std groups, lengths, truncation), the step line (`format_step_line`) and the Prometheus update
      (`TrainerMetrics.observe_step`, every gauge, old and new);
    - `completions`: `train.log_completions` at its default (8 responses: decode, rows, completions.jsonl);
-   - `completions + tables`: the same plus the table to TensorBoard, MLflow and W&B (offline, file store).
+   - `completions + tables`: the same plus the table to TensorBoard, MLflow and W&B (offline, file store);
+   - `entropy`: what asking the learner's log-prob pass for the entropy adds, on the step's whole batch
+     through the tiny model (forward, log-probs and backward, with and without; the learner asks on the
+     first update only).
 The loop is synchronous, so each adds to the step it follows; the share is its median over the median step
 time (steps 2 onwards).
 
@@ -87,6 +90,42 @@ def rebuilt(rows: list[dict], tokenizer) -> tuple[list[RolloutGroup], list[Simpl
     return built, samples
 
 
+def entropy_cost(groups: list[RolloutGroup], prompts: dict[str, list[int]], model) -> float:
+    """Seconds the entropy adds to one forward + log-probs + backward of the whole batch: after a warm-up
+    call, 5 calls each way, alternating; the difference of the medians (negative: below the noise)."""
+    import torch
+
+    from trainer.batch import TrainSample, collate
+    from trainer.logprobs import token_logprobs
+
+    batch = collate(
+        [
+            TrainSample(prompts[g.question_id], list(s.response_ids), 0, 1.0, g.question_id)
+            for g in groups
+            for s in g.samples
+        ],
+        suffix_only=False,
+    )
+
+    def once(with_entropy: bool) -> float:
+        t = time.perf_counter()
+        logp = token_logprobs(model, batch, torch.float32, entropy=[] if with_entropy else None)
+        (logp * batch.loss_mask).sum().backward()
+        return time.perf_counter() - t
+
+    once(True)
+    offs, ons = [], []
+    for _ in range(5):
+        offs.append(once(False))
+        ons.append(once(True))
+    PASS_SECONDS.append(statistics.median(offs))
+    return statistics.median(ons) - statistics.median(offs)
+
+
+PASS_SECONDS: list[float] = []
+"""The whole batch's forward + log-probs + backward without the entropy, per step (for the report)."""
+
+
 def timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -120,7 +159,20 @@ def main() -> int:
         plain = StepCompletions(work / "plain", tokenizer, questions, 8, None)
         tracker = Tracker(list(BACKENDS), work / "tracked", "bench-completions", {"bench": "completions"})
         tabled = StepCompletions(work / "tracked", tokenizer, questions, 8, tracker)
-        costs: dict[str, list[float]] = {"metrics": [], "completions": [], "completions + tables": []}
+        costs: dict[str, list[float]] = {
+            "metrics": [],
+            "completions": [],
+            "completions + tables": [],
+            "entropy": [],
+        }
+        from transformers import AutoModelForCausalLM
+
+        from services.core.config import DataSection
+        from services.core.data import encode_prompt
+
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny-warm"))
+        fields = DataSection()
+        prompts = {r["question_id"]: encode_prompt(tokenizer, r["prompt"], fields) for r in logged}
         for record in records:
             rows = [r for r in logged if r["step"] == record["step"]]
             groups, samples = rebuilt(rows, tokenizer)
@@ -138,6 +190,7 @@ def main() -> int:
             costs["completions + tables"].append(
                 timed(lambda c=collected, s=record["step"]: tabled.step(s, c))
             )
+            costs["entropy"].append(entropy_cost(groups, prompts, model))
         plain.close()
         tabled.close()
         tracker.close()
@@ -146,6 +199,7 @@ def main() -> int:
         for name, v in costs.items()
     }
     responses = len(logged) // max(1, len(records))
+    results["entropy"]["pass_ms"] = statistics.median(PASS_SECONDS) * 1000
     lines = [
         f"Completions and extra metrics against the step: {args.steps} RPO steps of the tiny-demo preset "
         f"({responses} responses a step), median step {step_seconds:.3f} s (steps 2..); {machine()}; "
@@ -160,9 +214,14 @@ def main() -> int:
             f"{r['per_step_ms'] / 1000 / step_seconds:.2%} |"
         )
     default = (
-        (results["metrics"]["per_step_ms"] + results["completions"]["per_step_ms"]) / 1000 / step_seconds
+        sum(results[k]["per_step_ms"] for k in ("metrics", "completions", "entropy")) / 1000 / step_seconds
     )
-    lines += ["", f"Metrics + completions (no tracker): {default:.2%} of the step (target < {TARGET:.0%})."]
+    lines += [
+        "",
+        f"Entropy: against a forward + log-probs + backward of the whole batch of "
+        f"{results['entropy']['pass_ms']:.0f} ms (median).",
+        f"Metrics + entropy + completions (no tracker): {default:.2%} of the step (target < {TARGET:.0%}).",
+    ]
     print("\n".join(lines))
     if args.out:
         args.out.write_text(json.dumps({"step_seconds": step_seconds, "results": results}, indent=2) + "\n")
