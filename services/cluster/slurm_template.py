@@ -52,7 +52,8 @@ else
 fi
 unset TOKEN_BEFORE
 export RPO_API_TOKEN
-if [[ @CPU@ == 1 ]]; then export DS_ACCELERATOR=cpu; fi
+# the CPU profile runs DeepSpeed on CPU; a GPU job does not inherit a CPU setting from the submitting shell
+if [[ @CPU@ == 1 ]]; then export DS_ACCELERATOR=cpu; else unset DS_ACCELERATOR; fi
 
 if [[ $DRY_RUN == 1 ]]; then
   read -r -a NODES <<< "${RPO_SLURM_NODES:?dry run: set RPO_SLURM_NODES to the host names}"
