@@ -243,7 +243,7 @@ def test_dashboard_uses_only_metric_names_from_the_spec():
     exprs = " ".join(dashboard_queries())
     assert "vllm:kv_cache_usage_perc" in exprs and "vllm:num_requests_waiting" in exprs
     # the transport each weight push used (nccl, http, http_fallback) has its panel
-    assert "sum by (transport) (rpo_train_weight_sync_seconds_count" in exprs
+    assert "sum by (transport) (last_over_time(rpo_train_weight_sync_seconds_count" in exprs
     # the learner in sight, and the run's step (a gauge: it counts on across resumes, a counter restarts)
     assert {"rpo_train_loss", "rpo_train_kl", "rpo_train_grad_norm", "rpo_train_learning_rate"} <= names
     assert "rpo_train_step{" in exprs and "rpo_train_steps_total" not in exprs
