@@ -5,7 +5,7 @@
    step records give the step time and completions.jsonl every response of every step.
 2. Each step's groups rebuilt from its logged responses (text re-encoded with the model's tokenizer), then
    timed on rank 0's path, per step:
-   - `metrics`: the extra step figures (`trainer.step_rollouts.reward_spread`: raw/shaped reward, std,
+   - `metrics`: the extra step figures (`trainer.rollouts.collected.reward_spread`: raw/shaped reward, std,
      zero-std groups, lengths, truncation), the step line (`format_step_line`) and the Prometheus update
      (`TrainerMetrics.observe_step`, every gauge, old and new);
    - `completions`: `train.log_completions` at its default (8 responses: decode, rows, completions.jsonl);
@@ -39,13 +39,13 @@ from rpo_vs_grpo import machine  # noqa: E402
 
 from services.core.logs import setup_logging  # noqa: E402
 from services.core.schemas.rollout import RolloutGroup, RolloutSample  # noqa: E402
-from services.demo.model_path import resolve_model_path  # noqa: E402
-from trainer.completions import StepCompletions, read_completions  # noqa: E402
-from trainer.metrics import TrainerMetrics  # noqa: E402
-from trainer.progress import format_step_line, read_records  # noqa: E402
-from trainer.records import StepRecord  # noqa: E402
-from trainer.step_rollouts import reward_spread  # noqa: E402
-from trainer.tracking import BACKENDS, Tracker  # noqa: E402
+from services.models.model_path import resolve_model_path  # noqa: E402
+from trainer.rollouts.collected import reward_spread  # noqa: E402
+from trainer.telemetry.completions import StepCompletions, read_completions  # noqa: E402
+from trainer.telemetry.metrics import TrainerMetrics  # noqa: E402
+from trainer.telemetry.progress import format_step_line, read_records  # noqa: E402
+from trainer.telemetry.records import StepRecord  # noqa: E402
+from trainer.telemetry.tracking import BACKENDS, Tracker  # noqa: E402
 
 TARGET = 0.02
 """Issue target: completions and the extra metrics cost under 2% of the preset's step."""
@@ -95,8 +95,8 @@ def entropy_cost(groups: list[RolloutGroup], prompts: dict[str, list[int]], mode
     call, 5 calls each way, alternating; the difference of the medians (negative: below the noise)."""
     import torch
 
-    from trainer.batch import TrainSample, collate
-    from trainer.logprobs import token_logprobs
+    from trainer.learner.batch import TrainSample, collate
+    from trainer.learner.logprobs import token_logprobs
 
     batch = collate(
         [

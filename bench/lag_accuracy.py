@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from rpo_vs_grpo import machine, run_main_job  # noqa: E402
 
-from services.supervisor.statistics import per_question_scores, seeds_and_questions_interval  # noqa: E402
+from services.reproduction.statistics import per_question_scores, seeds_and_questions_interval  # noqa: E402
 
 LAGS = (0, 1)
 

@@ -27,7 +27,7 @@ from rpo_vs_grpo import machine, run_arm  # noqa: E402
 
 from services.core.config import load_config  # noqa: E402
 from services.core.logs import setup_logging  # noqa: E402
-from services.demo.model_path import resolve_model_path  # noqa: E402
+from services.models.model_path import resolve_model_path  # noqa: E402
 from services.supervisor.main_job import PRESET, preset_path  # noqa: E402
 
 
@@ -37,7 +37,9 @@ def main() -> int:
     )
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--questions-per-step", type=int, default=16)
-    parser.add_argument("--preset", default=PRESET, help="a preset of services/demo/presets (its model too)")
+    parser.add_argument(
+        "--preset", default=PRESET, help="a preset of services/supervisor/presets (its model too)"
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument(
         "--modes", default="full,rpo", help="algorithm.mode of the arms, each at max_lag 0 and 1"

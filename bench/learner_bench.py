@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from services.core.config import RunConfig, load_config  # noqa: E402
-from trainer.batch import TrainSample, count_loss_tokens, make_micro_batch, plan_micro_batches  # noqa: E402
+from trainer.learner.batch import TrainSample, count_loss_tokens, make_micro_batch, plan_micro_batches  # noqa: E402
 
 SHAPES = {
     "preset": [
@@ -75,8 +75,8 @@ def objective_diffs(model_dir: Path, cfg: RunConfig, samples: list[TrainSample])
     counts) and of its gradients, shared layout against per-response, same weights."""
     from transformers import AutoModelForCausalLM
 
-    from trainer.logprobs import token_logprobs
-    from trainer.losses import grpo_loss
+    from trainer.learner.logprobs import token_logprobs
+    from trainer.learner.losses import grpo_loss
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.config.use_cache = False
@@ -106,7 +106,7 @@ def objective_diffs(model_dir: Path, cfg: RunConfig, samples: list[TrainSample])
 
 
 def bench_shape(shape: str, model_dir: Path, rounds: int) -> dict:
-    from trainer.learner import Learner
+    from trainer.learner.engine import Learner
 
     samples = make_samples(shape)
     learners = {}
@@ -150,7 +150,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="preset,paper", help="comma-separated: preset, paper")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
-    from services.demo.tiny_model import WARM_LAYERS, build_tiny_model
+    from services.models.tiny_model import WARM_LAYERS, build_tiny_model
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:

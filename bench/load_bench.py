@@ -31,7 +31,7 @@ from cache_server.embedded import free_port
 from services.core.clients.cache import CacheClient
 from services.core.http_client import RetryPolicy, ServiceCallError
 from services.core.schemas.cache import GroupUpdate, PutEntry, UpdateCandidate
-from services.demo.tiny_model_cache import cached_tiny_model
+from services.models.tiny_model_cache import cached_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTIONS_PER_CLIENT = 4

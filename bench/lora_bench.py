@@ -69,7 +69,7 @@ def shape_figures(shape: dict, rank: int, bytes_per_value: int = 2) -> dict:
 
 def push_bytes(model_dir: Path, rank: int) -> dict:
     from services.core.adapter_wire import AdapterManifest
-    from services.core.config_sections import LoraSection
+    from services.core.config_training import LoraSection
     from services.core.weight_wire import WeightManifest
 
     full = WeightManifest.from_model_dir(model_dir, "F32").total_bytes
@@ -87,8 +87,8 @@ def rss(key):
             return int(line.split()[1]) * 1024
 import torch, deepspeed, transformers, peft  # the runtime, before the model
 from services.core.config import load_config
-from trainer.batch import TrainSample
-from trainer.learner import Learner
+from trainer.learner.batch import TrainSample
+from trainer.learner.engine import Learner
 before = rss("VmRSS")
 cfg = load_config(None, {overrides!r})
 learner = Learner(cfg, {model!r}, total_steps=10)
@@ -131,8 +131,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     setup_logging("WARNING")
-    from services.demo.model_path import resolve_model_path
-    from services.demo.tiny_model import build_tiny_model
+    from services.models.model_path import resolve_model_path
+    from services.models.tiny_model import build_tiny_model
 
     began = time.monotonic()
     preset_model = resolve_model_path("builtin:tiny-warm")
@@ -163,7 +163,7 @@ def main() -> int:
             print(f"{name}: {arms[name]['step_seconds']:.3f} s/step", flush=True)
         results["steps"] = arms
         if args.accuracy:
-            from services.supervisor.statistics import paired_difference
+            from services.reproduction.statistics import paired_difference
 
             full = run_main_job(Path(tmp) / "run-full", [])
             lora = run_main_job(

@@ -7,7 +7,7 @@ each with a 95% interval. On the validation split.
     .venv/bin/python bench/repair_rate.py --limit 0.5l --wrong 96
     .venv/bin/python bench/repair_rate.py --out docs/records/repair-long-2026-12-05.json
 
-Prints one JSON object per L (`services.demo.repair.RepairResult`); `--out` also writes them, with the
+Prints one JSON object per L (`services.reproduction.repair.RepairResult`); `--out` also writes them, with the
 command, the machine and the date, as a record.
 """
 
@@ -26,8 +26,8 @@ sys.path.insert(0, str(REPO / "bench"))
 from rpo_vs_grpo import machine  # noqa: E402
 
 from services.core.synthetic_long import LongTaskConfig  # noqa: E402
-from services.demo.model_path import resolve_model_path  # noqa: E402
-from services.demo.repair import repair_rate  # noqa: E402
+from services.models.model_path import resolve_model_path  # noqa: E402
+from services.reproduction.repair import repair_rate  # noqa: E402
 
 
 def main() -> int:

@@ -45,7 +45,7 @@ MODELS = {
 
 
 def build_model(out: Path, layers: int, hidden: int, intermediate: int) -> Path:
-    from services.demo.tiny_model import build_tiny_model
+    from services.models.tiny_model import build_tiny_model
 
     if not (out / "config.json").exists():
         build_tiny_model(

@@ -29,19 +29,19 @@ sys.path.insert(0, str(REPO))
 
 from services.core.config import load_config  # noqa: E402
 from services.core.logs import setup_logging  # noqa: E402
-from services.demo.model_path import resolve_model_path  # noqa: E402
+from services.models.model_path import resolve_model_path  # noqa: E402
+from services.reproduction.reproduce import machine as describe_machine  # noqa: E402
 from services.supervisor.main_job import PRESET, preset_path, start_services  # noqa: E402
 from services.supervisor.processes import PartFailed, Supervisor, rpo_command  # noqa: E402
-from services.supervisor.reproduce import machine as describe_machine  # noqa: E402
-from trainer.progress import read_records  # noqa: E402
+from trainer.telemetry.progress import read_records  # noqa: E402
 
 SECTION = "## Training"
 
 
 def run_arm(mode: str, args: argparse.Namespace, work: Path, model_path: Path) -> dict:
     """One arm: fresh services, cache init (RPO only), `rpo train` for `args.steps` steps."""
-    from trainer.cache_init import seed_cache
-    from trainer.remote import RemoteServices
+    from trainer.rollouts.cache_init import seed_cache
+    from trainer.rollouts.services import RemoteServices
 
     overrides = [
         f"algorithm.mode={mode}",

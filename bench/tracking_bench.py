@@ -3,7 +3,7 @@
 1. `rpo train` on the `tiny-demo` preset (RPO, fresh services, bench/rpo_vs_grpo.py's arm) for `--steps`
    steps with every tracker on (`tensorboard,mlflow,wandb`; W&B offline, MLflow's file store): the trackers
    work in the real loop, and the run's step records give the step time.
-2. Those step records replayed into a fresh `trainer.tracking.Tracker` per backend (and all three together),
+2. Those step records replayed into a fresh `trainer.telemetry.tracking.Tracker` per backend (and all three together),
    each `record()` call timed: what the trainer's rank 0 spends per step on tracking. Start and close are
    timed apart (once per run).
 The loop is synchronous, so a tracker's call adds to the step it follows; the share is its median call time
@@ -30,9 +30,9 @@ sys.path.insert(0, str(REPO / "bench"))
 from rpo_vs_grpo import machine  # noqa: E402
 
 from services.core.logs import setup_logging  # noqa: E402
-from services.demo.model_path import resolve_model_path  # noqa: E402
-from trainer.progress import read_records  # noqa: E402
-from trainer.tracking import BACKENDS, Tracker  # noqa: E402
+from services.models.model_path import resolve_model_path  # noqa: E402
+from trainer.telemetry.progress import read_records  # noqa: E402
+from trainer.telemetry.tracking import BACKENDS, Tracker  # noqa: E402
 
 TARGET = 0.02
 """Issue target: tracking costs under 2% of the step time at the preset."""

@@ -33,7 +33,7 @@ from rpo_vs_grpo import machine, run_arm  # noqa: E402
 
 from services.core.config import load_config  # noqa: E402
 from services.core.logs import setup_logging  # noqa: E402
-from services.demo.model_path import resolve_model_path  # noqa: E402
+from services.models.model_path import resolve_model_path  # noqa: E402
 from services.supervisor.main_job import preset_path  # noqa: E402
 
 

@@ -1,7 +1,7 @@
 """Weight push over HTTP for a ~100 MB model against a plain loopback copy of the same bytes, in one run.
 
 The model is a Qwen2 built locally (hidden 1024, 2 layers, random float32 weights: ~101 MB). "push" is the
-trainer's call, `trainer.weight_push.push_weights`, to `rpo serve rollout` running as its own process:
+trainer's call, `trainer.weights.http_wire.push_weights`, to `rpo serve rollout` running as its own process:
 it asks the replica's version (and weight port), lays the tensors out as one safetensors body (header +
 XXH3-128 over the tensors, read in place), streams it over HTTP to the weight port; the replica checks the
 header, reads the body into its spool file while hashing it, loads it into vLLM in place, resets the prefix
@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 
 def build_model(out: Path, layers: int, hidden: int, intermediate: int) -> Path:
-    from services.demo.tiny_model import build_tiny_model
+    from services.models.tiny_model import build_tiny_model
 
     if not (out / "config.json").exists():
         build_tiny_model(
@@ -94,7 +94,7 @@ def main() -> None:
 
     from services.core.http_client import RetryPolicy
     from tests.fixtures.rollout import start_rollout_server
-    from trainer.weight_push import SafetensorsBody, materialize, push_weights
+    from trainer.weights.http_wire import SafetensorsBody, materialize, push_weights
 
     name = f"qwen2-l{args.layers}-h{args.hidden}-i{args.intermediate}"
     model_dir = build_model(Path(args.models_dir) / name, args.layers, args.hidden, args.intermediate)

@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from services.cli.args import UsageError, config_from_args, named_run_id
+from services.core.cli_args import UsageError, config_from_args, named_run_id
 from services.core.clients.cache import ExportFileError, SyncCacheClient
 from services.core.http_client import ServiceCallError
 

@@ -12,7 +12,7 @@ import logging
 
 from cache_server.app import create_app
 from cache_server.embedded import embedded_redis
-from services.cli.args import UsageError, config_from_args
+from services.core.cli_args import UsageError, config_from_args
 from services.core.server_kit import run_uvicorn
 
 log = logging.getLogger("rpo.cache")

@@ -102,7 +102,7 @@ def http_json(url: str, timeout: float = 10):
 
 
 def push_transports(record: dict) -> list[str]:
-    """The transport a step record says its weight push used (trainer/records.py, `weight_transport`: nccl,
+    """The transport a step record says its weight push used (trainer/telemetry/records.py, `weight_transport`: nccl,
     http, or http_fallback when NCCL was configured and failed); [] for a step without a push."""
     return [record["weight_transport"]] if record.get("weight_transport") else []
 

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from services.core.config import load_config
 from services.supervisor.processes import Supervisor, free_port, rpo_command, write_run_config
-from trainer.weight_push import push_weights
+from trainer.weights.http_wire import push_weights
 
 # On a GPU the two sides still run different kernels (vLLM's paged attention and its fused layers against
 # transformers' SDPA), whose float32 sums differ in the last bits; where two logits nearly tie, greedy picks

@@ -77,7 +77,7 @@ if [ $cpu = 0 ] && [ $inside = 0 ]; then
     /opt/rpo-scripts/gpu_smoke.sh --inside --steps "$steps" --eval-questions "$eval_questions" /out
 fi
 
-# The model `rpo run` trains by default (services/demo/presets/tiny-demo.yaml): built once, then cached.
+# The model `rpo run` trains by default (services/supervisor/presets/tiny-demo.yaml): built once, then cached.
 model=builtin:tiny-warm
 short=(--set train.max_steps="$steps" --set data.eval_max_questions="$eval_questions")
 if [ $cpu = 1 ]; then
@@ -114,9 +114,9 @@ else
   check run-nccl $rpo run --run-dir "$out/run-nccl" --set model.path=$model "${short[@]}" "${claims[@]}" \
     --set rollout.weight_transfer=nccl --set train.nccl_host=127.0.0.1
 fi
-warm=$($py -c "from services.demo.model_path import resolve_model_path; print(resolve_model_path('$model'))")
+warm=$($py -c "from services.models.model_path import resolve_model_path; print(resolve_model_path('$model'))")
 check parity $py "$here/gpu_smoke.py" "${parity_args[@]}" "$warm" "$out/run-http/final" "$out"
 
-# The figures and the transports, from the runs' own step records (trainer/records.py, weight_transport).
+# The figures and the transports, from the runs' own step records (trainer/telemetry/records.py, weight_transport).
 $py "$here/gpu_smoke_records.py" "$out" "$nccl" || failed=1
 exit $failed

@@ -1,5 +1,5 @@
 """The figures of scripts/gpu_smoke.sh and its transport check, from the runs' own step records
-(OUT/run-http, OUT/run-nccl: metrics.jsonl, `weight_transport` of each step that pushed, trainer/records.py).
+(OUT/run-http, OUT/run-nccl: metrics.jsonl, `weight_transport` of each step that pushed, trainer/telemetry/records.py).
 
 Prints, per run, the mean step, rollout, train and weight-sync times and the decode rate (the first step,
 which pays warm-up, left out), then whether every push of the run went the expected way: HTTP for

@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from services.core.clients.cache import SyncCacheClient  # noqa: E402
-from services.demo.model_path import resolve_model_path  # noqa: E402
+from services.models.model_path import resolve_model_path  # noqa: E402
 
 MID_STEP_SECONDS = 1.0
 """How long after a step's record the check cancels: the step's checkpoint is written, the next one runs
@@ -269,7 +269,7 @@ def main() -> int:
         )
 
         model = resolve_model_path("builtin:tiny-warm")
-        config = yaml.safe_load((REPO / "services/demo/presets/tiny-demo.yaml").read_text())
+        config = yaml.safe_load((REPO / "services/supervisor/presets/tiny-demo.yaml").read_text())
         config["model"]["path"] = str(model)
         config["data"].update(max_questions=QUESTIONS, eval_max_questions=8)
         config["train"].update(

@@ -5,7 +5,7 @@ from pathlib import Path
 # and every process they start inherits this.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-# --- tiny models (services/demo/tiny_model.py): built once, cached under $RPO_CACHE_DIR or .cache/models ---
+# --- tiny models (services/models/tiny_model.py): built once, cached under $RPO_CACHE_DIR or .cache/models ---
 
 import pytest
 
@@ -18,7 +18,7 @@ pytest_plugins = [
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """A random tiny Qwen2 with tied embeddings (HF directory; seconds to build the first time)."""
-    from services.demo.tiny_model_cache import cached_tiny_model
+    from services.models.tiny_model_cache import cached_tiny_model
 
     return cached_tiny_model("random-tied")
 
@@ -26,7 +26,7 @@ def tiny_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_untied_dir() -> Path:
     """A random tiny Qwen2 with a separate LM head."""
-    from services.demo.tiny_model_cache import cached_tiny_model
+    from services.models.tiny_model_cache import cached_tiny_model
 
     return cached_tiny_model("random-untied")
 
@@ -34,7 +34,7 @@ def tiny_model_untied_dir() -> Path:
 @pytest.fixture(scope="session")
 def warm_model_dir() -> Path:
     """The tiny Qwen2 warm-started on the synthetic task (about 2 minutes the first time, then cached)."""
-    from services.demo.tiny_model_cache import cached_tiny_model
+    from services.models.tiny_model_cache import cached_tiny_model
 
     return cached_tiny_model("warm")
 

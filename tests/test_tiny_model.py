@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from services.core.synthetic import PROMPT_TEMPLATE, SyntheticTaskConfig, make_split
-from services.demo.tiny_model import (
+from services.models.tiny_model import (
     BOS_ID,
     BYTE_OFFSET,
     EOS_ID,
@@ -20,7 +20,7 @@ from services.demo.tiny_model import (
     greedy_accuracy,
     warm_start,
 )
-from services.demo.tiny_model_cache import cached_tiny_model, tiny_model_path
+from services.models.tiny_model_cache import cached_tiny_model, tiny_model_path
 
 
 @pytest.mark.parametrize("fixture,tied", [("tiny_model_dir", True), ("tiny_model_untied_dir", False)])
@@ -114,7 +114,7 @@ def test_a_short_warm_start_lowers_the_loss_and_saves_a_loadable_model(
     task = SyntheticTaskConfig(num_terms=2, max_digits=2, train_size=256, eval_size=8)
     start = build_tiny_model(tmp_path / "start", num_layers=2)
     capfd.readouterr()
-    with caplog.at_level(logging.INFO, logger="services.demo.tiny_model"):
+    with caplog.at_level(logging.INFO, logger="services.models.tiny_model"):
         metrics = warm_start(
             start, tmp_path / "warm", task_cfg=task, steps=40, batch_size=32, eval_questions=8
         )

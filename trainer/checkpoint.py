@@ -3,7 +3,7 @@
 A checkpoint is one directory `run_dir/checkpoints/step-NNNNNNNN/` holding everything a resumed run needs
 to continue exactly where this one stood after step N:
 - `learner/`: the learner's DeepSpeed checkpoint (weights, optimizer, scheduler, policy version, and each
-  rank's Python/NumPy/torch RNG states; written by every rank, `trainer/learner.py`);
+  rank's Python/NumPy/torch RNG states; written by every rank, `trainer/learner/engine.py`);
 - `cache.ndjson`: the run's experience cache, exported from the cache server (RPO mode only);
 - `state.json`: step, policy version, data cursor, run id and mode.
 

@@ -14,7 +14,7 @@ One step (docs/architecture.md, synchronous mode):
  5. only then are the step's epsilon-greedy cache updates committed (idempotent per step and question).
 `algorithm.mode: full` is the same loop with the cache off: no cache call is made at all. With
 `train.max_lag: 1`, steps 1-2 of the next step run in the background during 3-4 of this one
-(trainer/rollout_source.py); 4 and 5 stay in order.
+(trainer/rollouts/source.py); 4 and 5 stay in order.
 
 Guarantees (synchronous mode; with max_lag 1 a batch may hold groups one version behind, each weighted,
 never more): a batch never mixes policy versions (every rollout request carries the learner's version as
@@ -40,22 +40,22 @@ from services.core.data import encode_prompt
 from services.core.data_roles import DatasetChoice, eval_dataset_spec, load_role, training_questions
 from services.core.model_fit import fitted_context, response_budget_note
 from services.core.reward_terms import shaping_note
-from services.demo.model_path import resolve_model_path
+from services.models.model_path import resolve_model_path
 from trainer import dist
-from trainer.cache_init import seed_cache, trainer_seeds_cache
 from trainer.checkpoint import HF_DIR, LEARNER_DIR, Checkpointer, StopRequest, TrainerState
-from trainer.completions import StepCompletions
-from trainer.evaluate import evaluate_questions
-from trainer.learner import Learner
-from trainer.metrics import TrainerMetrics
-from trainer.progress import StepProgress
-from trainer.records import StepRecord
-from trainer.remote import RemoteServices
-from trainer.rollout_source import RolloutSource
-from trainer.schedule import DataCursor, planned_steps
-from trainer.step_rollouts import CollectedGroups
-from trainer.tracking import Tracker
-from trainer.weight_sender import PushKind, WeightSender
+from trainer.learner.engine import Learner
+from trainer.rollouts.cache_init import seed_cache, trainer_seeds_cache
+from trainer.rollouts.collected import CollectedGroups
+from trainer.rollouts.data_order import DataCursor, planned_steps
+from trainer.rollouts.evaluate import evaluate_questions
+from trainer.rollouts.services import RemoteServices
+from trainer.rollouts.source import RolloutSource
+from trainer.telemetry.completions import StepCompletions
+from trainer.telemetry.metrics import TrainerMetrics
+from trainer.telemetry.progress import StepProgress
+from trainer.telemetry.records import StepRecord
+from trainer.telemetry.tracking import Tracker
+from trainer.weights.sender import PushKind, WeightSender
 
 log = logging.getLogger("rpo.train")
 
@@ -348,7 +348,7 @@ class TrainingRecipe:
 
     def seed_cache(self) -> None:
         """One answer for every training question the cache lacks, from the policy the replicas serve
-        (trainer/cache_init.py); a cache that is already full costs one lookup."""
+        (trainer/rollouts/cache_init.py); a cache that is already full costs one lookup."""
         self.sync_replicas()  # collective; e.g. replicas still serving another run's weights
 
         def run() -> None:

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import httpx
 
-from services.cli.args import UsageError
-from services.cli.plan import plan_or_refuse
+from services.core.cli_args import UsageError
 from services.core.clients.rollout import discover_replicas
 from services.core.config import RunConfig
 from services.core.data import DatasetError
 from services.core.data_roles import choose_dataset, training_questions
 from services.core.gpu_box import detect_box
 from services.core.model_fit import check_fit
-from services.demo.model_path import resolve_model_path
+from services.models.fit_plan import plan_or_refuse
+from services.models.model_path import resolve_model_path
 
 PROBE_SECONDS = 5.0
 

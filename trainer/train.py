@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import torch
 
-from services.cli.args import UsageError, config_from_args
+from services.core.cli_args import UsageError, config_from_args
 from services.core.clients.replica_set import ReplicaSet, RolloutFailed
 from services.core.config import RunConfig
 from services.core.cuda_check import CudaDriverError, check_cuda_driver
@@ -29,7 +29,7 @@ from services.core.gpu_claims import GpuPlacementError, claim_gpus
 from trainer.launch_env import run_local_ranks
 from trainer.loop import RunCollision, run_training
 from trainer.preflight import check_before_training
-from trainer.tracking import TrackingError
+from trainer.telemetry.tracking import TrackingError
 
 log = logging.getLogger("rpo.train")
 

@@ -224,7 +224,7 @@ def main() -> int:
 
 def _tiny_model() -> Path:
     sys.path.insert(0, str(REPO))
-    from services.demo.model_path import resolve_model_path  # noqa: PLC0415
+    from services.models.model_path import resolve_model_path  # noqa: PLC0415
 
     return Path(resolve_model_path("builtin:tiny-warm"))
 

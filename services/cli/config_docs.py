@@ -15,7 +15,7 @@ import typing
 import yaml
 from pydantic import BaseModel
 
-from services.cli.args import config_from_args
+from services.core.cli_args import config_from_args
 from services.core.config import RunConfig
 from services.supervisor.main_job import run_config
 

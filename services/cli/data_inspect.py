@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 
-from services.cli.args import UsageError, config_from_args
+from services.core.cli_args import UsageError, config_from_args
 from services.core.data import DatasetError, build_prompt_text, encode_prompt, load_dataset
 from services.core.data_sources import Source
 from services.core.reward_terms import ScoringGroup, score_groups
 from services.core.rewards import RewardSpecError, resolve_reward
-from services.demo.model_path import resolve_model_path
+from services.models.model_path import resolve_model_path
 
 SCORED_ROWS = 200
 """How many reference answers are scored against themselves (math-verify takes a few ms each)."""

@@ -16,8 +16,8 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 
-from services.cli.args import UsageError, add_logging_args
 from services.cli.table import register
+from services.core.cli_args import UsageError, add_logging_args
 from services.core.config import ConfigError
 from services.core.data import DatasetError
 from services.core.logs import setup_logging

@@ -1,5 +1,5 @@
 """The table of `rpo` commands. Each handler lives in the package that owns the feature ("module:function")
-and is imported only when its command runs; handlers read their config through `services.cli.args`, never
+and is imported only when its command runs; handlers read their config through `services.core.cli_args`, never
 through this table.
 
 Shortcut flags (`--model`, `--port`, ...) are sugar for `--set section.field=VALUE`, so a flag, a YAML key
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from services.cli.args import Command, Flag, UsageError, add_config_args, add_logging_args
+from services.core.cli_args import Command, Flag, UsageError, add_config_args, add_logging_args
 
 MODEL_HELP = "a Hugging Face Hub id (Qwen/Qwen2.5-0.5B-Instruct) or an HF model directory"
 DATASET_HELP = "a Hugging Face Hub id (openai/gsm8k), a .jsonl/.json/.csv/.parquet file or a folder"
@@ -46,7 +46,7 @@ COMMANDS: tuple[Command, ...] = (
         "the paper's comparison in miniature: GRPO and RPO+GRPO (with and without the length reward), RPO+GRPO "
         "at L=0.1l and epsilon 0 and 1, DAPO and RPO+DAPO, from one warm model, over training seeds; writes "
         "results.json, results.md and plots",
-        "services.supervisor.reproduce:reproduce_main",
+        "services.reproduction.reproduce:reproduce_main",
         (
             Flag("--run-dir", "where the arms, results and plots go", "train.run_dir"),
             Flag("--steps", "training steps per arm (default: the config's)", None, {"type": int}),
@@ -118,7 +118,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         ("cache", "init"),
         "seed the cache with one sampled answer per training question (resumable)",
-        "trainer.cache_init:cache_init_main",
+        "trainer.rollouts.cache_init:cache_init_main",
     ),
     Command(
         ("cache", "export"),
@@ -144,7 +144,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         ("model", "tiny"),
         "build the embedded tiny model (optionally warm-started on the synthetic task)",
-        "services.demo.make:tiny_model_main",
+        "services.models.make:tiny_model_main",
         (
             Flag("--out", "directory to write the HF model to", None, {"required": True}),
             Flag("--warm-start", "teach it the synthetic task first", None, {"action": "store_true"}),
@@ -160,7 +160,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         ("data", "synth"),
         "write the synthetic arithmetic task as train.jsonl / eval.jsonl",
-        "services.demo.make:synth_data_main",
+        "services.models.make:synth_data_main",
         (Flag("--out", "directory to write to", None, {"required": True}),),
     ),
     Command(

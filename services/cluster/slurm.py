@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.cli.args import UsageError, config_from_args
 from services.cluster.slurm_template import TEMPLATE
+from services.core.cli_args import UsageError, config_from_args
 
 DEFAULT_ENV_FILE = "$HOME/.config/rpo/slurm.env"
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "slurm" / "example-2x4.sbatch"

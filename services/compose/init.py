@@ -33,15 +33,15 @@ from pathlib import Path
 
 import yaml
 
-from services.cli.args import UsageError
+from services.core.cli_args import UsageError
 from services.core.config import DataSection, load_config
 from services.core.data import Question
 from services.core.data_roles import load_role
 from services.core.file_modes import make_readable
 from services.core.model_fit import PROMPT_ROOM_TOKENS, model_context
 from services.core.synthetic import make_dataset_files
-from services.demo.make import task_config
-from services.demo.model_path import resolve_model_path
+from services.models.make import task_config
+from services.models.model_path import resolve_model_path
 
 log = logging.getLogger("rpo.compose")
 

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from services.core.config_sections import LoraSection
+from services.core.config_training import LoraSection
 from services.core.errors import InvalidInput
 from services.core.weight_wire import (
     FLOAT_DTYPES,

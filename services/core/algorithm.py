@@ -1,4 +1,4 @@
-"""The RPO algorithm core: pure functions, no I/O, no torch (losses live in `trainer/losses.py`).
+"""The RPO algorithm core: pure functions, no I/O, no torch (losses live in `trainer/learner/losses.py`).
 
 Everything here follows docs/algorithm.md ("Steps, and the function that does each"; arXiv 2601.19404)
 and is unit-tested against values derived by hand. Guarantees:

@@ -27,19 +27,18 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
-from services.core.config_sections import (  # noqa: F401 - the sections are reached through this module
-    AlgorithmSection,
-    DataSection,
-    ModelSection,
-    RewardSection,
-    SamplingSection,
-    TrainSection,
-)
-from services.core.config_services import (  # noqa: F401 - as above
+from services.core.config_deployment import (  # noqa: F401 - the sections are reached through this module
     CacheServerSection,
     GpusSection,
     RolloutSection,
     ServicesSection,
+)
+from services.core.config_inputs import DataSection, ModelSection, RewardSection  # noqa: F401 - as above
+from services.core.config_training import (  # noqa: F401 - as above
+    AlgorithmSection,
+    LoraSection,
+    SamplingSection,
+    TrainSection,
 )
 from services.core.trl_names import suggestion
 

@@ -4,7 +4,7 @@ plan"). Pure Python: `rpo plan`, `rpo run` and `rpo train` run the same plan, be
 
 Guarantees:
 - the static figures (weights, gradients, optimizer state) are the bytes the learner's DeepSpeed engine holds,
-  as trainer/learner.py configures it (ZeRO stage, bf16 or float32, AdamW, offload, LoRA); on CPU they equal
+  as trainer/learner/engine.py configures it (ZeRO stage, bf16 or float32, AdamW, offload, LoRA); on CPU they equal
   the engine's own tensor bytes within 1% (tests/core/test_memory_plan.py);
 - activations, the runtime overhead (CUDA context, vLLM's graphs and profile peak) are estimates, flagged so;
 - the vLLM share is chosen, not assumed: on a GPU of its own a replica gets `rollout.gpu_memory_utilization`;
@@ -134,7 +134,7 @@ def activation_bytes(shape: ModelShape, cfg: RunConfig, w: int, tokens: int, res
       RoPE and before it (3 x q + 4 x kv widths), 4 x intermediate (gate, up, the activation, the product);
       attention probabilities are not kept (SDPA / flash attention);
     - with gradient checkpointing: each layer's input (hidden per token) plus one layer recomputed;
-    - the logits of the response tokens only (the learner asks for no others, trainer/logprobs.py) and one
+    - the logits of the response tokens only (the learner asks for no others, trainer/learner/logprobs.py) and one
       more vocab-wide tensor of them (their gradient, or the tempered copy), in the compute dtype.
     """
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
@@ -149,7 +149,7 @@ def activation_bytes(shape: ModelShape, cfg: RunConfig, w: int, tokens: int, res
 def trainer_rank(
     shape: ModelShape, cfg: RunConfig, on_gpu: bool, tokens: int
 ) -> tuple[dict[str, int], int, int]:
-    """(GPU figures, host bytes, trainable params) of one trainer rank, as trainer/learner.py sets DeepSpeed up:
+    """(GPU figures, host bytes, trainable params) of one trainer rank, as trainer/learner/engine.py sets DeepSpeed up:
     ZeRO-1/2/3 keep a float32 master copy of each rank's partition (even in float32) beside AdamW's two
     float32 moments; stage 0 in float32 uses plain torch AdamW (moments only), in bf16 DeepSpeed's BF16 optimizer
     (master copy, moments and float32 gradients). Gradients are in the compute dtype, partitioned from stage 2;

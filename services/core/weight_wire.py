@@ -1,4 +1,4 @@
-"""The weight push's wire format, shared by the sender (trainer/weight_push.py) and the receiver
+"""The weight push's wire format, shared by the sender (trainer/weights/http_wire.py) and the receiver
 (services/rollout/weight_receive.py): one safetensors file as the body (an 8-byte little-endian header
 length, the JSON header padded to 8 bytes, then each tensor's bytes in header order), its dtype codes, and
 the manifest of what a push must contain: exactly the served model's tensors, with their shapes and the

@@ -29,7 +29,7 @@ from services.core.config import RunConfig
 from services.core.errors import Unavailable
 from services.core.server_kit import install_common
 from services.core.weight_wire import WeightManifest, checkpoint_files
-from services.demo.model_path import resolve_model_path
+from services.models.model_path import resolve_model_path
 from services.rollout.engine import RolloutEngine
 from services.rollout.generation import Generation
 from services.rollout.metrics import RolloutMetrics

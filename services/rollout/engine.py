@@ -132,7 +132,7 @@ def engine_kwargs(
         kwargs.update(enable_lora=True, max_loras=1, max_cpu_loras=2, max_lora_rank=lora_rank_slot(cfg))
     if r.weight_transfer == "nccl":
         if kwargs["tensor_parallel_size"] > 1:
-            # the trainer's NCCL group gives each replica one rank (trainer/weight_nccl.py)
+            # the trainer's NCCL group gives each replica one rank (trainer/weights/nccl.py)
             raise ValueError(
                 f"rollout.weight_transfer=nccl takes one GPU per replica, and this replica's engine spans "
                 f"{kwargs['tensor_parallel_size']} (gpus.per_replica); use rollout.weight_transfer=http"

@@ -31,7 +31,7 @@ from services.core.cuda_check import (
 
 fork_safe_cuda_env()  # before the imports below load torch: see the module docstring
 
-from services.cli.args import UsageError, config_from_args  # noqa: E402
+from services.core.cli_args import UsageError, config_from_args  # noqa: E402
 from services.core.gpu_claims import GpuPlacementError, NoFreeGpu, claim_gpus  # noqa: E402
 from services.core.model_fit import check_fit  # noqa: E402
 from services.core.server_kit import run_uvicorn  # noqa: E402

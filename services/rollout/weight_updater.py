@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from services.core.adapter_wire import write_adapter_config
-from services.core.config_sections import LoraSection
+from services.core.config_training import LoraSection
 from services.core.errors import Conflict, InvalidInput, Unavailable
 from services.core.schemas.rollout import CHECKSUM_HEADER
 from services.core.weight_wire import WeightManifest

@@ -1,6 +1,6 @@
 """`rpo eval --model PATH --dataset FILE`: pass@1 / pass@k of a model through the rollout service, against
 the configured replicas or, with none configured, a replica started on localhost for PATH and stopped
-afterwards. The evaluation itself is the trainer's (`trainer.evaluate.evaluate_questions`), so `rpo eval`,
+afterwards. The evaluation itself is the trainer's (`trainer.rollouts.evaluate.evaluate_questions`), so `rpo eval`,
 the held-out evaluation during training and `rpo run`'s before/after numbers judge answers the same way.
 """
 
@@ -12,14 +12,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from services.cli.args import UsageError, config_from_args
+from services.core.cli_args import UsageError, config_from_args
 from services.core.config import RunConfig
 from services.core.data import encode_prompt
 from services.core.data_roles import load_role
-from services.demo.model_path import resolve_model_path
+from services.models.model_path import resolve_model_path
 from services.supervisor.processes import Supervisor, free_port, rpo_command, write_run_config
-from trainer.evaluate import evaluate_questions
-from trainer.remote import RemoteServices
+from trainer.rollouts.evaluate import evaluate_questions
+from trainer.rollouts.services import RemoteServices
 
 log = logging.getLogger("rpo.eval")
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from services.cli.plan import plan_or_refuse
 from services.core.config import RunConfig
 from services.core.gpu_box import detect_box
 from services.core.memory_plan import Box
+from services.models.fit_plan import plan_or_refuse
 
 log = logging.getLogger("rpo.run")
 

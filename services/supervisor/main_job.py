@@ -5,7 +5,7 @@ data under the run directory, unless `services.redis_url` names one), one rollou
 (`rpo cache init`, in this process), measures what full-path rollouts decode for the first step's questions,
 lets the trainer evaluate, train and evaluate again; then prints a summary table (accuracy before and
 after, decoded tokens per sample of RPO against full-path, wall time) and writes it to the run directory.
-Without `--config` it runs the built-in default, `services/demo/presets/tiny-demo.yaml` (the tiny model,
+Without `--config` it runs the built-in default, `services/supervisor/presets/tiny-demo.yaml` (the tiny model,
 warm-started on the synthetic task); given a model or dataset of the user's (`--model`, `--dataset`, a Hub
 id or a path) and no `--config`, it runs on the library's defaults instead, and says so. A Hub id is
 resolved once, and every process gets that snapshot and the context fitted to the model
@@ -33,21 +33,21 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from services.cli.args import UsageError, config_from_args, shortcut_overrides
+from services.core.cli_args import UsageError, config_from_args, shortcut_overrides
 from services.core.clients.replica_set import RolloutFailed
 from services.core.config import RunConfig, fresh_run_id, load_config
 from services.core.data import DatasetError, encode_prompt
 from services.core.data_roles import choose_dataset, training_questions
 from services.core.http_client import ServiceCallError
 from services.core.model_fit import check_fit, fitted_context
-from services.demo.model_path import resolve_model_path
+from services.models.model_path import resolve_model_path
 from services.supervisor.gpu_split import fit_to_gpus
 from services.supervisor.processes import PartFailed, Supervisor, free_port, rpo_command, write_run_config
-from trainer.cache_init import seed_cache
 from trainer.checkpoint import Checkpointer
-from trainer.progress import read_records, read_step_records
-from trainer.remote import RemoteServices
-from trainer.schedule import DataCursor, request_seed
+from trainer.rollouts.cache_init import seed_cache
+from trainer.rollouts.data_order import DataCursor, request_seed
+from trainer.rollouts.services import RemoteServices
+from trainer.telemetry.progress import read_records, read_step_records
 
 log = logging.getLogger("rpo.run")
 
@@ -57,7 +57,7 @@ TRAINER_STOP_SECONDS = 300.0
 
 
 def preset_path(name: str = PRESET) -> Path:
-    return Path(str(resources.files("services.demo").joinpath("presets", name)))
+    return Path(str(resources.files("services.supervisor").joinpath("presets", name)))
 
 
 def run_config(args: Any) -> RunConfig:

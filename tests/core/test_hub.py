@@ -1,4 +1,4 @@
-"""Models and datasets named by Hugging Face Hub id (services/core/hub.py, services/demo/model_path.py,
+"""Models and datasets named by Hugging Face Hub id (services/core/hub.py, services/models/model_path.py,
 services/core/data_sources.py), resolved by the real huggingface_hub and datasets code from a cache the
 tests lay out (tests/fixtures/hub.py), with HF_HUB_OFFLINE=1: nothing is downloaded."""
 
@@ -10,7 +10,7 @@ from services.core.config import ConfigError, DataSection
 from services.core.data_roles import choose_dataset, load_role
 from services.core.data_sources import DatasetError, Source, available_splits
 from services.core.hub import looks_like_hub_id
-from services.demo.model_path import resolve_model_path
+from services.models.model_path import resolve_model_path
 
 
 @pytest.mark.parametrize(

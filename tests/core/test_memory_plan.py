@@ -4,7 +4,7 @@ learner holds, and its verdicts on a 7B model on one 24 GiB GPU.
 - parameter counts equal the real torch models' (the tiny Qwen2s, a ~100M Qwen2 made here from a config,
   random init, no download), and LoRA's adapter count equals PEFT's;
 - weights, gradients and optimizer state equal, within 1%, the tensor bytes of the real DeepSpeed learner
-  (trainer/learner.py on CPU, float32, ZeRO-0 and ZeRO-2) for the tiny model, and of the real model and a real
+  (trainer/learner/engine.py on CPU, float32, ZeRO-0 and ZeRO-2) for the tiny model, and of the real model and a real
   torch AdamW after one step for the ~100M one (what the learner runs at ZeRO-0 in float32);
 - `rpo plan` refuses full fine-tuning of a Qwen2-7B-like model on one 24 GiB GPU (exit 2, naming LoRA and
   offload) and accepts it with LoRA on a trainer GPU of its own, and with LoRA, offload and sleep mode on one
@@ -23,11 +23,11 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import pytest
 
 from services.cli.main import main
-from services.cli.plan import plan_or_refuse
 from services.core.config import load_config
 from services.core.gpu_box import parse_size
 from services.core.memory_plan import Box, GiB, plan_memory, trainer_rank
 from services.core.model_shape import read_shape, shape_from_config
+from services.models.fit_plan import plan_or_refuse
 
 QWEN2_7B = {
     "architectures": ["Qwen2ForCausalLM"],
@@ -104,8 +104,8 @@ def _learner_bytes(model_dir, *overrides):
     import torch
 
     from services.core.config import load_config as load
-    from trainer.batch import TrainSample
-    from trainer.learner import Learner
+    from trainer.learner.batch import TrainSample
+    from trainer.learner.engine import Learner
 
     cfg = load(None, ["train.micro_batch_size=2", "train.warmup_ratio=0", "algorithm.beta=0", *overrides])
     learner = Learner(cfg, str(model_dir), 4)
@@ -277,7 +277,7 @@ def test_rpo_run_splits_one_gpu_by_the_plan(tiny_model_dir, tmp_path):
     """`rpo run`'s fit (services/supervisor/gpu_split.py): on one GPU the replica's share and the trainer's
     cap are the plan's, and services/core/gpu_claims.py's own rule accepts them; two GPUs keep the configured
     share; a run that does not fit is refused naming a fix."""
-    from services.cli.args import UsageError
+    from services.core.cli_args import UsageError
     from services.core.gpu_claims import plan_gpus
     from services.supervisor.gpu_split import fit_to_gpus
 

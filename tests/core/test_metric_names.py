@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry
 
 from cache_server.metrics import CacheMetrics
 from services.rollout.metrics import RolloutMetrics
-from trainer.metrics import TrainerMetrics
+from trainer.telemetry.metrics import TrainerMetrics
 
 
 def _names(registry: CollectorRegistry) -> set[str]:

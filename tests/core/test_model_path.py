@@ -1,11 +1,11 @@
-"""`services.demo.model_path`: built-in names and local directories. (Which package may import which is
+"""`services.models.model_path`: built-in names and local directories. (Which package may import which is
 checked in test_layout.py.)"""
 
 from pathlib import Path
 
 import pytest
 
-from services.demo.model_path import resolve_model_path
+from services.models.model_path import resolve_model_path
 
 REPO = Path(__file__).resolve().parents[2]
 

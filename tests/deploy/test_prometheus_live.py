@@ -18,8 +18,8 @@ from cache_server.app import create_app
 from services.core.config import load_config
 from services.core.server_kit import serve_in_thread
 from tests.deploy.test_deploy_files import dashboard_queries
-from trainer.metrics import TrainerMetrics
-from trainer.records import StepRecord
+from trainer.telemetry.metrics import TrainerMetrics
+from trainer.telemetry.records import StepRecord
 
 
 def _step_record() -> StepRecord:

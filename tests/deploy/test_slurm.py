@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services.cli.args import UsageError
 from services.cli.main import main as rpo_main
 from services.cluster.slurm import EXAMPLE, example_script, plan_layout
+from services.core.cli_args import UsageError
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "services" / "demo" / "presets" / "tiny-demo.yaml"

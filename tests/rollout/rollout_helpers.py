@@ -11,15 +11,15 @@ import torch
 
 from services.core.http_client import RetryPolicy
 from services.core.schemas.rollout import GenerateRequest, GenerateResponse
-from services.demo.tiny_model import BYTE_OFFSET, EOS_ID, RANDOM_INIT_STD, build_tiny_model
-from trainer.weight_push import push_weights
+from services.models.tiny_model import BYTE_OFFSET, EOS_ID, RANDOM_INIT_STD, build_tiny_model
+from trainer.weights.http_wire import push_weights
 
 FAST = RetryPolicy(connect_timeout_seconds=5, read_timeout_seconds=120, max_attempts=1, max_total_seconds=180)
 PROMPT_TEXTS = ["Q: 12+7+30=?\nA: ", "hello world", "The tiny model says: ", "61+58="]
 
 
 def encode(text: str) -> list[int]:
-    """The tiny tokenizer's ids: one per ASCII character (services/demo/tiny_model.py)."""
+    """The tiny tokenizer's ids: one per ASCII character (services/models/tiny_model.py)."""
     return [BYTE_OFFSET + ord(c) for c in text]
 
 

@@ -127,7 +127,7 @@ def test_the_loop_sleeps_every_engine_for_the_learner_step_and_wakes_them_after(
 
 
 def test_sleep_mode_and_rollouts_one_step_ahead_are_refused_together():
-    from services.cli.args import UsageError
+    from services.core.cli_args import UsageError
     from trainer.preflight import check_before_training
 
     with pytest.raises(UsageError, match="rollout.sleep_mode.*train.max_lag"):

@@ -165,8 +165,8 @@ def test_nccl_routes_refuse_on_a_replica_without_nccl_transfer(rollout_server):
 
 def test_the_nccl_fan_out_names_a_replica_that_refuses(rollout_server):
     """The trainer-side control client of the NCCL data plane (its data path needs GPUs, not run here)."""
-    from trainer.weight_nccl import _NcclFanOut
-    from trainer.weight_push import WeightPushError
+    from trainer.weights.http_wire import WeightPushError
+    from trainer.weights.nccl import _NcclFanOut
 
     fan_out = _NcclFanOut([rollout_server.url], token=None, timeout_seconds=30, version=1)
     try:

@@ -11,8 +11,8 @@ import torch
 from rollout_helpers import FAST, PROMPTS, greedy, hf_greedy, hf_model, load_weights, version_of
 
 from services.core.adapter_wire import METADATA_KEY, settings_json
-from services.core.config_sections import LoraSection
-from trainer.weight_push import WeightPushError, push_weights
+from services.core.config_training import LoraSection
+from trainer.weights.http_wire import WeightPushError, push_weights
 
 MAX_TOKENS = 24
 LORA = LoraSection(rank=8, alpha=16.0)

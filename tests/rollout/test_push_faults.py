@@ -9,7 +9,7 @@ import httpx
 from rollout_helpers import PROMPTS, greedy, hf_greedy, random_weights, version_of
 
 from services.core.schemas.rollout import CHECKSUM_HEADER, WEIGHTS_MEDIA_TYPE
-from trainer.weight_push import SafetensorsBody, materialize
+from trainer.weights.http_wire import SafetensorsBody, materialize
 
 
 def test_a_push_cut_half_way_leaves_the_old_weights_serving_and_the_next_push_succeeds(

@@ -17,7 +17,7 @@ from services.core.clients.rollout import discover_replicas, resolve_dns_replica
 from services.core.config import load_config
 from services.core.schemas.rollout import GenerateRequest
 from services.rollout.server import ENGINE_DIED_EXIT_CODE
-from trainer.weight_push import WeightPushError, push_to_all
+from trainer.weights.http_wire import WeightPushError, push_to_all
 
 ENGINE_DEATH_EXIT_SECONDS = 90.0
 """Bound on a replica's exit after its engine died (2 busy cores; the graceful shutdown alone may take 30 s)."""

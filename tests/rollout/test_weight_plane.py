@@ -25,7 +25,7 @@ from services.rollout.metrics import RolloutMetrics
 from services.rollout.weight_plane import WeightPlane
 from services.rollout.weight_receive import PushBody, receive_push
 from services.rollout.weight_updater import WeightUpdater
-from trainer.weight_push import SafetensorsBody, materialize
+from trainer.weights.http_wire import SafetensorsBody, materialize
 
 TOKEN = "weights-secret"
 

@@ -12,7 +12,7 @@ import xxhash
 from rollout_helpers import FAST, PROMPTS, generate, greedy, hf_greedy, hf_model, random_weights, version_of
 
 from services.core.schemas.rollout import CHECKSUM_HEADER, WEIGHTS_MEDIA_TYPE, GenerateRequest
-from trainer.weight_push import SafetensorsBody, WeightPushError, materialize, push_weights
+from trainer.weights.http_wire import SafetensorsBody, WeightPushError, materialize, push_weights
 
 
 def _weight_url(url: str) -> str:

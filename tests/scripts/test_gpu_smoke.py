@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trainer.records import StepRecord
+from trainer.telemetry.records import StepRecord
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "gpu_smoke.sh"
@@ -99,7 +99,9 @@ def _write_run(run_dir: Path, transports: list[str | None]) -> None:
             phases={"rollout": 1.0, "train": 0.8, "weight_sync": 0.1, "cache": 0.1},
             weight_sync_seconds=0.1,
         ).to_json()
-        record["weight_transport"] = transport  # the field as the trainer writes it (trainer/records.py)
+        record["weight_transport"] = (
+            transport  # the field as the trainer writes it (trainer/telemetry/records.py)
+        )
         lines.append(json.dumps({"kind": "step", **record}))
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
 

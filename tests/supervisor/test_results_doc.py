@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.supervisor.results_doc import _length_reward_sentences
+from services.reproduction.results_doc import _length_reward_sentences
 
 SETTINGS = {"algorithm": "grpo", "mode": "rpo", "alpha": 0.01, "seed": 0}
 
@@ -29,7 +29,7 @@ def test_the_length_reward_counts_the_steps_where_a_correct_response_scored_abov
 
 
 def test_the_epsilon_reading_counts_how_the_cache_entries_were_replaced():
-    from services.supervisor.results_doc import _epsilon_sentences
+    from services.reproduction.results_doc import _epsilon_sentences
 
     def arm(label: str, group: str) -> dict:
         return {"label": label, "group": group, "settings": SETTINGS}
@@ -59,7 +59,7 @@ def test_the_epsilon_reading_counts_how_the_cache_entries_were_replaced():
 
 
 def test_rpo_arms_at_two_limits_are_read_side_by_side_most_decoded_first():
-    from services.supervisor.results_doc import _reuse_sentence
+    from services.reproduction.results_doc import _reuse_sentence
 
     def arm(label: str, group: str, limit: str, decoded: float) -> dict:
         settings = {**SETTINGS, "truncation_limit": limit}

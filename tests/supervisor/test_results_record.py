@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from services.supervisor.reproduce import ARMS
-from services.supervisor.results_doc import render_results_doc
+from services.reproduction.reproduce import ARMS
+from services.reproduction.results_doc import render_results_doc
 
 REPO = Path(__file__).resolve().parents[2]
 RECORD = REPO / "docs/results/results.json"
@@ -25,7 +25,7 @@ def record() -> dict:
 def test_the_committed_page_is_the_committed_record_rendered(record):
     assert render_results_doc(record, "docs/results/results.json") == PAGE.read_text(), (
         "docs/results.md differs from its record: render it again with "
-        "`python -m services.supervisor.results_doc docs/results/results.json > docs/results.md`"
+        "`python -m services.reproduction.results_doc docs/results/results.json > docs/results.md`"
     )
 
 

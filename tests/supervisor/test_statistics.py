@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.supervisor.statistics import (
+from services.reproduction.statistics import (
     bootstrap_interval,
     interpolate_curve,
     paired_difference,

@@ -1,12 +1,12 @@
 """The protocol's targets are judged on intervals, and each can fail: known inputs on both sides of every
-bound (services/supervisor/results.py, `targets`)."""
+bound (services/reproduction/results.py, `targets`)."""
 
 from __future__ import annotations
 
 import pytest
 
-from services.supervisor.results import targets
-from services.supervisor.results_tables import targets_table
+from services.reproduction.results import targets
+from services.reproduction.results_tables import targets_table
 
 PLAN = {"headline_pairs": [["rpo-grpo", "grpo"]]}
 

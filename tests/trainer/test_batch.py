@@ -9,7 +9,7 @@ import torch
 
 from services.core.config import AlgorithmSection
 from services.core.schemas.rollout import RolloutGroup, RolloutSample
-from trainer.batch import TrainSample, build_samples, collate, count_loss_tokens, keep_group
+from trainer.learner.batch import TrainSample, build_samples, collate, count_loss_tokens, keep_group
 
 
 def _sample(response: list[int], prefix_len: int, shaped: float, correct: bool) -> RolloutSample:
@@ -105,7 +105,7 @@ def test_padded_log_probs_equal_unpadded_ones(tiny_model_dir):
     """token_logprobs on a padded micro-batch gives each response's log-probs as if it were alone."""
     from transformers import AutoModelForCausalLM
 
-    from trainer.logprobs import token_logprobs
+    from trainer.learner.logprobs import token_logprobs
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     samples = [
@@ -132,7 +132,7 @@ def test_keep_group_on_shaped_rewards_keeps_an_all_correct_group_of_different_le
 
 
 def test_lagged_samples_carry_behaviour_log_probs_aligned_with_their_decoded_tokens_in_both_layouts():
-    from trainer.batch import pack
+    from trainer.learner.batch import pack
 
     group = _group("a", [_sample([5, 6, 7, 8], 2, 1.0, True), _sample([5, 6, 9], 2, 0.0, False)])
     group.samples[0].suffix_logprobs = [-0.1, -0.2]

@@ -19,7 +19,7 @@ from services.core.clients.cache import SyncCacheClient
 from services.core.config import load_config
 from services.core.schemas.cache import PutEntry
 from services.core.schemas.rollout import RolloutGroup, RolloutSample
-from trainer.remote import RemoteServices
+from trainer.rollouts.services import RemoteServices
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -57,7 +57,7 @@ def test_cache_init_samples_once_per_question_and_resumes_without_overwriting(
 def test_the_trainer_seeds_only_a_fresh_rpo_run_and_only_when_asked():
     from services.core.config import load_config
     from services.supervisor.main_job import preset_path
-    from trainer.cache_init import trainer_seeds_cache
+    from trainer.rollouts.cache_init import trainer_seeds_cache
 
     rpo = load_config(preset_path(), [])
     assert rpo.train.seed_cache and trainer_seeds_cache(rpo, resumed=False)

@@ -9,7 +9,7 @@ import sys
 import pytest
 from training_helpers import REPO
 
-from trainer.evaluate import pass_at_k
+from trainer.rollouts.evaluate import pass_at_k
 
 
 def test_pass_at_k_unbiased_estimator():

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from trainer.schedule import DataCursor
+from trainer.rollouts.data_order import DataCursor
 
 QUESTIONS = 48
 PER_STEP = 8
@@ -24,7 +24,7 @@ def lag_run(tmp_path_factory, warm_model_dir, rollout_cache_url, training_replic
     from training_helpers import run_config, run_trainer, seed
 
     from services.core.clients.cache import SyncCacheClient
-    from trainer.progress import read_records
+    from trainer.telemetry.progress import read_records
 
     tmp = tmp_path_factory.mktemp("lag-run")
     urls = [r.url for r in training_replicas]
@@ -94,7 +94,7 @@ def test_a_checkpoint_with_a_batch_in_flight_resumes_it_without_loss_or_repeat(l
     from training_helpers import run_trainer
 
     from services.core.clients.cache import SyncCacheClient
-    from trainer.progress import read_records
+    from trainer.telemetry.progress import read_records
 
     run_dir = Path(lag_run.cfg.train.run_dir)
     checkpoints = run_dir / "checkpoints"

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from services.core.config import load_config
-from trainer.batch import TrainSample, collate
-from trainer.losses import dapo_loss, grpo_loss
+from trainer.learner.batch import TrainSample, collate
+from trainer.learner.losses import dapo_loss, grpo_loss
 
 
 def _samples(n: int, seed: int = 0) -> list[TrainSample]:
@@ -35,7 +35,7 @@ def _samples(n: int, seed: int = 0) -> list[TrainSample]:
 
 
 def _learner(model_dir, *overrides: str, total_steps: int = 10):
-    from trainer.learner import Learner
+    from trainer.learner.engine import Learner
 
     cfg = load_config(None, ["train.micro_batch_size=2", "train.warmup_ratio=0", *overrides])
     return Learner(cfg, str(model_dir), total_steps)
@@ -50,7 +50,7 @@ IDS = torch.tensor([[5, 40, 41, 42, 60, 61, 2, 7]])
 
 
 def test_lr_schedule_by_hand():
-    from trainer.schedule import LRSchedule
+    from trainer.learner.lr_schedule import LRSchedule
 
     cosine = LRSchedule(total=10, warmup=1, kind="cosine")
     # Warm-up step 0 at 1/(w+1) = 0.5 (never 0), then 1 at step w, then cos down: step 6 is 5/9 of the way.
@@ -65,7 +65,7 @@ def test_lr_schedule_by_hand():
 def test_selected_logprobs_match_log_softmax_in_value_and_gradient(dtype):
     """The chunked custom autograd function equals log_softmax + gather, forward and backward (3 rows per
     chunk over 2 x 5 rows, so chunks split a row of the batch)."""
-    from trainer.logprobs import selected_logprobs
+    from trainer.learner.logprobs import selected_logprobs
 
     gen = torch.Generator().manual_seed(0)
     base = (3 * torch.randn(2, 5, 11, generator=gen)).to(dtype)
@@ -89,7 +89,7 @@ def test_one_step_is_adamw_on_the_whole_batch_gradient(tiny_model_dir, algorithm
     gradient of the whole-batch loss, clipped to max_grad_norm: the same step plain PyTorch takes."""
     from transformers import AutoModelForCausalLM
 
-    from trainer.logprobs import token_logprobs
+    from trainer.learner.logprobs import token_logprobs
 
     samples = _samples(7)
     lr, clip = 1e-3, 1.0
@@ -131,7 +131,7 @@ def test_one_step_is_adamw_on_the_whole_batch_gradient(tiny_model_dir, algorithm
 def test_steps_move_log_probs_with_the_advantage_sign(tiny_model_dir):
     """GRPO (beta 0): responses with A > 0 become likelier, A < 0 less likely, and the surrogate objective
     with pi_old = the starting policy falls."""
-    from trainer.logprobs import token_logprobs
+    from trainer.learner.logprobs import token_logprobs
 
     samples = _samples(8, seed=1)
     learner = _learner(tiny_model_dir, "algorithm.beta=0", "train.lr=3e-4")

@@ -13,9 +13,9 @@ from services.core.clients.replica_set import RolloutBatch, RolloutPlans, split_
 from services.core.config import load_config
 from services.core.data import Question
 from services.core.schemas.rollout import RolloutGroup, RolloutSample
-from trainer.rollout_source import collect_groups
-from trainer.schedule import DataCursor, planned_steps, request_seed
-from trainer.step_rollouts import CollectedGroups
+from trainer.rollouts.collected import CollectedGroups
+from trainer.rollouts.data_order import DataCursor, planned_steps, request_seed
+from trainer.rollouts.source import collect_groups
 
 # ------------------------------------------------------------------------------------------------------------
 # Pure parts
@@ -221,7 +221,7 @@ class _StandIn:
 
 
 def test_a_batch_is_split_over_replicas_and_a_failed_chunk_moves_to_another(caplog):
-    from trainer.remote import RemoteServices
+    from trainer.rollouts.services import RemoteServices
 
     good, bad = _StandIn(), _StandIn(fail_status=503)
     cfg = load_config(None, ["services.max_attempts=2", "services.retry_backoff_seconds=0.01"])
@@ -252,7 +252,7 @@ def test_a_batch_is_split_over_replicas_and_a_failed_chunk_moves_to_another(capl
 
 def test_a_chunk_that_fails_everywhere_names_every_replica():
     from services.core.clients.replica_set import RolloutFailed
-    from trainer.remote import RemoteServices
+    from trainer.rollouts.services import RemoteServices
 
     a, b = _StandIn(fail_status=500), _StandIn(fail_status=503)
     cfg = load_config(None, ["services.max_attempts=2", "services.retry_backoff_seconds=0.01"])
@@ -283,7 +283,7 @@ def rpo_run(tmp_path_factory, warm_model_dir, rollout_cache_url, training_replic
     from training_helpers import run_config, run_trainer, seed
 
     from services.core.clients.cache import SyncCacheClient
-    from trainer.progress import read_records
+    from trainer.telemetry.progress import read_records
 
     tmp = tmp_path_factory.mktemp("rpo-run")
     urls = [r.url for r in training_replicas]
@@ -343,7 +343,7 @@ def test_full_path_baseline_decodes_more_tokens_per_sample_and_never_calls_the_c
     from training_helpers import replica_version, run_config, run_trainer
 
     from services.core.clients.cache import SyncCacheClient
-    from trainer.progress import read_records
+    from trainer.telemetry.progress import read_records
 
     url = training_replicas[0].url  # the same loop on ONE replica, cache off
     cfg, config_file = run_config(
@@ -380,7 +380,7 @@ def test_a_fresh_rpo_run_seeds_its_empty_cache_so_step_one_already_reuses_prefix
     from training_helpers import run_config, run_trainer
 
     from services.core.clients.cache import SyncCacheClient
-    from trainer.progress import read_records
+    from trainer.telemetry.progress import read_records
 
     cfg, config_file = run_config(
         tmp_path,
@@ -423,7 +423,7 @@ def test_committed_cache_update_is_the_best_response_or_another(
 
     from services.core.algorithm import cached_answer
     from services.core.data import encode_prompt, load_questions
-    from trainer.remote import RemoteServices
+    from trainer.rollouts.services import RemoteServices
 
     url = training_replicas[0].url
     for epsilon in (1.0, 0.0):
@@ -479,8 +479,8 @@ def test_dapo_refill_asks_the_real_replica_again_until_the_batch_is_full(
     from transformers import AutoTokenizer
 
     from services.core.data import encode_prompt, load_questions
-    from trainer.batch import build_samples
-    from trainer.remote import RemoteServices
+    from trainer.learner.batch import build_samples
+    from trainer.rollouts.services import RemoteServices
 
     want, group_size = 2, 6
     cfg, _ = run_config(
@@ -579,7 +579,7 @@ def test_a_frozen_replica_is_named_while_it_hangs_sits_out_and_catches_up_when_r
 
     from training_helpers import Trainer, replica_version, run_config, seed, wait_for_step
 
-    from trainer.progress import read_records
+    from trainer.telemetry.progress import read_records
 
     survivor, frozen = training_replicas
     cfg, config_file = run_config(
@@ -627,7 +627,7 @@ def test_a_replica_killed_while_decoding_leaves_the_step_to_the_other_and_a_rest
 
     from training_helpers import Trainer, replica_version, run_config, seed, wait_for_step
 
-    from trainer.progress import read_records
+    from trainer.telemetry.progress import read_records
 
     survivor, victim = training_replicas
     cfg, config_file = run_config(

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from trainer.losses import dapo_loss, grpo_loss, k3_kl, response_loss_mask
+from trainer.learner.losses import dapo_loss, grpo_loss, k3_kl, response_loss_mask
 
 
 def t(rows):
@@ -139,7 +139,7 @@ def test_gradient_flows_only_through_masked_tokens():
 
 def test_truncated_importance_weights_by_hand():
     """w = min(exp(old - behaviour), cap) on the lagged tokens, 1 elsewhere (prefix tokens, on-policy rows)."""
-    from trainer.losses import truncated_importance_weights
+    from trainer.learner.losses import truncated_importance_weights
 
     old = t([[-1.0, -0.5, -2.0], [-1.0, -1.0, -1.0]])
     behaviour = t([[-1.2, -2.0, -1.0], [0.0, 0.0, 0.0]])
@@ -151,7 +151,7 @@ def test_truncated_importance_weights_by_hand():
 
 def test_grpo_with_importance_weights_scales_each_tokens_surrogate():
     """On-policy ratio 1, so the surrogate of token t is w_t A; per sequence the mean over its tokens."""
-    from trainer.losses import truncated_importance_weights
+    from trainer.learner.losses import truncated_importance_weights
 
     logp = t([[-1.0, -0.5], [-0.3, -0.7]]).requires_grad_(True)
     behaviour = t([[-1.0, -0.9], [-0.3, -0.7]])

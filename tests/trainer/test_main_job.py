@@ -259,7 +259,7 @@ def test_ctrl_c_stops_every_part_and_the_trainer_saves_a_checkpoint_and_rpo_run_
     tmp_path, warm_model_dir
 ):
     from trainer.checkpoint import Checkpointer
-    from trainer.progress import read_records
+    from trainer.telemetry.progress import read_records
 
     run_dir = tmp_path / "run"
     job = _rpo_run(run_dir, "train.max_steps=50", "data.eval_dataset=null", "train.checkpoint_every=100")

@@ -4,9 +4,9 @@ import json
 
 from prometheus_client import generate_latest
 
-from trainer.metrics import TrainerMetrics
-from trainer.progress import StepProgress, format_step_line, read_records, read_step_records
-from trainer.records import StepRecord
+from trainer.telemetry.metrics import TrainerMetrics
+from trainer.telemetry.progress import StepProgress, format_step_line, read_records, read_step_records
+from trainer.telemetry.records import StepRecord
 
 
 def _record(step: int) -> StepRecord:
@@ -95,7 +95,7 @@ def test_a_step_record_reads_back_equal_and_feeds_the_line_and_the_metrics(tmp_p
 def test_the_reward_spread_of_a_step_by_hand():
     """Two groups of 2: raw and shaped rewards apart, each function's std, TRL's reward_std and zero-std share."""
     from services.core.schemas.rollout import RolloutGroup, RolloutSample
-    from trainer.step_rollouts import reward_spread
+    from trainer.rollouts.collected import reward_spread
 
     def sample(n, raw, shaped, acc, finish="stop"):
         return RolloutSample(

@@ -156,8 +156,8 @@ def test_an_interrupted_reproduction_resumes_at_the_run_it_stopped_in(smoke):
 def test_a_partial_invocation_keeps_the_runs_planned_before(smoke, tmp_path):
     """Running the protocol in parts: `--arms grpo` in a directory that holds more arms plans only grpo, and
     the results still hold every finished run."""
+    from services.reproduction.reproduce import SMOKE_OVERRIDES, SMOKE_PRESET, Reproduction
     from services.supervisor.main_job import preset_path
-    from services.supervisor.reproduce import SMOKE_OVERRIDES, SMOKE_PRESET, Reproduction
 
     out, _ = smoke
     copy = tmp_path / "reproduce"
@@ -187,8 +187,8 @@ def test_a_partial_invocation_keeps_the_runs_planned_before(smoke, tmp_path):
 
 
 def test_the_full_protocol_plans_every_arm_at_every_seed():
+    from services.reproduction.reproduce import ARMS, PRESET, Reproduction
     from services.supervisor.main_job import preset_path
-    from services.supervisor.reproduce import ARMS, PRESET, Reproduction
 
     plan = Reproduction(preset_path(PRESET), [], seeds=3, smoke=False, command="t").plan
     runs = [(r["arm"], r["seed"]) for r in plan["runs"]]
@@ -244,8 +244,8 @@ def test_bad_flags_are_usage_errors(tmp_path):
 
 
 def test_the_results_page_is_rendered_from_the_record_and_its_numbers_come_from_it(smoke, tmp_path):
-    from services.supervisor.formatting import signed
-    from services.supervisor.results_doc import render_results_doc
+    from services.reproduction.formatting import signed
+    from services.reproduction.results_doc import render_results_doc
 
     out, _ = smoke
     results = json.loads((out / "results.json").read_text())
@@ -261,7 +261,7 @@ def test_the_results_page_is_rendered_from_the_record_and_its_numbers_come_from_
     bad = tmp_path / "results.json"
     bad.write_text("{not json")
     done = subprocess.run(
-        [sys.executable, "-m", "services.supervisor.results_doc", str(bad)],
+        [sys.executable, "-m", "services.reproduction.results_doc", str(bad)],
         cwd=REPO,
         capture_output=True,
         text=True,

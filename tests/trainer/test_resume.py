@@ -76,7 +76,7 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint(
     from services.core.clients.cache import SyncCacheClient, read_export_file
     from services.core.schemas.rollout import GenerateRequest, GenerateResponse
     from trainer.checkpoint import CACHE_FILE, HF_DIR
-    from trainer.progress import read_records
+    from trainer.telemetry.progress import read_records
 
     url = training_replicas[0].url
     cfg, config_file = run_config(

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from services.core.config import load_config
-from trainer.batch import TrainSample, collate, pack, plan_micro_batches, share_groups
-from trainer.losses import dapo_loss, grpo_loss
+from trainer.learner.batch import TrainSample, collate, pack, plan_micro_batches, share_groups
+from trainer.learner.losses import dapo_loss, grpo_loss
 
 
 def _groups(seed: int, prefixes: tuple[int, ...] = (0, 4, 9), size: int = 4) -> list[TrainSample]:
@@ -79,7 +79,7 @@ def test_plan_keeps_groups_whole_unless_a_group_is_larger_than_a_micro_batch():
 def _objective(
     model, batch, algorithm: str, ref: torch.Tensor | None, old: torch.Tensor | None, n: int, tokens: int
 ):
-    from trainer.logprobs import token_logprobs
+    from trainer.learner.logprobs import token_logprobs
 
     logp = token_logprobs(model, batch)
     old = logp.detach() if old is None else old
@@ -104,8 +104,8 @@ def test_log_probs_loss_and_gradients_equal_the_per_response_layout(
     the per-response layout's, relative."""
     from transformers import AutoModelForCausalLM
 
-    from trainer.batch import count_loss_tokens, make_micro_batch
-    from trainer.logprobs import token_logprobs
+    from trainer.learner.batch import count_loss_tokens, make_micro_batch
+    from trainer.learner.logprobs import token_logprobs
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -158,7 +158,7 @@ def test_bf16_shared_layout_is_within_bf16_noise_of_the_per_response_one(tiny_mo
     """bf16 (the GPU dtype) through the additive block mask: finite and as close as bf16 rounding allows."""
     from transformers import AutoModelForCausalLM
 
-    from trainer.logprobs import token_logprobs
+    from trainer.learner.logprobs import token_logprobs
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
     samples = _groups(2)
@@ -173,7 +173,7 @@ def test_bf16_shared_layout_is_within_bf16_noise_of_the_per_response_one(tiny_mo
 
 
 def _learner(model_dir, *overrides: str):
-    from trainer.learner import Learner
+    from trainer.learner.engine import Learner
 
     cfg = load_config(None, ["train.warmup_ratio=0", "train.lr=1e-4", *overrides])
     return Learner(cfg, str(model_dir), total_steps=10)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from services.core.config import load_config
-from trainer.tracking import Tracker, TrackingError, metrics_of
+from trainer.telemetry.tracking import Tracker, TrackingError, metrics_of
 
 STEPS = [
     {

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from trainer.launch_env import local_ranks_command
-from trainer.progress import read_records
+from trainer.telemetry.progress import read_records
 
 
 def test_ranks_go_on_the_claimed_gpus_or_on_num_gpus():

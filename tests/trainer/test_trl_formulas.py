@@ -12,8 +12,8 @@ import torch
 from services.core.algorithm import batch_advantages
 from services.core.config import AlgorithmSection
 from services.core.schemas.rollout import RolloutGroup, RolloutSample
-from trainer.batch import build_samples, collate, count_loss_tokens
-from trainer.losses import policy_loss
+from trainer.learner.batch import build_samples, collate, count_loss_tokens
+from trainer.learner.losses import policy_loss
 
 # Two groups of 4: a correctness-style 1, a -1 penalty, two zeros; then a group whose rewards are all equal.
 REWARDS = [[1.0, -1.0, 0.0, 0.0], [0.5, 0.5, 0.5, 0.5]]
@@ -128,7 +128,7 @@ def test_mask_truncated_completions_drops_a_cut_response_from_the_loss_but_not_f
 
 
 def test_lr_scheduler_linear_falls_to_zero_at_the_last_step_as_transformers_linear_schedule():
-    from trainer.schedule import LRSchedule
+    from trainer.learner.lr_schedule import LRSchedule
 
     # warm-up 2 steps (1/3, 2/3), then (total - step) / (total - warmup): step 6 of 10 -> 4/8
     linear = LRSchedule(total=10, warmup=2, kind="linear")
@@ -141,7 +141,7 @@ def test_adam_betas_and_epsilon_reach_deepspeeds_optimizer_config():
     from types import SimpleNamespace
 
     from services.core.config import load_config
-    from trainer.learner import Learner
+    from trainer.learner.engine import Learner
 
     cfg = load_config(None, ["train.adam_beta1=0.8", "train.adam_beta2=0.95", "train.adam_epsilon=1e-6"])
     learner = SimpleNamespace(cfg=cfg, stage=2, on_cpu=True, world=1, dtype=torch.float32)
@@ -172,7 +172,7 @@ def test_trls_sampling_options_reach_the_training_rollouts_only():
 def test_entropy_comes_out_of_the_log_softmax_pass_equal_to_torchs_and_changes_nothing_else():
     """TRL's `entropy` metric: the policy's per-token entropy, here from the same chunked pass (chunks of 3
     rows over 10) as the log-probs, which stay bit for bit those computed without it."""
-    from trainer.logprobs import selected_logprobs
+    from trainer.learner.logprobs import selected_logprobs
 
     gen = torch.Generator().manual_seed(0)
     logits = (3 * torch.randn(2, 5, 11, generator=gen)).requires_grad_()

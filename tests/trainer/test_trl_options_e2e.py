@@ -37,8 +37,8 @@ def test_a_trl_script_with_a_penalty_on_prompts_only_trains_with_trls_rewards_an
 ):
     from training_helpers import run_config, run_trainer
 
-    from trainer.completions import read_completions
-    from trainer.progress import read_records
+    from trainer.telemetry.completions import read_completions
+    from trainer.telemetry.progress import read_records
 
     (tmp_path / "my_rewards.py").write_text(REWARDS)
     rows = [{"prompt": r["question"]} for r in make_split(SyntheticTaskConfig(train_size=40), "train")]

@@ -27,7 +27,7 @@ def test_a_trl_scripts_reward_functions_and_dataset_train_as_they_are(
 ):
     from training_helpers import SMALL, run_trainer
 
-    from trainer.progress import read_records
+    from trainer.telemetry.progress import read_records
 
     page = (REPO / "docs" / "training.md").read_text()
     (tmp_path / "my_rewards.py").write_text(_block(page, "my_rewards.py"))

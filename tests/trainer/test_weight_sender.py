@@ -1,4 +1,4 @@
-"""The trainer's weight sender (trainer/weight_sender.py): the transport chosen once, NCCL's control flow (set
+"""The trainer's weight sender (trainer/weights/sender.py): the transport chosen once, NCCL's control flow (set
 up, send, set up again when the replicas change, fall back to HTTP when it fails) with vLLM's trainer-side
 engine replaced at its boundary (the group object), catch-up pushes over HTTP, and the HTTP side against a
 real replica (one of the trainer tests' warm-model replicas).
@@ -19,11 +19,11 @@ import pytest
 
 from services.core.config import ConfigError, load_config
 from services.core.http_client import RetryPolicy
-from trainer.metrics import TrainerMetrics
-from trainer.progress import format_step_line
-from trainer.records import StepRecord
-from trainer.weight_push import push_to_all
-from trainer.weight_sender import PushKind, WeightSender, WeightTransferError
+from trainer.telemetry.metrics import TrainerMetrics
+from trainer.telemetry.progress import format_step_line
+from trainer.telemetry.records import StepRecord
+from trainer.weights.http_wire import push_to_all
+from trainer.weights.sender import PushKind, WeightSender, WeightTransferError
 
 FAST = RetryPolicy(connect_timeout_seconds=5, read_timeout_seconds=120, max_attempts=1, max_total_seconds=180)
 

@@ -56,8 +56,8 @@ def run_config(
 
 def seed(cfg: RunConfig) -> dict:
     """`rpo cache init` in this process, through the configured replicas and cache server."""
-    from trainer.cache_init import seed_cache
-    from trainer.remote import RemoteServices
+    from trainer.rollouts.cache_init import seed_cache
+    from trainer.rollouts.services import RemoteServices
 
     remote = RemoteServices(cfg)
     try:
@@ -117,7 +117,7 @@ def run_trainer(
 
 def wait_for_step(run_dir: Path, step: int, trainer: Trainer, timeout_seconds: float = 300.0) -> None:
     """Until metrics.jsonl holds the record of `step` (the trainer must stay alive meanwhile)."""
-    from trainer.progress import read_records
+    from trainer.telemetry.progress import read_records
 
     deadline = time.monotonic() + timeout_seconds
     while not any(r["step"] >= step for r in read_records(run_dir, "step")):

@@ -155,7 +155,7 @@ class RolloutPlans:
         return self.evaluation.model_copy(update={"dataset": dataset, "temperature": temperature})
 
     def train(self, seed: int) -> RolloutSettings:
-        """A training step's settings (its seed: `trainer.schedule.request_seed`)."""
+        """A training step's settings (its seed: `trainer.rollouts.data_order.request_seed`)."""
         return self.training.model_copy(update={"seed": seed})
 
     def init(self, seed: int) -> RolloutSettings:

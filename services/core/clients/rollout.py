@@ -5,7 +5,7 @@
 - `RolloutClient`: generate, rollouts, version, the engine's sleep and wake (`rollout.sleep_mode`), on the
   one retry policy (`services.core.http_client`: transport errors and 5xx retried, 4xx never).
 
-Weights travel from the trainer's side: `trainer/weight_push.py` (HTTP) and `trainer/weight_nccl.py` (NCCL).
+Weights travel from the trainer's side: `trainer/weights/http_wire.py` (HTTP) and `trainer/weights/nccl.py` (NCCL).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 def fixed_samples(n: int, seed: int = 0) -> list:
     """n responses in groups of 4 (the last may be short): each group one prompt of 3-9 tokens and one cached
     prefix of 0-6 tokens, each response that prefix plus 0-6 tokens of its own; advantages drawn."""
-    from trainer.batch import TrainSample
+    from trainer.learner.batch import TrainSample
 
     rng = random.Random(seed)
     samples = []
@@ -63,7 +63,7 @@ def main() -> int:
     from services.core.config import load_config
     from services.core.logs import setup_logging
     from trainer import dist
-    from trainer.learner import Learner
+    from trainer.learner.engine import Learner
 
     setup_logging("INFO")  # the learner's start line says what it trains and its reference
     torch.manual_seed(0)
