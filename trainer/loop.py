@@ -55,6 +55,7 @@ from trainer.telemetry.metrics import TrainerMetrics
 from trainer.telemetry.progress import StepProgress
 from trainer.telemetry.records import StepRecord
 from trainer.telemetry.tracking import Tracker
+from trainer.weights.export import export_hf
 from trainer.weights.sender import PushKind, WeightSender
 
 log = logging.getLogger("rpo.train")
@@ -136,7 +137,7 @@ class TrainingRecipe:
             self.metrics = TrainerMetrics()
             if cfg.train.metrics_port is not None:
                 self.metrics.serve(cfg.train.metrics_host, cfg.train.metrics_port)
-        self.weight_sender = WeightSender.for_learner(cfg, self.learner, self.remote)
+        self.weight_sender = WeightSender.for_learner(cfg, self.learner)
         resumed = self.load_checkpoint() if self.resume else False
         if not resumed and cfg.algorithm.mode == "rpo":
             self.on_main(self._check_run_is_new)
@@ -198,7 +199,7 @@ class TrainingRecipe:
                 self.evaluate(f"step {self.step}")
         if not stopped:
             final = self.run_dir / "final"
-            self.learner.export_hf(str(final))
+            export_hf(self.learner, str(final))
             if self.main:
                 log.info("final policy (version %d) written to %s", self.learner.policy_version, final)
             self.evaluate("after")
@@ -371,7 +372,7 @@ class TrainingRecipe:
         _, partial = self.on_main(lambda: self.checkpointer.begin(self.step), share=str)
         self.learner.save_checkpoint(str(Path(partial) / LEARNER_DIR), {"step": self.step})
         if self.cfg.train.checkpoint_hf:  # collective, like the save above
-            self.learner.export_hf(str(Path(partial) / HF_DIR))
+            export_hf(self.learner, str(Path(partial) / HF_DIR))
 
         def finish() -> None:
             if self.cfg.algorithm.mode == "rpo":

@@ -15,6 +15,7 @@ import torch
 from services.core.config import load_config
 from trainer.learner.batch import TrainSample, collate
 from trainer.learner.losses import dapo_loss, grpo_loss
+from trainer.weights.export import export_hf, named_weights
 
 
 def _samples(n: int, seed: int = 0) -> list[TrainSample]:
@@ -121,7 +122,7 @@ def test_one_step_is_adamw_on_the_whole_batch_gradient(tiny_model_dir, algorithm
     # summation order) moves it by a fraction of lr. Everywhere else the two steps agree to 1e-6.
     expected = dict(model.named_parameters())
     off = total = 0
-    for name, tensor in learner.named_weights():
+    for name, tensor in named_weights(learner):
         diff = (tensor - expected[name].detach()).abs()
         assert diff.max().item() < 0.5 * lr, name  # no element moved the other way
         off, total = off + int((diff > 1e-6).sum()), total + diff.numel()
@@ -178,7 +179,7 @@ def test_named_weights_load_into_a_fresh_transformers_model(
     model_dir = tiny_model_dir if kind == "tied" else tiny_model_untied_dir
     learner = _learner(model_dir, f"train.zero_stage={stage}", "train.lr=1e-3")
     learner.train_step(_samples(4))
-    weights = dict(learner.named_weights(bucket_bytes=64 * 1024))  # several gather buckets under ZeRO-3
+    weights = dict(named_weights(learner, bucket_bytes=64 * 1024))  # several gather buckets under ZeRO-3
     fresh = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     expected = set(fresh.state_dict())
     if kind == "tied":
@@ -203,7 +204,7 @@ def test_checkpoint_resume_continues_with_the_same_steps(tiny_model_dir, tmp_pat
     a.save_checkpoint(str(tmp_path / "learner"), {"cursor": {"epoch": 0, "position": 3}})
     torch.manual_seed(1234)  # whatever the RNG does after the save, the resumed learner gets the saved one
     expected = [a.train_step(samples), a.train_step(samples)]
-    expected_weights = dict(a.named_weights())
+    expected_weights = dict(named_weights(a))
 
     b = _learner(tiny_model_dir, *overrides)
     client = b.load_checkpoint(str(tmp_path / "learner"))
@@ -213,7 +214,7 @@ def test_checkpoint_resume_continues_with_the_same_steps(tiny_model_dir, tmp_pat
     for want, have in zip(expected, got, strict=True):
         for key in ("loss", "kl", "grad_norm", "lr", "policy_version"):
             assert getattr(have, key) == pytest.approx(getattr(want, key), rel=1e-7, abs=1e-9), key
-    for name, tensor in b.named_weights():
+    for name, tensor in named_weights(b):
         torch.testing.assert_close(tensor, expected_weights[name], rtol=0, atol=1e-7)
     with pytest.raises(FileNotFoundError):
         b.load_checkpoint(str(tmp_path / "nothing-here"))
@@ -226,7 +227,7 @@ def test_export_hf_is_a_normal_model_directory(tiny_model_dir, tmp_path, max_sha
     learner = _learner(tiny_model_dir, "train.lr=1e-3")
     learner.train_step(_samples(4))
     out = tmp_path / "export"
-    learner.export_hf(str(out), max_shard_bytes=max_shard_bytes)
+    export_hf(learner, str(out), max_shard_bytes=max_shard_bytes)
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     if max_shard_bytes < 2**20:
         assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()

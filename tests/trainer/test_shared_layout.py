@@ -16,6 +16,7 @@ import torch
 from services.core.config import load_config
 from trainer.learner.batch import TrainSample, collate, pack, plan_micro_batches, share_groups
 from trainer.learner.losses import dapo_loss, grpo_loss
+from trainer.weights.export import named_weights
 
 
 def _groups(seed: int, prefixes: tuple[int, ...] = (0, 4, 9), size: int = 4) -> list[TrainSample]:
@@ -200,7 +201,7 @@ def test_learner_steps_are_the_same_in_both_layouts(tiny_model_dir, case):
         torch.manual_seed(0)
         learner = _learner(tiny_model_dir, *LEARNER_CASES[case], f"train.share_prefix={str(share).lower()}")
         steps = [learner.train_step(samples) for _ in range(2)]
-        weights = {name: t.float().clone() for name, t in learner.named_weights()}
+        weights = {name: t.float().clone() for name, t in named_weights(learner)}
         runs[share] = (steps, weights)
     (steps_a, weights_a), (steps_b, weights_b) = runs[False], runs[True]
     for a, b in zip(steps_a, steps_b, strict=True):

@@ -1,6 +1,6 @@
-"""The trainer's weight sender (trainer/weights/sender.py): the transport chosen once, NCCL's control flow (set
-up, send, set up again when the replicas change, fall back to HTTP when it fails) with vLLM's trainer-side
-engine replaced at its boundary (the group object), catch-up pushes over HTTP, and the HTTP side against a
+"""The trainer's weight path (trainer/weights/): the transport chosen once, NCCL's control flow (set up, send,
+set up again when the replicas change, fall back to HTTP when it fails) with vLLM's trainer-side engine
+replaced at its boundary (the group object), catch-up pushes over HTTP, and the real HTTP transport against a
 real replica (one of the trainer tests' warm-model replicas).
 
 The transport each push used is said everywhere (step record, log line, Prometheus label): checked with the
@@ -18,14 +18,13 @@ import httpx
 import pytest
 
 from services.core.config import ConfigError, load_config
-from services.core.http_client import RetryPolicy
 from trainer.telemetry.metrics import TrainerMetrics
 from trainer.telemetry.progress import format_step_line
 from trainer.telemetry.records import StepRecord
-from trainer.weights.http_wire import push_to_all
-from trainer.weights.sender import PushKind, WeightSender, WeightTransferError
-
-FAST = RetryPolicy(connect_timeout_seconds=5, read_timeout_seconds=120, max_attempts=1, max_total_seconds=180)
+from trainer.weights.http import HttpTransport
+from trainer.weights.nccl import NcclTransport
+from trainer.weights.sender import PushKind, WeightSender, use_nccl
+from trainer.weights.transport import WeightPayload, WeightTransferError
 
 
 class FakeGroup:
@@ -44,6 +43,46 @@ class FakeGroup:
 
     def close(self) -> None:
         self.log.append(("close", tuple(self.urls)))
+
+
+class StaticWeights:
+    """A `WeightSource` of fixed tensors (the learner's own source is tested with the learner)."""
+
+    def __init__(self, tensors: dict):
+        self.payload = WeightPayload(list(tensors.items()))
+
+    def read(self) -> WeightPayload:
+        return self.payload
+
+
+class RecordedHttp:
+    """Stands where the HTTP transport would, for the control-flow tests that reach no replica."""
+
+    name = "http"
+
+    def __init__(self):
+        self.pushes: list = []
+
+    def push(self, replicas, version, label):
+        self.pushes.append((tuple(replicas), version, label))
+
+    def close(self):
+        pass
+
+
+class RealReplicaOnly:
+    """The real HTTP transport, to the one real replica among the replicas a test names."""
+
+    name = "http"
+
+    def __init__(self, cfg, replica):
+        self.http, self.url = HttpTransport(cfg, StaticWeights(replica.weights)), replica.url
+
+    def push(self, replicas, version, label):
+        self.http.push([u for u in replicas if u == self.url], version, label)
+
+    def close(self):
+        self.http.close()
 
 
 def _version(url: str) -> int:
@@ -67,12 +106,9 @@ def nccl_cfg():
 
 def test_nccl_group_is_set_up_once_reused_and_set_up_again_when_replicas_change(nccl_cfg):
     calls: list = []
-    http: list = []
-    sync = WeightSender(
-        nccl_cfg,
-        lambda replicas, version, reason: http.append((tuple(replicas), version, reason)),
-        make_group=lambda urls, port: FakeGroup(calls, urls, None),
-    )
+    http = RecordedHttp()
+    nccl = NcclTransport(nccl_cfg, None, make_group=lambda urls, port: FakeGroup(calls, urls, None))
+    sync = WeightSender(nccl, http)
     assert sync.use_nccl
     assert sync.push(["http://b:8200", "http://a:8200"], 1, PushKind.STEP, "step 1") == "nccl"
     assert (
@@ -96,7 +132,7 @@ def test_nccl_group_is_set_up_once_reused_and_set_up_again_when_replicas_change(
         ("send", 4),
         ("close", ("http://a:8200",)),
     ]
-    assert http == [(("http://a:8200",), 4, "catch up")]
+    assert http.pushes == [(("http://a:8200",), 4, "catch up")]
 
 
 @pytest.mark.parametrize("fail_on", ["setup", "send"])
@@ -105,14 +141,11 @@ def test_a_failed_nccl_transfer_falls_back_to_http_on_a_real_replica(nccl_cfg, r
     attempts: list = []
     version = replica.version + 1
 
-    def http_push(replicas, v, reason):  # the real HTTP push, to the real replica among `replicas`
-        push_to_all([u for u in replicas if u == replica.url], v, replica.weights, policy=FAST)
-
     def make_group(urls, port):
         attempts.append(tuple(urls))
         return FakeGroup(calls, urls, fail_on)
 
-    sync = WeightSender(nccl_cfg, http_push, make_group=make_group)
+    sync = WeightSender(NcclTransport(nccl_cfg, None, make_group), RealReplicaOnly(nccl_cfg, replica))
     with caplog.at_level(logging.WARNING, logger="rpo.train"):
         assert sync.push([replica.url], version, PushKind.STEP, f"step {version}") == "http_fallback"
     replica.version = version
@@ -132,32 +165,26 @@ def test_a_failed_nccl_transfer_falls_back_to_http_on_a_real_replica(nccl_cfg, r
 
 
 def test_nccl_needs_one_trainer_process_on_a_gpu(nccl_cfg, caplog):
-    http: list = []
     with caplog.at_level(logging.WARNING, logger="rpo.train"):
-        sync = WeightSender(nccl_cfg, lambda *a: http.append(a), on_gpu=False)
-    assert not sync.use_nccl and "the trainer runs on CPU" in caplog.text
-    assert sync.push(["http://a:8200"], 1, PushKind.STEP, "step 1") == "http" and http == [
-        (["http://a:8200"], 1, "step 1")
-    ]
-    assert not WeightSender(nccl_cfg, lambda *a: None, on_gpu=True, world_size=2).use_nccl
-    assert not WeightSender(load_config(None, []), lambda *a: None, on_gpu=True).use_nccl  # http configured
+        assert not use_nccl(nccl_cfg, on_gpu=False, world_size=1)
+    assert "the trainer runs on CPU" in caplog.text
+    assert not use_nccl(nccl_cfg, on_gpu=True, world_size=2)
+    assert not use_nccl(load_config(None, []), on_gpu=True, world_size=1)  # http configured
+    assert use_nccl(nccl_cfg, on_gpu=True, world_size=1)
+    http = RecordedHttp()
+    sync = WeightSender(http)  # what `for_learner` builds when NCCL is not used: HTTP alone
+    assert not sync.use_nccl
+    assert sync.push(["http://a:8200"], 1, PushKind.STEP, "step 1") == "http"
+    assert sync.push(["http://b:8200"], 1, PushKind.CATCH_UP) == "http"
+    assert http.pushes == [(("http://a:8200",), 1, "step 1"), (("http://b:8200",), 1, "catch up")]
 
 
 def test_with_lora_every_push_goes_over_http_and_the_log_says_why(caplog):
     """The NCCL transfer carries whole models; an adapter goes over HTTP, said once at start."""
     cfg = load_config(None, ["rollout.weight_transfer=nccl", "train.lora.rank=8"])
-    calls: list = []
-    http: list = []
     with caplog.at_level(logging.WARNING, logger="rpo.train"):
-        sender = WeightSender(
-            cfg,
-            lambda replicas, version, reason: http.append((tuple(replicas), version)),
-            make_group=lambda urls, port: FakeGroup(calls, urls, None),
-        )
-    assert not sender.use_nccl
+        assert not use_nccl(cfg, on_gpu=True, world_size=1)
     assert "train.lora is on" in caplog.text and "goes over HTTP" in caplog.text
-    assert sender.push(["http://a:8200"], 1, PushKind.STEP, "step 1") == "http"
-    assert calls == [] and http == [(("http://a:8200",), 1)]
 
 
 def _free_port_pair() -> int:
@@ -194,10 +221,8 @@ def _record_of(transport: str, seconds: float) -> StepRecord:
 
 def test_an_http_push_says_http_in_the_record_the_log_line_and_the_metric(replica):
     version = replica.version + 1
-    sender = WeightSender(
-        load_config(None, []),
-        lambda replicas, v, label: push_to_all(replicas, v, replica.weights, policy=FAST),
-    )
+    cfg = load_config(None, [])
+    sender = WeightSender(HttpTransport(cfg, StaticWeights(replica.weights)))
     transport = sender.push([replica.url], version, PushKind.STEP, f"step {version}")
     replica.version = version
     assert transport == "http" and _version(replica.url) == version
@@ -216,11 +241,9 @@ def test_a_real_nccl_setup_that_fails_goes_over_http_said_once_as_http_fallback(
     import torch
 
     cfg = load_config(None, ["rollout.weight_transfer=nccl", f"train.nccl_port={_free_port_pair()}"])
+    # the trainer believes it has a GPU, as on a box where CUDA or NCCL is broken: vLLM's real engine
     sender = WeightSender(
-        cfg,
-        lambda replicas, v, label: push_to_all(replicas, v, replica.weights, policy=FAST),
-        model=torch.nn.Linear(2, 2),
-        on_gpu=True,  # the trainer believes it has a GPU, as on a box where CUDA or NCCL is broken
+        NcclTransport(cfg, torch.nn.Linear(2, 2)), HttpTransport(cfg, StaticWeights(replica.weights))
     )
     version = replica.version + 1
     with caplog.at_level(logging.WARNING, logger="rpo.train"):
@@ -247,26 +270,26 @@ def test_require_nccl_turns_the_fall_back_into_an_error_naming_phase_and_cause(r
         None,
         ["rollout.weight_transfer=nccl", "rollout.require_nccl=true", f"train.nccl_port={_free_port_pair()}"],
     )
-    http: list = []
-    sender = WeightSender(cfg, lambda *a: http.append(a), model=torch.nn.Linear(2, 2), on_gpu=True)
+    http = RecordedHttp()
+    sender = WeightSender(NcclTransport(cfg, torch.nn.Linear(2, 2)), http, require_primary=True)
     with pytest.raises(WeightTransferError) as failed:
         sender.push([replica.url], replica.version + 1, PushKind.STEP, "step 1")
     message = str(failed.value)
     assert "failed in setup" in message and "Cannot access accelerator device" in message
     assert "rollout.require_nccl forbids the HTTP fall-back" in message
-    assert http == [] and _version(replica.url) == replica.version  # nothing went over HTTP
+    assert http.pushes == [] and _version(replica.url) == replica.version  # nothing went over HTTP
 
 
 def test_require_nccl_refuses_at_start_what_cannot_use_nccl():
     strict = ["rollout.weight_transfer=nccl", "rollout.require_nccl=true"]
     with pytest.raises(ConfigError, match="the trainer runs on CPU: NCCL cannot carry"):
-        WeightSender(load_config(None, strict), lambda *a: None, on_gpu=False)
+        use_nccl(load_config(None, strict), on_gpu=False, world_size=1)
     with pytest.raises(ConfigError, match="the trainer has 2 ranks"):
-        WeightSender(load_config(None, strict), lambda *a: None, on_gpu=True, world_size=2)
+        use_nccl(load_config(None, strict), on_gpu=True, world_size=2)
     with pytest.raises(ConfigError, match="train.lora is on"):
-        WeightSender(load_config(None, [*strict, "train.lora.rank=8"]), lambda *a: None, on_gpu=True)
+        use_nccl(load_config(None, [*strict, "train.lora.rank=8"]), on_gpu=True, world_size=1)
     with pytest.raises(ConfigError, match="rollout.weight_transfer must be nccl"):
-        WeightSender(load_config(None, ["rollout.require_nccl=true"]), lambda *a: None, on_gpu=True)
+        use_nccl(load_config(None, ["rollout.require_nccl=true"]), on_gpu=True, world_size=1)
 
 
 def test_each_setup_of_the_group_takes_a_fresh_free_port(nccl_cfg):
@@ -279,7 +302,7 @@ def test_each_setup_of_the_group_takes_a_fresh_free_port(nccl_cfg):
         ports.append(port)
         return FakeGroup(calls, urls, None)
 
-    sender = WeightSender(cfg, lambda *a: None, make_group=make_group)
+    sender = WeightSender(NcclTransport(cfg, None, make_group), RecordedHttp())
     assert sender.push(["http://a:8200"], 1, PushKind.STEP) == "nccl"
     with socket.socket() as busy:  # something else listens on the next port meanwhile
         busy.bind(("", first + 1))

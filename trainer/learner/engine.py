@@ -9,20 +9,15 @@ from the paper's objective. The contract for several ranks and the reasons: docs
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from services.core.adapter_wire import write_adapter_config
 from services.core.config import RunConfig
-from services.core.file_modes import make_readable
 from trainer import dist
 from trainer.learner import lora
 from trainer.learner.batch import Batch, TrainSample, count_loss_tokens, make_micro_batch, plan_micro_batches
@@ -31,16 +26,12 @@ from trainer.learner.losses import policy_loss, truncated_importance_weights
 from trainer.learner.lr_schedule import LRSchedule
 from trainer.learner.rng_state import capture_rng, restore_rng
 from trainer.telemetry.records import LearnerStats
-from trainer.weights.shards import ShardWriter, size_buckets
 
 log = logging.getLogger("rpo.learner")
 
 CHECKPOINT_TAG = "state"
 """DeepSpeed tag (sub-directory) of the learner's checkpoint inside the directory it is given."""
-ADAPTER_DIR = "adapter"
-"""With LoRA: the sub-directory of an exported model that holds the adapter alone."""
 _CLIENT_KEY = "rpo_learner"
-_WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".index.json")
 
 
 def resolve_dtype(precision: str) -> torch.dtype:
@@ -56,9 +47,10 @@ def resolve_dtype(precision: str) -> torch.dtype:
 class Learner:
     """The policy under DeepSpeed, its optimizer and schedule, and the frozen reference when needed.
 
-    Calling contract with several ranks: the constructor, `train_step`, `named_weights` (iterated to the
-    end), `save_checkpoint`, `load_checkpoint` and `export_hf` are collective: every rank calls them, in the
-    same order, with the same arguments (`train_step`: the same full sample list on every rank).
+    Calling contract with several ranks: the constructor, `train_step`, `save_checkpoint` and
+    `load_checkpoint` are collective (as are reading the weights out and exporting them,
+    trainer/weights/export.py): every rank calls them, in the same order, with the same arguments
+    (`train_step`: the same full sample list on every rank).
     """
 
     def __init__(self, cfg: RunConfig, model_path: str, total_steps: int):
@@ -362,88 +354,6 @@ class Learner:
             policy_version=self.policy_version,
             **lag_stats,
         )
-
-    # ---------------------------------------------------------------------------------------------- weights
-    def _named_tensors(self) -> list[tuple[str, torch.Tensor]]:
-        """Parameters (shared ones once: a tied LM head is left out) and persistent buffers, HF names."""
-        module = self.module
-        named: list[tuple[str, torch.Tensor]] = list(module.named_parameters())
-        for name, buf in module.named_buffers():
-            owner_name, _, short = name.rpartition(".")
-            owner = module.get_submodule(owner_name) if owner_name else module
-            if short not in owner._non_persistent_buffers_set:
-                named.append((name, buf))
-        return named
-
-    def named_weights(self, bucket_bytes: int = 256 * 2**20) -> Iterator[tuple[str, torch.Tensor]]:
-        """Full HF-named weights of the current policy, one tensor at a time (collective under ZeRO-3).
-
-        Contract: EVERY rank calls it and iterates to the end, in lockstep (under ZeRO-3 each bucket of up
-        to `bucket_bytes` is all-gathered with `deepspeed.zero.GatheredParameters`). On rank 0 each tensor
-        is a CPU copy in the training dtype that the caller may keep; on other ranks the same names come
-        with tensors that are only valid until the next item (drop them). A rank 0 consumer that stops
-        early leaves the other ranks waiting in a gather: drain it (or let it fail everywhere).
-        """
-        # lazy: heavy import (deepspeed), paid only on this path
-        import deepspeed
-
-        main = dist.is_main()
-        named = self._named_tensors()
-        # With LoRA: the base plus the adapter's delta, under the base's names (trainer/learner/lora.py).
-        deltas = lora.deltas(self.module) if self.lora is not None else None
-        for bucket in [named] if self.stage != 3 else size_buckets(named, bucket_bytes):
-            params = [t for _, t in bucket if hasattr(t, "ds_id")]
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                items = bucket if deltas is None else list(lora.merged(bucket, deltas))
-                for name, tensor in items:
-                    yield name, (tensor.detach().to("cpu", copy=True) if main else tensor.detach())
-
-    def adapter_weights(self) -> list[tuple[str, torch.Tensor]]:
-        """With LoRA: the adapter's tensors under PEFT's saved names, what each step pushes (rank 0; an empty
-        list on the others). Collective under ZeRO-3."""
-        if self.lora is None:
-            raise RuntimeError("adapter_weights: this learner trains no adapter (train.lora.rank is 0)")
-        return lora.adapter_weights(self.module, dist.is_main())
-
-    def export_hf(self, out_dir: str, max_shard_bytes: int = 5 * 2**30) -> None:
-        """Write the current policy as an HF model directory (collective; rank 0 writes).
-
-        config.json (dtype = the training dtype), safetensors weights (sharded with an index past
-        `max_shard_bytes`), and every other top-level file of the model path except weights and config
-        (tokenizer, generation config, chat template, licence).
-        """
-        main = dist.is_main()
-        out = Path(out_dir)
-        writer = ShardWriter(out, max_shard_bytes) if main else None
-        for name, tensor in self.named_weights():
-            if writer is not None:
-                writer.add(name, tensor)
-        if writer is not None:
-            writer.close()
-            config = copy.deepcopy(self.hf_config)
-            config.dtype = self.dtype
-            config.use_cache = True
-            config.save_pretrained(out)
-            for item in self.model_path.iterdir():
-                if item.is_file() and item.name != "config.json" and not item.name.endswith(_WEIGHT_FILES):
-                    shutil.copy2(item, out / item.name)
-            make_readable(out)  # safetensors writes 0600; replicas may run as another user
-        if self.lora is not None:
-            adapter = self.adapter_weights()  # collective
-            if main:
-                self._write_adapter(out / ADAPTER_DIR, adapter)
-        dist.barrier()
-
-    def _write_adapter(self, directory: Path, adapter: list[tuple[str, torch.Tensor]]) -> None:
-        """The adapter as PEFT saves it (adapter_config.json, adapter_model.safetensors): loadable with PEFT
-        or vLLM on top of the base model."""
-        # lazy: heavy import (safetensors), paid only on this path
-        from safetensors.torch import save_file
-
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file({name: t.contiguous() for name, t in adapter}, directory / "adapter_model.safetensors")
-        write_adapter_config(directory, self.lora, str(self.model_path))
-        make_readable(directory)
 
     # ------------------------------------------------------------------------------------------- checkpoint
     def save_checkpoint(self, directory: str, client_state: dict[str, Any]) -> None:

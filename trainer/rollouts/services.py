@@ -1,10 +1,9 @@
-"""Everything the trainer's rank 0 does over HTTP: the replicas (`replica_set`, the core's client, with the
-run's rollout settings in `plans`), weight pushes to them, and the cache: commit a step's updates, export and
-restore snapshots.
+"""The services as the trainer's rank 0 sees them: the replicas (`replica_set`, the core's client, with the
+run's rollout settings in `plans`) and the cache: commit a step's updates, export and restore snapshots.
+Weights go to the replicas through trainer/weights/.
 
 Replicas that do not answer their version check before a step sit the step out (named in the log); when
-they come back they are pushed the current weights first. A weight push that cannot reach a replica lets it
-sit out that version; one it refuses fails the step. Calls go through the shared retry policy
+they come back they are pushed the current weights first. Calls go through the shared retry policy
 (`services.core.http_client`) and the service clients (`services.core.clients`).
 """
 
@@ -12,19 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from services.core.algorithm import cached_answer
 from services.core.clients.cache import SyncCacheClient
-from services.core.clients.replica_set import ReplicaSet, RolloutFailed, RolloutPlans, what_to_check
+from services.core.clients.replica_set import ReplicaSet, RolloutPlans
 from services.core.config import RunConfig
 from services.core.schemas.cache import GroupUpdate, UpdateCandidate
 from services.core.schemas.rollout import RolloutGroup
 from trainer.checkpoint import CACHE_FILE
-from trainer.weights.http_wire import WeightPushError, push_to_all
 
 log = logging.getLogger("rpo.remote")
 
@@ -66,56 +63,6 @@ class RemoteServices:
         for client in (self._cache, self._commit):
             if client is not None:
                 client.close()
-
-    def push_weights(
-        self,
-        replicas: list[str],
-        version: int,
-        weights: Any,
-        reason: str,
-        metadata: dict[str, str] | None = None,
-    ) -> None:
-        """Push `weights` as `version` to `replicas`; returns once every one serves it (the rollout client
-        confirms each), else raises naming each failed replica and the phase. Replicas that cannot even be
-        connected to are left out with a warning when at least one other replica took the version."""
-
-        started = time.monotonic()
-        try:
-            push_to_all(
-                replicas,
-                version,
-                weights,
-                cfg=self.cfg,
-                timeout_seconds=self.cfg.train.weight_sync_timeout_seconds,
-                metadata=metadata,
-            )
-        except WeightPushError as exc:
-            unreachable = [url for url, (phase, _) in exc.failures.items() if phase in SIT_OUT_PHASES]
-            if exc.succeeded and len(unreachable) == len(exc.failures):
-                # Replicas that cannot be reached, or stop answering (killed, frozen, cut off), sit out: they
-                # serve no rollouts of this version, and the next step's version check pushes to them if they
-                # come back. A replica that refused or failed to apply the weights fails the step.
-                for url in unreachable:
-                    log.warning(
-                        "replica %s is unreachable and sits out version %d: %s; %s",
-                        url,
-                        version,
-                        exc.failures[url][1],
-                        what_to_check("rollout", url),
-                        extra={"replica": url, "phase": "weight push", "policy_version": version},
-                    )
-                return
-            raise RolloutFailed(
-                f"{exc}\ncheck those replicas' logs (a push needs about one model of free disk in "
-                "rollout.spool_dir) and train.weight_sync_timeout_seconds"
-            ) from None
-        log.debug(
-            "pushed version %d to %d replica(s) (%s) in %.2f s",
-            version,
-            len(replicas),
-            reason,
-            time.monotonic() - started,
-        )
 
     # ---------------------------------------------------------------------------------------------- cache
     def commit_cache_updates(

@@ -13,7 +13,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from trainer.telemetry.records import TRANSPORTS, StepRecord
+from trainer.telemetry.records import StepRecord
+from trainer.weights.transport import TRANSPORTS
 
 log = logging.getLogger(__name__)
 

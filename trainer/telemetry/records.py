@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-Transport = Literal["nccl", "http", "http_fallback"]
-"""What carried a weight push: NCCL; HTTP as configured (or a catch-up push); HTTP because NCCL failed."""
-
-TRANSPORTS: tuple[Transport, ...] = ("nccl", "http", "http_fallback")
+from trainer.weights.transport import Transport
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,33 @@
-"""Weights from the trainer to every replica over NCCL with vLLM's own trainer-side transfer engine
-(`rollout.weight_transfer: nccl`, GPU only): the replicas' /v1/weights/nccl routes are driven over HTTP,
-the tensors travel over NCCL. Not exercised by CI; check it on a GPU box.
+"""The NCCL weight transport (`rollout.weight_transfer: nccl`, GPU only), with vLLM's own trainer-side
+transfer engine: the replicas' /v1/weights/nccl routes are driven over HTTP, the tensors travel over NCCL.
+Not exercised on a GPU by CI; `scripts/gpu_check.sh` checks it on a GPU box.
+
+Control flow (`NcclTransport`): the group of the trainer and the replicas is set up on the first push (the
+replicas join the rendezvous at `train.nccl_host:train.nccl_port`), reused while the set of replicas stays
+the same, and set up again when a replica joins or leaves. Each set-up takes a fresh rendezvous port: the
+first free one from `train.nccl_port` on, never the port of the group before (whose store may still hold
+it), within `NCCL_PORT_SPAN` ports. A failure in set-up or send closes the group and raises
+`TransportFailed` naming the phase; the sender (trainer/weights/sender.py) decides what follows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import socket
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, Protocol
 
+from services.core.config import RunConfig
 from services.core.http_client import RetryPolicy, ServiceCallError, ServiceClient
 from trainer.weights.http_wire import WeightPushError
+from trainer.weights.transport import TransportFailed
+
+log = logging.getLogger("rpo.weights")
+
+NCCL_PORT_SPAN = 64
+"""Ports from `train.nccl_port` on that a set-up of the NCCL group may take."""
 
 
 @dataclass
@@ -112,3 +128,100 @@ class NcclReplicaGroup:
     def close(self) -> None:
         self.engine.shutdown()
         self.client.close()
+
+
+class ReplicaGroup(Protocol):
+    """A set-up NCCL group of the trainer and some replicas (`NcclReplicaGroup`)."""
+
+    def push(self, version: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+MakeGroup = Callable[[list[str], int], ReplicaGroup]
+"""(replicas, rendezvous port) -> a set-up group: `NcclReplicaGroup` by default; the seam where the tests
+stand in for vLLM's engine."""
+
+
+class NcclTransport:
+    """Pushes the model's weights to replicas over NCCL (`WeightTransport`); one trainer process on a GPU."""
+
+    name: Literal["nccl"] = "nccl"
+
+    def __init__(self, cfg: RunConfig, model: Any, make_group: MakeGroup | None = None):
+        self.cfg = cfg
+        self.model = model
+        self.make_group = make_group or self._vllm_group
+        self.group: ReplicaGroup | None = None
+        self.members: tuple[str, ...] = ()
+        self.port: int | None = None
+        """The rendezvous port of the group now (or last) set up."""
+
+    def push(self, replicas: Sequence[str], version: int, label: str) -> None:
+        members = tuple(sorted(replicas))
+        phase = "send"
+        try:
+            if self.group is None or members != self.members:
+                phase = "setup" if self.group is None else "setup (replicas changed)"
+                self.close()
+                port = self._next_port()
+                log.info(
+                    "NCCL weight transfer: %s with %d replica(s) at %s:%d",
+                    phase,
+                    len(members),
+                    self.host,
+                    port,
+                )
+                self.port = port
+                self.group = self.make_group(list(members), port)
+                self.members = members
+                phase = "send"
+            self.group.push(version)
+        except Exception as exc:  # noqa: BLE001 - any failure is the transport's, named by its phase
+            self.close()
+            raise TransportFailed(phase, exc) from exc
+
+    def close(self) -> None:
+        if self.group is not None:
+            try:
+                self.group.close()
+            except Exception as exc:  # noqa: BLE001 - a broken group must not stop the fall-back
+                log.warning("closing the NCCL group: %s", exc)
+            self.group = None
+            self.members = ()
+
+    @property
+    def host(self) -> str:
+        return self.cfg.train.nccl_host or socket.gethostname()
+
+    def _next_port(self) -> int:
+        """The first port from `train.nccl_port` on that is free here and not the previous group's."""
+        first = self.cfg.train.nccl_port
+        for port in range(first, min(first + NCCL_PORT_SPAN, 65536)):
+            if port != self.port and _port_free(port):
+                return port
+        raise OSError(
+            f"no free port for the NCCL rendezvous in {first}..{first + NCCL_PORT_SPAN - 1} (train.nccl_port)"
+        )
+
+    def _vllm_group(self, urls: list[str], port: int) -> ReplicaGroup:
+        token = self.cfg.services.api_token
+        return NcclReplicaGroup(
+            urls,
+            self.model,
+            master_address=self.host,
+            master_port=port,
+            rank=0,
+            token=token.get_secret_value() if token is not None else None,
+            timeout_seconds=self.cfg.train.weight_sync_timeout_seconds,
+        )
+
+
+def _port_free(port: int) -> bool:
+    """Whether a listening socket can bind `port` on every address here (what the NCCL store does)."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("", port))
+        except OSError:
+            return False
+    return True

@@ -64,6 +64,7 @@ def main() -> int:
     from services.core.logs import setup_logging
     from trainer import dist
     from trainer.learner.engine import Learner
+    from trainer.weights.export import export_hf, named_weights
 
     setup_logging("INFO")  # the learner's start line says what it trains and its reference
     torch.manual_seed(0)
@@ -76,9 +77,9 @@ def main() -> int:
         if args.save and index == args.save_after:
             learner.save_checkpoint(args.save, {"saved_after": index})
         steps.append(learner.train_step(samples).as_dict())
-    weights = {name: tensor.float().clone() for name, tensor in learner.named_weights()}
+    weights = {name: tensor.float().clone() for name, tensor in named_weights(learner)}
     if args.export:
-        learner.export_hf(args.export)
+        export_hf(learner, args.export)
     if dist.is_main():
         if args.weights:
             from safetensors.torch import save_file
