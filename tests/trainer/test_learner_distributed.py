@@ -21,6 +21,8 @@ import pytest
 SCRIPT = Path(__file__).parent / "scripts" / "learner_steps.py"
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_SECONDS = 300  # per launch; about 15 s on an idle 2-core machine
+NATIVE_ABORT = "terminate called without an active exception"
+"""What a rank prints when it aborts in native code (a C++ thread torn down while still running)."""
 
 
 def test_shards_cover_the_list_in_order_and_differ_by_at_most_one():
@@ -71,6 +73,11 @@ def _run(world_size: int, model_dir: Path, out_dir: Path, tag: str, *args: str) 
         cmd = [sys.executable, *launcher, "--master_port", str(_free_port()), *script_args]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_SECONDS)
+    if proc.returncode != 0 and NATIVE_ABORT in proc.stderr:
+        # A rank aborted inside the CPU collectives' native code (seen once in CI, in a ZeRO-3 backward;
+        # not reproduced in 4 reruns): one more launch, said in the test's output; a second abort fails.
+        print(f"{' '.join(cmd)}: a rank aborted ({NATIVE_ABORT!r}); launching once more")
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_SECONDS)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     result = json.loads(out.read_text())
     assert result["world_size"] == world_size
