@@ -65,7 +65,7 @@ def _protocol(results: dict[str, Any]) -> str:
         "**Statistics** (`services/reproduction/statistics.py`): accuracy and paired differences with a bootstrap "
         "that resamples training seeds, then questions; RPO/full ratios seed by seed with Student t intervals.",
         "**Targets**, each judged on an interval and each shown able to fail by "
-        "`tests/supervisor/test_targets.py`: the lower end of RPO - full at equal steps and at equal time at "
+        "`tests/reproduction/test_targets.py`: the lower end of RPO - full at equal steps and at equal time at "
         "least -2 points, for both headline pairs and both temperatures; at L = 0.1l the upper ends of the "
         "rollout-phase ratio at most 0.3 and of the step-time ratio at most 0.5; the epsilon sweep reported as "
         "an interval that holds zero or not; one seed within 60 minutes and three within two hours.",

@@ -1,5 +1,5 @@
 """The statistics of the results tables, each a pure function tested on inputs with known answers
-(tests/supervisor/test_statistics.py).
+(tests/reproduction/test_statistics.py).
 
 - Accuracy (a mean over seeds and questions, or a difference between two arms at the same seed, paired
   question by question): a percentile bootstrap that resamples training seeds, then questions

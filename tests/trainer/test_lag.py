@@ -21,7 +21,7 @@ PER_STEP = 8
 @pytest.fixture(scope="module")
 def lag_run(tmp_path_factory, warm_model_dir, rollout_cache_url, training_replicas):
     """Four RPO steps with max_lag 1 and a checkpoint after step 2 (step 3's batch then in flight)."""
-    from training_helpers import run_config, run_trainer, seed
+    from tests.trainer.training_helpers import run_config, run_trainer, seed
 
     from services.core.clients.cache import SyncCacheClient
     from trainer.telemetry.progress import read_records
@@ -63,7 +63,7 @@ def _trained_at(cfg, records) -> dict[str, dict]:
 
 
 def test_each_step_trains_on_rollouts_one_version_behind_and_weights_them(lag_run):
-    from training_helpers import replica_version
+    from tests.trainer.training_helpers import replica_version
 
     records = lag_run.records
     assert [r["step"] for r in records] == [1, 2, 3, 4]
@@ -91,7 +91,7 @@ def test_the_cache_keeps_the_version_that_produced_each_answer_and_updates_it_on
 
 
 def test_a_checkpoint_with_a_batch_in_flight_resumes_it_without_loss_or_repeat(lag_run, rollout_cache_url):
-    from training_helpers import run_trainer
+    from tests.trainer.training_helpers import run_trainer
 
     from services.core.clients.cache import SyncCacheClient
     from trainer.telemetry.progress import read_records

@@ -280,7 +280,7 @@ def test_a_chunk_that_fails_everywhere_names_every_replica():
 @pytest.fixture(scope="module")
 def rpo_run(tmp_path_factory, warm_model_dir, rollout_cache_url, training_replicas):
     """Three RPO steps of `rpo train` spread over two replicas, with the cache before and after."""
-    from training_helpers import run_config, run_trainer, seed
+    from tests.trainer.training_helpers import run_config, run_trainer, seed
 
     from services.core.clients.cache import SyncCacheClient
     from trainer.telemetry.progress import read_records
@@ -301,7 +301,7 @@ def rpo_run(tmp_path_factory, warm_model_dir, rollout_cache_url, training_replic
 
 
 def test_rpo_steps_leave_every_replica_at_the_trainers_version(rpo_run):
-    from training_helpers import replica_version
+    from tests.trainer.training_helpers import replica_version
 
     assert rpo_run.seeded["written"] + rpo_run.seeded["empty"] == 48
     assert [r["step"] for r in rpo_run.records] == [1, 2, 3]
@@ -340,7 +340,7 @@ def test_rpo_steps_update_the_cache_by_the_epsilon_greedy_rule(rpo_run):
 def test_full_path_baseline_decodes_more_tokens_per_sample_and_never_calls_the_cache(
     rpo_run, tmp_path, warm_model_dir, rollout_cache_url, training_replicas
 ):
-    from training_helpers import replica_version, run_config, run_trainer
+    from tests.trainer.training_helpers import replica_version, run_config, run_trainer
 
     from services.core.clients.cache import SyncCacheClient
     from trainer.telemetry.progress import read_records
@@ -377,7 +377,7 @@ def test_a_fresh_rpo_run_seeds_its_empty_cache_so_step_one_already_reuses_prefix
 ):
     """The compose flow: `rpo train` on a run whose cache nobody initialised (train.seed_cache, on by
     default). Without it every question of the first epoch is a miss and tokens saved stay 0."""
-    from training_helpers import run_config, run_trainer
+    from tests.trainer.training_helpers import run_config, run_trainer
 
     from services.core.clients.cache import SyncCacheClient
     from trainer.telemetry.progress import read_records
@@ -419,7 +419,7 @@ def test_committed_cache_update_is_the_best_response_or_another(
 ):
     """Through the real replica and cache server: epsilon 1 stores the best response of each group (the
     highest shaped reward), epsilon 0 one of the others; the stored answer is prefix + suffix, no EOS."""
-    from training_helpers import replica_version, run_config, seed
+    from tests.trainer.training_helpers import replica_version, run_config, seed
 
     from services.core.algorithm import cached_answer
     from services.core.data import encode_prompt, load_questions
@@ -475,7 +475,7 @@ def test_dapo_refill_asks_the_real_replica_again_until_the_batch_is_full(
     import re
 
     import httpx
-    from training_helpers import replica_version, run_config
+    from tests.trainer.training_helpers import replica_version, run_config
     from transformers import AutoTokenizer
 
     from services.core.data import encode_prompt, load_questions
@@ -577,7 +577,7 @@ def test_a_frozen_replica_is_named_while_it_hangs_sits_out_and_catches_up_when_r
     import os
     import signal
 
-    from training_helpers import Trainer, replica_version, run_config, seed, wait_for_step
+    from tests.trainer.training_helpers import Trainer, replica_version, run_config, seed, wait_for_step
 
     from trainer.telemetry.progress import read_records
 
@@ -625,7 +625,7 @@ def test_a_replica_killed_while_decoding_leaves_the_step_to_the_other_and_a_rest
     import signal
     from urllib.parse import urlparse
 
-    from training_helpers import Trainer, replica_version, run_config, seed, wait_for_step
+    from tests.trainer.training_helpers import Trainer, replica_version, run_config, seed, wait_for_step
 
     from trainer.telemetry.progress import read_records
 

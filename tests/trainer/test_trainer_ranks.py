@@ -34,7 +34,7 @@ def test_ranks_go_on_the_claimed_gpus_or_on_num_gpus():
 def test_rpo_train_with_two_processes_trains_on_two_cpu_ranks(
     tmp_path, warm_model_dir, rollout_cache_url, training_replicas
 ):
-    from training_helpers import run_config, run_trainer
+    from tests.trainer.training_helpers import run_config, run_trainer
 
     urls = [r.url for r in training_replicas]
     cfg, config_file = run_config(

@@ -25,7 +25,7 @@ def _block(page: str, title: str) -> str:
 def test_a_trl_scripts_reward_functions_and_dataset_train_as_they_are(
     tmp_path, monkeypatch, warm_model_dir, rollout_cache_url, training_replicas
 ):
-    from training_helpers import SMALL, run_trainer
+    from tests.trainer.training_helpers import SMALL, run_trainer
 
     from trainer.telemetry.progress import read_records
 

@@ -1,10 +1,10 @@
 """Run a few learner steps on a fixed, seeded batch and write what happened (rank 0) to a JSON file.
 
-Used by tests/trainer/test_learner_distributed.py under DeepSpeed's launcher (any world size) and as a
+Used by tests/trainer/learner/test_learner_distributed.py under DeepSpeed's launcher (any world size) and as a
 plain process (world size 1). Every rank builds the same sample list from the same seed, as the loop's
 broadcast would give it.
 
-    python tests/trainer/scripts/learner_steps.py --model DIR --out FILE [--set section.key=value ...]
+    python tests/trainer/learner/scripts/learner_steps.py --model DIR --out FILE [--set section.key=value ...]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[4]))
 
 
 def fixed_samples(n: int, seed: int = 0) -> list:

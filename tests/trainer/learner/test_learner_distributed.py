@@ -1,6 +1,6 @@
 """World size 2 under DeepSpeed's launcher (CPU ranks, gloo) against world size 1 on the same batch.
 
-Each run is `tests/trainer/scripts/learner_steps.py` in subprocesses: two learner steps on a fixed batch of
+Each run is `tests/trainer/learner/scripts/learner_steps.py` in subprocesses: two learner steps on a fixed batch of
 11 samples in groups of 4 (split 6 / 5 over two ranks, so one rank's last micro-batch is short or a zero-weight padding
 one), then the weights. Step 1's loss and gradient norm must agree to float tolerance (the gradient is that
 of the whole-batch loss on both); step 2's loss depends on the update, so it checks the step too. Two of
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).parent / "scripts" / "learner_steps.py"
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 TIMEOUT_SECONDS = 300  # per launch; about 15 s on an idle 2-core machine
 NATIVE_ABORT = "terminate called without an active exception"
 """What a rank prints when it aborts in native code (a C++ thread torn down while still running)."""

@@ -1,5 +1,5 @@
 """The learner with LoRA adapters (`train.lora`), in real DeepSpeed engines on CPU (one process each, through
-tests/trainer/scripts/learner_steps.py): only the adapter trains, the KL reference is the base with the adapter
+tests/trainer/learner/scripts/learner_steps.py): only the adapter trains, the KL reference is the base with the adapter
 off (step 1's KL is 0, as the adapter starts at B = 0), ZeRO-2 and ZeRO-3 agree, the export holds the adapter
 and the merged model PEFT's own merge gives, and a checkpoint resumes the adapter and its optimizer exactly.
 """
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).parent / "scripts" / "learner_steps.py"
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 LORA = ["--set", "train.lora.rank=8", "--set", "train.lr=1e-3", "--set", "algorithm.beta=0.04"]
 
 

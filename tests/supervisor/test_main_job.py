@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from training_helpers import REPO
+from tests.trainer.training_helpers import REPO
 
 from services.core.config import load_config
 from services.supervisor.main_job import fresh_run_dir, preset_path, render_summary

@@ -21,7 +21,7 @@ from services.core.schemas.cache import PutEntry
 from services.core.schemas.rollout import RolloutGroup, RolloutSample
 from trainer.rollouts.services import RemoteServices
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _start_cache(port: int) -> subprocess.Popen:

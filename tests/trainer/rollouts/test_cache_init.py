@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from training_helpers import REPO, run_config, seed
+from tests.trainer.training_helpers import REPO, run_config, seed
 
 from services.core.algorithm import cached_answer
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from training_helpers import REPO
+from tests.trainer.training_helpers import REPO
 
 from trainer.rollouts.evaluate import pass_at_k
 
