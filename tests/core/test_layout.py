@@ -1,5 +1,9 @@
 """The layout's rules, checked on the source (ast), as docs/architecture.md states them:
 - no import cycles between the project's modules;
+- the rooms stand on floors and every import runs down or sideways, never back up (`FLOORS`);
+- `trainer/`'s top room holds the recipe and at most a dozen modules; the rest is in its rooms;
+- the tests mirror the rooms: a `tests/<room>/` for every room and no test folder without one;
+- no file is longer than its one job needs: 500 lines, for the source, the tests, the benches and scripts;
 - the shared core (`services/core/`) imports neither torch, vLLM, DeepSpeed nor transformers, nor any
   process package (a service, the trainer, the CLI, the supervisor, the demo fixtures);
 - no service imports another service's package (they talk over HTTP, through the core's clients);
@@ -29,10 +33,23 @@ HEAVY |= {"huggingface_hub"}  # Hub ids only (services/core/hub.py): about 0.1 s
 """Third-party packages slow enough to import that a function may defer them."""
 CORE = "services.core"
 PROCESS_PACKAGES = {
-    "services.rollout": {"cache_server", "trainer", "services.supervisor"},
-    "cache_server": {"services.rollout", "trainer", "services.supervisor"},
-    "trainer": {"services.rollout", "cache_server", "services.supervisor"},
+    "services.rollout": {"cache_server", "trainer", "services.supervisor", "services.reproduction"},
+    "cache_server": {"services.rollout", "trainer", "services.supervisor", "services.reproduction"},
+    "trainer": {"services.rollout", "cache_server", "services.supervisor", "services.reproduction"},
 }
+FLOORS = {
+    "services.core": 0,  # what every process shares: config, wire schemas and clients, the algorithm core
+    "services.models": 1,  # where a run's model comes from, the embedded tiny model, the memory-plan check
+    "services.rollout": 2,  # the three services, and the files that deploy them
+    "cache_server": 2,
+    "trainer": 2,
+    "services.cluster": 2,
+    "services.compose": 2,
+    "services.supervisor": 3,  # `rpo run` and `rpo eval`: start and stop the services on one machine
+    "services.reproduction": 4,  # `rpo reproduce`: runs the supervisor's jobs, builds the evidence
+    "services.cli": 5,  # the command table and the commands that only print
+}
+"""Each room's floor: a module may import its own room and rooms on lower floors, nothing above."""
 
 
 @dataclass(frozen=True)
@@ -213,19 +230,102 @@ def test_the_checks_catch_what_they_guard(tmp_path):
     (tmp_path / "b.py").write_text("def f():\n    import torch\n\n\nif TYPE_CHECKING:\n    import vllm\n")
     imps = imports_of("trainer.fake", tmp_path / "b.py")
     assert [(i.target, i.local, i.line) for i in imps] == [("torch", True, 2)]
+    # an import from the trainer (floor 2) up to the supervisor (floor 3) is caught; down to the core is not
+    (tmp_path / "c.py").write_text(
+        "from services.supervisor import main_job\nfrom services.core import config\n"
+    )
+    up = imports_running_up({"trainer.fake": imports_of("trainer.fake", tmp_path / "c.py")})
+    assert len(up) == 1 and "imports services.supervisor.main_job" in up[0]
 
 
 MAX_MODULE_LINES = 500
-"""A module past this has more than one job: split it along them (docs/architecture.md lists each file's)."""
+"""A file past this has more than one job: split it along them (docs/architecture.md lists each file's)."""
+LINE_RULED = ("tests", "bench", "scripts")
+"""Folders held to the same rule as the source."""
 
 
-def test_no_module_is_longer_than_its_one_job_needs():
+def test_no_file_is_longer_than_its_one_job_needs():
+    files = list(source_files().values())
+    files += [p for folder in LINE_RULED for p in (ROOT / folder).rglob("*") if p.suffix in {".py", ".sh"}]
     long = {
-        name: n
-        for name, path in source_files().items()
+        str(path.relative_to(ROOT)): n
+        for path in files
         if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES
     }
-    assert not long, f"modules over {MAX_MODULE_LINES} lines: {long}"
+    assert not long, f"files over {MAX_MODULE_LINES} lines: {long}"
+
+
+def _room(module: str) -> str | None:
+    return next((room for room in sorted(FLOORS, key=len, reverse=True) if _within(module, room)), None)
+
+
+def test_every_import_runs_down_or_sideways_never_back_up(graph):
+    unplaced = sorted(m for m in graph if _room(m) is None and m != "services")
+    assert not unplaced, f"modules in no room of FLOORS: {unplaced}"
+    up = imports_running_up(graph)
+    assert not up, "imports that run back up:\n" + "\n".join(up)
+
+
+def imports_running_up(graph: dict[str, list[Import]]) -> list[str]:
+    return [
+        f"{i.module}:{i.line} ({_room(i.module)}, floor {FLOORS[_room(i.module)]}) imports {i.target} "
+        f"({_room(i.target)}, floor {FLOORS[_room(i.target)]})"
+        for module, imps in graph.items()
+        for i in imps
+        if _ours(i.target) and _room(i.target) and _room(module)
+        if FLOORS[_room(i.target)] > FLOORS[_room(module)]
+    ]
+
+
+MAX_TRAINER_TOP_MODULES = 12
+
+
+def test_the_trainers_top_room_holds_the_recipe_and_at_most_a_dozen_modules():
+    top = sorted(p.name for p in (ROOT / "trainer").glob("*.py"))
+    assert "loop.py" in top and len(top) <= MAX_TRAINER_TOP_MODULES, top
+    rooms = [p for p in (ROOT / "trainer").iterdir() if p.is_dir() and (p / "__init__.py").is_file()]
+    for room in rooms:  # each room's __init__ says what it holds, naming every module in it
+        doc = ast.get_docstring(ast.parse((room / "__init__.py").read_text())) or ""
+        modules = sorted(p.stem for p in room.glob("*.py") if p.stem != "__init__")
+        missing = [m for m in modules if f"`{m}`" not in doc]
+        assert not missing, f"trainer/{room.name}/__init__.py does not say what {missing} hold"
+
+
+def source_rooms() -> dict[str, Path]:
+    """Each room (a folder of modules) and the test folder that mirrors it: services/<room> and cache_server
+    as tests/<room>, trainer and each of its rooms as tests/trainer[/<room>]; the core's sub-packages
+    (clients, schemas) are parts of the core room."""
+    rooms = {"cache_server": ROOT / "tests/cache_server", "trainer": ROOT / "tests/trainer"}
+    for folder in sorted((ROOT / "services").iterdir()):
+        if (folder / "__init__.py").is_file():
+            rooms[f"services/{folder.name}"] = ROOT / "tests" / folder.name
+    for folder in sorted((ROOT / "trainer").iterdir()):
+        if (folder / "__init__.py").is_file():
+            rooms[f"trainer/{folder.name}"] = ROOT / "tests/trainer" / folder.name
+    return rooms
+
+
+NON_ROOM_TEST_FOLDERS = {"fixtures", "scripts", "deploy", "data", "__pycache__"}
+"""Test folders that mirror no package: shared fixtures, the repo's scripts/ and deploy/ folders, test data
+and the scripts a test runs."""
+
+
+def test_the_tests_mirror_the_rooms():
+    rooms = source_rooms()
+    missing = [
+        f"{room} (no {mirror.relative_to(ROOT)}/)" for room, mirror in rooms.items() if not mirror.is_dir()
+    ]
+    assert not missing, f"rooms without their test folder: {missing}"
+    mirrors = set(rooms.values())
+    strays = [
+        str(folder.relative_to(ROOT))
+        for folder in (ROOT / "tests").rglob("*")
+        if folder.is_dir() and folder not in mirrors
+        if not NON_ROOM_TEST_FOLDERS & set(folder.relative_to(ROOT / "tests").parts)
+    ]
+    assert not strays, f"test folders that mirror no room: {strays}"
+    loose = sorted(p.name for p in (ROOT / "tests").glob("test_*.py"))
+    assert not loose, f"tests at the root of tests/, outside every room: {loose}"
 
 
 REPLICA_CLIENT = "services.core.clients.rollout"
