@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from tests.trainer.training_helpers import REPO
 
 SMOKE_ARMS = ("grpo", "rpo-grpo", "rpo-grpo-eps0")

@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.trainer.training_helpers import REPO
 
 from services.core.config import load_config
 from services.supervisor.main_job import fresh_run_dir, preset_path, render_summary
 from services.supervisor.processes import PartFailed, Supervisor, free_port, write_run_config
+from tests.trainer.training_helpers import REPO
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
 

@@ -21,9 +21,8 @@ PER_STEP = 8
 @pytest.fixture(scope="module")
 def lag_run(tmp_path_factory, warm_model_dir, rollout_cache_url, training_replicas):
     """Four RPO steps with max_lag 1 and a checkpoint after step 2 (step 3's batch then in flight)."""
-    from tests.trainer.training_helpers import run_config, run_trainer, seed
-
     from services.core.clients.cache import SyncCacheClient
+    from tests.trainer.training_helpers import run_config, run_trainer, seed
     from trainer.telemetry.progress import read_records
 
     tmp = tmp_path_factory.mktemp("lag-run")
@@ -91,9 +90,8 @@ def test_the_cache_keeps_the_version_that_produced_each_answer_and_updates_it_on
 
 
 def test_a_checkpoint_with_a_batch_in_flight_resumes_it_without_loss_or_repeat(lag_run, rollout_cache_url):
-    from tests.trainer.training_helpers import run_trainer
-
     from services.core.clients.cache import SyncCacheClient
+    from tests.trainer.training_helpers import run_trainer
     from trainer.telemetry.progress import read_records
 
     run_dir = Path(lag_run.cfg.train.run_dir)

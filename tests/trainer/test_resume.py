@@ -8,8 +8,15 @@ import signal
 from pathlib import Path
 
 import pytest
-from tests.trainer.training_helpers import Trainer, replica_version, run_config, run_trainer, seed, wait_for_step
 
+from tests.trainer.training_helpers import (
+    Trainer,
+    replica_version,
+    run_config,
+    run_trainer,
+    seed,
+    wait_for_step,
+)
 from trainer.checkpoint import STATE_FILE, Checkpointer, StopRequest, TrainerState
 
 

@@ -36,7 +36,6 @@ def test_a_trl_script_with_a_penalty_on_prompts_only_trains_with_trls_rewards_an
     tmp_path, warm_model_dir, rollout_cache_url, training_replicas
 ):
     from tests.trainer.training_helpers import run_config, run_trainer
-
     from trainer.telemetry.completions import read_completions
     from trainer.telemetry.progress import read_records
 

@@ -26,7 +26,6 @@ def test_a_trl_scripts_reward_functions_and_dataset_train_as_they_are(
     tmp_path, monkeypatch, warm_model_dir, rollout_cache_url, training_replicas
 ):
     from tests.trainer.training_helpers import SMALL, run_trainer
-
     from trainer.telemetry.progress import read_records
 
     page = (REPO / "docs" / "training.md").read_text()

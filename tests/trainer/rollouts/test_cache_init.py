@@ -5,9 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.trainer.training_helpers import REPO, run_config, seed
-
 from services.core.algorithm import cached_answer
+from tests.trainer.training_helpers import REPO, run_config, seed
 
 
 def test_the_stored_answer_drops_the_stop_token_only():

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from tests.trainer.training_helpers import REPO
 
+from tests.trainer.training_helpers import REPO
 from trainer.rollouts.evaluate import pass_at_k
 
 
