@@ -40,9 +40,9 @@ class _SelectedLogProb(torch.autograd.Function):
         for start in range(0, flat.shape[0], step):
             chunk = flat[start : start + step].float()
             lse[start : start + step] = torch.logsumexp(chunk, dim=-1)
-            if with_entropy:  # H = lse - sum_j p_j x_j, in the same pass over the chunk
-                p = torch.exp(chunk - lse[start : start + step, None])
-                entropy[start : start + step] = lse[start : start + step] - (p * chunk).sum(dim=-1)
+            if with_entropy:  # H = lse - sum_j p_j x_j, same pass over the chunk (p made in place)
+                p = torch.sub(chunk, lse[start : start + step, None]).exp_()
+                entropy[start : start + step] = lse[start : start + step] - torch.linalg.vecdot(p, chunk)
         chosen = flat[rows, targets].float()  # [N]
         ctx.save_for_backward(flat, rows, targets, lse)
         ctx.step = step
