@@ -15,7 +15,16 @@ import subprocess
 import time
 from pathlib import Path
 
-from gpu_check import FORK_TEST, STACK_TEST, CheckFailed, Stack, http_json, push_transports, sh, wait_for
+from gpu_check_stack import (
+    FORK_TEST,
+    STACK_TEST,
+    CheckFailed,
+    Stack,
+    http_json,
+    push_transports,
+    sh,
+    wait_for,
+)
 
 PROMETHEUS = "http://127.0.0.1:9090"
 GRAFANA = "http://127.0.0.1:3000"
