@@ -50,6 +50,7 @@ def compose_init(root: Path, *args: str, env_extra: dict | None = None) -> subpr
 def compose_init_as(uid: int, root: Path, *args: str) -> int:
     """The command run by the unprivileged user `uid`: a forked child drops root, then runs the CLI's entry
     point (this interpreter lives under /root, which another user cannot execute)."""
+    import services.compose.init  # noqa: F401  (imported as root: a checkout made with umask 077 is root's only)
     from services.cli.main import main
 
     pid = os.fork()
@@ -127,13 +128,15 @@ def test_init_as_another_user_gives_the_containers_that_users_uid(tmp_path, warm
     no chown; with --model, their own model is copied and the config for it is named."""
     uid = 4242 if os.getuid() == 0 else os.getuid()
     if os.getuid() == 0:
-        # pytest's tmp_path sits under a directory only root may enter
+        # pytest's tmp_path sits under a directory only root may enter, and so may the checkout (a clone
+        # made with umask 077): the user gets a home of their own with the model copied into it
         home = Path(tempfile.mkdtemp(prefix="rpo-compose-init-"))
         request.addfinalizer(lambda: shutil.rmtree(home, ignore_errors=True))
         root = stack_copy(home)
+        model = shutil.copytree(warm_model_dir, home / "their-model")
         for path in [home, *home.rglob("*")]:
             os.chown(path, uid, uid)
-        status = compose_init_as(uid, root, "--model", str(warm_model_dir))
+        status = compose_init_as(uid, root, "--model", str(model))
     else:
         root = stack_copy(tmp_path)
         status = compose_init(root, "--model", str(warm_model_dir)).returncode
