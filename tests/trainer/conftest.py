@@ -1,4 +1,4 @@
-"""Fixtures of the trainer's end-to-end tests (test_loop_e2e, test_resume, test_cache_init, test_evaluate):
+"""Fixtures of the trainer's end-to-end tests (test_loop_e2e, test_loop_replica_faults, test_resume, test_cache_init, test_evaluate):
 two rollout replicas of the warm tiny model that the trainer may push weights to, over the session's cache
 server. They are not the session's read-only `rollout_server`: training changes what they serve."""
 

@@ -1,5 +1,6 @@
-"""The training loop: its pure parts (data order, step plan, batch split, DAPO refill) and, end to end, a few
-RPO steps through the real services (Redis, cache server, one and two rollout replicas, DeepSpeed on CPU)."""
+"""The training loop's own step: its pure parts (data order, step plan, batch split, DAPO refill, the step
+record) and, end to end, a few RPO steps through the real services (Redis, cache server, one and two rollout
+replicas, DeepSpeed on CPU). Replicas that fail, freeze or die during a run: test_loop_replica_faults.py."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from services.core.clients.replica_set import RolloutBatch, RolloutPlans, split_evenly
 from services.core.config import load_config
 from services.core.data import Question
-from services.core.schemas.rollout import RolloutGroup, RolloutSample
+from tests.trainer.training_helpers import rollout_group
 from trainer.rollouts.collected import CollectedGroups
 from trainer.rollouts.data_order import DataCursor, planned_steps, request_seed
 from trainer.rollouts.source import collect_groups
@@ -66,23 +67,6 @@ def test_split_evenly():
     assert split_evenly(list(range(4)), 1) == [[0, 1, 2, 3]]
 
 
-def _group(qid: str, correct: list[bool], prefix: int = 2) -> RolloutGroup:
-    samples = [
-        RolloutSample(
-            response_ids=[5] * (prefix + 3),
-            prefix_len=prefix,
-            suffix_logprobs=[-0.5] * 3,
-            finish_reason="stop",
-            raw_reward=float(c),
-            shaped_reward=0.5 * c,
-            correct=c,
-            reward_scores={"exact": float(c), "format": None if c else 1.0},
-        )
-        for c in correct
-    ]
-    return RolloutGroup(question_id=qid, cache_hit=True, m=3, prefix_len=prefix, samples=samples)
-
-
 @dataclass
 class FakeRemote:
     """Answers rollouts from a table of per-question correctness; records what it was asked (its own replica
@@ -98,7 +82,7 @@ class FakeRemote:
 
     def rollouts(self, replicas, questions, prompts, *, settings, min_policy_version, phase):
         self.asked.append([q.id for q in questions])
-        groups = [_group(q.id, self.correctness[q.id]) for q in questions]
+        groups = [rollout_group(q.id, self.correctness[q.id]) for q in questions]
         return RolloutBatch(
             groups, min_policy_version, 3 * 2 * len(groups), 2 * 2 * len(groups), 0.1, 0.01, 0, []
         )
@@ -142,7 +126,7 @@ def test_grpo_keeps_every_group_in_one_round():
 def test_step_record_figures():
     collected = CollectedGroups()
     batch = RolloutBatch(
-        [_group("a", [True, False]), _group("b", [False, False])], 0, 12, 8, 2.0, 0.2, 1, ["r"]
+        [rollout_group("a", [True, False]), rollout_group("b", [False, False])], 0, 12, 8, 2.0, 0.2, 1, ["r"]
     )
     collected.add(batch, keep=None, limit=10)
     record = collected.record(step=1, policy_version=1, epoch=0)
@@ -156,133 +140,14 @@ def test_step_record_figures():
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Spreading a batch over replicas, with a failing one (stand-in HTTP replicas: the real ones are below)
-
-
-class _StandIn:
-    """A loopback HTTP server answering /v1/rollouts (msgpack or JSON bodies, JSON replies) with one group
-    per question, or with `fail_status`."""
-
-    def __init__(self, fail_status: int | None = None):
-        import http.server
-        import json
-        import threading
-
-        import msgpack
-
-        outer = self
-        self.asked: list[list[str]] = []
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                raw = self.rfile.read(int(self.headers["Content-Length"]))
-                body = msgpack.unpackb(raw) if "msgpack" in self.headers["Content-Type"] else json.loads(raw)
-                ids = [q["id"] for q in body["questions"]]
-                outer.asked.append(ids)
-                if fail_status is not None:
-                    payload, status = (
-                        {"error": {"type": "unavailable", "message": "engine down"}},
-                        fail_status,
-                    )
-                else:
-                    payload, status = (
-                        {
-                            "policy_version": body["min_policy_version"],
-                            "replica": f"stand-in:{outer.port}",
-                            "groups": [_group(q, [True, False]).model_dump() for q in ids],
-                            "stats": {
-                                "generated_tokens": 6 * len(ids),
-                                "reused_prefix_tokens": 4 * len(ids),
-                                "generation_seconds": 0.01,
-                                "reward_seconds": 0.001,
-                                "cache_seconds": 0.001,
-                            },
-                        },
-                        200,
-                    )
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def test_a_batch_is_split_over_replicas_and_a_failed_chunk_moves_to_another(caplog):
-    from trainer.rollouts.services import RemoteServices
-
-    good, bad = _StandIn(), _StandIn(fail_status=503)
-    cfg = load_config(None, ["services.max_attempts=2", "services.retry_backoff_seconds=0.01"])
-    remote = RemoteServices(cfg)
-    questions = [Question(id=f"q{i}", question=f"question {i}", answer="1") for i in range(5)]
-    prompts = {q.id: [1, 2, 3] for q in questions}
-    try:
-        batch = remote.replica_set.rollouts(
-            [good.url, bad.url],
-            questions,
-            prompts,
-            settings=remote.plans.train(seed=1),
-            min_policy_version=4,
-            phase="rollout (step 3, round 1)",
-        )
-    finally:
-        good.close(), bad.close()
-    assert [g.question_id for g in batch.groups] == [q.id for q in questions]  # question order kept
-    assert bad.asked == [["q3", "q4"]]  # split 3 + 2
-    # the failed chunk went to the good one; the two requests race (the bad replica answers at once), so
-    # either may reach it first
-    assert sorted(good.asked) == [["q0", "q1", "q2"], ["q3", "q4"]] and batch.retries == 1
-    assert batch.policy_version == 4 and batch.generated_tokens == 30
-    warning = next(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
-    assert bad.url in warning and "rollout (step 3, round 1)" in warning and "retrying them on" in warning
-    assert "readyz" in warning  # what to check
-
-
-def test_a_chunk_that_fails_everywhere_names_every_replica():
-    from services.core.clients.replica_set import RolloutFailed
-    from trainer.rollouts.services import RemoteServices
-
-    a, b = _StandIn(fail_status=500), _StandIn(fail_status=503)
-    cfg = load_config(None, ["services.max_attempts=2", "services.retry_backoff_seconds=0.01"])
-    remote = RemoteServices(cfg)
-    questions = [Question(id="q0", question="question 0", answer="1")]
-    try:
-        with pytest.raises(RolloutFailed) as err:
-            remote.replica_set.rollouts(
-                [a.url, b.url],
-                questions,
-                {"q0": [1]},
-                settings=remote.plans.evaluation,
-                min_policy_version=0,
-                phase="evaluation",
-            )
-    finally:
-        a.close(), b.close()
-    assert a.url in str(err.value) and b.url in str(err.value) and "evaluation" in str(err.value)
-
-
-# ------------------------------------------------------------------------------------------------------------
 # End to end: `rpo train` as a subprocess, the real cache server (over the real Redis), two real vLLM replicas
 
 
 @pytest.fixture(scope="module")
 def rpo_run(tmp_path_factory, warm_model_dir, rollout_cache_url, training_replicas):
     """Three RPO steps of `rpo train` spread over two replicas, with the cache before and after."""
-    from tests.trainer.training_helpers import run_config, run_trainer, seed
-
     from services.core.clients.cache import SyncCacheClient
+    from tests.trainer.training_helpers import run_config, run_trainer, seed
     from trainer.telemetry.progress import read_records
 
     tmp = tmp_path_factory.mktemp("rpo-run")
@@ -340,9 +205,8 @@ def test_rpo_steps_update_the_cache_by_the_epsilon_greedy_rule(rpo_run):
 def test_full_path_baseline_decodes_more_tokens_per_sample_and_never_calls_the_cache(
     rpo_run, tmp_path, warm_model_dir, rollout_cache_url, training_replicas
 ):
-    from tests.trainer.training_helpers import replica_version, run_config, run_trainer
-
     from services.core.clients.cache import SyncCacheClient
+    from tests.trainer.training_helpers import replica_version, run_config, run_trainer
     from trainer.telemetry.progress import read_records
 
     url = training_replicas[0].url  # the same loop on ONE replica, cache off
@@ -377,9 +241,8 @@ def test_a_fresh_rpo_run_seeds_its_empty_cache_so_step_one_already_reuses_prefix
 ):
     """The compose flow: `rpo train` on a run whose cache nobody initialised (train.seed_cache, on by
     default). Without it every question of the first epoch is a miss and tokens saved stay 0."""
-    from tests.trainer.training_helpers import run_config, run_trainer
-
     from services.core.clients.cache import SyncCacheClient
+    from tests.trainer.training_helpers import run_config, run_trainer
     from trainer.telemetry.progress import read_records
 
     cfg, config_file = run_config(
@@ -419,10 +282,9 @@ def test_committed_cache_update_is_the_best_response_or_another(
 ):
     """Through the real replica and cache server: epsilon 1 stores the best response of each group (the
     highest shaped reward), epsilon 0 one of the others; the stored answer is prefix + suffix, no EOS."""
-    from tests.trainer.training_helpers import replica_version, run_config, seed
-
     from services.core.algorithm import cached_answer
     from services.core.data import encode_prompt, load_questions
+    from tests.trainer.training_helpers import replica_version, run_config, seed
     from trainer.rollouts.services import RemoteServices
 
     url = training_replicas[0].url
@@ -475,10 +337,10 @@ def test_dapo_refill_asks_the_real_replica_again_until_the_batch_is_full(
     import re
 
     import httpx
-    from tests.trainer.training_helpers import replica_version, run_config
     from transformers import AutoTokenizer
 
     from services.core.data import encode_prompt, load_questions
+    from tests.trainer.training_helpers import replica_version, run_config
     from trainer.learner.batch import build_samples
     from trainer.rollouts.services import RemoteServices
 
@@ -540,130 +402,3 @@ def test_dapo_refill_asks_the_real_replica_again_until_the_batch_is_full(
     for group in collected.all_groups:  # a group was dropped only for all-equal correctness
         if not any(group is k for k in kept):
             assert len({s.correct for s in group.samples}) == 1, group.question_id
-
-
-def wait_until_decoding(url: str, trainer, timeout_seconds: float = 120.0) -> None:
-    """Until the replica's engine has requests running (vLLM's own gauge, on the replica's /metrics);
-    the trainer must stay alive meanwhile."""
-    import time
-
-    import httpx
-
-    def decoding() -> bool:
-        try:
-            text = httpx.get(url + "/metrics", timeout=2).text
-        except httpx.HTTPError:
-            return False
-        return any(
-            line.startswith("vllm:num_requests_running") and float(line.split()[-1]) > 0
-            for line in text.splitlines()
-        )
-
-    deadline = time.monotonic() + timeout_seconds
-    while not decoding():
-        assert time.monotonic() < deadline and trainer.process.poll() is None, trainer.output()[-4000:]
-        time.sleep(0.02)
-
-
-@pytest.mark.parametrize("max_lag", [0, 1])
-def test_a_frozen_replica_is_named_while_it_hangs_sits_out_and_catches_up_when_resumed(
-    tmp_path, warm_model_dir, rollout_cache_url, training_replicas, max_lag
-):
-    """SIGSTOP one of the two replicas as step 2 begins: its requests time out (bounded), it sits the steps
-    out while the other serves them, the wait is logged with its URL and phase while it lasts, and once
-    SIGCONT'd it is pushed the current weights; synchronous, and with the rollouts one step ahead (the batch
-    in flight when it froze moves to the other replica). (vLLM's running-requests gauge lags the engine, so
-    it cannot time a freeze to the middle of a decode reliably.)"""
-    import os
-    import signal
-
-    from tests.trainer.training_helpers import Trainer, replica_version, run_config, seed, wait_for_step
-
-    from trainer.telemetry.progress import read_records
-
-    survivor, frozen = training_replicas
-    cfg, config_file = run_config(
-        tmp_path,
-        warm_model_dir,
-        rollout_cache_url,
-        [survivor.url, frozen.url],
-        "train.max_steps=5",
-        "services.request_timeout_seconds=15",
-        "train.weight_sync_timeout_seconds=20",
-        "services.slow_call_notice_seconds=2",
-        f"train.max_lag={max_lag}",
-    )
-    seed(
-        cfg.model_copy(update={"services": cfg.services.model_copy(update={"rollout_urls": [survivor.url]})})
-    )
-    trainer = Trainer(config_file, log_path=tmp_path / "trainer.log")
-    wait_for_step(cfg.train.run_dir, 1, trainer)
-    os.killpg(frozen.process.pid, signal.SIGSTOP)  # the API process and its engine core
-    try:
-        wait_for_step(cfg.train.run_dir, 3, trainer)  # the run goes on without it
-    finally:
-        os.killpg(frozen.process.pid, signal.SIGCONT)
-    assert trainer.wait(300) == 0, trainer.output()[-6000:]
-    records = read_records(cfg.train.run_dir, "step")
-    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
-    assert [r["lag"] for r in records] == [0] + [max_lag] * 4
-    output = trainer.output()
-    assert f"still waiting on {frozen.url}" in output  # named while it hung, not after
-    assert f"replica {frozen.url} sits this step out" in output
-    # resumed, it was brought to the trainer's weights like any replica that fell behind
-    assert replica_version(frozen.url) == replica_version(survivor.url) == records[-1]["policy_version"]
-
-
-@pytest.mark.parametrize("max_lag", [0, 1])
-def test_a_replica_killed_while_decoding_leaves_the_step_to_the_other_and_a_restarted_one_catches_up(
-    tmp_path, warm_model_dir, rollout_cache_url, training_replicas, rollout_server_factory, max_lag
-):
-    """Synchronous, and with the rollouts one step ahead (the batch in flight moves to the survivor). Runs last
-    in this module: it kills the second training replica and puts the one restarted at its address in its
-    place, so the next parameter kills that one."""
-    import os
-    import signal
-    from urllib.parse import urlparse
-
-    from tests.trainer.training_helpers import Trainer, replica_version, run_config, seed, wait_for_step
-
-    from trainer.telemetry.progress import read_records
-
-    survivor, victim = training_replicas
-    cfg, config_file = run_config(
-        tmp_path,
-        warm_model_dir,
-        rollout_cache_url,
-        [survivor.url, victim.url],
-        "train.max_steps=500",
-        "train.epochs=100",
-        f"train.max_lag={max_lag}",
-    )  # stopped with SIGTERM below, once the restarted replica has served
-    # Earlier tests left the two replicas at different versions: seed through one (a batch never mixes
-    # versions); the trainer's first step brings both to one new version.
-    seed(
-        cfg.model_copy(update={"services": cfg.services.model_copy(update={"rollout_urls": [survivor.url]})})
-    )
-    trainer = Trainer(config_file, log_path=tmp_path / "trainer.log")
-    wait_for_step(cfg.train.run_dir, 1, trainer)
-    wait_until_decoding(victim.url, trainer)  # kill it in the middle of a step's rollouts
-    os.killpg(victim.process.pid, signal.SIGKILL)  # the API process and its engine core
-    victim.process.wait(timeout=30)
-    wait_for_step(cfg.train.run_dir, 3, trainer)  # the steps go on, on the survivor
-    # A new replica at the same address: it starts at version 0 and must be brought up to date
-    # before it serves the trainer's rollouts.
-    address = urlparse(victim.url)
-    restarted = rollout_server_factory(warm_model_dir, cache_url=rollout_cache_url, port=address.port)
-    training_replicas[1] = restarted
-    back = max(r["step"] for r in read_records(cfg.train.run_dir, "step"))
-    wait_for_step(cfg.train.run_dir, back + 2, trainer)  # a whole step with the restarted replica in it
-    trainer.process.send_signal(signal.SIGTERM)  # stop after the current step (a checkpoint is saved)
-    assert trainer.wait(300) == 0, trainer.output()[-6000:]
-    records = read_records(cfg.train.run_dir, "step")
-    assert [r["step"] for r in records] == list(range(1, len(records) + 1))
-    assert max(r["lag"] for r in records) == max_lag  # never more behind than allowed, and ahead when asked
-    output = trainer.output()
-    # the in-flight chunk moved (or, killed between two steps' rollouts, it sat the next step out), named
-    assert victim.url in output and ("retrying them on" in output or "sits this step out" in output)
-    assert replica_version(survivor.url) == records[-1]["policy_version"]
-    assert replica_version(restarted.url) == records[-1]["policy_version"]

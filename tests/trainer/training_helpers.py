@@ -1,5 +1,6 @@
-"""Helpers of the trainer's end-to-end tests: a run config over real services, the cache seeded through
-them, and `rpo train` as a real subprocess (its own process group, output to a file, a timeout)."""
+"""Helpers of the trainer's tests: a run config over real services, the cache seeded through them, `rpo train`
+as a real subprocess (its own process group, output to a file, a timeout), and a rollout group made by hand
+(for the loop's tests that stand in for a replica)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from services.core.config import RunConfig, load_config
+from services.core.schemas.rollout import RolloutGroup, RolloutSample
 from services.supervisor.main_job import preset_path
 from services.supervisor.processes import write_run_config
 
@@ -133,3 +135,22 @@ def replica_version(url: str) -> int:
 
     with RolloutClient(url) as client:
         return client.version().policy_version
+
+
+def rollout_group(qid: str, correct: list[bool], prefix: int = 2) -> RolloutGroup:
+    """A group of one sample per entry of `correct` (right: raw reward 1, shaped 0.5), each a 3-token suffix
+    after a `prefix`-token cached prefix."""
+    samples = [
+        RolloutSample(
+            response_ids=[5] * (prefix + 3),
+            prefix_len=prefix,
+            suffix_logprobs=[-0.5] * 3,
+            finish_reason="stop",
+            raw_reward=float(c),
+            shaped_reward=0.5 * c,
+            correct=c,
+            reward_scores={"exact": float(c), "format": None if c else 1.0},
+        )
+        for c in correct
+    ]
+    return RolloutGroup(question_id=qid, cache_hit=True, m=3, prefix_len=prefix, samples=samples)
