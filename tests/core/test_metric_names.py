@@ -30,3 +30,14 @@ def test_no_metric_name_is_defined_by_two_processes():
         "rpo_train_policy_version",
         "rpo_train_weight_sync_seconds",
     } <= trainer
+    # every family the trainer exports carries its prefix, the reward and accuracy gauges included
+    assert all(name.startswith("rpo_train_") for name in trainer), sorted(
+        n for n in trainer if not n.startswith("rpo_train_")
+    )
+    assert {
+        "rpo_train_reward_mean",
+        "rpo_train_reward_function_mean",
+        "rpo_train_accuracy",
+        "rpo_train_eval_accuracy",
+        "rpo_train_rollout_retries",
+    } <= trainer

@@ -210,12 +210,12 @@ def test_dashboard_uses_only_metric_names_from_the_spec():
         "rpo_train_generated_tokens_total",
         "rpo_train_reused_prefix_tokens_total",
         "rpo_train_phase_seconds",
-        "rpo_eval_accuracy",
+        "rpo_train_eval_accuracy",
         "rpo_train_step_seconds",
         "rpo_train_steps_total",
-        "rpo_reward_mean",
-        "rpo_reward_function_mean",
-        "rpo_accuracy",
+        "rpo_train_reward_mean",
+        "rpo_train_reward_function_mean",
+        "rpo_train_accuracy",
         "rpo_http_request_duration_seconds",
         "rpo_train_step",
         "rpo_train_loss",
@@ -238,7 +238,7 @@ def test_dashboard_uses_only_metric_names_from_the_spec():
         "rpo_train_phase_seconds",
         "rpo_policy_version",
         "rpo_train_policy_version",
-        "rpo_eval_accuracy",
+        "rpo_train_eval_accuracy",
     } <= names
     exprs = " ".join(dashboard_queries())
     assert "vllm:kv_cache_usage_perc" in exprs and "vllm:num_requests_waiting" in exprs

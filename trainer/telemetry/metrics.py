@@ -1,6 +1,6 @@
 """Prometheus metrics of the trainer, all in one place, served on `/metrics` by rank 0.
 
-Names follow the Grafana dashboard's queries: `rpo_` prefix, base units, `_total` on
+Names follow the Grafana dashboard's queries: `rpo_train_` prefix, base units, `_total` on
 counters only, ratios in 0..1, no unbounded labels. Each `TrainerMetrics` owns its own registry, so two
 trainers in one process (tests) never collide; the HTTP server binds `train.metrics_host:metrics_port`
 (port 0: any free port; None: no server).
@@ -28,7 +28,7 @@ LEARNER_GAUGES = (
     ("clip_fraction", "clipped_ratio", "Share of the last step's loss tokens whose ratio was clipped"),
     ("entropy", "entropy", "Mean entropy of the policy over the last step's loss tokens, nats"),
 )
-"""(key in the step record's `learner`, metric name after `rpo_train_`, help) of the learner's gauges."""
+"""(field of the step record's `LearnerStats`, metric name after `rpo_train_`, help) of the learner's gauges."""
 
 
 class TrainerMetrics:
@@ -64,19 +64,19 @@ class TrainerMetrics:
         for transport in TRANSPORTS:  # every transport's series exists from the start (0 pushes)
             self.weight_sync_seconds.labels(transport=transport)
         self.reward_mean = Gauge(
-            "rpo_reward_mean", "Mean shaped reward of the last step's responses", registry=r
+            "rpo_train_reward_mean", "Mean shaped reward of the last step's responses", registry=r
         )
         self.reward_function_mean = Gauge(
-            "rpo_reward_function_mean",
+            "rpo_train_reward_function_mean",
             "Mean score of each reward function over the last step's responses",
             ["function"],
             registry=r,
         )
         self.accuracy = Gauge(
-            "rpo_accuracy", "Share of the last step's responses that are correct", registry=r
+            "rpo_train_accuracy", "Share of the last step's responses that are correct", registry=r
         )
         self.eval_accuracy = Gauge(
-            "rpo_eval_accuracy", "pass@1 on the held-out split at the last evaluation", registry=r
+            "rpo_train_eval_accuracy", "pass@1 on the held-out split at the last evaluation", registry=r
         )
         self.generated_tokens = Counter(
             "rpo_train_generated_tokens",
@@ -89,7 +89,9 @@ class TrainerMetrics:
             registry=r,
         )
         self.rollout_retries = Counter(
-            "rpo_rollout_retries", "Rollout requests retried on another replica after a failure", registry=r
+            "rpo_train_rollout_retries",
+            "Rollout requests retried on another replica after a failure",
+            registry=r,
         )
         self.cache_updates = Counter(
             "rpo_train_cache_updates", "Cache entries replaced by the step's updates", ["choice"], registry=r
@@ -181,6 +183,6 @@ class TrainerMetrics:
         ):
             self.response_tokens.labels(stat=stat).set(value)
         self.truncated.set(record.truncated_ratio)
-        for key, gauge in self.learner.items():
-            if key in record.learner:
-                gauge.set(record.learner[key])
+        if record.learner is not None:
+            for key, gauge in self.learner.items():
+                gauge.set(getattr(record.learner, key))
