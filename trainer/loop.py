@@ -249,7 +249,7 @@ class TrainingRecipe:
             record.weight_sync_seconds = phases["weight_sync"] if samples else None
             record.weight_transport = transport
             record.cache_updates = cache_updates
-            record.learner = learner_stats.as_dict() if learner_stats is not None else {}
+            record.learner = learner_stats
             if self.completions is not None:
                 self.completions.step(step, collected)
         return record, bool(stop)

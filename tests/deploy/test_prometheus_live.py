@@ -19,7 +19,7 @@ from services.core.config import load_config
 from services.core.server_kit import serve_in_thread
 from tests.deploy.test_deploy_files import dashboard_queries
 from trainer.telemetry.metrics import TrainerMetrics
-from trainer.telemetry.records import StepRecord
+from trainer.telemetry.records import LearnerStats, StepRecord
 
 
 def _step_record() -> StepRecord:
@@ -30,7 +30,10 @@ def _step_record() -> StepRecord:
         phases={"rollout": 0.5, "reward": 0.1, "train": 0.8, "weight_sync": 0.1, "cache": 0.1},
         weight_sync_seconds=0.1, weight_transport="http", cache_updates={"best": 5, "other": 3, "none": 0},
         reward_functions={"exact": 0.5, "format": 0.9}, reward_functions_std={"exact": 0.5, "format": 0.3},
-        learner={"loss": 0.01, "kl": 0.001, "grad_norm": 0.7, "lr": 1e-6, "clip_fraction": 0.0, "entropy": 0.9},
+        learner=LearnerStats(
+            loss=0.01, kl=0.001, clip_fraction=0.0, entropy=0.9, grad_norm=0.7, lr=1e-6, tokens=300, sequences=32,
+            micro_batches=2, model_tokens=900, seconds=0.8, policy_version=1,
+        ),
     )  # fmt: skip
 
 

@@ -37,11 +37,10 @@ def format_step_line(r: StepRecord, total_steps: int) -> str:
     weight push's transport follows its time (`sync 0.31 (http)`)."""
     p, learner = r.phases, r.learner
     learned = ""
-    if learner:
+    if learner is not None:
         learned = (
-            f"loss {learner.get('loss', 0.0):.4g} kl {learner.get('kl', 0.0):.4g} "
-            f"grad {learner.get('grad_norm', 0.0):.3g} lr {learner.get('lr', 0.0):.3g} "
-            f"clip {100 * learner.get('clip_fraction', 0.0):.0f}% ent {learner.get('entropy', 0.0):.3g} | "
+            f"loss {learner.loss:.4g} kl {learner.kl:.4g} grad {learner.grad_norm:.3g} lr {learner.lr:.3g} "
+            f"clip {100 * learner.clip_fraction:.0f}% ent {learner.entropy:.3g} | "
         )
     return (
         f"step {r.step}/{total_steps} v{r.policy_version} | reward {r.reward_mean:.3f} "

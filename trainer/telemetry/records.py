@@ -46,8 +46,18 @@ class LearnerStats:
     """Decoded tokens of samples from an older policy, which the weights cover."""
 
     def as_dict(self) -> dict[str, float]:
-        """The numbers (a figure that does not apply, None, left out)."""
+        """The numbers (a figure that does not apply, None, left out): the record's `learner` on disk."""
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LearnerStats | None:
+        """Read back from `as_dict` (None for a step without a learner update, written as {}). Keys a newer
+        writer added are ignored; a figure an older writer did not record (the entropy, say) reads as 0."""
+        if not data:
+            return None
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        required = {n: 0 for n, f in fields.items() if f.default is dataclasses.MISSING}
+        return cls(**{**required, **{k: v for k, v in data.items() if k in fields}})
 
 
 @dataclass
@@ -103,13 +113,18 @@ class StepRecord:
     response_len_max: int = 0
     truncated_ratio: float = 0.0
     """Share of responses cut at max_response_tokens (finish `length`)."""
-    learner: dict[str, float] = field(default_factory=dict)
-    """The learner's numeric statistics (loss, KL, clip fraction, grad norm, tokens, ...)."""
+    learner: LearnerStats | None = None
+    """The learner's statistics (loss, KL, clip fraction, grad norm, tokens, ...); None when the step had no
+    sample to learn from. On disk: `LearnerStats.as_dict()`, {} for None."""
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["learner"] = self.learner.as_dict() if self.learner is not None else {}
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> StepRecord:
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        values["learner"] = LearnerStats.from_dict(values.get("learner") or {})
+        return cls(**values)

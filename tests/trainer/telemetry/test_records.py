@@ -6,7 +6,7 @@ from prometheus_client import generate_latest
 
 from trainer.telemetry.metrics import TrainerMetrics
 from trainer.telemetry.progress import StepProgress, format_step_line, read_records, read_step_records
-from trainer.telemetry.records import StepRecord
+from trainer.telemetry.records import LearnerStats, StepRecord
 
 
 def _record(step: int) -> StepRecord:
@@ -31,14 +31,20 @@ def _record(step: int) -> StepRecord:
         phases={"rollout": 0.5, "reward": 0.1, "train": 0.8, "weight_sync": 0.1, "cache": 0.1},
         weight_sync_seconds=0.1,
         cache_updates={"best": 5, "other": 3, "none": 0},
-        learner={
-            "loss": 0.01,
-            "kl": 0.002,
-            "grad_norm": 0.5,
-            "lr": 1e-6,
-            "clip_fraction": 0.25,
-            "entropy": 0.75,
-        },
+        learner=LearnerStats(
+            loss=0.01,
+            kl=0.002,
+            clip_fraction=0.25,
+            entropy=0.75,
+            grad_norm=0.5,
+            lr=1e-6,
+            tokens=300,
+            sequences=32,
+            micro_batches=2,
+            model_tokens=900,
+            seconds=0.8,
+            policy_version=step,
+        ),  # fmt: skip
         raw_reward_mean=0.4,
         reward_std=0.3,
         zero_std_groups_ratio=0.125,
@@ -63,6 +69,15 @@ def test_a_step_record_reads_back_equal_and_feeds_the_line_and_the_metrics(tmp_p
     # a newer writer's extra keys are ignored, not an error
     line = {**_record(3).to_json(), "kind": "step", "something_new": 1}
     assert StepRecord.from_json(json.loads(json.dumps(line))) == _record(3)
+    # the learner's numbers stay typed in memory and are a flat dict on disk, a figure that does not apply left out
+    on_disk = _record(1).to_json()["learner"]
+    assert on_disk["loss"] == 0.01 and on_disk["sequences"] == 32 and "is_weight_mean" not in on_disk
+    # a record from an older writer (no entropy yet) reads back with 0 for it; a step that learned nothing, None
+    older = {**_record(1).to_json(), "learner": {k: v for k, v in on_disk.items() if k != "entropy"}}
+    assert (
+        StepRecord.from_json(older).learner.entropy == 0 and StepRecord.from_json(older).learner.loss == 0.01
+    )
+    assert StepRecord.from_json({**_record(1).to_json(), "learner": {}}).learner is None
     line = format_step_line(_record(2), 2)
     assert line.startswith(
         "step 2/2 v2 | reward 0.250 (raw 0.400) std 0.300 zero-std 12% acc 50.0% len 12/40.0/96 trunc 6% | "
@@ -76,7 +91,7 @@ def test_a_step_record_reads_back_equal_and_feeds_the_line_and_the_metrics(tmp_p
     for expected in (
         "rpo_train_step 1.0",
         "rpo_train_raw_reward_mean 0.4",
-        "rpo_reward_mean 0.25",
+        "rpo_train_reward_mean 0.25",
         "rpo_train_reward_std 0.3",
         "rpo_train_zero_std_groups_ratio 0.125",
         'rpo_train_reward_function_std{function="acc"} 0.5',
