@@ -15,13 +15,19 @@ Where each writes (all under the run directory unless the backend's own variable
 
 Guarantees: a backend that fails to start ends the trainer's start with a message naming it (a missing
 library names the extra to install); a backend that fails later is logged once and dropped, never stopping
-training; only rank 0 tracks. The libraries are optional (`pip install "rpo-rl[tracking]"`).
+training; only rank 0 tracks. After the start, every write runs on one background thread in the order the
+trainer made them, so a slow backend (a remote MLflow server, a large completions table) never holds up a
+step; `close` waits up to `CLOSE_TIMEOUT_S` for what is queued, and a backend that falls `QUEUE_LIMIT`
+writes behind has the newest ones dropped, with a warning. The libraries are optional (`pip install "rpo-rl[tracking]"`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +37,10 @@ import yaml
 log = logging.getLogger("rpo.tracking")
 
 BACKENDS = ("tensorboard", "mlflow", "wandb")
+QUEUE_LIMIT = 1024
+"""Writes waiting for the background thread before new ones are dropped (hundreds of steps' worth)."""
+CLOSE_TIMEOUT_S = 120.0
+"""How long `close` waits for the queued writes (then it warns and closes what it can)."""
 
 
 class TrackingError(RuntimeError):
@@ -111,12 +121,20 @@ class _MLflow:
         for start in range(0, len(params), 100):  # MLflow takes at most 100 params a call
             mlflow.log_params(dict(list(params.items())[start : start + 100]))
 
+        # the writes come from the tracker's thread, where the fluent API has no active run: the client,
+        # told the run id, writes to this run from any thread
+        self.client = mlflow.MlflowClient()
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.mlflow.log_metrics({_mlflow_name(k): v for k, v in metrics.items()}, step=step)
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(_mlflow_name(k), float(v), now, step) for k, v in metrics.items()]
+        self.client.log_batch(self.run.info.run_id, metrics=batch, synchronous=True)
 
     def table(self, step: int, name: str, columns: Sequence[str], rows: list[list[Any]]) -> None:
         data = {column: [row[i] for row in rows] for i, column in enumerate(columns)}
-        self.mlflow.log_table(data=data, artifact_file=f"{name}/step_{step:06d}.json")
+        self.client.log_table(self.run.info.run_id, data=data, artifact_file=f"{name}/step_{step:06d}.json")
 
     def close(self) -> None:
         self.mlflow.end_run()
@@ -178,6 +196,8 @@ class Tracker:
 
     def __init__(self, backends: list[str], run_dir: str | Path, run_name: str, config: dict[str, Any]):
         self.sinks: dict[str, Any] = {}
+        self._dropped = 0
+        self._thread: threading.Thread | None = None
         for name in backends:
             try:
                 self.sinks[name] = _CLASSES[name](Path(run_dir), run_name, config)
@@ -193,17 +213,53 @@ class Tracker:
                     f"train.report_to: {name} did not start: {type(exc).__name__}: {exc}"
                 ) from None
             log.info("tracking to %s", name)
+        self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_LIMIT)
+        self._thread = threading.Thread(target=self._write_queued, name="rpo-tracking", daemon=True)
+        self._thread.start()
 
     def record(self, record: Mapping[str, Any]) -> None:
         sent = metrics_of(record)
         if sent is None or not sent[1]:
             return
-        self._each("log", *sent)
+        self._send("log", *sent)
 
     def table(self, step: int, name: str, columns: Sequence[str], rows: list[list[Any]]) -> None:
         """A table at `step` (a step's sampled completions): TensorBoard text, an MLflow table artifact
         `<name>/step_<step>.json`, a W&B Table."""
-        self._each("table", step, name, columns, rows)
+        self._send("table", step, name, columns, rows)
+
+    def flush(self, timeout: float = CLOSE_TIMEOUT_S) -> bool:
+        """Wait until every queued write is done (False: not within `timeout` seconds)."""
+        done = threading.Event()
+        try:
+            self._queue.put(done.set, timeout=timeout)
+        except queue.Full:
+            return False
+        return done.wait(timeout)
+
+    def _send(self, method: str, *args: Any) -> None:
+        if not self.sinks:
+            return
+        try:
+            self._queue.put_nowait((method, args))
+        except queue.Full:
+            self._dropped += 1
+            if self._dropped == 1:
+                log.warning(
+                    "tracking is %d writes behind (a backend is slow or hangs); newer writes are dropped "
+                    "until it catches up",
+                    QUEUE_LIMIT,
+                )
+
+    def _write_queued(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if callable(item):  # a flush marker
+                item()
+                continue
+            self._each(item[0], *item[1])
 
     def _each(self, method: str, *args: Any) -> None:
         for name, sink in list(self.sinks.items()):
@@ -219,6 +275,17 @@ class Tracker:
                 self.sinks.pop(name, None)
 
     def close(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            if self.flush():
+                self._queue.put_nowait(None)  # the thread ends; the queue is empty
+                self._thread.join(CLOSE_TIMEOUT_S)
+            else:
+                log.warning(
+                    "tracking: writes still queued after %.0f s; closing the backends without them",
+                    CLOSE_TIMEOUT_S,
+                )
+        if self._dropped:
+            log.warning("tracking: %d writes were dropped while a backend was behind", self._dropped)
         for name, sink in list(self.sinks.items()):
             try:
                 sink.close()

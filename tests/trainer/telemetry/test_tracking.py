@@ -221,3 +221,59 @@ def test_an_unknown_tracker_is_refused_and_a_missing_library_names_the_extra(mon
         TrackingError, match=r'wandb needs the wandb package .*pip install "rpo-rl\[tracking\]"'
     ):
         Tracker(["wandb"], tmp_path, "r", {})
+
+
+def _scalar_steps(run_dir, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return [e.step for e in events.Scalars(tag)]
+
+
+def _hold_writes(tracker: Tracker):
+    """The real TensorBoard backend's writes held until `release` is set (`entered`: one is waiting)."""
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+    sink = tracker.sinks["tensorboard"]
+    write = sink.log
+
+    def held(step, metrics):
+        entered.set()
+        release.wait(60)
+        write(step, metrics)
+
+    sink.log = held
+    return entered, release
+
+
+def test_a_backend_that_hangs_never_holds_up_a_step_and_its_writes_land_in_order(tmp_path):
+    tracker = Tracker(["tensorboard"], tmp_path, "r", {})
+    entered, release = _hold_writes(tracker)
+    for record in STEPS:
+        tracker.record(record)  # returns while the backend is stuck
+    assert entered.wait(10) and not tracker.flush(timeout=0.2)  # the writes are still waiting on it
+    release.set()
+    assert tracker.flush(timeout=30)
+    tracker.close()
+    assert _scalar_steps(tmp_path, "reward_mean") == [1, 2, 3]
+
+
+def test_a_backend_that_falls_too_far_behind_loses_the_newest_writes_with_a_warning(
+    tmp_path, monkeypatch, caplog
+):
+    import trainer.telemetry.tracking as tracking
+
+    monkeypatch.setattr(tracking, "QUEUE_LIMIT", 1)
+    tracker = Tracker(["tensorboard"], tmp_path, "r", {})
+    entered, release = _hold_writes(tracker)
+    tracker.record(STEPS[0])
+    assert entered.wait(10)  # step 1 is being written; step 2 fills the queue; step 3 has no room
+    with caplog.at_level("WARNING", logger="rpo.tracking"):
+        tracker.record(STEPS[1])
+        tracker.record(STEPS[2])
+        release.set()
+        tracker.close()
+    assert _scalar_steps(tmp_path, "reward_mean") == [1, 2]
+    assert "1 writes behind" in caplog.text and "1 writes were dropped" in caplog.text
