@@ -124,12 +124,11 @@ class _MLflow:
         # the writes come from the tracker's thread, where the fluent API has no active run: the client,
         # told the run id, writes to this run from any thread
         self.client = mlflow.MlflowClient()
+        self.metric = mlflow.entities.Metric
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        batch = [Metric(_mlflow_name(k), float(v), now, step) for k, v in metrics.items()]
+        batch = [self.metric(_mlflow_name(k), float(v), now, step) for k, v in metrics.items()]
         self.client.log_batch(self.run.info.run_id, metrics=batch, synchronous=True)
 
     def table(self, step: int, name: str, columns: Sequence[str], rows: list[list[Any]]) -> None:
