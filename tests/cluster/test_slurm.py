@@ -20,7 +20,7 @@ from services.cluster.slurm import EXAMPLE, example_script, plan_layout
 from services.core.cli_args import UsageError
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIG = REPO / "services" / "demo" / "presets" / "tiny-demo.yaml"
+CONFIG = REPO / "services" / "supervisor" / "presets" / "tiny-demo.yaml"
 
 
 def write_script(tmp_path: Path, *flags: str) -> Path:
