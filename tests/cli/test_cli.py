@@ -8,6 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from services.core.config import load_config
+
 RPO = [sys.executable, "-m", "services.cli"]
 
 
@@ -173,6 +175,27 @@ def test_config_show_says_whose_configuration_it_prints():
     shown = yaml.safe_load(run.stdout)
     assert shown["train"]["run_dir"] == "runs/tiny-demo" and shown["train"]["max_steps"] == 7
     assert yaml.safe_load(library.stdout)["train"]["run_dir"] != "runs/tiny-demo"
+
+
+def test_rpo_run_takes_your_model_and_data_by_flag_and_then_starts_from_the_library_defaults():
+    """`rpo run --model --dataset --eval-dataset`: each flag sets its setting, and a user's model or data with
+    no --config leaves the tiny preset (its 96-token responses would not fit them)."""
+    from services.cli.main import build_parser
+    from services.supervisor.main_job import preset_path, run_config
+
+    flags = ["--model", "org/model", "--dataset", "org/data", "--eval-dataset", "held.jsonl"]
+    cfg = run_config(build_parser().parse_args(["run", *flags]))
+    assert (cfg.model.path, cfg.data.dataset, cfg.data.eval_dataset) == (
+        "org/model",
+        "org/data",
+        "held.jsonl",
+    )
+    library = load_config(None, [])
+    assert cfg.train.run_dir == library.train.run_dir != load_config(preset_path(), []).train.run_dir
+    assert cfg.algorithm.max_response_tokens == library.algorithm.max_response_tokens
+    # only the evaluation set named: still the preset (the model and the training data are the built-in ones)
+    preset = run_config(build_parser().parse_args(["run", "--eval-dataset", "held.jsonl"]))
+    assert preset.train.run_dir == "runs/tiny-demo" and preset.data.eval_dataset == "held.jsonl"
 
 
 def test_a_model_path_that_is_not_a_model_is_a_message_with_the_way_out(tmp_path):

@@ -82,6 +82,21 @@ def test_rpo_train_names_the_missing_or_silent_service_within_seconds(cache_url,
     assert time.monotonic() - started < 90
 
 
+def test_rpo_train_refuses_a_context_its_model_lacks_before_loading_it(cache_url, tiny_model_dir):
+    """The trainer (as compose starts it) checks the config against the model's own config.json first."""
+    from services.core.model_fit import model_context
+
+    positions = model_context(tiny_model_dir)
+    answering = json.dumps([cache_url])
+    assert_one_message(
+        rpo("train", "--set", f"services.cache_url={cache_url}", "--set", f"services.rollout_urls={answering}",
+            "--set", f"model.path={tiny_model_dir}", "--set", f"model.max_model_len={positions * 2}"),
+        f"model.max_model_len {positions * 2} is longer than the model's context: its config.json says "
+        f"{positions} positions",
+        f"set model.max_model_len to at most {positions}",
+    )  # fmt: skip
+
+
 def test_a_bad_value_names_its_source_flag_environment_or_file_line(tmp_path):
     assert_one_message(
         rpo("run", "--set", "algorithm.epsilon=2"), "--set algorithm.epsilon=2: algorithm.epsilon"

@@ -101,6 +101,17 @@ def test_the_eval_split_is_chosen_by_setting(offline_hub):
     assert choice.source.split == "train" and choice.describe() == "rpo-test/arith-gsm8k (main, train)"
 
 
+def test_the_validation_set_reads_its_own_split_of_a_hub_dataset(offline_hub):
+    data = DataSection(dataset="rpo-test/arith-gsm8k", subset="main", val_dataset="rpo-test/arith-gsm8k")
+    assert load_role("val", data.model_copy(update={"val_dataset": None})) is None  # unset: no validation
+    val, choice = load_role("val", data.model_copy(update={"val_split": "test"}))
+    assert len(val) == 40 and choice.describe() == "rpo-test/arith-gsm8k (main, test)"
+    train, _ = load_role("train", data)
+    assert not {q.id for q in val} & {q.id for q in train}
+    with pytest.raises(DatasetError, match="nope"):  # a split it lacks is named, as for the other roles
+        load_role("val", data.model_copy(update={"val_split": "nope"}))
+
+
 def test_data_inspect_reads_a_hub_dataset_subset_and_split_with_a_hub_model(offline_hub, capsys):
     from services.cli.main import main
 

@@ -79,3 +79,10 @@ def test_sleep_mode_reaches_the_gpu_engine_and_is_refused_on_cpu(tmp_path):
     with pytest.raises(ConfigError, match="rollout.sleep_mode"):  # vLLM's CPU platform says it has none
         check_sleep_mode(cfg)
     check_sleep_mode(load_config(None, []))  # off: nothing to check
+
+
+def test_trust_remote_code_reaches_the_engine_only_when_asked(model_dir):
+    """`model.trust_remote_code` (TRL's `trust_remote_code`), off by default, is what vLLM's engine gets."""
+    assert engine_args(load_config(None, []), model_dir, on_cpu=True).trust_remote_code is False
+    cfg = load_config(None, ["model.trust_remote_code=true"])
+    assert engine_args(cfg, model_dir, on_cpu=True).trust_remote_code is True
