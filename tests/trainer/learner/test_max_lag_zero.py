@@ -1,6 +1,6 @@
 """`train.max_lag: 0` (the default) trains exactly as the learner did before rollouts one step ahead existed.
 
-tests/trainer/data/learner_steps_before_max_lag.json holds three learner steps on a fixed batch (GRPO and DAPO
+tests/trainer/learner/data/learner_steps_before_max_lag.json holds three learner steps on a fixed batch (GRPO and DAPO
 losses) as the learner computed them before that change (its `commit`): each step's loss, gradient norm, KL
 and clip fraction, and a digest of the weights after the steps. The same script on today's learner must give
 the same bits on the CPU model that made the record; on another CPU model, whose kernels may round
