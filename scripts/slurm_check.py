@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from services.core.clients.cache import SyncCacheClient  # noqa: E402
 from services.models.model_path import resolve_model_path  # noqa: E402
+from services.reproduction.reproduce import git_commit  # noqa: E402
 
 MID_STEP_SECONDS = 1.0
 """How long after a step's record the check cancels: the step's checkpoint is written, the next one runs
@@ -226,6 +227,7 @@ def main() -> int:
     run_dir = out / "run"
     figures: dict = {
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "commit": git_commit(),
         "machine": {
             "cpus": os.cpu_count(),
             "cpu_model": next(

@@ -9,7 +9,7 @@
 #
 # Usage: bash scripts/slurm_check.sh [--out DIR] [--budget SECONDS]   (about 10 minutes on 2 cores: two
 # requeues, each held 2 minutes by Slurm, and three starts of the two CPU replicas)
-# The test suite does not run it (it runs the generated script's syntax and dry run: tests/deploy);
+# The test suite does not run it (it runs the generated script's syntax and dry run: tests/cluster);
 # docs/records/slurm-check-*.json keeps what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
