@@ -80,6 +80,7 @@ class CollectedGroups:
             reward_mean=sum(s.shaped_reward for s in samples) / n,
             reward_functions=reward_function_means(samples),
             **reward_spread(self.all_groups),
+            **length_room(self.all_groups),
             accuracy=sum(1 for s in samples if s.correct) / n,
             response_len_mean=sum(len(s.response_ids) for s in samples) / n,
             cache_hit_rate=sum(1 for g in self.all_groups if g.cache_hit) / max(1, len(self.all_groups)),
@@ -132,6 +133,33 @@ def reward_spread(groups: Sequence[RolloutGroup]) -> dict[str, Any]:
         "response_len_min": min(lengths),
         "response_len_max": max(lengths),
         "truncated_ratio": sum(1 for s in samples if s.finish_reason == "length") / len(samples),
+    }
+
+
+def length_room(groups: Sequence[RolloutGroup]) -> dict[str, Any]:
+    """How much room the step gave the length-aware reward (docs/algorithm.md, step 3): all-correct groups,
+    and among groups with two or more correct responses, how often and by how much their lengths differ.
+
+    The shaping lifts a correct response above its floor (0.5) exactly when it is shorter than its group's
+    mean length and alpha > 0 (sigmoid(alpha * (l_ref - len)) > 0.5), so the count of such responses is what
+    it acted on."""
+    if not groups:
+        return {}
+    spreads = []
+    below_mean = 0
+    for group in groups:
+        lengths = [len(s.response_ids) for s in group.samples]
+        mean = sum(lengths) / len(lengths)
+        correct = [n for n, s in zip(lengths, group.samples, strict=True) if s.correct]
+        below_mean += sum(1 for n in correct if n < mean)
+        if len(correct) >= 2:
+            spreads.append(max(correct) - min(correct))
+    return {
+        "all_correct_groups_ratio": sum(1 for g in groups if all(s.correct for s in g.samples)) / len(groups),
+        "correct_length_groups": len(spreads),
+        "correct_length_varied_ratio": sum(1 for d in spreads if d > 0) / len(spreads) if spreads else 0.0,
+        "correct_length_spread": sum(spreads) / len(spreads) if spreads else 0.0,
+        "correct_below_group_mean": below_mean,
     }
 
 

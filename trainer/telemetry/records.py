@@ -113,6 +113,17 @@ class StepRecord:
     response_len_max: int = 0
     truncated_ratio: float = 0.0
     """Share of responses cut at max_response_tokens (finish `length`)."""
+    all_correct_groups_ratio: float = 0.0
+    """Share of groups whose every response is correct."""
+    correct_length_groups: int = 0
+    """Groups with two or more correct responses: what the next two fields are over."""
+    correct_length_varied_ratio: float = 0.0
+    """Share of those groups whose correct responses differ in length (room for the length-aware reward)."""
+    correct_length_spread: float = 0.0
+    """Mean over those groups of the longest minus the shortest correct response, in tokens."""
+    correct_below_group_mean: int = 0
+    """Correct responses shorter than their group's mean length: the ones the length-aware reward lifts above
+    its floor (0.5) when alpha > 0."""
     learner: LearnerStats | None = None
     """The learner's statistics (loss, KL, clip fraction, grad norm, tokens, ...); None when the step had no
     sample to learn from. On disk: `LearnerStats.as_dict()`, {} for None."""

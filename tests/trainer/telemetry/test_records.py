@@ -151,3 +151,37 @@ def test_the_reward_spread_of_a_step_by_hand():
     assert abs(got["reward_std"] - (1.75 / 2**0.5) / 2) < 1e-12
     assert got["zero_std_groups_ratio"] == 0.5
     assert (got["response_len_min"], got["response_len_max"], got["truncated_ratio"]) == (2, 6, 0.25)
+
+
+def test_the_length_room_of_a_step_by_hand():
+    """All-correct groups, correct-length spread over groups with two or more correct responses, and the
+    correct responses shorter than their group's mean (the ones the length-aware reward lifts)."""
+    from services.core.schemas.rollout import RolloutGroup, RolloutSample
+    from trainer.rollouts.collected import length_room
+
+    def sample(n, correct):
+        return RolloutSample(
+            response_ids=[1] * n,
+            prefix_len=0,
+            suffix_logprobs=[0.0] * n,
+            finish_reason="stop",
+            raw_reward=float(correct),
+            shaped_reward=float(correct),
+            correct=correct,
+        )
+
+    def group(name, *samples):
+        return RolloutGroup(question_id=name, cache_hit=True, m=3, prefix_len=0, samples=list(samples))
+
+    groups = [
+        group("a", sample(10, True), sample(14, True), sample(12, False)),  # mean 12: the 10 is below it
+        group("b", sample(8, True), sample(8, True), sample(8, True)),  # all correct, no spread, none below
+        group("c", sample(9, True), sample(5, False), sample(7, False)),  # one correct: no spread; 9 > mean 7
+    ]
+    got = length_room(groups)
+    assert got["all_correct_groups_ratio"] == 1 / 3
+    assert got["correct_length_groups"] == 2  # a and b
+    assert got["correct_length_varied_ratio"] == 0.5  # a varies, b does not
+    assert got["correct_length_spread"] == (4 + 0) / 2
+    assert got["correct_below_group_mean"] == 1
+    assert length_room([]) == {}
