@@ -131,6 +131,20 @@ class RunConfig(BaseSettings):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _greedy_rollouts_have_no_importance_weight(self) -> RunConfig:
+        """Lagged samples weighted by pi_old / pi_behaviour need pi_old at the sampling temperature; at T = 0
+        that divides the logits by zero (and vLLM's greedy log-probs are untempered), so refuse the pair."""
+        lagged = self.train.max_lag > 0 and self.algorithm.off_policy_correction == "tis"
+        if lagged and self.sampling.temperature == 0:
+            raise ValueError(
+                "sampling.temperature is 0 (greedy rollouts) with train.max_lag > 0 and "
+                "algorithm.off_policy_correction: tis: the importance weight needs the learner's log-probs at "
+                "the sampling temperature, which is undefined at 0; sample at T > 0, set train.max_lag: 0, or "
+                "algorithm.off_policy_correction: none"
+            )
+        return self
+
     def public_dict(self) -> dict[str, Any]:
         """The config as plain data with secrets masked, for run directories and logs."""
         return self.model_dump(mode="json")

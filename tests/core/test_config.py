@@ -175,3 +175,14 @@ def test_a_config_left_at_its_defaults_sends_the_requests_own_defaults():
         if name not in owned_by_the_config:
             default = field.default_factory() if field.default_factory else field.default
             assert getattr(sent, name) == default, name
+
+
+def test_greedy_rollouts_one_step_ahead_with_importance_weights_are_refused():
+    """The importance weight of a lagged sample needs the learner's log-probs at the sampling temperature;
+    at T = 0 they are undefined, so the pair is refused naming every field, and each way out is accepted."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["sampling.temperature=0", "train.max_lag=1"])
+    for field in ("sampling.temperature", "train.max_lag", "algorithm.off_policy_correction"):
+        assert field in str(err.value)
+    for way_out in ("train.max_lag=0", "algorithm.off_policy_correction=none", "sampling.temperature=0.7"):
+        load_config(None, ["sampling.temperature=0", "train.max_lag=1", way_out])  # the last override wins
