@@ -3,7 +3,8 @@
 Sources: files, folders and Hugging Face Hub ids at a subset and split (`services.core.data_sources`; which
 one each role of a run reads: `services.core.data_roles`), or a built-in synthetic task: `builtin:arith` / `builtin:arith-eval` (short sums) and `builtin:arith-long` /
 `builtin:arith-long-eval` (long reasoning with a check and a redo, `services.core.synthetic_long`; its
-validation split is `builtin:arith-long-val`). Field names are configurable. A bad row fails with the file,
+validation split is `builtin:arith-long-val`; `builtin:arith-long-var*` is the same task whose correct
+answers vary in length). Field names are configurable. A bad row fails with the file,
 the line (jsonl) or row (parquet, datasets) and the field; nothing is half-loaded.
 
 Files as users have them (GSM8K, OpenR1-style sets) often have no id column and may repeat a question:
@@ -43,10 +44,11 @@ log = logging.getLogger("rpo.data")
 
 
 LONG_SPLITS = {
-    "builtin:arith-long": "train",
-    "builtin:arith-long-val": "val",
-    "builtin:arith-long-eval": "eval",
+    f"builtin:{task}{suffix}": (wording, split)
+    for task, wording in (("arith-long", "full"), ("arith-long-var", "varied"))
+    for suffix, split in (("", "train"), ("-val", "val"), ("-eval", "eval"))
 }
+"""The long task's splits, in both wordings (`services.core.synthetic_long`): dataset -> (wording, split)."""
 BUILTIN_DATASETS = ("builtin:arith", "builtin:arith-eval", *LONG_SPLITS)
 
 
@@ -179,8 +181,9 @@ def _synthetic_rows(spec: str, fields: DataSection) -> list[Question]:
         seed=fields.synthetic_seed,
     )
     if spec in LONG_SPLITS:
-        long_task = LongTaskConfig(seed=fields.synthetic_seed)
-        rows = make_long_split(long_task, LONG_SPLITS[spec])
+        wording, split = LONG_SPLITS[spec]
+        long_task = LongTaskConfig(seed=fields.synthetic_seed, wording=wording)
+        rows = make_long_split(long_task, split)
         return [_builtin_question(r) for r in rows]
     split = {"builtin:arith": "train", "builtin:arith-eval": "eval"}.get(spec)
     if split is None:

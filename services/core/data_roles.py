@@ -25,7 +25,11 @@ from services.core.data_sources import DatasetError, Source, available_splits
 
 Role = Literal["train", "eval", "val"]
 
-BUILTIN_EVAL = {"builtin:arith": "builtin:arith-eval", "builtin:arith-long": "builtin:arith-long-eval"}
+BUILTIN_EVAL = {
+    "builtin:arith": "builtin:arith-eval",
+    "builtin:arith-long": "builtin:arith-long-eval",
+    "builtin:arith-long-var": "builtin:arith-long-var-eval",
+}
 """A built-in training set's own held-out split: what `eval_dataset: auto` evaluates a built-in run on."""
 
 

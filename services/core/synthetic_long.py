@@ -28,6 +28,13 @@ What makes the task fair to full-path and truncated training alike:
 - **Answers of at least 250 tokens** (one token per character on the tiny model): about 290 without a
   redo, 430 with one.
 
+**Two wordings, one property apart.** With `wording="full"` (the `arith-long` task) every step names its
+term (`C=9: 6+9=15.`), so the correct answers that continue one prefix differ in length by a redo at most.
+With `wording="varied"` (`arith-long-var`) the warm start writes each step in full or tersely (`6+9=15.`),
+one or the other at random, so correct answers from the same prefix differ in length as real reasoning
+does, by 5 tokens for each step written the other way. Questions, splits, orders and errors are the same
+in both; only the length of a correct answer varies.
+
 Splits: `train`, and two held-out splits, `val` (for every choice made while building the comparison) and
 `eval` (the test split, touched only by final evaluations). Guarantees, as for `services.core.synthetic`:
 the same config gives the same rows; a question's split is a pure function of its text (the three splits
@@ -54,6 +61,9 @@ ORDERS = ("forward", "backward", "interleaved")
 """The orders a pass can add in: left to right, right to left, odd-numbered letters then even ones."""
 
 Split = Literal["train", "val", "eval"]
+Wording = Literal["full", "varied"]
+TERSE_SHARE = 0.5
+"""With `wording="varied"`, the share of steps the warm start writes tersely (each drawn on its own)."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,8 @@ class LongTaskConfig:
     val_size: int = 300
     seed: int = 0
     error_rate: float = 0.3
+    wording: Wording = "full"
+    """full: every step names its term; varied: the warm start writes each step in full or tersely."""
 
     def __post_init__(self) -> None:
         if not 3 <= self.num_terms <= 26:
@@ -80,6 +92,13 @@ class LongTaskConfig:
             )
         if not 0.0 <= self.error_rate <= 1.0:
             raise ValueError(f"error_rate must be in [0, 1], got {self.error_rate}")
+        if self.wording not in ("full", "varied"):
+            raise ValueError(f"wording must be 'full' or 'varied', got {self.wording!r}")
+
+    @property
+    def name(self) -> str:
+        """The task's name: the dataset `builtin:<name>` and the prefix of its row ids."""
+        return "arith-long" if self.wording == "full" else "arith-long-var"
 
 
 def names(count: int) -> str:
@@ -104,11 +123,16 @@ def question_text(terms: list[int]) -> str:
 
 
 def worked_pass(
-    terms: list[int], order: str = "forward", error_at: int | None = None, delta: int = 0
+    terms: list[int],
+    order: str = "forward",
+    error_at: int | None = None,
+    delta: int = 0,
+    terse: random.Random | None = None,
 ) -> tuple[str, int]:
     """One pass: `order ACEG...:` then the partial sums in that order (`C=9: 6+9=15.`: the term looked up by
     name, then the addition), then `total T.`; returns the text and T. With `error_at`, that step's sum is
-    off by `delta` and every later step adds correctly to the wrong value (only another pass catches it)."""
+    off by `delta` and every later step adds correctly to the wrong value (only another pass catches it).
+    With `terse`, each step is written without its lookup (`6+9=15.`) with probability `TERSE_SHARE`."""
     letters = names(len(terms))
     visit = order_indices(order, len(terms))
     steps = [f"order {''.join(letters[i] for i in visit)}:"]
@@ -116,7 +140,8 @@ def worked_pass(
     for index, position in enumerate(visit[1:]):
         term = terms[position]
         new_total = total + term + (delta if index == error_at else 0)
-        steps.append(f"{letters[position]}={term}: {total}+{term}={new_total}.")
+        lookup = "" if terse is not None and terse.random() < TERSE_SHARE else f"{letters[position]}={term}: "
+        steps.append(f"{lookup}{total}+{term}={new_total}.")
         total = new_total
     steps.append(f"total {total}.")
     return " ".join(steps), total
@@ -132,21 +157,26 @@ class InjectedError:
 
 
 def solve(
-    terms: list[int], orders: tuple[str, str] = ("forward", "backward"), error: InjectedError | None = None
+    terms: list[int],
+    orders: tuple[str, str] = ("forward", "backward"),
+    error: InjectedError | None = None,
+    terse: random.Random | None = None,
 ) -> str:
     """The trace of the module docstring with the first pass and the check in `orders`; the redo, when the
-    totals disagree, takes the remaining order. `error` puts one wrong partial sum in a pass."""
+    totals disagree, takes the remaining order. `error` puts one wrong partial sum in a pass; `terse` (the
+    varied wording) draws each step's wording."""
     if orders[0] == orders[1] or any(o not in ORDERS for o in orders):
         raise ValueError(f"the first pass and the check need two different orders of {ORDERS}, got {orders}")
     passes = []
     for index, order in enumerate(orders):
         wrong = error if error is not None and error.pass_index == index else None
-        passes.append(worked_pass(terms, order, wrong.step if wrong else None, wrong.delta if wrong else 0))
+        step, delta = (wrong.step, wrong.delta) if wrong else (None, 0)
+        passes.append(worked_pass(terms, order, step, delta, terse))
     (first, first_total), (check, check_total) = passes
     if first_total == check_total:
         return f"{first} check {check} ok \\boxed{{{check_total}}}"
     remaining = next(o for o in ORDERS if o not in orders)
-    redo, redo_total = worked_pass(terms, remaining)
+    redo, redo_total = worked_pass(terms, remaining, terse=terse)
     return f"{first} check {check} wait {first_total}!={check_total} redo {redo} \\boxed{{{redo_total}}}"
 
 
@@ -197,7 +227,7 @@ def make_split(cfg: LongTaskConfig, split: Split) -> list[dict]:
             continue
         rows.append(
             {
-                "id": f"arith-long-{split}-{len(rows):05d}",
+                "id": f"{cfg.name}-{split}-{len(rows):05d}",
                 "question": question,
                 "answer": str(sum(terms)),
                 "solution": solve(terms),
@@ -215,14 +245,16 @@ def make_split(cfg: LongTaskConfig, split: Split) -> list[dict]:
 def warm_start_rows(cfg: LongTaskConfig) -> list[dict]:
     """The train split with each solution's orders drawn at random, and an error injected into the first
     pass or the check of `error_rate` of them (chosen by the config's seed), so the warm start sees every
-    order, checks that disagree, and redos that decide."""
+    order, checks that disagree, and redos that decide. The varied wording draws each step's wording from
+    a generator of its own, so both wordings share their orders and errors row for row."""
     rng = random.Random(f"rpo-synthetic-long-errors-{cfg.seed}")
+    terse = random.Random(f"rpo-synthetic-long-wording-{cfg.seed}") if cfg.wording == "varied" else None
     pairs = list(itertools.permutations(ORDERS, 2))
     rows = []
     for row in make_split(cfg, "train"):
         orders = rng.choice(pairs)
         error = random_error(row["terms"], rng) if rng.random() < cfg.error_rate else None
-        rows.append({**row, "solution": solve(row["terms"], orders, error)})
+        rows.append({**row, "solution": solve(row["terms"], orders, error, terse)})
     return rows
 
 

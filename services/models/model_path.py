@@ -3,6 +3,7 @@ snapshot in the Hugging Face cache (`services.core.hub`), or the embedded tiny m
 
 `builtin:tiny-warm` is the tiny Qwen2 warm-started on the synthetic task, `builtin:tiny-random` the same
 architecture untrained, `builtin:tiny-warm-long` the tiny Qwen2 warm-started on the long-reasoning task
+(`builtin:tiny-warm-long-var` on its varied wording)
 (all built once and cached by `services.models.tiny_model_cache.cached_tiny_model`). A Hub id resolves to the
 snapshot of one commit: `rpo run` resolves it once and hands that directory to every process it starts.
 """
@@ -18,6 +19,7 @@ from services.models.tiny_model_cache import cached_tiny_model
 BUILTIN_MODELS = {
     "builtin:tiny-warm": "warm",
     "builtin:tiny-warm-long": "warm-long",
+    "builtin:tiny-warm-long-var": "warm-long-var",
     "builtin:tiny-random": "random-tied",
 }
 

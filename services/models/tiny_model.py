@@ -41,7 +41,7 @@ BYTE_OFFSET = 3
 VOCAB_SIZE = BYTE_OFFSET + 128
 MAX_POSITIONS = 2048
 
-KINDS = ("warm", "warm-long", "random-tied", "random-untied")
+KINDS = ("warm", "warm-long", "warm-long-var", "random-tied", "random-untied")
 WARM_LAYERS = 4
 """The warm-started model is deeper than the random ones: 4 layers learn the task much faster than 2."""
 RANDOM_INIT_STD = 0.2
@@ -64,6 +64,13 @@ questions, one sample each, pass@1 at T = 0.6 / T = 1.0): 600 steps 5% / 3%, 700
 steps 34% / 19%, 900 steps 75% / 52%; the 1,200-step cosine recipe solved 100% at T = 0.6, leaving RL
 nothing to show. 900 steps leave room at both evaluation temperatures. The task has a sharp cliff, so a
 build on another CPU model may land elsewhere on it (warm_start.json records the build's greedy accuracy)."""
+WARM_LONG_VAR_STEPS = 900
+"""Warm start on the long task's varied wording (`LongTaskConfig(wording="varied")`), the recipe of
+`WARM_LONG_STEPS` otherwise. Chosen on the validation split for a starting pass@1 near 60% at T = 0.6, from
+one 1,100-step probe whose checkpoints are the shorter builds (`bench/warm_probe.py`, record
+docs/records/warm-probe-var-2026-12-07.json; 2-core AMD EPYC; 64 validation questions, one sample each, pass@1
+at T = 0.6 / T = 1.0): 700 steps 27% / 9%, 800 steps 39% / 30%, 900 steps 67% / 28%, 1,000 steps 66% / 48%,
+1,100 steps 48% / 27%. 900 steps, the full wording's count, leaves the two tasks one property apart."""
 WARM_LOG_EVERY = 200
 """Warm-start steps between log lines when no progress bar is drawn (stderr not a terminal)."""
 

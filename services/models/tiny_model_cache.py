@@ -29,6 +29,7 @@ from services.models.tiny_model import (
     WARM_BATCH_SIZE,
     WARM_LAYERS,
     WARM_LONG_STEPS,
+    WARM_LONG_VAR_STEPS,
     WARM_LR,
     WARM_STEPS,
     build_tiny_model,
@@ -65,13 +66,14 @@ def _recipe(kind: str) -> dict[str, Any]:
                 "seed": 0,
             },
         }
-    if kind == "warm-long":
+    if kind in ("warm-long", "warm-long-var"):
+        varied = kind == "warm-long-var"
         return {
             "build": {"tie_word_embeddings": True, "num_layers": WARM_LAYERS, "seed": 0},
             "warm": {
-                "task": asdict(LongTaskConfig()),
+                "task": asdict(LongTaskConfig(wording="varied" if varied else "full")),
                 "task_kind": "long",
-                "steps": WARM_LONG_STEPS,
+                "steps": WARM_LONG_VAR_STEPS if varied else WARM_LONG_STEPS,
                 "batch_size": WARM_BATCH_SIZE,
                 "lr": WARM_LR,
                 "seed": 0,
@@ -87,7 +89,7 @@ def _code_fingerprint(kind: str) -> str:
 
     digest = hashlib.sha256()
     sources = [Path(tiny_model.__file__), Path(synthetic.__file__)]
-    if kind == "warm-long":
+    if kind.startswith("warm-long"):
         sources.append(Path(synthetic_long.__file__))
     for path in sources:
         digest.update(path.read_bytes())

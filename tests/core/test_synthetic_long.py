@@ -214,3 +214,41 @@ def test_builtin_datasets_load_the_long_task_splits():
     assert not texts[0] & texts[1] and not texts[0] & texts[2] and not texts[1] & texts[2]
     assert train[0].id.startswith("arith-long-train-") and val[0].id.startswith("arith-long-val-")
     assert PROMPT_TEMPLATE.format(question=train[0].question)
+
+
+def _without_lookups(text: str) -> str:
+    """A trace with every step's lookup (`C=9: `) dropped: what both wordings share."""
+    return re.sub(r"[A-Z]=\d+: ", "", text)
+
+
+def test_varied_wording_differs_from_the_full_one_only_in_the_length_of_correct_answers():
+    full, varied = LongTaskConfig(train_size=600), LongTaskConfig(train_size=600, wording="varied")
+    full_rows, varied_rows = warm_start_rows(full), warm_start_rows(varied)
+    # The same questions, orders, errors and redos, row for row; only the wording of the steps differs.
+    assert [r["question"] for r in full_rows] == [r["question"] for r in varied_rows]
+    assert [_without_lookups(r["solution"]) for r in full_rows] == [
+        _without_lookups(r["solution"]) for r in varied_rows
+    ]
+    assert all(check_answer(r["solution"], r["answer"]) == 1.0 for r in varied_rows)
+    # About half the steps are terse, so two correct answers to one question differ in length.
+    steps = [s for r in varied_rows for s in re.findall(r"(?:[A-Z]=\d+: )?\d+\+\d+=\d+\.", r["solution"])]
+    terse = sum(1 for s in steps if "=" not in s.split("+")[0])
+    assert 0.45 < terse / len(steps) < 0.55
+    lengths = [len(r["solution"]) for r in varied_rows if " redo " not in r["solution"]]
+    assert statistics.pstdev(lengths) > 10 > statistics.pstdev([len(solve(r["terms"])) for r in full_rows])
+    # The splits are the same questions under their own ids.
+    assert [r["question"] for r in make_split(varied, "val")] == [
+        r["question"] for r in make_split(full, "val")
+    ]
+    assert make_split(varied, "val")[0]["id"].startswith("arith-long-var-val-")
+    with pytest.raises(ValueError, match="wording"):
+        LongTaskConfig(wording="short")
+
+
+def test_builtin_datasets_load_the_varied_task():
+    fields = DataSection()
+    for split, suffix in (("train", ""), ("val", "-val"), ("eval", "-eval")):
+        varied = load_questions(f"builtin:arith-long-var{suffix}", fields, 20)
+        full = load_questions(f"builtin:arith-long{suffix}", fields, 20)
+        assert [q.question for q in varied] == [q.question for q in full]
+        assert varied[0].id.startswith(f"arith-long-var-{split}-")

@@ -165,3 +165,18 @@ def test_a_constant_rate_build_is_exactly_the_first_steps_of_a_longer_one(tmp_pa
     assert all(torch.equal(short[name], snapshot[name]) for name in short)
     with pytest.raises(ValueError, match="schedule"):
         warm_start(random_dir, tmp_path / "bad", steps=1, **{**common, "schedule": "linear"})
+
+
+def test_the_varied_long_model_is_the_long_recipe_with_the_varied_wording(tmp_path):
+    """`builtin:tiny-warm-long-var` is built like `builtin:tiny-warm-long` in every respect but the task's
+    wording, and is kept apart from it."""
+    from services.models.model_path import BUILTIN_MODELS
+    from services.models.tiny_model_cache import _recipe, tiny_model_path
+
+    full, varied = _recipe("warm-long"), _recipe("warm-long-var")
+    assert varied["warm"]["task"] == {**full["warm"]["task"], "wording": "varied"}
+    assert full["warm"]["task"]["wording"] == "full"
+    assert {**varied["warm"], "task": None} == {**full["warm"], "task": None}
+    assert varied["build"] == full["build"]
+    assert tiny_model_path("warm-long-var", tmp_path) != tiny_model_path("warm-long", tmp_path)
+    assert BUILTIN_MODELS["builtin:tiny-warm-long-var"] == "warm-long-var"
