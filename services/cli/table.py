@@ -63,6 +63,12 @@ COMMANDS: tuple[Command, ...] = (
                 {"type": int, "default": 1},
             ),
             Flag("--arms", "run only these arms (comma-separated), e.g. to run the protocol in parts", None),
+            Flag(
+                "--task",
+                "the protocol: arith-long (default) or arith-long-var, the task whose correct answers vary "
+                "in length (its own preset and arms)",
+                None,
+            ),
         ),
     ),
     Command(

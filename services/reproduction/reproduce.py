@@ -1,7 +1,8 @@
-"""`rpo reproduce [--seeds N] [--arms A,B] [--smoke]`: the paper's comparison in miniature, as a protocol.
+"""`rpo reproduce [--task T] [--seeds N] [--arms A,B] [--smoke]`: the paper's comparison in miniature.
 
-From the same warm model it trains and evaluates these arms, each an `rpo run` on fresh services (its own
-cache server, embedded Redis, replica and trainer), once per training seed:
+From the same warm model it trains and evaluates a protocol's arms (`services.reproduction.protocols`; below,
+the default task's), each an `rpo run` on fresh services (its own cache server, embedded Redis, replica and
+trainer), once per training seed:
 
 - the headline pairs, each RPO arm paired with its own kind: GRPO / RPO+GRPO (the length-aware reward on)
   and GRPO / RPO+GRPO without the length reward, at the base config's L (0.5l, the paper's accuracy runs);
@@ -32,7 +33,6 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +41,14 @@ from tqdm.auto import tqdm
 from services.core.cli_args import UsageError, shortcut_overrides
 from services.core.config import ConfigError, RunConfig, load_config
 from services.reproduction.plots import write_plots
+from services.reproduction.protocols import DEFAULT_TASK, PROTOCOLS, Protocol
 from services.reproduction.results import build_results
 from services.reproduction.results_tables import render_markdown
 from services.supervisor.main_job import MainJob, fresh_run_dir, preset_path
 
 log = logging.getLogger("rpo.reproduce")
 
-PRESET = "reproduce.yaml"
+PRESET = PROTOCOLS[DEFAULT_TASK].preset
 SMOKE_PRESET = "tiny-demo.yaml"
 SMOKE_OVERRIDES = (
     "train.max_steps=2",
@@ -66,80 +67,6 @@ SMOKE_OVERRIDES = (
 (The short task has no validation split: the smoke validates on the first test questions.)"""
 
 
-@dataclass(frozen=True)
-class Arm:
-    """One arm of the comparison: the `--set` items that make it, and its full-path counterpart."""
-
-    name: str
-    label: str
-    overrides: tuple[str, ...]
-    full: str | None = None
-    """The full-path arm this RPO arm's accuracy, tokens and times are compared with (same seed)."""
-    group: str = "headline"
-    """headline | timing | epsilon | dapo: which table the arm belongs to."""
-    first_seed_only: bool = False
-
-
-GRPO = ("algorithm.algorithm=grpo",)
-DAPO = (
-    "algorithm.algorithm=dapo",
-    # Clip-higher only acts when the ratio can leave 1: with one update per batch pi_old = pi_theta.
-    "train.updates_per_batch=2",
-    # Keep all-correct groups whose lengths differ: the length-aware reward's point is to rescue them.
-    "algorithm.dynamic_sampling_filter=reward",
-)
-FULL, RPO = ("algorithm.mode=full",), ("algorithm.mode=rpo",)
-NO_LENGTH_REWARD = ("algorithm.alpha=0",)
-TIMING_LIMIT = "0.1l"
-"""L of the timing arm: a tenth of the answer (the paper's timing runs cut 800 of about 2,700 tokens, 0.3l;
-the issue's protocol reads 0.5l and 0.1l)."""
-EPSILONS = (0.0, 1.0)
-"""The epsilon sweep's points beside the base config's epsilon (0.5)."""
-
-ARMS: tuple[Arm, ...] = (
-    Arm("grpo", "GRPO", (*GRPO, *FULL)),
-    Arm("rpo-grpo", "RPO+GRPO", (*GRPO, *RPO), full="grpo"),
-    Arm("grpo-no-length", "GRPO, no length reward", (*GRPO, *FULL, *NO_LENGTH_REWARD)),
-    Arm(
-        "rpo-grpo-no-length",
-        "RPO+GRPO, no length reward",
-        (*GRPO, *RPO, *NO_LENGTH_REWARD),
-        full="grpo-no-length",
-    ),
-    Arm(
-        "rpo-grpo-0.1l",
-        f"RPO+GRPO, L={TIMING_LIMIT}",
-        (*GRPO, *RPO, f"algorithm.truncation_limit={TIMING_LIMIT}"),
-        full="grpo",
-        group="timing",
-    ),
-    *(
-        Arm(
-            f"rpo-grpo-eps{e:g}",
-            f"RPO+GRPO, epsilon={e:g}",
-            (*GRPO, *RPO, f"algorithm.epsilon={e}"),
-            full="grpo",
-            group="epsilon",
-        )
-        for e in EPSILONS
-    ),
-    Arm("dapo", "DAPO (2 updates per batch)", (*DAPO, *FULL), group="dapo", first_seed_only=True),
-    Arm(
-        "rpo-dapo",
-        "RPO+DAPO (2 updates per batch)",
-        (*DAPO, *RPO),
-        full="dapo",
-        group="dapo",
-        first_seed_only=True,
-    ),
-)
-ARM_NAMES = tuple(a.name for a in ARMS)
-HEADLINE_PAIRS = (("rpo-grpo", "grpo"), ("rpo-grpo-no-length", "grpo-no-length"))
-"""The equal-steps and equal-time targets compare these pairs."""
-EPSILON_BASE = "rpo-grpo-eps0"
-"""The epsilon sweep's differences are against epsilon 0 (the update never keeps the best response)."""
-
-
 def settings(cfg: RunConfig) -> dict[str, Any]:
     """The settings that tell arms apart (what the tables print)."""
     a, t = cfg.algorithm, cfg.train
@@ -152,6 +79,8 @@ def settings(cfg: RunConfig) -> dict[str, Any]:
         "epsilon": a.epsilon,
         "updates_per_batch": t.updates_per_batch,
         "dynamic_sampling_filter": a.dynamic_sampling_filter if a.algorithm == "dapo" else None,
+        "suffix_budget": a.suffix_budget,
+        "loss_on_suffix_only": a.loss_on_suffix_only,
         "max_steps": t.max_steps,
         "max_questions": cfg.data.max_questions,
         "epochs": t.epochs,
@@ -168,10 +97,12 @@ class Reproduction:
         overrides: list[str],
         *,
         seeds: int = 1,
-        arms: tuple[str, ...] = ARM_NAMES,
+        arms: tuple[str, ...] | None = None,
         smoke: bool,
         command: str,
+        protocol: Protocol = PROTOCOLS[DEFAULT_TASK],
     ):
+        self.protocol = protocol
         self.base_path = base_path
         self.overrides = overrides
         self.smoke = smoke
@@ -179,13 +110,13 @@ class Reproduction:
         self.base = self._config(())
         self.out = Path(self.base.train.run_dir)
         self.seeds = list(range(self.base.train.seed, self.base.train.seed + seeds))
-        self.plan = self._plan(arms)
+        self.plan = self._plan(arms or protocol.arm_names)
 
     def _config(self, arm_overrides: tuple[str, ...]) -> RunConfig:
         return load_config(self.base_path, [*self.overrides, *arm_overrides])
 
     def _plan(self, chosen: tuple[str, ...]) -> dict[str, Any]:
-        arms = [a for a in ARMS if a.name in chosen]
+        arms = [a for a in self.protocol.arms if a.name in chosen]
         runs = [
             {
                 "arm": arm.name,
@@ -212,8 +143,11 @@ class Reproduction:
                 for arm in arms
             ],
             "runs": runs,
-            "headline_pairs": [list(p) for p in HEADLINE_PAIRS],
-            "epsilon_base": EPSILON_BASE,
+            "task": self.protocol.task,
+            "headline_pairs": [list(p) for p in self.protocol.headline_pairs],
+            "epsilon_base": self.protocol.epsilon_base,
+            "length_target": self.protocol.length_target,
+            "protocol_minutes": self.protocol.minutes,
             "smoke": self.smoke,
         }
 
@@ -249,8 +183,10 @@ class Reproduction:
         arms.update({a["name"]: a for a in self.plan["arms"]})
         recorded = {
             **self.plan,
-            "arms": [arms[n] for n in ARM_NAMES if n in arms],
-            "runs": sorted(merged.values(), key=lambda r: (r["seed"], ARM_NAMES.index(r["arm"]))),
+            "arms": [arms[n] for n in self.protocol.arm_names if n in arms],
+            "runs": sorted(
+                merged.values(), key=lambda r: (r["seed"], self.protocol.arm_names.index(r["arm"]))
+            ),
             "seeds": sorted({r["seed"] for r in merged.values()}),
         }
         plan_file.write_text(json.dumps(recorded, indent=2) + "\n")
@@ -402,17 +338,19 @@ def machine() -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "platform": platform.platform()}
 
 
-def chosen_arms(spec: str | None) -> tuple[str, ...]:
+def chosen_arms(spec: str | None, protocol: Protocol = PROTOCOLS[DEFAULT_TASK]) -> tuple[str, ...]:
     """`--arms a,b`: the named arms, in protocol order; unknown names are a usage error."""
+    known = protocol.arm_names
     if not spec:
-        return ARM_NAMES
+        return known
     names = [n.strip() for n in spec.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ARM_NAMES]
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise UsageError(
-            f"--arms: unknown arm {', '.join(unknown) or repr(spec)}; choose from {', '.join(ARM_NAMES)}"
+            f"--arms: unknown arm {', '.join(unknown) or repr(spec)} for --task {protocol.task}; "
+            f"choose from {', '.join(known)}"
         )
-    return tuple(n for n in ARM_NAMES if n in names)
+    return tuple(n for n in known if n in names)
 
 
 def reproduce_main(args: Any) -> int:
@@ -421,8 +359,13 @@ def reproduce_main(args: Any) -> int:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if args.seeds < 1:
         raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
-    arms = chosen_arms(args.arms)
-    base_path = Path(args.config) if args.config else preset_path(SMOKE_PRESET if args.smoke else PRESET)
+    task = getattr(args, "task", None) or DEFAULT_TASK
+    if task not in PROTOCOLS:
+        raise UsageError(f"--task: unknown task {task!r}; choose from {', '.join(PROTOCOLS)}")
+    protocol = PROTOCOLS[task]
+    arms = chosen_arms(args.arms, protocol)
+    preset = SMOKE_PRESET if args.smoke else protocol.preset
+    base_path = Path(args.config) if args.config else preset_path(preset)
     overrides = [*(SMOKE_OVERRIDES if args.smoke else ())]
     if args.steps is not None:
         overrides.append(f"train.max_steps={args.steps}")
@@ -434,6 +377,7 @@ def reproduce_main(args: Any) -> int:
             seeds=args.seeds,
             arms=arms,
             smoke=args.smoke,
+            protocol=protocol,
             command=shlex.join(["rpo", *sys.argv[1:]]) if sys.argv[1:2] == ["reproduce"] else "rpo reproduce",
         )
     except ConfigError as exc:

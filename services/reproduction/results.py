@@ -36,6 +36,11 @@ MARGIN = 0.02
 ROLLOUT_TARGET, STEP_TARGET = 0.3, 0.5
 """At L = 0.1l, the upper ends of the rollout-phase and step-time ratios RPO/full must be at most these."""
 ONE_SEED_MINUTES, PROTOCOL_MINUTES = 60, 120
+LIFTED_STEPS_TARGET = 0.5
+"""The varied-length protocol: the length reward lifts a correct response in at least this share of steps."""
+VARIED_GROUPS_READING = 0.5
+"""Its reading written before the record: the mechanism acted only if correct lengths vary in this share of
+the groups with two or more correct responses."""
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -93,7 +98,48 @@ def run_row(run_dir: Path) -> dict[str, Any]:
             "accuracy": [r.accuracy for r in steps],
             "reward_mean": [r.reward_mean for r in steps],
             "cache_updates": [r.cache_updates for r in steps],
+            **{key: [getattr(r, key) for r in steps] for key in LENGTH_ROOM_SERIES},
         },
+    }
+
+
+LENGTH_ROOM_SERIES = (
+    "zero_std_groups_ratio",
+    "all_correct_groups_ratio",
+    "correct_length_groups",
+    "correct_length_varied_ratio",
+    "correct_length_spread",
+    "correct_below_group_mean",
+)
+"""Per step: what the length-aware reward had to act on (`trainer.rollouts.collected.length_room`)."""
+
+
+def length_room(rows: list[dict[str, Any]], alpha: float) -> dict[str, Any] | None:
+    """An arm's length-room figures over its seeds' steps: the share of steps where the length reward lifted a
+    correct response above its floor (a correct response shorter than its group's mean, alpha > 0), the mean
+    shares of all-correct groups and of groups with a non-zero advantage, and, over the groups with two or
+    more correct responses, how often their lengths vary and by how much. None for a record without them."""
+    series = [r["series"] for r in rows if "correct_below_group_mean" in r["series"]]
+    if not series:
+        return None
+    steps = [i for s in series for i in range(len(s["step"]))]
+    pick = lambda key: [v for s in series for v in s[key]]  # noqa: E731
+    below, counted = pick("correct_below_group_mean"), pick("correct_length_groups")
+    varied = pick("correct_length_varied_ratio")
+    spread = pick("correct_length_spread")
+    groups = sum(counted)
+    return {
+        "steps": len(steps),
+        "lifted_steps_share": (sum(1 for n in below if n > 0) / len(below) if alpha > 0 and below else 0.0),
+        "correct_below_mean_per_step": float(np.mean(below)),
+        "all_correct_groups_share": float(np.mean(pick("all_correct_groups_ratio"))),
+        "advantage_groups_share": 1.0 - float(np.mean(pick("zero_std_groups_ratio"))),
+        "varied_groups_share": (
+            sum(v * n for v, n in zip(varied, counted, strict=True)) / groups if groups else math.nan
+        ),
+        "correct_length_spread": (
+            sum(d * n for d, n in zip(spread, counted, strict=True)) / groups if groups else math.nan
+        ),
     }
 
 
@@ -131,6 +177,11 @@ def _cells(rows: list[dict[str, Any]], label: str) -> list[list[float]]:
         return []
     shared = sorted(set.intersection(*(set(t) for t in tables)))
     return [[t[q] for q in shared] for t in tables]
+
+
+def paired_difference(mine: dict[Any, dict], theirs: dict[Any, dict], label: str) -> dict[str, Any]:
+    """One arm's pass@1 minus another's on one evaluation, paired by seed and question, with its interval."""
+    return summary_of(_paired_cells(mine, theirs, label))
 
 
 def _paired_cells(mine: dict[int, dict], theirs: dict[int, dict], label: str) -> list[list[float]]:
@@ -186,6 +237,7 @@ def arm_summary(arm: dict[str, Any], by_seed: dict[int, dict[str, Any]], labels:
         "cache_init_seconds": mean("cache_init_seconds"),
         "training_seconds": mean("training_seconds"),
         "wall_seconds": float(np.mean([r["wall_seconds"] or 0.0 for r in rows])),
+        "length_room": length_room(rows, arm["settings"]["alpha"]),
     }
 
 
@@ -376,6 +428,8 @@ def targets(results: dict[str, Any], plan: dict[str, Any]) -> list[dict[str, Any
                 None,
             )
         )
+    if plan.get("length_target"):
+        out += length_targets(results, plan)
     by_seed = results["wall_seconds_by_seed"]
     if by_seed and not results.get("smoke"):
         first = by_seed[min(by_seed)]
@@ -388,11 +442,46 @@ def targets(results: dict[str, Any], plan: dict[str, Any]) -> list[dict[str, Any
         )
         if len(by_seed) >= 3:
             total = sum(by_seed.values())
+            minutes = plan.get("protocol_minutes", PROTOCOL_MINUTES)
             out.append(
                 target(
-                    f"{len(by_seed)} seeds (`rpo reproduce --seeds {len(by_seed)}`) within {PROTOCOL_MINUTES} minutes",
+                    f"{len(by_seed)} seeds (`rpo reproduce --seeds {len(by_seed)}`) within {minutes} minutes",
                     f"{total / 60:.1f} min",
-                    bool(total <= PROTOCOL_MINUTES * 60),
+                    bool(total <= minutes * 60),
                 )
             )
+    return out
+
+
+def length_targets(results: dict[str, Any], plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """The varied-length protocol's targets on each headline RPO arm with the length reward on: it lifted a
+    correct response above the floor in at least half of the steps; and the reading written before the
+    record, that the mechanism acted only if correct lengths varied in at least half of the groups with two
+    or more correct responses (reported, not a pass or fail)."""
+    arms, out = results["arms"], []
+    for rpo, _full in plan.get("headline_pairs", []):
+        room = arms.get(rpo, {}).get("length_room")
+        if not room or arms[rpo]["settings"]["alpha"] <= 0:
+            continue
+        label = arms[rpo]["label"]
+        share = room["lifted_steps_share"]
+        out.append(
+            target(
+                f"{label}: the length reward lifts a correct response above the floor in at least "
+                f"{100 * LIFTED_STEPS_TARGET:.0f}% of the steps",
+                f"{100 * share:.0f}% of {room['steps']} steps",
+                bool(share >= LIFTED_STEPS_TARGET),
+            )
+        )
+        varied = room["varied_groups_share"]
+        acted = not math.isnan(varied) and varied >= VARIED_GROUPS_READING
+        out.append(
+            target(
+                f"{label}: the mechanism acted only if correct lengths vary in at least "
+                f"{100 * VARIED_GROUPS_READING:.0f}% of the groups with two or more correct responses",
+                f"{pct(varied)} of them vary, by {num(room['correct_length_spread'], 1)} tokens on average: "
+                + ("it had room" if acted else "it had little room"),
+                None,
+            )
+        )
     return out

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from services.reproduction.formatting import ci, label_text, num, pct, ratio_ci, signed
+from services.reproduction.results import paired_difference
+from services.reproduction.results_second_task import lifted_steps, second_task_section
 from services.reproduction.results_tables import table_sections
 
 INTRO = """\
@@ -79,6 +81,9 @@ def _protocol(results: dict[str, Any]) -> str:
     )
 
 
+VARIED_RECORD = "docs/results/arith-long-var/results.json"
+"""Where the varied-length task's record is committed."""
+
 REMAKE = """\
 To make the record again (it resumes run by run, and `--arms` runs it in parts):
 
@@ -139,6 +144,27 @@ def _pair_sentences(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _validation_gap_sentences(results: dict[str, Any]) -> list[str]:
+    """Each headline pair's difference after training on the validation split beside the test split's: the
+    curves and every choice were made on validation, the targets are judged on test."""
+    arms, runs, lines = results["arms"], results["runs"], []
+    for name, cmp in results["comparisons"].items():
+        full = cmp["full"]
+        if arms[name]["group"] != "headline" or name not in runs or full not in runs:
+            continue
+        val = paired_difference(runs[name], runs[full], "val after")
+        test = cmp["accuracy_difference"].get("after")
+        if math.isnan(val["mean"]) or not test:
+            continue
+        lines.append(
+            f"- **Validation beside test, {arms[name]['label']} - {arms[full]['label']}:** after training, "
+            f"{signed(val['mean'])} points{ci(val['ci'])} on the validation split ({val['questions']} questions) "
+            f"and {signed(test['mean'])} points{ci(test['ci'])} on the test split ({test['questions']}), both "
+            "at T = 0.6."
+        )
+    return lines
+
+
 def _length_reward_sentences(results: dict[str, Any]) -> list[str]:
     """Whether the length-aware reward acted, from the per-step series: a correct response scores between
     the clip's floor and 1, so a step's mean reward equals floor x accuracy exactly when every correct
@@ -149,11 +175,7 @@ def _length_reward_sentences(results: dict[str, Any]) -> list[str]:
         settings = arm["settings"]
         if arm["group"] != "headline" or settings["alpha"] == 0 or name not in runs:
             continue
-        steps = acted = 0
-        for row in runs[name].values():
-            for reward, accuracy in zip(row["series"]["reward_mean"], row["series"]["accuracy"], strict=True):
-                steps += 1
-                acted += reward > floor * accuracy + 1e-9
+        acted, steps = lifted_steps(results, name)
         twin = next(
             (
                 other
@@ -276,19 +298,45 @@ def _epsilon_sentences(results: dict[str, Any]) -> list[str]:
             + "; ".join(counts)
             + " updates (summed over seeds)."
         )
+    training = _last_epoch_accuracy(results, ["rpo-grpo-eps0", "rpo-grpo", *swept])
+    if training:
+        lines.append(
+            "- **On the training questions**, where RPO continues each answer from the entry the rule kept, "
+            f"accuracy (the mean over the last epoch's steps, {training.pop('steps')}, and over seeds) was "
+            + "; ".join(f"{arms[n]['label']} {pct(v)}%" for n, v in training.items())
+            + ". Held-out questions are answered from the start, with no cache entry; the differences below "
+            "are there."
+        )
     for name, by_label in results["epsilon"].items():
         for label, diff in by_label.items():
             if math.isnan(diff["mean"]):
                 continue
             low, high = diff["ci"]
             shown = (
-                "excludes zero" if not (low <= 0 <= high) else "holds zero: no effect of the rule is shown"
+                "excludes zero"
+                if not (low <= 0 <= high)
+                else "holds zero: no effect on held-out accuracy is shown"
             )
             lines.append(
                 f"- **{results['arms'][name]['label']} - epsilon 0, {label_text(label, results)}:** "
                 f"{signed(diff['mean'])} points{ci(diff['ci'])}; the interval {shown}."
             )
     return lines
+
+
+def _last_epoch_accuracy(results: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """Training accuracy over the last epoch's steps, mean over seeds, per arm (in `names` order, once
+    each), and the steps it covers under "steps"; {} when an arm has no steps."""
+    base = results["base_config"]
+    per_epoch = math.ceil(base["data"]["max_questions"] / base["train"]["questions_per_step"])
+    out: dict[str, Any] = {}
+    for name in dict.fromkeys(names):
+        rows = list(results["runs"].get(name, {}).values())
+        if not rows or not all(r["series"]["accuracy"] for r in rows):
+            return {}
+        out[name] = sum(sum(r["series"]["accuracy"][-per_epoch:]) / per_epoch for r in rows) / len(rows)
+        last = rows[0]["series"]["step"][-1]
+    return {"steps": f"{last - per_epoch + 1}-{last}", **out} if out else {}
 
 
 def _dapo_sentences(results: dict[str, Any]) -> list[str]:
@@ -310,8 +358,14 @@ def _unmet(results: dict[str, Any]) -> list[str]:
     return [f"- {t['target']}: {t['measured']}." for t in results["targets"] if t["met"] is False]
 
 
-def render_results_doc(results: dict[str, Any], record: str = "docs/results/results.json") -> str:
-    """The whole of docs/results.md from a reproduction's results.json."""
+def render_results_doc(
+    results: dict[str, Any],
+    record: str = "docs/results/results.json",
+    varied: dict[str, Any] | None = None,
+    varied_record: str = VARIED_RECORD,
+) -> str:
+    """The whole of docs/results.md from a reproduction's results.json, and the varied-length task's record
+    beside it when given."""
     machine = results["machine"]
     commit = results.get("commit") or "unknown"
     seeds = results["seeds"]
@@ -343,6 +397,7 @@ def render_results_doc(results: dict[str, Any], record: str = "docs/results/resu
         "## Reading",
         "",
         *_pair_sentences(results),
+        *_validation_gap_sentences(results),
         *_reuse_sentence(results),
         *_length_reward_sentences(results),
         *_equal_time_sentences(results),
@@ -353,6 +408,8 @@ def render_results_doc(results: dict[str, Any], record: str = "docs/results/resu
     unmet = _unmet(results)
     if unmet:
         parts += ["", "Targets not met:", "", *unmet]
+    if varied is not None:
+        parts += ["", *second_task_section(results, varied, varied_record)]
     parts += [
         "",
         "## Plots",
@@ -371,19 +428,23 @@ def render_results_doc(results: dict[str, Any], record: str = "docs/results/resu
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
+    if len(argv) not in (1, 2):
         print(
-            "usage: python -m services.reproduction.results_doc RESULTS_JSON > docs/results.md",
+            "usage: python -m services.reproduction.results_doc RESULTS_JSON [VARIED_RESULTS_JSON] "
+            "> docs/results.md",
             file=sys.stderr,
         )
         return 2
-    path = Path(argv[0])
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        print(f"{path}: cannot read the record: {exc}", file=sys.stderr)
-        return 2
-    sys.stdout.write(render_results_doc(results, argv[0]))
+    records = []
+    for name in argv:
+        path = Path(name)
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"{path}: cannot read the record: {exc}", file=sys.stderr)
+            return 2
+    varied = records[1] if len(records) == 2 else None
+    sys.stdout.write(render_results_doc(records[0], argv[0], varied, argv[1] if varied else VARIED_RECORD))
     return 0
 
 

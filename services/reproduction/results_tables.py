@@ -74,6 +74,29 @@ def ratio_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def length_room_table(results: dict[str, Any]) -> str:
+    """What the length-aware reward had to act on, per arm over its steps and seeds ("" for a record made
+    before the per-step figures were kept)."""
+    rows = [row for row in results["arms"].values() if row.get("length_room")]
+    if not rows:
+        return ""
+    lines = [
+        "| arm | steps | steps where it lifted a correct response | correct below the group mean / step | "
+        "all-correct groups | groups with a non-zero advantage | groups whose correct lengths vary | "
+        "spread of correct lengths, tokens |",
+        "|---" * 8 + "|",
+    ]
+    for row in rows:
+        room = row["length_room"]
+        lifted = f"{pct(room['lifted_steps_share'])}%" if row["settings"]["alpha"] > 0 else "- (alpha 0)"
+        lines.append(
+            f"| {row['label']} | {room['steps']} | {lifted} | {num(room['correct_below_mean_per_step'], 1)} | "
+            f"{pct(room['all_correct_groups_share'])}% | {pct(room['advantage_groups_share'])}% | "
+            f"{pct(room['varied_groups_share'])}% | {num(room['correct_length_spread'], 1)} |"
+        )
+    return "\n".join(lines)
+
+
 def targets_table(results: dict[str, Any]) -> str:
     lines = ["| target | measured | met |", "|---|---|---|"]
     for t in results["targets"]:
@@ -86,19 +109,26 @@ TABLES: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
     ("Test accuracy", accuracy_table),
     ("Tokens and time", cost_table),
     ("RPO against full path", ratio_table),
+    ("Room for the length reward", length_room_table),
     ("Targets", targets_table),
 )
-"""The sections every rendering of a record holds, in order: the run directory's results.md and docs/results.md."""
+"""The sections a rendering of a record holds, in order: the run directory's results.md and docs/results.md
+(a table with nothing to show, "" from its function, is left out with its heading)."""
 
 
-def table_sections(results: dict[str, Any], intros: Mapping[str, str] | None = None) -> list[str]:
-    """Markdown lines of every table in `TABLES`, each under its heading and after its intro, if any."""
+def table_sections(
+    results: dict[str, Any], intros: Mapping[str, str] | None = None, level: int = 2
+) -> list[str]:
+    """Markdown lines of every table in `TABLES`, each under its heading (at `level`) and after its intro."""
     lines: list[str] = []
     for title, table in TABLES:
-        lines += [f"## {title}", ""]
+        body = table(results)
+        if not body:
+            continue
+        lines += [f"{'#' * level} {title}", ""]
         if intros and title in intros:
             lines += [intros[title], ""]
-        lines += [table(results), ""]
+        lines += [body, ""]
     return lines
 
 

@@ -188,7 +188,8 @@ def test_a_partial_invocation_keeps_the_runs_planned_before(smoke, tmp_path):
 
 
 def test_the_full_protocol_plans_every_arm_at_every_seed():
-    from services.reproduction.reproduce import ARMS, PRESET, Reproduction
+    from services.reproduction.protocols import ARMS
+    from services.reproduction.reproduce import PRESET, Reproduction
     from services.supervisor.main_job import preset_path
 
     plan = Reproduction(preset_path(PRESET), [], seeds=3, smoke=False, command="t").plan
@@ -269,3 +270,44 @@ def test_the_results_page_is_rendered_from_the_record_and_its_numbers_come_from_
         timeout=60,
     )
     assert done.returncode == 2 and "cannot read the record" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_varied_length_protocol_plans_its_arms():
+    """`--task arith-long-var`: its preset, the three headline pairs at every seed, the two variants once."""
+    from services.reproduction.protocols import PROTOCOLS, SCALED_ALPHA
+    from services.reproduction.reproduce import Reproduction
+    from services.supervisor.main_job import preset_path
+
+    protocol = PROTOCOLS["arith-long-var"]
+    plan = Reproduction(
+        preset_path(protocol.preset), [], seeds=3, smoke=False, command="t", protocol=protocol
+    ).plan
+    arms = {a["name"]: a for a in plan["arms"]}
+    assert plan["task"] == "arith-long-var" and plan["length_target"] and plan["protocol_minutes"] == 150
+    headline = {n for pair in plan["headline_pairs"] for n in pair}
+    runs = [(r["arm"], r["seed"]) for r in plan["runs"]]
+    assert {(n, s) for n in headline for s in (0, 1, 2)} <= set(runs)
+    assert [r for r in runs if r[0] not in headline] == [
+        ("rpo-grpo-suffix-loss", 0),
+        ("rpo-grpo-budget160", 0),
+    ]
+    assert [
+        arms[n]["settings"]["alpha"]
+        for n in ("rpo-grpo", f"rpo-grpo-alpha{SCALED_ALPHA:g}", "rpo-grpo-no-length")
+    ] == [0.01, SCALED_ALPHA, 0.0]
+    assert arms["rpo-grpo-suffix-loss"]["settings"]["loss_on_suffix_only"] is True
+    assert arms["rpo-grpo-budget160"]["settings"]["suffix_budget"] == 160
+    for arm in arms.values():  # the varied task, every question back several times
+        assert arm["settings"]["max_questions"] * arm["settings"]["epochs"] >= 5 * 32
+    assert plan["base"]["data"]["dataset"] == "builtin:arith-long-var"
+    assert plan["base"]["model"]["path"] == "builtin:tiny-warm-long-var"
+
+
+def test_an_arm_of_another_task_is_a_usage_error():
+    from services.core.cli_args import UsageError
+    from services.reproduction.protocols import PROTOCOLS
+    from services.reproduction.reproduce import chosen_arms
+
+    with pytest.raises(UsageError, match="--task arith-long-var"):
+        chosen_arms("rpo-grpo-eps0", PROTOCOLS["arith-long-var"])
+    assert chosen_arms("rpo-grpo-eps0") == ("rpo-grpo-eps0",)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from services.reproduction.reproduce import ARMS
+from services.reproduction.protocols import ARMS
 from services.reproduction.results_doc import render_results_doc
 
 REPO = Path(__file__).resolve().parents[2]

@@ -101,3 +101,46 @@ def test_time_targets_take_the_first_seed_and_all_seeds():
     assert _met(_results(wall_by_seed={0: 2400.0, 1: 2400.0, 2: 2401.0}), "3 seeds") is False
     # one seed recorded: no protocol target
     assert not [t for t in targets(_results(wall_by_seed={0: 100.0}), PLAN) if "seeds (" in t["target"]]
+
+
+def _with_room(lifted_share: float, varied_share: float, alpha: float = 0.1) -> dict:
+    results = _results()
+    results["arms"]["rpo-grpo"]["settings"] = {"alpha": alpha}
+    results["arms"]["rpo-grpo"]["length_room"] = {
+        "steps": 12,
+        "lifted_steps_share": lifted_share,
+        "varied_groups_share": varied_share,
+        "correct_length_spread": 7.5,
+    }
+    return results
+
+
+def test_the_length_reward_target_is_half_the_steps_and_the_reading_half_the_groups():
+    plan = {**PLAN, "length_target": True}
+
+    def found(results: dict, starts: str) -> dict:
+        (hit,) = [t for t in targets(results, plan) if t["target"].startswith(starts)]
+        return hit
+
+    lifted = "RPO+GRPO: the length reward lifts"
+    assert found(_with_room(0.5, 0.6), lifted)["met"] is True
+    assert found(_with_room(0.49, 0.6), lifted)["met"] is False
+    reading = "RPO+GRPO: the mechanism acted only if"
+    assert "it had room" in found(_with_room(0.5, 0.5), reading)["measured"]
+    assert "little room" in found(_with_room(0.5, 0.49), reading)["measured"]
+    assert found(_with_room(0.5, 0.5), reading)["met"] is None  # a reading, not a pass or fail
+    # without the length reward, or in a protocol that does not target it, nothing is judged
+    assert not [
+        t for t in targets(_with_room(1.0, 1.0, alpha=0.0), plan) if "length reward lifts" in t["target"]
+    ]
+    assert not [t for t in targets(_with_room(1.0, 1.0), PLAN) if "length reward lifts" in t["target"]]
+
+
+def test_the_varied_protocol_allows_its_three_seeds_two_and_a_half_hours():
+    plan = {**PLAN, "protocol_minutes": 150}
+    (hit,) = [
+        t
+        for t in targets(_results(wall_by_seed={0: 3000.0, 1: 3000.0, 2: 3000.0}), plan)
+        if "3 seeds" in t["target"]
+    ]
+    assert hit["met"] is True and "150 minutes" in hit["target"]
