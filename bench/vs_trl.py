@@ -9,10 +9,14 @@ lengths, one after the other in one run (never concurrently), on CPU.
   the same reward function (`exact` on the built-in task).
 - `decode`: one step's full-path decode alone, vLLM's offline engine against HF `generate`, no service.
 Step time is the mean over steps 2 onwards (step 1 holds every part's warm-up). TRL is the optional
-`bench` extra (`bash scripts/bootstrap.sh cpu dev bench`), not a dependency of the project.
+`bench` extra (`bash scripts/bootstrap.sh cpu dev bench`), not a dependency of the project. `--preset` and
+`--model` move every arm to another task: `reproduce.yaml` with `builtin:tiny-warm-long` is the long task
+(answers of about 320 tokens, `rpo reproduce`'s base), where RPO decodes a tail of each.
 
     .venv/bin/python bench/vs_trl.py --steps 8
     .venv/bin/python bench/vs_trl.py --steps 8 --arms full,full-lag1,rpo,rpo-lag1,trl   # rollouts one step ahead
+    .venv/bin/python bench/vs_trl.py --preset reproduce.yaml --model builtin:tiny-warm-long --steps 6 \
+        --arms full,rpo,trl --set data.max_questions=96 --record docs/records/vs-trl-long-<date>-run1.json
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from datetime import date
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,10 +55,14 @@ def run_trl(args: argparse.Namespace, work: Path, model_path: Path) -> dict:
     from services.core.data import build_prompt_text, load_questions
     from services.core.rewards import resolve_reward
 
-    cfg = load_config(preset_path(), args.set)
+    cfg = load_config(preset_path(args.preset), args.set)
     a = cfg.algorithm
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    questions = load_questions(cfg.data.dataset, cfg.data, limit=args.steps * args.questions_per_step)
+    questions = load_questions(
+        cfg.data.dataset,
+        cfg.data,
+        limit=min(args.steps * args.questions_per_step, cfg.data.max_questions or 10**9),
+    )
     rows = [{"prompt": build_prompt_text(tokenizer, q, cfg.data), "answer": q.answer} for q in questions]
     reward = resolve_reward(cfg.reward.function, cfg.data.dataset)
 
@@ -119,7 +128,7 @@ def run_decode(args: argparse.Namespace, model_path: Path, rounds: int = 4) -> d
     from services.core.data import encode_prompt, load_questions
     from services.rollout.engine import engine_environment, engine_kwargs
 
-    cfg = load_config(preset_path(), args.set)
+    cfg = load_config(preset_path(args.preset), args.set)
     a = cfg.algorithm
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     questions = load_questions(cfg.data.dataset, cfg.data, limit=args.questions_per_step)
@@ -163,6 +172,11 @@ def main() -> int:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="config override, all arms"
     )
     parser.add_argument(
+        "--preset", default="tiny-demo.yaml", help="the built-in preset every arm starts from"
+    )
+    parser.add_argument("--model", default="builtin:tiny-warm", help="model path or built-in name, every arm")
+    parser.add_argument("--record", type=Path, help="also write the figures and the command as JSON here")
+    parser.add_argument(
         "--arms",
         default="full,rpo,trl,decode",
         help="comma-separated: full, rpo, trl, decode; full-lag1 and rpo-lag1 run with train.max_lag 1",
@@ -170,7 +184,7 @@ def main() -> int:
     args = parser.parse_args()
     setup_logging("INFO")
     started = time.monotonic()
-    model_path = resolve_model_path("builtin:tiny-warm")
+    model_path = resolve_model_path(args.model)
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="rpo-vs-trl-") as tmp:
         for arm in args.arms.split(","):
@@ -187,7 +201,7 @@ def main() -> int:
                 work.mkdir()
                 results[arm] = run_arm(mode, arm_args, work, model_path)
     command = f".venv/bin/python bench/vs_trl.py --steps {args.steps} --questions-per-step {args.questions_per_step}"
-    command += f" --arms {args.arms}"
+    command += f" --preset {args.preset} --model {args.model} --arms {args.arms}"
     command += "".join(f" --set {o}" for o in args.set)
     print(f"\nCommand: `{command}` ({(time.monotonic() - started) / 60:.1f} min in all), on {machine()}.\n")
     print(
@@ -212,6 +226,18 @@ def main() -> int:
             f"HF generate {d['hf_generate_seconds']:.2f} s"
         )
     print(json.dumps(results, indent=1))
+    if args.record:
+        record = {
+            "command": command,
+            "date": date.today().isoformat(),
+            "machine": machine(),
+            "minutes": round((time.monotonic() - started) / 60, 1),
+            "arms": results,
+            "step_vs_trl": {
+                arm: r["step_seconds"] / trl for arm, r in results.items() if trl and arm != "decode"
+            },
+        }
+        args.record.write_text(json.dumps(record, indent=1) + "\n")
     return 0
 
 
