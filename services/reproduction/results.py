@@ -104,6 +104,7 @@ def run_row(run_dir: Path) -> dict[str, Any]:
 
 
 LENGTH_ROOM_SERIES = (
+    "truncated_ratio",
     "zero_std_groups_ratio",
     "all_correct_groups_ratio",
     "correct_length_groups",
@@ -132,6 +133,7 @@ def length_room(rows: list[dict[str, Any]], alpha: float) -> dict[str, Any] | No
         "steps": len(steps),
         "lifted_steps_share": (sum(1 for n in below if n > 0) / len(below) if alpha > 0 and below else 0.0),
         "correct_below_mean_per_step": float(np.mean(below)),
+        "truncated_share": float(np.mean(pick("truncated_ratio"))),
         "all_correct_groups_share": float(np.mean(pick("all_correct_groups_ratio"))),
         "advantage_groups_share": 1.0 - float(np.mean(pick("zero_std_groups_ratio"))),
         "varied_groups_share": (
@@ -479,7 +481,7 @@ def length_targets(results: dict[str, Any], plan: dict[str, Any]) -> list[dict[s
             target(
                 f"{label}: the mechanism acted only if correct lengths vary in at least "
                 f"{100 * VARIED_GROUPS_READING:.0f}% of the groups with two or more correct responses",
-                f"{pct(varied)} of them vary, by {num(room['correct_length_spread'], 1)} tokens on average: "
+                f"{pct(varied)}% of them vary, by {num(room['correct_length_spread'], 1)} tokens on average: "
                 + ("it had room" if acted else "it had little room"),
                 None,
             )

@@ -90,7 +90,10 @@ To make the record again (it resumes run by run, and `--arms` runs it in parts):
     bash scripts/bootstrap.sh
     .venv/bin/rpo reproduce --seeds 3 --run-dir runs/reproduce
     cp runs/reproduce/results.json runs/reproduce/*.png docs/results/
-    .venv/bin/python -m services.reproduction.results_doc docs/results/results.json > docs/results.md
+    .venv/bin/rpo reproduce --task arith-long-var --seeds 3 --run-dir runs/reproduce-var
+    cp runs/reproduce-var/results.json docs/results/arith-long-var/
+    .venv/bin/python -m services.reproduction.results_doc docs/results/results.json \\
+        docs/results/arith-long-var/results.json > docs/results.md
 
 The warm model is built on the machine that runs the protocol, and its quality depends on the CPU model
 (the "before" row shows the one this record started from): read a record made elsewhere with its own

@@ -19,6 +19,15 @@ here a correct suffix can be shorter than another. The protocol was written befo
 docs/training.md, "The varied-length protocol"."""
 
 
+ROOM_INTRO = """\
+Per arm, over its steps and seeds: the steps where the length-aware reward lifted a correct response above
+its floor (a correct response shorter than its group's mean, alpha > 0), the mean number of such responses
+per step, the shares of all-correct groups and of groups with a non-zero advantage, and over the groups with
+two or more correct responses, how often their lengths differ and by how much. A response cut at its token
+budget (in RPO the suffix budget, `algorithm.suffix_budget: m`, so a suffix is never longer than the tail it
+replaces; in full path `algorithm.max_response_tokens`) has no boxed answer and scores 0."""
+
+
 def lifted_steps(results: dict[str, Any], name: str) -> tuple[int, int]:
     """Steps (over seeds) at which the length-aware reward lifted a correct response above its floor, and all
     steps: a correct response scores between the floor and 1, so a step's mean reward exceeds floor x
@@ -74,6 +83,11 @@ def side_by_side(first: dict[str, Any], varied: dict[str, Any]) -> list[str]:
         + " |"
     )
     rows.append(
+        "| RPO+GRPO's responses cut at their token budget (the suffix budget m) | not recorded | "
+        + (f"{pct(room['truncated_share'])}%" if room else "-")
+        + " |"
+    )
+    rows.append(
         "| RPO+GRPO decoded / response tokens per sample | "
         + " | ".join(
             f"{num(r['arms']['rpo-grpo']['decoded_tokens_per_sample'], 0)} / "
@@ -88,11 +102,30 @@ def side_by_side(first: dict[str, Any], varied: dict[str, Any]) -> list[str]:
 
 
 def _reading(varied: dict[str, Any]) -> list[str]:
-    """What the varied record shows, one sentence per target, met or not, in the record's words."""
+    """What the varied record shows: one sentence per target, met or not, in the record's words; then, for
+    each RPO arm against its full-path arm, how many responses were cut at their token budget (a cut response
+    has no boxed answer and scores 0), beside its accuracy difference."""
     lines = []
     for t in varied["targets"]:
         verdict = {True: "met", False: "not met", None: "a reading"}[t["met"]]
         lines.append(f"- **{t['target']}:** {t['measured']} ({verdict}).")
+    arms = varied["arms"]
+    for name, cmp in varied["comparisons"].items():
+        mine, theirs = arms[name].get("length_room"), arms[cmp["full"]].get("length_room")
+        if not mine or not theirs:
+            continue
+        budget = arms[name]["settings"]["suffix_budget"]
+        lines.append(
+            f"- **Cut at the budget, {arms[name]['label']} against {arms[cmp['full']]['label']}:** "
+            f"{pct(mine['truncated_share'])}% of its responses against {pct(theirs['truncated_share'])}%, "
+            + (
+                "its suffixes capped at the m tokens cut (a regrown tail may not be longer than the one it "
+                "replaces)"
+                if budget == "m"
+                else f"its suffixes capped at {budget} tokens"
+            )
+            + f"; pass@1 after training {_difference(varied, name, 'after')} points at T = 0.6."
+        )
     return lines
 
 
@@ -121,7 +154,7 @@ def second_task_section(first: dict[str, Any], varied: dict[str, Any], record: s
         f"- **Seeds:** {', '.join(map(str, seeds))}; wall time {varied['wall_seconds'] / 60:.1f} minutes "
         f"({minutes} minutes, building the warm model included).{partial}",
         "",
-        *table_sections(varied, level=3),
+        *table_sections(varied, {"Room for the length reward": ROOM_INTRO}, level=3),
         "### Both tasks side by side",
         "",
         *side_by_side(first, varied),

@@ -83,8 +83,8 @@ def length_room_table(results: dict[str, Any]) -> str:
     lines = [
         "| arm | steps | steps where it lifted a correct response | correct below the group mean / step | "
         "all-correct groups | groups with a non-zero advantage | groups whose correct lengths vary | "
-        "spread of correct lengths, tokens |",
-        "|---" * 8 + "|",
+        "spread of correct lengths, tokens | responses cut at their token budget |",
+        "|---" * 9 + "|",
     ]
     for row in rows:
         room = row["length_room"]
@@ -92,7 +92,8 @@ def length_room_table(results: dict[str, Any]) -> str:
         lines.append(
             f"| {row['label']} | {room['steps']} | {lifted} | {num(room['correct_below_mean_per_step'], 1)} | "
             f"{pct(room['all_correct_groups_share'])}% | {pct(room['advantage_groups_share'])}% | "
-            f"{pct(room['varied_groups_share'])}% | {num(room['correct_length_spread'], 1)} |"
+            f"{pct(room['varied_groups_share'])}% | {num(room['correct_length_spread'], 1)} | "
+            f"{pct(room['truncated_share'])}% |"
         )
     return "\n".join(lines)
 
