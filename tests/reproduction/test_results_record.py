@@ -1,5 +1,6 @@
-"""docs/results.md is the committed record rendered: rendering docs/results/results.json again gives the
-page byte for byte, and the record is the whole protocol at three seeds, with the plots the page shows."""
+"""docs/results.md is the committed records rendered: rendering docs/results/results.json and the varied-length
+task's record again gives the page byte for byte; the first record is the whole protocol at three seeds, the
+second names the seeds it holds, and the page shows the plots it names."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from services.reproduction.protocols import ARMS
-from services.reproduction.results_doc import render_results_doc
+from services.reproduction.protocols import ARMS, PROTOCOLS
+from services.reproduction.results_doc import VARIED_RECORD, render_results_doc
 
 REPO = Path(__file__).resolve().parents[2]
 RECORD = REPO / "docs/results/results.json"
@@ -22,11 +23,30 @@ def record() -> dict:
     return json.loads(RECORD.read_text())
 
 
-def test_the_committed_page_is_the_committed_record_rendered(record):
-    assert render_results_doc(record, "docs/results/results.json") == PAGE.read_text(), (
-        "docs/results.md differs from its record: render it again with "
-        "`python -m services.reproduction.results_doc docs/results/results.json > docs/results.md`"
+@pytest.fixture(scope="module")
+def varied() -> dict:
+    return json.loads((REPO / VARIED_RECORD).read_text())
+
+
+def test_the_committed_page_is_the_committed_records_rendered(record, varied):
+    assert render_results_doc(record, "docs/results/results.json", varied) == PAGE.read_text(), (
+        "docs/results.md differs from its records: render it again with `python -m "
+        f"services.reproduction.results_doc docs/results/results.json {VARIED_RECORD} > docs/results.md`"
     )
+
+
+def test_the_varied_record_is_its_protocol_from_a_clean_commit(varied):
+    protocol = PROTOCOLS["arith-long-var"]
+    assert varied["command"].startswith("rpo reproduce --task arith-long-var")
+    assert re.fullmatch(r"[0-9a-f]{40}", varied["commit"]), "the record must name a clean commit"
+    assert varied["task"] == "builtin:arith-long-var on builtin:tiny-warm-long-var"
+    for arm in protocol.arms:
+        row = varied["arms"][arm.name]
+        assert row["seeds"] == ([0] if arm.first_seed_only else varied["seeds"]), arm.name
+        assert row["length_room"]["steps"] == 12 * len(row["seeds"]), arm.name
+    page = PAGE.read_text()
+    assert "## The second task: correct answers that vary in length" in page
+    assert "### Both tasks side by side" in page
 
 
 def test_the_record_is_the_whole_protocol_at_three_seeds(record):
