@@ -27,7 +27,9 @@ paired with its own kind), RPO+GRPO at L = 0.1l and at epsilon 0 and 1, and DAPO
 model, once per training seed (docs/training.md, "`rpo reproduce`", has the protocol). This page is
 rendered from the record that run wrote, `docs/results/results.json`, by
 `python -m services.reproduction.results_doc docs/results/results.json`; a test renders it again and compares.
-Nothing here ran on a GPU unless the machine line says so."""
+Its second part, "The second task", is rendered the same way from the varied-length task's record
+(`rpo reproduce --task arith-long-var`), where correct answers differ in length from the same prefix, and
+sets both tasks side by side. Nothing here ran on a GPU unless the machine line says so."""
 
 TASK = """\
 The task is `builtin:arith-long` (`services/core/synthetic_long.py`): ten one-digit terms named A to J. An
