@@ -303,7 +303,8 @@ def _epsilon_sentences(results: dict[str, Any]) -> list[str]:
             + "; ".join(counts)
             + " updates (summed over seeds)."
         )
-    training = _last_epoch_accuracy(results, ["rpo-grpo-eps0", "rpo-grpo", *swept])
+    by_epsilon = sorted(swept, key=lambda n: arms[n]["settings"].get("epsilon", 0.0))
+    training = _last_epoch_accuracy(results, by_epsilon)
     if training:
         lines.append(
             "- **On the training questions**, where RPO continues each answer from the entry the rule kept, "
@@ -332,7 +333,9 @@ def _epsilon_sentences(results: dict[str, Any]) -> list[str]:
 def _last_epoch_accuracy(results: dict[str, Any], names: list[str]) -> dict[str, Any]:
     """Training accuracy over the last epoch's steps, mean over seeds, per arm (in `names` order, once
     each), and the steps it covers under "steps"; {} when an arm has no steps."""
-    base = results["base_config"]
+    base = results.get("base_config")
+    if not base or not base["data"].get("max_questions"):
+        return {}
     per_epoch = math.ceil(base["data"]["max_questions"] / base["train"]["questions_per_step"])
     out: dict[str, Any] = {}
     for name in dict.fromkeys(names):

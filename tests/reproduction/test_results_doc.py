@@ -31,31 +31,46 @@ def test_the_length_reward_counts_the_steps_where_a_correct_response_scored_abov
 def test_the_epsilon_reading_counts_how_the_cache_entries_were_replaced():
     from services.reproduction.results_doc import _epsilon_sentences
 
-    def arm(label: str, group: str) -> dict:
-        return {"label": label, "group": group, "settings": SETTINGS}
+    def arm(label: str, group: str, epsilon: float) -> dict:
+        return {"label": label, "group": group, "settings": {**SETTINGS, "epsilon": epsilon}}
 
-    def run(*steps: dict) -> dict:
-        return {"series": {"cache_updates": list(steps)}, "evals": {"after": {"temperature": 0.6}}}
+    def run(*steps: dict, accuracy: tuple[float, ...] = (0.5, 0.5)) -> dict:
+        series = {"cache_updates": list(steps), "accuracy": list(accuracy), "step": [1, 2][: len(accuracy)]}
+        return {"series": series, "evals": {"after": {"temperature": 0.6}}}
 
     results = {
         "arms": {
-            "rpo": arm("RPO", "headline"),
-            "eps0": arm("eps 0", "epsilon"),
-            "eps1": arm("eps 1", "epsilon"),
+            "rpo": arm("RPO", "headline", 0.5),
+            "eps0": arm("eps 0", "epsilon", 0.0),
+            "eps1": arm("eps 1", "epsilon", 1.0),
         },
         "epsilon": {"rpo": {"after": {"mean": 0.01, "ci": [-0.01, 0.03]}}},
         "runs": {
-            "rpo": {"0": run({"best": 1, "other": 1}), "1": run({"best": 2, "other": 0})},
-            "eps0": {"0": run({"best": 0, "other": 2})},
-            "eps1": {"0": run({"best": 2, "other": 0}, {"best": 2})},
+            "rpo": {
+                "0": run({"best": 1, "other": 1}),
+                "1": run({"best": 2, "other": 0}, accuracy=(0.5, 0.7)),
+            },
+            "eps0": {"0": run({"best": 0, "other": 2}, accuracy=(0.4, 0.2))},
+            "eps1": {"0": run({"best": 2, "other": 0}, {"best": 2}, accuracy=(0.6, 0.9))},
         },
+        # one step per epoch: the last epoch is step 2
+        "base_config": {"data": {"max_questions": 4}, "train": {"questions_per_step": 4}},
     }
     lines = _epsilon_sentences(results)
     assert lines[0] == (
         "- **The epsilon rule acted:** the group's best response replaced the cache entry in RPO 3 of 4; "
         "eps 0 0 of 2; eps 1 4 of 4 updates (summed over seeds)."
     )
-    assert lines[1].startswith("- **RPO - epsilon 0, T=0.6:** +1.0 points") and "holds zero" in lines[1]
+    # training accuracy in the last epoch, by epsilon, beside the held-out differences
+    assert (
+        "(the mean over the last epoch's steps, 2-2, and over seeds) was eps 0 20.0%; RPO 60.0%; eps 1 90.0%"
+        in lines[1]
+    )
+    assert lines[2].startswith("- **RPO - epsilon 0, T=0.6:** +1.0 points") and "holds zero" in lines[2]
+    assert "no effect on held-out accuracy" in lines[2]
+    # a record without its base configuration says nothing of training accuracy
+    del results["base_config"]
+    assert _epsilon_sentences(results)[1].startswith("- **RPO - epsilon 0")
 
 
 def test_rpo_arms_at_two_limits_are_read_side_by_side_most_decoded_first():
