@@ -45,9 +45,7 @@ the issue's protocol reads 0.5l and 0.1l)."""
 EPSILONS = (0.0, 1.0)
 """The epsilon sweep's points beside the base config's epsilon (0.5)."""
 
-ARMS: tuple[Arm, ...] = (
-    Arm("grpo", "GRPO", (*GRPO, *FULL)),
-    Arm("rpo-grpo", "RPO+GRPO", (*GRPO, *RPO), full="grpo"),
+NO_LENGTH_PAIR = (
     Arm("grpo-no-length", "GRPO, no length reward", (*GRPO, *FULL, *NO_LENGTH_REWARD)),
     Arm(
         "rpo-grpo-no-length",
@@ -55,6 +53,13 @@ ARMS: tuple[Arm, ...] = (
         (*GRPO, *RPO, *NO_LENGTH_REWARD),
         full="grpo-no-length",
     ),
+)
+"""GRPO and RPO+GRPO without the length-aware reward: a headline pair of both protocols."""
+
+ARMS: tuple[Arm, ...] = (
+    Arm("grpo", "GRPO", (*GRPO, *FULL)),
+    Arm("rpo-grpo", "RPO+GRPO", (*GRPO, *RPO), full="grpo"),
+    *NO_LENGTH_PAIR,
     Arm(
         "rpo-grpo-0.1l",
         f"RPO+GRPO, L={TIMING_LIMIT}",
@@ -118,29 +123,25 @@ FIXED_SUFFIX_BUDGET = 160
 """The fixed suffix budget arm's cap: the largest m at L = 0.5l on an answer of about 320 tokens, so a suffix
 may grow past the tail it replaces (with `suffix_budget: m` it never does)."""
 SCALED = (f"algorithm.alpha={SCALED_ALPHA}",)
+SCALED_FULL = f"grpo-alpha{SCALED_ALPHA:g}"
+"""The full-path arm at the scaled alpha, which the scaled RPO arms are compared with."""
 
 VARIED_ARMS: tuple[Arm, ...] = (
     Arm("grpo", "GRPO, alpha 0.01", (*GRPO, *FULL)),
     Arm("rpo-grpo", "RPO+GRPO, alpha 0.01", (*GRPO, *RPO), full="grpo"),
-    Arm(f"grpo-alpha{SCALED_ALPHA:g}", f"GRPO, alpha {SCALED_ALPHA:g}", (*GRPO, *FULL, *SCALED)),
+    Arm(SCALED_FULL, f"GRPO, alpha {SCALED_ALPHA:g}", (*GRPO, *FULL, *SCALED)),
     Arm(
         f"rpo-grpo-alpha{SCALED_ALPHA:g}",
         f"RPO+GRPO, alpha {SCALED_ALPHA:g}",
         (*GRPO, *RPO, *SCALED),
-        full=f"grpo-alpha{SCALED_ALPHA:g}",
+        full=SCALED_FULL,
     ),
-    Arm("grpo-no-length", "GRPO, no length reward", (*GRPO, *FULL, *NO_LENGTH_REWARD)),
-    Arm(
-        "rpo-grpo-no-length",
-        "RPO+GRPO, no length reward",
-        (*GRPO, *RPO, *NO_LENGTH_REWARD),
-        full="grpo-no-length",
-    ),
+    *NO_LENGTH_PAIR,
     Arm(
         "rpo-grpo-suffix-loss",
         f"RPO+GRPO, alpha {SCALED_ALPHA:g}, loss on the suffix only",
         (*GRPO, *RPO, *SCALED, "algorithm.loss_on_suffix_only=true"),
-        full=f"grpo-alpha{SCALED_ALPHA:g}",
+        full=SCALED_FULL,
         group="variant",
         first_seed_only=True,
     ),
@@ -148,7 +149,7 @@ VARIED_ARMS: tuple[Arm, ...] = (
         f"rpo-grpo-budget{FIXED_SUFFIX_BUDGET}",
         f"RPO+GRPO, alpha {SCALED_ALPHA:g}, suffix budget {FIXED_SUFFIX_BUDGET}",
         (*GRPO, *RPO, *SCALED, f"algorithm.suffix_budget={FIXED_SUFFIX_BUDGET}"),
-        full=f"grpo-alpha{SCALED_ALPHA:g}",
+        full=SCALED_FULL,
         group="variant",
         first_seed_only=True,
     ),
@@ -162,7 +163,7 @@ PROTOCOLS = {
         VARIED_ARMS,
         (
             ("rpo-grpo", "grpo"),
-            (f"rpo-grpo-alpha{SCALED_ALPHA:g}", f"grpo-alpha{SCALED_ALPHA:g}"),
+            (f"rpo-grpo-alpha{SCALED_ALPHA:g}", SCALED_FULL),
             ("rpo-grpo-no-length", "grpo-no-length"),
         ),
         length_target=True,
