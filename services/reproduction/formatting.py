@@ -45,3 +45,20 @@ def label_text(label: str, results: dict[str, Any]) -> str:
             if label in row["evals"]:
                 return f"T={row['evals'][label]['temperature']:g}"
     return label
+
+
+def provenance(results: dict[str, Any], record: str) -> str:
+    """The page's command line for a record: its command and commit, or, for a record joined from parts
+    (`merge_records`), each part's seeds, command, commit and date, and the join."""
+    parts = results.get("parts")
+    if not parts:
+        return f"- **Command:** `{results['command']}` at commit `{results.get('commit') or 'unknown'}`; record `{record}`."
+    runs = "; ".join(
+        f"seed{'s' if len(p['seeds']) > 1 else ''} {', '.join(map(str, p['seeds']))}: `{p['command']}` at commit "
+        f"`{p['commit']}` ({p['date']})"
+        for p in parts
+    )
+    return (
+        f"- **Commands:** run in {len(parts)} parts, each recorded by `rpo reproduce`, joined by `{results['joined_by']}` "
+        f"(every figure recomputed over all the runs): {runs}. Record `{record}`."
+    )

@@ -13,11 +13,14 @@ PLOTS = {
     "accuracy_vs_time.png": "validation pass@1 against training time",
     "decoded_tokens_per_step.png": "tokens the replicas decoded per step",
     "response_length.png": "mean response length (reused prefix included) per step",
+    "cut_at_budget.png": "share of responses cut at their budget (no answer) per step",
 }
+"""The plots by file name, with their titles; the last is drawn only for records whose steps kept it."""
 
 
 def write_plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Write the three plots of the main arms into `out_dir`; returns their paths."""
+    """Write the plots of every arm into `out_dir` (the cut share only when every arm's steps recorded it);
+    returns their paths."""
     # lazy: heavy import (matplotlib), paid only on this path
     import matplotlib
 
@@ -53,10 +56,13 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.legend()
     save(fig, "accuracy_vs_time.png")
 
-    for name, key, label in (
+    per_step = [
         ("decoded_tokens_per_step.png", "generated_tokens", "decoded tokens"),
         ("response_length.png", "response_len_mean", "mean response length, tokens"),
-    ):
+    ]
+    if all("truncated_ratio" in row["series"] for row in arms):
+        per_step.append(("cut_at_budget.png", "truncated_ratio", "share of responses cut at their budget"))
+    for name, key, label in per_step:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for row in arms:
             series = row["series"]

@@ -306,13 +306,26 @@ def equal_time(rpo: dict[int, dict[str, Any]], full: dict[int, dict[str, Any]]) 
 def build_results(out: Path, plan: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
     """Every finished run's row, the per-arm figures, the comparisons and the targets, as one JSON-able
     dict: results.json, the record docs/results.md is rendered from."""
-    arms = {a["name"]: a for a in plan["arms"]}
+    return results_from_runs(finished_runs(out, plan), plan, meta)
+
+
+def finished_runs(out: Path, plan: dict[str, Any]) -> dict[str, dict[int, dict[str, Any]]]:
+    """The row of every planned run that finished, by arm and seed."""
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     for run in plan["runs"]:
         run_dir = out / run["dir"]
         summary = run_dir / "summary.json"
         if summary.exists() and json.loads(summary.read_text()).get("ok"):
             runs.setdefault(run["arm"], {})[run["seed"]] = run_row(run_dir)
+    return runs
+
+
+def results_from_runs(
+    runs: dict[str, dict[int, dict[str, Any]]], plan: dict[str, Any], meta: dict[str, Any]
+) -> dict[str, Any]:
+    """The record from the runs' rows: what `build_results` computes from a directory, and what
+    `merge_records` computes from the rows of records made in parts."""
+    arms = {a["name"]: a for a in plan["arms"]}
     before = share_before(runs)
     labels = final_labels(runs)
     summaries = {name: arm_summary(arms[name], runs[name], labels) for name in arms if name in runs}

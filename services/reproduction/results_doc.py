@@ -16,7 +16,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from services.reproduction.formatting import ci, label_text, num, pct, ratio_ci, signed
+from services.reproduction.formatting import ci, label_text, num, pct, provenance, ratio_ci, signed
 from services.reproduction.results import paired_difference
 from services.reproduction.results_second_task import lifted_steps, second_task_section
 from services.reproduction.results_tables import table_sections
@@ -93,9 +93,13 @@ To make the record again (it resumes run by run, and `--arms` runs it in parts):
     .venv/bin/rpo reproduce --seeds 3 --run-dir runs/reproduce
     cp runs/reproduce/results.json runs/reproduce/*.png docs/results/
     .venv/bin/rpo reproduce --task arith-long-var --seeds 3 --run-dir runs/reproduce-var
-    cp runs/reproduce-var/results.json docs/results/arith-long-var/
+    cp runs/reproduce-var/results.json runs/reproduce-var/*.png docs/results/arith-long-var/
     .venv/bin/python -m services.reproduction.results_doc docs/results/results.json \\
         docs/results/arith-long-var/results.json > docs/results.md
+
+A record made in parts (its command line above names them) is joined from the parts' own records with
+`python -m services.reproduction.merge_records --task <task> <part records> > results.json`, which
+computes every figure again over all the runs; the parts' records are committed beside it (`parts/`).
 
 The warm model is built on the machine that runs the protocol, and its quality depends on the CPU model
 (the "before" row shows the one this record started from): read a record made elsewhere with its own
@@ -375,7 +379,6 @@ def render_results_doc(
     """The whole of docs/results.md from a reproduction's results.json, and the varied-length task's record
     beside it when given."""
     machine = results["machine"]
-    commit = results.get("commit") or "unknown"
     seeds = results["seeds"]
     minutes = ", ".join(
         f"seed {s}: {v / 60:.1f}"
@@ -386,7 +389,7 @@ def render_results_doc(
         "",
         INTRO,
         "",
-        f"- **Command:** `{results['command']}` at commit `{commit}`; record `{record}`.",
+        provenance(results, record),
         f"- **Machine:** {machine['cpu']}, {machine['cores']} cores, {machine['gpu']}; {results['date']}.",
         f"- **Seeds:** {', '.join(map(str, seeds))}; wall time {results['wall_seconds'] / 60:.1f} minutes "
         f"({minutes} minutes; wall time is every run's `rpo run` from start to end, and includes "
@@ -420,7 +423,7 @@ def render_results_doc(
         parts += ["", *second_task_section(results, varied, varied_record)]
     parts += [
         "",
-        "## Plots",
+        "## The first task's plots",
         "",
         "![validation pass@1 against training time](results/accuracy_vs_time.png)",
         "",

@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from services.reproduction.formatting import ci, label_text, num, pct, signed
+from services.reproduction.formatting import ci, label_text, num, pct, provenance, signed
+from services.reproduction.plots import PLOTS
 from services.reproduction.results_tables import table_sections
 
 VARIED_TASK = """\
@@ -149,7 +150,7 @@ def second_task_section(first: dict[str, Any], varied: dict[str, Any], record: s
         "",
         VARIED_TASK,
         "",
-        f"- **Command:** `{varied['command']}` at commit `{varied.get('commit') or 'unknown'}`; record `{record}`.",
+        provenance(varied, record),
         f"- **Machine:** {machine['cpu']}, {machine['cores']} cores, {machine['gpu']}; {varied['date']}.",
         f"- **Seeds:** {', '.join(map(str, seeds))}; wall time {varied['wall_seconds'] / 60:.1f} minutes "
         f"({minutes} minutes, building the warm model included).{partial}",
@@ -163,4 +164,9 @@ def second_task_section(first: dict[str, Any], varied: dict[str, Any], record: s
         "",
         *_reading(varied),
         "",
+        "### The second task's plots",
+        "",
+        "One line per arm, from its first seed's run.",
+        "",
+        *[f"![{title}](results/arith-long-var/{name})\n" for name, title in PLOTS.items()],
     ]

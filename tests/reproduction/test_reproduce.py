@@ -132,7 +132,12 @@ def test_tables_and_plots_are_written(smoke):
     for label in ("| GRPO | 2 |", "| RPO+GRPO | 2 |", "| RPO+GRPO / GRPO | 2 |", "## Targets"):
         assert label in text, label
     assert "| RPO+GRPO | 2 |" in done.stdout  # printed too
-    for name in ("accuracy_vs_time.png", "decoded_tokens_per_step.png", "response_length.png"):
+    for name in (
+        "accuracy_vs_time.png",
+        "decoded_tokens_per_step.png",
+        "response_length.png",
+        "cut_at_budget.png",
+    ):
         data = (out / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
 

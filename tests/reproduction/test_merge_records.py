@@ -1,0 +1,162 @@
+"""Joining a protocol's records made in parts (services/reproduction/merge_records.py), on the committed
+varied-length record: the joined record is every figure recomputed over all the parts' runs, and parts that
+are not one protocol, one machine and one starting model are refused with what differs."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from services.reproduction.merge_records import MergeError, main, merge_records
+from services.reproduction.protocols import PROTOCOLS
+from services.reproduction.results import results_from_runs
+
+REPO = Path(__file__).resolve().parents[2]
+RECORD = REPO / "docs/results/arith-long-var/results.json"
+TASK = "arith-long-var"
+
+
+@pytest.fixture(scope="module")
+def committed():
+    return json.loads(RECORD.read_text())
+
+
+def one_seed(record: dict, seed: int) -> dict:
+    """A part holding only `seed`'s runs of the headline arms, as `rpo reproduce --seeds 1 --set
+    train.seed=S --arms <headline>` writes it (rows taken from the record's earliest seed)."""
+    first = str(min(record["seeds"]))
+    headline = {arm for pair in PROTOCOLS[TASK].headline_pairs for arm in pair}
+    part = copy.deepcopy(record)
+    part["runs"] = {
+        arm: {str(seed): by_seed[first]} for arm, by_seed in part["runs"].items() if arm in headline
+    }
+    part["seeds"] = [seed]
+    part["command"] = f"rpo reproduce --task {TASK} --seeds 1 --set train.seed={seed}"
+    return part
+
+
+def base_part(record: dict) -> dict:
+    part = copy.deepcopy(record)
+    part["runs"] = {arm: {"0": by_seed["0"]} for arm, by_seed in part["runs"].items()}
+    part["seeds"] = [0]
+    return part
+
+
+def test_the_joined_record_recomputes_every_figure_over_all_the_parts(committed):
+    first, second = base_part(committed), one_seed(committed, 5)
+    merged = merge_records([("first", first), ("second", second)], TASK)
+    assert merged["seeds"] == [0, 5]
+    # The headline arms hold both seeds; the variants, run at the first seed only, one.
+    assert merged["arms"]["rpo-grpo"]["seeds"] == [0, 5]
+    assert merged["arms"]["rpo-grpo-budget160"]["seeds"] == [0]
+    assert (
+        merged["arms"]["rpo-grpo"]["length_room"]["steps"]
+        == 2 * first["arms"]["rpo-grpo"]["length_room"]["steps"]
+    )
+    assert merged["comparisons"]["rpo-grpo"]["seeds"] == [0, 5]
+    # Each part's command and commit are kept; the wall time adds up.
+    assert [p["seeds"] for p in merged["parts"]] == [[0], [5]]
+    assert (
+        merged["command"].startswith(f"rpo reproduce --task {TASK}")
+        and second["command"] in merged["command"]
+    )
+    part_seconds = [
+        sum(row["wall_seconds"] for by_seed in part["runs"].values() for row in by_seed.values())
+        for part in (first, second)
+    ]
+    assert merged["wall_seconds_by_seed"] == pytest.approx({0: part_seconds[0], 5: part_seconds[1]})
+    # The figures are the ones computed from the rows directly.
+    rows = {arm: {int(s): row for s, row in by_seed.items()} for arm, by_seed in first["runs"].items()}
+    for arm, by_seed in second["runs"].items():
+        rows[arm].update({int(s): row for s, row in by_seed.items()})
+    direct = results_from_runs(rows, {**_plan_of(merged), "seeds": [0, 5]}, {})
+    as_json = lambda value: json.loads(json.dumps(value))  # noqa: E731
+    assert as_json(merged["comparisons"]) == as_json(direct["comparisons"])
+    assert as_json(merged["arms"]) == as_json(direct["arms"])
+    assert merged["targets"] == direct["targets"]
+
+
+def _plan_of(merged: dict) -> dict:
+    from services.reproduction.merge_records import _plan
+
+    return _plan(TASK, merged["seeds"])
+
+
+def test_a_run_held_by_two_parts_is_refused(committed):
+    with pytest.raises(MergeError, match="both hold arm grpo at seed 0"):
+        merge_records([("a", base_part(committed)), ("b", one_seed(committed, 0))], TASK)
+
+
+def split_by_arms(record: dict) -> tuple[dict, dict]:
+    """Seed 0 in two parts, as `--arms` runs it: the headline arms, then the variants."""
+    headline = {arm for pair in PROTOCOLS[TASK].headline_pairs for arm in pair}
+    first, second = base_part(record), base_part(record)
+    first["runs"] = {arm: rows for arm, rows in first["runs"].items() if arm in headline}
+    second["runs"] = {arm: rows for arm, rows in second["runs"].items() if arm not in headline}
+    return first, second
+
+
+def test_parts_at_one_seed_must_have_evaluated_the_same_starting_model(committed):
+    first, second = split_by_arms(committed)
+    assert merge_records([("a", first), ("b", second)], TASK)["seeds"] == [0]
+    question = next(iter(second["runs"]["rpo-grpo-budget160"]["0"]["evals"]["before"]["per_question"]))
+    for by_seed in second["runs"].values():
+        scores = by_seed["0"]["evals"]["before"]["per_question"]
+        scores[question] = 1.0 - scores[question]
+    with pytest.raises(MergeError, match="different starting models: 'before' differs on 1 of"):
+        merge_records([("a", first), ("b", second)], TASK)
+
+
+def test_a_later_seed_shares_the_first_parts_starting_evaluation_and_keeps_its_own(committed):
+    first, second = base_part(committed), one_seed(committed, 1)
+    for by_seed in second["runs"].values():  # sampled with seed 1: other scores
+        for label in ("before", "before T=1", "val before"):
+            by_seed["1"]["evals"][label]["per_question"] = {
+                q: 1.0 - v for q, v in by_seed["1"]["evals"][label]["per_question"].items()
+            }
+    second["eval_before"] = {"before": {"pass_at_1": 0.123}}
+    merged = merge_records([("a", first), ("b", second)], TASK)
+    theirs = first["runs"]["grpo"]["0"]["evals"]
+    for arm in ("grpo", "rpo-grpo"):
+        for label in ("before", "before T=1", "val before"):
+            assert merged["runs"][arm]["1"]["evals"][label]["per_question"] == theirs[label]["per_question"]
+    assert merged["eval_before"]["before"]["pass_at_1"] == theirs["before"]["pass_at_1"]
+    assert merged["parts"][1]["eval_before"] == {"before": {"pass_at_1": 0.123}}
+    # The caller's records are not changed.
+    assert second["runs"]["grpo"]["1"]["evals"]["before"]["per_question"] != theirs["before"]["per_question"]
+
+
+def test_another_configuration_or_machine_is_refused(committed):
+    changed = one_seed(committed, 1)
+    changed["base_config"]["train"]["lr"] = 1e-4
+    with pytest.raises(MergeError, match=r"b: .*differs in train\.lr"):
+        merge_records([("a", base_part(committed)), ("b", changed)], TASK)
+    moved = one_seed(committed, 1)
+    moved["machine"] = {**moved["machine"], "cpu": "another CPU"}
+    with pytest.raises(MergeError, match="step times from two machines"):
+        merge_records([("a", base_part(committed)), ("b", moved)], TASK)
+    smoke = {**one_seed(committed, 1), "smoke": True}
+    with pytest.raises(MergeError, match="smoke record"):
+        merge_records([("a", base_part(committed)), ("b", smoke)], TASK)
+    outside = one_seed(committed, 1)
+    outside["runs"]["rpo-grpo-budget160"] = {"1": committed["runs"]["rpo-grpo-budget160"]["0"]}
+    with pytest.raises(MergeError, match="outside the arith-long-var protocol.*rpo-grpo-budget160 seed 1"):
+        merge_records([("a", base_part(committed)), ("b", outside)], TASK)
+
+
+def test_the_command_writes_the_record_and_names_a_bad_file(committed, tmp_path, capsys):
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    first.write_text(json.dumps(base_part(committed)))
+    second.write_text(json.dumps(one_seed(committed, 1)))
+    assert main(["--task", TASK, str(first), str(second)]) == 0
+    assert json.loads(capsys.readouterr().out)["seeds"] == [0, 1]
+    second.write_text('{"runs": {}}')
+    assert main(["--task", TASK, str(first), str(second)]) == 2
+    err = capsys.readouterr().err
+    assert str(second) in err and "not an `rpo reproduce` record" in err and "base_config" in err
+    second.write_text("{not json")
+    assert main(["--task", TASK, str(first), str(second)]) == 2
+    assert str(second) in capsys.readouterr().err
