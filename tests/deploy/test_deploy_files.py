@@ -230,6 +230,10 @@ def test_dashboard_uses_only_metric_names_from_the_spec():
         "rpo_train_truncated_ratio",
         "rpo_train_response_length_tokens",
         "rpo_train_reward_function_std",
+        "rpo_train_all_correct_groups_ratio",
+        "rpo_train_correct_length_varied_ratio",
+        "rpo_train_correct_length_spread_tokens",
+        "rpo_train_correct_below_group_mean",
     }
     assert names <= spec, names - spec
     # tokens saved in training, the step-time breakdown, policy lag and eval accuracy are shown
@@ -247,3 +251,5 @@ def test_dashboard_uses_only_metric_names_from_the_spec():
     # the learner in sight, and the run's step (a gauge: it counts on across resumes, a counter restarts)
     assert {"rpo_train_loss", "rpo_train_kl", "rpo_train_grad_norm", "rpo_train_learning_rate"} <= names
     assert "rpo_train_step{" in exprs and "rpo_train_steps_total" not in exprs
+    # the room the length-aware reward had, step by step
+    assert {"rpo_train_correct_length_varied_ratio", "rpo_train_correct_below_group_mean"} <= names

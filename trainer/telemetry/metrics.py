@@ -29,6 +29,26 @@ LEARNER_GAUGES = (
     ("entropy", "entropy", "Mean entropy of the policy over the last step's loss tokens, nats"),
 )
 """(field of the step record's `LearnerStats`, metric name after `rpo_train_`, help) of the learner's gauges."""
+LENGTH_ROOM_GAUGES = (
+    ("all_correct_groups_ratio", "all_correct_groups_ratio", "Share of the last step's groups all correct"),
+    (
+        "correct_length_varied_ratio",
+        "correct_length_varied_ratio",
+        "Share of the last step's groups with two or more correct responses whose correct lengths differ",
+    ),
+    (
+        "correct_length_spread",
+        "correct_length_spread_tokens",
+        "Mean over those groups of the longest minus the shortest correct response",
+    ),
+    (
+        "correct_below_group_mean",
+        "correct_below_group_mean",
+        "Correct responses of the last step shorter than their group's mean length: the ones the length-aware "
+        "reward lifts above its floor when alpha > 0",
+    ),
+)
+"""(field of the step record, metric name after `rpo_train_`, help): the room the length-aware reward had."""
 
 
 class TrainerMetrics:
@@ -128,9 +148,14 @@ class TrainerMetrics:
         )
         self.truncated = Gauge(
             "rpo_train_truncated_ratio",
-            "Share of the last step's responses cut at max_response_tokens",
+            "Share of the last step's responses cut at their token budget (max_response_tokens, or RPO's "
+            "suffix budget): finish `length`",
             registry=r,
         )
+        self.length_room = {
+            key: Gauge(f"rpo_train_{name}", help_text, registry=r)
+            for key, name, help_text in LENGTH_ROOM_GAUGES
+        }
         self.learner = {
             key: Gauge(f"rpo_train_{name}", help_text, registry=r) for key, name, help_text in LEARNER_GAUGES
         }
@@ -183,6 +208,8 @@ class TrainerMetrics:
         ):
             self.response_tokens.labels(stat=stat).set(value)
         self.truncated.set(record.truncated_ratio)
+        for key, gauge in self.length_room.items():
+            gauge.set(getattr(record, key))
         if record.learner is not None:
             for key, gauge in self.learner.items():
                 gauge.set(getattr(record.learner, key))

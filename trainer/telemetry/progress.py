@@ -33,8 +33,10 @@ METRICS_FILE = "metrics.jsonl"
 
 def format_step_line(r: StepRecord, total_steps: int) -> str:
     """One human line per step, e.g. `step 3/40 v3 | reward 0.41 (raw 0.52) std 0.31 zero-std 25% acc 52.1%
-    len 12/41.2/96 trunc 0% | loss 0.012 kl 0.0004 grad 0.81 lr 1e-06 clip 0% ent 0.9 | decoded 1,204 ...`; the
-    weight push's transport follows its time (`sync 0.31 (http)`)."""
+    len 12/41.2/96 trunc 0% all-correct 12% len-varied 50% shorter 7 | loss 0.012 kl 0.0004 grad 0.81 lr 1e-06
+    clip 0% ent 0.9 | decoded 1,204 ...`: `all-correct`, `len-varied` (groups whose correct responses differ
+    in length) and `shorter` (correct responses shorter than their group's mean) are the room the length-aware
+    reward had. The weight push's transport follows its time (`sync 0.31 (http)`)."""
     p, learner = r.phases, r.learner
     learned = ""
     if learner is not None:
@@ -46,7 +48,8 @@ def format_step_line(r: StepRecord, total_steps: int) -> str:
         f"step {r.step}/{total_steps} v{r.policy_version} | reward {r.reward_mean:.3f} "
         f"(raw {r.raw_reward_mean:.3f}) std {r.reward_std:.3f} zero-std {100 * r.zero_std_groups_ratio:.0f}% "
         f"acc {100 * r.accuracy:.1f}% len {r.response_len_min}/{r.response_len_mean:.1f}/{r.response_len_max} "
-        f"trunc {100 * r.truncated_ratio:.0f}% | {learned}"
+        f"trunc {100 * r.truncated_ratio:.0f}% all-correct {100 * r.all_correct_groups_ratio:.0f}% "
+        f"len-varied {100 * r.correct_length_varied_ratio:.0f}% shorter {r.correct_below_group_mean} | {learned}"
         f"decoded {r.generated_tokens:,} ({r.decoded_tokens_per_sample:.1f}/sample) "
         f"reused {r.reused_prefix_tokens:,} | {r.tokens_per_second:,.0f} tok/s | "
         f"{r.step_seconds:.2f}s: rollout {p['rollout']:.2f} (reward {p['reward']:.2f}) "

@@ -112,7 +112,8 @@ class StepRecord:
     response_len_min: int = 0
     response_len_max: int = 0
     truncated_ratio: float = 0.0
-    """Share of responses cut at max_response_tokens (finish `length`)."""
+    """Share of responses cut at their token budget, max_response_tokens or RPO's suffix budget (finish
+    `length`)."""
     all_correct_groups_ratio: float = 0.0
     """Share of groups whose every response is correct."""
     correct_length_groups: int = 0

@@ -53,6 +53,11 @@ def _record(step: int) -> StepRecord:
         response_len_min=12,
         response_len_max=96,
         truncated_ratio=0.0625,
+        all_correct_groups_ratio=0.25,
+        correct_length_groups=4,
+        correct_length_varied_ratio=0.75,
+        correct_length_spread=6.5,
+        correct_below_group_mean=7,
     )
 
 
@@ -80,7 +85,8 @@ def test_a_step_record_reads_back_equal_and_feeds_the_line_and_the_metrics(tmp_p
     assert StepRecord.from_json({**_record(1).to_json(), "learner": {}}).learner is None
     line = format_step_line(_record(2), 2)
     assert line.startswith(
-        "step 2/2 v2 | reward 0.250 (raw 0.400) std 0.300 zero-std 12% acc 50.0% len 12/40.0/96 trunc 6% | "
+        "step 2/2 v2 | reward 0.250 (raw 0.400) std 0.300 zero-std 12% acc 50.0% len 12/40.0/96 trunc 6% "
+        "all-correct 25% len-varied 75% shorter 7 | "
         "loss 0.01 kl 0.002 grad 0.5 lr 1e-06 clip 25% ent 0.75 | decoded 320"
     ), line
     metrics = TrainerMetrics()
@@ -97,6 +103,10 @@ def test_a_step_record_reads_back_equal_and_feeds_the_line_and_the_metrics(tmp_p
         'rpo_train_reward_function_std{function="acc"} 0.5',
         'rpo_train_response_length_tokens{stat="max"} 96.0',
         "rpo_train_truncated_ratio 0.0625",
+        "rpo_train_all_correct_groups_ratio 0.25",
+        "rpo_train_correct_length_varied_ratio 0.75",
+        "rpo_train_correct_length_spread_tokens 6.5",
+        "rpo_train_correct_below_group_mean 7.0",
         "rpo_train_loss 0.01",
         "rpo_train_kl 0.002",
         "rpo_train_grad_norm 0.5",
