@@ -1,6 +1,7 @@
 """docs/results.md is the committed records rendered: rendering docs/results/results.json and the varied-length
-task's record again gives the page byte for byte; the first record is the whole protocol at three seeds, the
-second names the seeds it holds, and the page shows the plots it names."""
+task's record again gives the page byte for byte; both records are their protocols at three seeds, the second
+joined from its committed parts (joining them again gives it byte for byte), and the page shows the plots it
+names."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from services.reproduction.merge_records import merge_records
 from services.reproduction.protocols import ARMS, PROTOCOLS
 from services.reproduction.results_doc import VARIED_RECORD, render_results_doc
 
 REPO = Path(__file__).resolve().parents[2]
 RECORD = REPO / "docs/results/results.json"
 PAGE = REPO / "docs/results.md"
+VARIED_PARTS = "docs/results/arith-long-var/parts"
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +38,14 @@ def test_the_committed_page_is_the_committed_records_rendered(record, varied):
     )
 
 
-def test_the_varied_record_is_its_protocol_from_a_clean_commit(varied):
+def test_the_varied_record_is_its_protocol_at_three_seeds_from_clean_commits(varied):
     protocol = PROTOCOLS["arith-long-var"]
+    assert varied["seeds"] == [0, 1, 2]
     assert varied["command"].startswith("rpo reproduce --task arith-long-var")
     assert re.fullmatch(r"[0-9a-f]{40}", varied["commit"]), "the record must name a clean commit"
+    for part in varied["parts"]:
+        assert part["command"].startswith("rpo reproduce --task arith-long-var"), part["command"]
+        assert re.fullmatch(r"[0-9a-f]{40}", part["commit"]), "each part must name a clean commit"
     assert varied["task"] == "builtin:arith-long-var on builtin:tiny-warm-long-var"
     for arm in protocol.arms:
         row = varied["arms"][arm.name]
@@ -47,6 +54,19 @@ def test_the_varied_record_is_its_protocol_from_a_clean_commit(varied):
     page = PAGE.read_text()
     assert "## The second task: correct answers that vary in length" in page
     assert "### Both tasks side by side" in page
+
+
+def test_the_varied_record_is_its_committed_parts_joined(varied):
+    parts = sorted((REPO / VARIED_PARTS).glob("*.json"))
+    assert [p.name for p in parts] == ["seed-0.json", "seeds-1-2.json"]
+    names = [p.relative_to(REPO).as_posix() for p in parts]
+    joined = merge_records(
+        [(name, json.loads((REPO / name).read_text())) for name in names], "arith-long-var"
+    )
+    assert joined["joined_by"] == varied["joined_by"]
+    assert json.dumps(joined, indent=2, default=str) + "\n" == (REPO / VARIED_RECORD).read_text(), (
+        f"{VARIED_RECORD} is not its parts joined: `{varied['joined_by']} > {VARIED_RECORD}`"
+    )
 
 
 def test_the_record_is_the_whole_protocol_at_three_seeds(record):
