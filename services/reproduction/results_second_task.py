@@ -168,5 +168,7 @@ def second_task_section(first: dict[str, Any], varied: dict[str, Any], record: s
         "",
         "One line per arm, from its first seed's run.",
         "",
-        *[f"![{title}](results/arith-long-var/{name})\n" for name, title in PLOTS.items()],
+        *"\n\n".join(f"![{title}](results/arith-long-var/{name})" for name, title in PLOTS.items()).split(
+            "\n"
+        ),
     ]

@@ -1,4 +1,4 @@
-"""Joining a protocol's records made in parts (services/reproduction/merge_records.py), on the committed
+"""Joining a protocol's records made in parts (services/reproduction/merge_records.py), on a committed part of the
 varied-length record: the joined record is every figure recomputed over all the parts' runs, and parts that
 are not one protocol, one machine and one starting model are refused with what differs."""
 
@@ -15,7 +15,7 @@ from services.reproduction.protocols import PROTOCOLS
 from services.reproduction.results import results_from_runs
 
 REPO = Path(__file__).resolve().parents[2]
-RECORD = REPO / "docs/results/arith-long-var/results.json"
+RECORD = REPO / "docs/results/arith-long-var/parts/seed-0.json"  # one part of the committed record
 TASK = "arith-long-var"
 
 
