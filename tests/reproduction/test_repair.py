@@ -18,7 +18,7 @@ from services.models.tiny_model import WARM_LAYERS, build_tiny_model, warm_start
 from services.reproduction.repair import repair_rate
 
 MINI = LongTaskConfig(num_terms=4, train_size=4000, eval_size=200, val_size=400, error_rate=0.3)
-MINI_STEPS = 1500
+MINI_STEPS = 1000
 pytestmark = pytest.mark.timeout(1200)  # the module's setup warm-starts a model
 
 

@@ -83,3 +83,32 @@ def test_every_image_the_page_shows_is_committed():
     assert images
     for image in images:
         assert (PAGE.parent / image).read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), image
+
+
+def test_the_learning_rate_check_in_the_docs_is_its_records(varied):
+    """docs/training.md's learning-rate table (the varied-length protocol) is the final validation pass@1 of
+    the records it names, and its 2e-5 row the varied record's seed 0."""
+    text = (REPO / "docs/training.md").read_text()
+    finals = {
+        "2e-5": {
+            arm: varied["runs"][arm]["0"]["evals"]["val after"]["pass_at_1"] for arm in ("grpo", "rpo-grpo")
+        }
+    }
+    for rate in ("1e-5", "4e-5"):
+        probe = json.loads((REPO / f"docs/records/lr-probe-var-2026-12-07/lr-{rate}.json").read_text())
+        assert probe["base_config"]["train"]["lr"] == float(rate) and probe["seeds"] == [0]
+        assert re.fullmatch(r"[0-9a-f]{40}", probe["commit"]), "the probe must name a clean commit"
+        finals[rate] = {
+            arm: probe["runs"][arm]["0"]["evals"]["val after"]["pass_at_1"] for arm in ("grpo", "rpo-grpo")
+        }
+    for rate, final in finals.items():
+        grpo, rpo = 100 * final["grpo"], 100 * final["rpo-grpo"]
+        row = re.search(
+            rf"^  \| {re.escape(rate)}[^|]* \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([-+\d.]+) \|$", text, re.M
+        )
+        assert row, rate
+        assert [float(v) for v in row.groups()] == pytest.approx([grpo, rpo, (grpo + rpo) / 2, rpo - grpo]), (
+            rate
+        )
+    chosen = max(finals, key=lambda rate: sum(finals[rate].values()))
+    assert f"By the rule, validation chooses {chosen}" in text
