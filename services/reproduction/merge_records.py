@@ -1,5 +1,5 @@
 """One record from a protocol run in parts: `python -m services.reproduction.merge_records --task T A.json
-B.json > results.json`.
+B.json [--plots DIR] > results.json`.
 
 `rpo reproduce` resumes a protocol in its own run directory, but a run directory is scratch (git-ignored);
 what survives a machine is the committed record. A protocol whose seeds ran on different days, each
@@ -7,23 +7,25 @@ part recorded by `rpo reproduce` (for example `--seeds 2 --set train.seed=1` aft
 is joined here from the records' own rows, and every figure is computed again over all of them, as
 `rpo reproduce --seeds N` would in one go.
 
-The parts must be one protocol on one machine: the same task and base configuration (the one the
-protocol's preset gives now), the same CPU and disjoint (arm, seed) runs; anything else is refused with
-what differs. Evaluations sample with the part's first training seed, so the starting model is evaluated
-once per part: as in one `rpo reproduce`, every run shares the first part's evaluation, and each later
-part's is kept in its entry under `parts` beside its command, commit and date. Two parts that sampled with
-the same seed must agree on it question by question (the warm model is rebuilt by each part; this catches
-a rebuild that gave another model)."""
+The parts must be one protocol on one machine: the same task, base configuration and learner, the same CPU
+and disjoint (arm, seed) runs; anything else is refused with what differs. The starting model is evaluated
+once per part, in its first run, with that run's seed (`train.seed`): as in one `rpo reproduce`, every run
+shares the evaluation of the part with the lowest seed, and each other part's is kept in its entry under
+`parts` beside its command, commit and date. Two parts whose first runs share a seed must agree on it
+question by question (the warm model is rebuilt by each part; this catches a rebuild that gave another
+model). `--plots DIR` writes the joined record's plots, as `rpo reproduce` does for its own."""
 
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
 
+from services.reproduction.plots import write_plots
 from services.reproduction.protocols import PROTOCOLS
 from services.reproduction.reproduce import Reproduction
 from services.reproduction.results import results_from_runs
@@ -44,6 +46,9 @@ RECORD_KEYS = (
 """What a part's record must hold to be joined."""
 
 
+log = logging.getLogger("rpo.merge_records")
+
+
 class MergeError(ValueError):
     """The records cannot be joined; the message says which record and what differs."""
 
@@ -52,7 +57,8 @@ def merge_records(
     records: list[tuple[str, dict[str, Any]]], task: str, joined_by: str = ""
 ) -> dict[str, Any]:
     """The record of every run in `records` (name, record), recomputed over all of them; `joined_by` is the
-    command that joined them, kept in the record."""
+    command that joined them, kept in the record. The parts are taken in the order of their lowest seed, so
+    the first is the one a single `rpo reproduce` would have started with."""
     if len(records) < 2:
         raise MergeError("give two or more records to join")
     if task not in PROTOCOLS:
@@ -61,30 +67,38 @@ def merge_records(
         missing = [key for key in RECORD_KEYS if key not in record]
         if missing:
             raise MergeError(f"{name} is not an `rpo reproduce` record: it has no {', '.join(missing)}")
-    runs: dict[str, dict[int, dict[str, Any]]] = {}
-    owner: dict[tuple[str, int], str] = {}
-    for name, record in records:
+        if not record["seeds"] or not record["runs"]:
+            raise MergeError(f"{name} holds no finished run")
         if record.get("smoke"):
             raise MergeError(f"{name} is a smoke record (--smoke): its runs are not the protocol's")
+    ordered = sorted(enumerate(records), key=lambda item: (min(item[1][1]["seeds"]), item[0]))
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    owner: dict[tuple[str, int], int] = {}
+    for index, (name, record) in ordered:
         for arm, by_seed in record["runs"].items():
             for seed, row in by_seed.items():
                 key = (arm, int(seed))
                 if key in owner:
-                    raise MergeError(f"{name} and {owner[key]} both hold arm {arm} at seed {seed}")
-                owner[key] = name
+                    raise MergeError(
+                        f"{name} and {records[owner[key]][0]} both hold arm {arm} at seed {seed}"
+                    )
+                owner[key] = index
                 runs.setdefault(arm, {})[int(seed)] = copy.deepcopy(row)
     seeds = sorted({s for by_seed in runs.values() for s in by_seed})
     plan = _plan(task, seeds)
     unplanned = sorted(f"{arm} seed {seed}" for arm, seed in owner if (arm, seed) not in _planned(plan))
     if unplanned:
         raise MergeError(f"runs outside the {task} protocol at seeds {seeds}: {', '.join(unplanned)}")
-    first_name, first = records[0]
-    for name, record in records:
-        if record["base_config"] != plan["base"]:
-            raise MergeError(
-                f"{name}: its base configuration is not the {task} protocol's as its preset gives it now "
-                f"(differs in {', '.join(_differing(record['base_config'], plan['base']))})"
-            )
+    first_index, (first_name, first) = ordered[0]
+    for _, (name, record) in ordered[1:]:
+        for key in ("task", "base_config", "learner"):
+            if record[key] != first[key]:
+                differs = (
+                    f" (differs in {', '.join(_differing(record[key], first[key]))})"
+                    if isinstance(record[key], dict)
+                    else f" ({record[key]!r} against {first[key]!r})"
+                )
+                raise MergeError(f"{name} and {first_name} ran with another {key}{differs}")
         if record["machine"]["cpu"] != first["machine"]["cpu"]:
             raise MergeError(
                 f"{name} ran on {record['machine']['cpu']!r}, {first_name} on {first['machine']['cpu']!r}: "
@@ -92,10 +106,17 @@ def merge_records(
             )
         if _eval_seed(record) == _eval_seed(first):
             _check_same_start(name, record, first_name, first)
-    # As in one `rpo reproduce`, the starting model's evaluations are the first part's, shared by every run:
-    # a later part sampled its own with another seed, kept in its entry under `parts`.
-    for arm, seed in owner:
-        if owner[(arm, seed)] != first_name:
+    if first["base_config"] != plan["base"]:
+        log.warning(
+            "the parts ran with another base configuration than the %s preset gives now (%s); the arms' "
+            "settings in the joined record are today's",
+            task,
+            ", ".join(_differing(first["base_config"], plan["base"])),
+        )
+    # As in one `rpo reproduce`, the starting model is evaluated once, in the first run, and every run shares
+    # that evaluation: a later part's own, sampled with its first run's seed, is kept under `parts`.
+    for (arm, seed), index in owner.items():
+        if index != first_index:
             evals = runs[arm][seed]["evals"]
             runs[arm][seed]["evals"] = {label: ev for label, ev in evals.items() if ev["step"] != 0}
     parts = [
@@ -104,19 +125,19 @@ def merge_records(
             "command": record["command"],
             "commit": record["commit"],
             "date": record["date"],
-            "eval_before": record["eval_before"],
+            "eval_before": copy.deepcopy(record["eval_before"]),
         }
-        for _, record in records
+        for _, (_, record) in ordered
     ]
-    latest = max(records, key=lambda nr: nr[1]["date"])[1]
+    latest = max(ordered, key=lambda item: (item[1][1]["date"], item[0]))[1][1]  # on one day, the last given
     meta = {
         "task": first["task"],
         "command": "; ".join(p["command"] for p in parts),
         "commit": latest["commit"],
         "date": latest["date"],
-        "machine": first["machine"],
+        "machine": copy.deepcopy(first["machine"]),
         "learner": first["learner"],
-        "base_config": plan["base"],
+        "base_config": copy.deepcopy(first["base_config"]),
         "parts": parts,
         "joined_by": joined_by
         or f"python -m services.reproduction.merge_records --task {task} "
@@ -155,12 +176,12 @@ def _differing(mine: dict[str, Any], theirs: dict[str, Any], prefix: str = "") -
 
 
 def _eval_seed(record: dict[str, Any]) -> int:
-    """The seed a part's evaluations sampled with: its first training seed (`train.seed`)."""
+    """The seed a part's evaluation of the starting model sampled with: its first run's (`train.seed`)."""
     return min(record["seeds"])
 
 
 def _check_same_start(name: str, record: dict[str, Any], first_name: str, first: dict[str, Any]) -> None:
-    """Two parts that sampled with the same seed evaluated the same starting model: equal before-training
+    """Two parts whose first runs share a seed evaluated the same starting model: equal before-training
     scores, question by question. (Parts at other seeds sample differently; their scores cannot say.)"""
     for label in first["eval_before"]:
         mine, theirs = _before(record, label), _before(first, label)
@@ -188,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m services.reproduction.merge_records", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--task", required=True, choices=sorted(PROTOCOLS), help="the protocol the parts ran")
-    parser.add_argument("records", nargs="+", type=Path, help="results.json of each part, in order")
+    parser.add_argument("records", nargs="+", type=Path, help="results.json of each part")
+    parser.add_argument("--plots", type=Path, metavar="DIR", help="also write the joined record's plots here")
     args = parser.parse_args(argv)
     loaded = []
     for path in args.records:
@@ -203,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"merge_records: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(merged, indent=2, default=str))
+    if args.plots is not None:
+        for path in write_plots(merged, args.plots):
+            print(f"merge_records: wrote {path}", file=sys.stderr)
     return 0
 
 

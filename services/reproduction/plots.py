@@ -18,6 +18,18 @@ PLOTS = {
 """The plots by file name, with their titles; the last is drawn only for records whose steps kept it."""
 
 
+def first_seed_rows(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each arm's run at its first seed: what the plots draw."""
+    return {name: by_seed[min(by_seed, key=int)] for name, by_seed in results["runs"].items()}
+
+
+def plot_names(results: dict[str, Any]) -> list[str]:
+    """The plots `write_plots` draws for this record (the cut share only where every arm's steps kept it)."""
+    rows = first_seed_rows(results).values()
+    cut = all("truncated_ratio" in row["series"] for row in rows)
+    return [name for name in PLOTS if name != "cut_at_budget.png" or cut]
+
+
 def write_plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     """Write the plots of every arm into `out_dir` (the cut share only when every arm's steps recorded it);
     returns their paths."""
@@ -28,12 +40,10 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     # lazy: heavy import (matplotlib), paid only on this path
     import matplotlib.pyplot as plt
 
-    arms = []
-    for name, by_seed in results["runs"].items():
-        first = by_seed[min(by_seed, key=int)]
-        arms.append(
-            {"label": results["arms"][name]["label"], "series": first["series"], "curve": curve(first)}
-        )
+    arms = [
+        {"label": results["arms"][name]["label"], "series": first["series"], "curve": curve(first)}
+        for name, first in first_seed_rows(results).items()
+    ]
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
 
@@ -60,7 +70,7 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
         ("decoded_tokens_per_step.png", "generated_tokens", "decoded tokens"),
         ("response_length.png", "response_len_mean", "mean response length, tokens"),
     ]
-    if all("truncated_ratio" in row["series"] for row in arms):
+    if "cut_at_budget.png" in plot_names(results):
         per_step.append(("cut_at_budget.png", "truncated_ratio", "share of responses cut at their budget"))
     for name, key, label in per_step:
         fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -98,8 +98,9 @@ To make the record again (it resumes run by run, and `--arms` runs it in parts):
         docs/results/arith-long-var/results.json > docs/results.md
 
 A record made in parts (its command line above names them) is joined from the parts' own records with
-`python -m services.reproduction.merge_records --task <task> <part records> > results.json`, which
-computes every figure again over all the runs; the parts' records are committed beside it (`parts/`).
+`python -m services.reproduction.merge_records --task <task> <part records> --plots <its folder> >
+results.json`, which computes every figure again over all the runs and draws the plots; the parts' records
+are committed beside it (`parts/`).
 
 The warm model is built on the machine that runs the protocol, and its quality depends on the CPU model
 (the "before" row shows the one this record started from): read a record made elsewhere with its own

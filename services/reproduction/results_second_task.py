@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from services.reproduction.formatting import ci, label_text, num, pct, provenance, signed
-from services.reproduction.plots import PLOTS
+from services.reproduction.plots import PLOTS, plot_names
 from services.reproduction.results_tables import table_sections
 
 VARIED_TASK = """\
@@ -145,6 +145,11 @@ def second_task_section(first: dict[str, Any], varied: dict[str, Any], record: s
         if len(seeds) < 3
         else ""
     )
+    images = [
+        line
+        for name in plot_names(varied)
+        for line in (f"![{PLOTS[name]}](results/arith-long-var/{name})", "")
+    ]
     return [
         "## The second task: correct answers that vary in length",
         "",
@@ -168,7 +173,5 @@ def second_task_section(first: dict[str, Any], varied: dict[str, Any], record: s
         "",
         "One line per arm, from its first seed's run.",
         "",
-        *"\n\n".join(f"![{title}](results/arith-long-var/{name})" for name, title in PLOTS.items()).split(
-            "\n"
-        ),
+        *images[:-1],
     ]

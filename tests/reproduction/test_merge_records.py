@@ -132,7 +132,7 @@ def test_a_later_seed_shares_the_first_parts_starting_evaluation_and_keeps_its_o
 def test_another_configuration_or_machine_is_refused(committed):
     changed = one_seed(committed, 1)
     changed["base_config"]["train"]["lr"] = 1e-4
-    with pytest.raises(MergeError, match=r"b: .*differs in train\.lr"):
+    with pytest.raises(MergeError, match=r"b and a ran with another base_config \(differs in train\.lr"):
         merge_records([("a", base_part(committed)), ("b", changed)], TASK)
     moved = one_seed(committed, 1)
     moved["machine"] = {**moved["machine"], "cpu": "another CPU"}
@@ -141,6 +141,9 @@ def test_another_configuration_or_machine_is_refused(committed):
     smoke = {**one_seed(committed, 1), "smoke": True}
     with pytest.raises(MergeError, match="smoke record"):
         merge_records([("a", base_part(committed)), ("b", smoke)], TASK)
+    empty = {**one_seed(committed, 1), "runs": {}, "seeds": []}
+    with pytest.raises(MergeError, match="b holds no finished run"):
+        merge_records([("a", base_part(committed)), ("b", empty)], TASK)
     outside = one_seed(committed, 1)
     outside["runs"]["rpo-grpo-budget160"] = {"1": committed["runs"]["rpo-grpo-budget160"]["0"]}
     with pytest.raises(MergeError, match="outside the arith-long-var protocol.*rpo-grpo-budget160 seed 1"):
@@ -160,3 +163,17 @@ def test_the_command_writes_the_record_and_names_a_bad_file(committed, tmp_path,
     second.write_text("{not json")
     assert main(["--task", TASK, str(first), str(second)]) == 2
     assert str(second) in capsys.readouterr().err
+
+
+def test_the_part_with_the_lowest_seed_comes_first_whatever_the_order_given(committed):
+    first, second = base_part(committed), one_seed(committed, 1)
+    second["commit"], second["eval_before"] = "f" * 40, {"before": {"pass_at_1": 0.5}}
+    for by_seed in second["runs"].values():
+        by_seed["1"]["evals"]["before"]["per_question"] = {}
+    given = merge_records([("a", first), ("b", second)], TASK)
+    reversed_ = merge_records([("b", second), ("a", first)], TASK)
+    assert reversed_["eval_before"] == given["eval_before"] == committed["eval_before"]
+    assert [p["seeds"] for p in reversed_["parts"]] == [[0], [1]]
+    assert reversed_["arms"] == given["arms"]
+    # On one day, the commit named is the part given last (the later run).
+    assert given["commit"] == "f" * 40 and reversed_["commit"] == committed["commit"]

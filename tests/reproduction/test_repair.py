@@ -4,8 +4,8 @@ can be caught later"): from prefixes cut out of the warm model's own WRONG answe
 controls are measured beside it (right answers continued the same way, fresh answers).
 
 The suite never builds the 20-minute `builtin:tiny-warm-long` model: a smaller instance of the same task
-(four terms instead of ten) is warm-started here in about three minutes. bench/repair_rate.py measures the
-built-in model (docs/results.md)."""
+(four terms instead of ten) is warm-started here in 1,000 steps, about three and a half minutes on a 2-core
+CPU. bench/repair_rate.py measures the built-in model (docs/results.md)."""
 
 from __future__ import annotations
 

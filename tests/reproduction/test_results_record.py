@@ -112,3 +112,13 @@ def test_the_learning_rate_check_in_the_docs_is_its_records(varied):
         )
     chosen = max(finals, key=lambda rate: sum(finals[rate].values()))
     assert f"By the rule, validation chooses {chosen}" in text
+
+
+def test_the_rebuilt_warm_model_is_the_first_parts(varied):
+    """The varied record's second part rebuilt the warm model; evaluated with seed 0's sampling it scores each
+    test question as the first part's starting evaluation did (docs/training.md, "How the record was run")."""
+    check = json.loads((REPO / "docs/records/warm-var-rebuilt-2026-12-07.json").read_text())
+    assert check["command"].endswith("--set train.seed=0")
+    rebuilt = {q: c / n for q, (n, c) in check["eval"]["correct_per_question"].items()}
+    assert rebuilt == varied["runs"]["grpo"]["0"]["evals"]["before"]["per_question"]
+    assert varied["parts"][1]["eval_before"]["before"]["pass_at_1"] != check["eval"]["pass_at_1"]

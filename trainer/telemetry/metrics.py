@@ -39,7 +39,8 @@ LENGTH_ROOM_GAUGES = (
     (
         "correct_length_spread",
         "correct_length_spread_tokens",
-        "Mean over those groups of the longest minus the shortest correct response",
+        "Mean, over the last step's groups with two or more correct responses, of the longest minus the "
+        "shortest correct response, in tokens",
     ),
     (
         "correct_below_group_mean",
