@@ -26,6 +26,7 @@ import numpy as np
 
 from services.core.algorithm import predicted_decode_ratio
 from services.reproduction.formatting import ci, label_text, num, pct, ratio_ci, signed
+from services.reproduction.length_room import LENGTH_ROOM_SERIES, length_room
 from services.reproduction.statistics import interpolate_curve, per_question_scores, ratio_summary, summary_of
 from trainer.telemetry.progress import read_records, read_step_records
 
@@ -100,48 +101,6 @@ def run_row(run_dir: Path) -> dict[str, Any]:
             "cache_updates": [r.cache_updates for r in steps],
             **{key: [getattr(r, key) for r in steps] for key in LENGTH_ROOM_SERIES},
         },
-    }
-
-
-LENGTH_ROOM_SERIES = (
-    "truncated_ratio",
-    "zero_std_groups_ratio",
-    "all_correct_groups_ratio",
-    "correct_length_groups",
-    "correct_length_varied_ratio",
-    "correct_length_spread",
-    "correct_below_group_mean",
-)
-"""Per step: what the length-aware reward had to act on (`trainer.rollouts.collected.length_room`)."""
-
-
-def length_room(rows: list[dict[str, Any]], alpha: float) -> dict[str, Any] | None:
-    """An arm's length-room figures over its seeds' steps: the share of steps where the length reward lifted a
-    correct response above its floor (a correct response shorter than its group's mean, alpha > 0), the mean
-    shares of all-correct groups and of groups with a non-zero advantage, and, over the groups with two or
-    more correct responses, how often their lengths vary and by how much. None for a record without them."""
-    series = [r["series"] for r in rows if "correct_below_group_mean" in r["series"]]
-    if not series:
-        return None
-    steps = [i for s in series for i in range(len(s["step"]))]
-    pick = lambda key: [v for s in series for v in s[key]]  # noqa: E731
-    below, counted = pick("correct_below_group_mean"), pick("correct_length_groups")
-    varied = pick("correct_length_varied_ratio")
-    spread = pick("correct_length_spread")
-    groups = sum(counted)
-    return {
-        "steps": len(steps),
-        "lifted_steps_share": (sum(1 for n in below if n > 0) / len(below) if alpha > 0 and below else 0.0),
-        "correct_below_mean_per_step": float(np.mean(below)),
-        "truncated_share": float(np.mean(pick("truncated_ratio"))),
-        "all_correct_groups_share": float(np.mean(pick("all_correct_groups_ratio"))),
-        "advantage_groups_share": 1.0 - float(np.mean(pick("zero_std_groups_ratio"))),
-        "varied_groups_share": (
-            sum(v * n for v, n in zip(varied, counted, strict=True)) / groups if groups else math.nan
-        ),
-        "correct_length_spread": (
-            sum(d * n for d, n in zip(spread, counted, strict=True)) / groups if groups else math.nan
-        ),
     }
 
 
@@ -304,8 +263,7 @@ def equal_time(rpo: dict[int, dict[str, Any]], full: dict[int, dict[str, Any]]) 
 
 
 def build_results(out: Path, plan: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
-    """Every finished run's row, the per-arm figures, the comparisons and the targets, as one JSON-able
-    dict: results.json, the record docs/results.md is rendered from."""
+    """results.json (what docs/results.md is rendered from), from a reproduction's directory."""
     return results_from_runs(finished_runs(out, plan), plan, meta)
 
 
@@ -323,8 +281,8 @@ def finished_runs(out: Path, plan: dict[str, Any]) -> dict[str, dict[int, dict[s
 def results_from_runs(
     runs: dict[str, dict[int, dict[str, Any]]], plan: dict[str, Any], meta: dict[str, Any]
 ) -> dict[str, Any]:
-    """The record from the runs' rows: what `build_results` computes from a directory, and what
-    `merge_records` computes from the rows of records made in parts."""
+    """The record from the runs' rows (the per-arm figures, comparisons and targets, as one JSON-able dict),
+    filling the starting model's evaluations into every row; `merge_records` calls it on joined parts."""
     arms = {a["name"]: a for a in plan["arms"]}
     before = share_before(runs)
     labels = final_labels(runs)
