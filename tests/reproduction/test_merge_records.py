@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from services.reproduction.merge_records import MergeError, main, merge_records
+from services.reproduction.merge_records import MergeError, _plan, main, merge_records
 from services.reproduction.protocols import PROTOCOLS
 from services.reproduction.results import results_from_runs
 
@@ -72,17 +72,11 @@ def test_the_joined_record_recomputes_every_figure_over_all_the_parts(committed)
     rows = {arm: {int(s): row for s, row in by_seed.items()} for arm, by_seed in first["runs"].items()}
     for arm, by_seed in second["runs"].items():
         rows[arm].update({int(s): row for s, row in by_seed.items()})
-    direct = results_from_runs(rows, {**_plan_of(merged), "seeds": [0, 5]}, {})
+    direct = results_from_runs(rows, _plan(TASK, [0, 5]), {})
     as_json = lambda value: json.loads(json.dumps(value))  # noqa: E731
     assert as_json(merged["comparisons"]) == as_json(direct["comparisons"])
     assert as_json(merged["arms"]) == as_json(direct["arms"])
     assert merged["targets"] == direct["targets"]
-
-
-def _plan_of(merged: dict) -> dict:
-    from services.reproduction.merge_records import _plan
-
-    return _plan(TASK, merged["seeds"])
 
 
 def test_a_run_held_by_two_parts_is_refused(committed):
