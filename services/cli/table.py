@@ -65,8 +65,9 @@ COMMANDS: tuple[Command, ...] = (
             Flag("--arms", "run only these arms (comma-separated), e.g. to run the protocol in parts", None),
             Flag(
                 "--task",
-                "the protocol: arith-long (default) or arith-long-var, the task whose correct answers vary "
-                "in length (its own preset and arms)",
+                "the protocol: arith-long (default); arith-long-var, the task whose correct answers vary "
+                "in length (its own preset and arms); arith-long-var-budget, its headline pairs with RPO's "
+                "suffix budget fixed at 160 tokens",
                 None,
             ),
         ),

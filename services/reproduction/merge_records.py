@@ -13,7 +13,11 @@ once per part, in its first run, with that run's seed (`train.seed`): as in one 
 shares the evaluation of the part with the lowest seed, and each other part's is kept in its entry under
 `parts` beside its command, commit and date. Two parts whose first runs share a seed must agree on it
 question by question (the warm model is rebuilt by each part; this catches a rebuild that gave another
-model). `--plots DIR` writes the joined record's plots, as `rpo reproduce` does for its own."""
+model). `--plots DIR` writes the joined record's plots, as `rpo reproduce` does for its own.
+
+A part given as `FILE:ARM,ARM` gives only those arms' runs: a follow-up protocol whose full-path arms are an
+earlier protocol's, run for run, takes them from that protocol's record. Every run joined must have its
+protocol's settings for its arm (the seed aside); a part whose arm was run otherwise is refused."""
 
 from __future__ import annotations
 
@@ -72,6 +76,11 @@ def merge_records(
         if record.get("smoke"):
             raise MergeError(f"{name} is a smoke record (--smoke): its runs are not the protocol's")
     ordered = sorted(enumerate(records), key=lambda item: (min(item[1][1]["seeds"]), item[0]))
+    plan = _plan(
+        task, sorted({int(s) for _, r in records for by_seed in r["runs"].values() for s in by_seed})
+    )
+    for name, record in records:
+        _check_settings(name, record, plan, task)
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     owner: dict[tuple[str, int], int] = {}
     for index, (name, record) in ordered:
@@ -85,7 +94,6 @@ def merge_records(
                 owner[key] = index
                 runs.setdefault(arm, {})[int(seed)] = copy.deepcopy(row)
     seeds = sorted({s for by_seed in runs.values() for s in by_seed})
-    plan = _plan(task, seeds)
     unplanned = sorted(f"{arm} seed {seed}" for arm, seed in owner if (arm, seed) not in _planned(plan))
     if unplanned:
         raise MergeError(f"runs outside the {task} protocol at seeds {seeds}: {', '.join(unplanned)}")
@@ -126,6 +134,7 @@ def merge_records(
             "commit": record["commit"],
             "date": record["date"],
             "eval_before": copy.deepcopy(record["eval_before"]),
+            **({"arms_taken": record["arms_taken"]} if "arms_taken" in record else {}),
         }
         for _, (_, record) in ordered
     ]
@@ -144,6 +153,39 @@ def merge_records(
         + " ".join(name for name, _ in records),
     }
     return results_from_runs(runs, plan, meta)
+
+
+def take_arms(name: str, record: dict[str, Any], arms: list[str]) -> dict[str, Any]:
+    """`record` with only these arms' runs (`FILE:ARM,ARM`): the seeds are theirs, the rest is kept."""
+    missing = [arm for arm in arms if arm not in record.get("runs", {})]
+    if missing:
+        held = ", ".join(sorted(record.get("runs", {}))) or "none"
+        raise MergeError(f"{name} holds no run of arm {', '.join(missing)} (it holds {held})")
+    taken = copy.deepcopy(record)
+    taken["runs"] = {arm: taken["runs"][arm] for arm in arms}
+    taken["seeds"] = sorted({int(seed) for by_seed in taken["runs"].values() for seed in by_seed})
+    taken["arms_taken"] = list(arms)
+    return taken
+
+
+def _check_settings(name: str, record: dict[str, Any], plan: dict[str, Any], task: str) -> None:
+    """Every arm `record` brings was run with the settings `task`'s protocol gives it, the seed aside."""
+    planned = {arm["name"]: arm["settings"] for arm in plan["arms"]}
+    for arm in record["runs"]:
+        if arm not in planned:
+            continue  # refused below as a run outside the protocol
+        ran = record.get("arms", {}).get(arm, {}).get("settings")
+        if ran is None:
+            raise MergeError(f"{name} does not say which settings arm {arm} ran with")
+        differs = _differing(
+            {k: v for k, v in ran.items() if k != "seed"},
+            {k: v for k, v in planned[arm].items() if k != "seed"},
+        )
+        if differs:
+            raise MergeError(
+                f"{name}: arm {arm} ran with other settings than the {task} protocol gives it "
+                f"({', '.join(differs)})"
+            )
 
 
 def _plan(task: str, seeds: list[int]) -> dict[str, Any]:
@@ -204,22 +246,37 @@ def _before(record: dict[str, Any], label: str) -> dict[str, float] | None:
     return None
 
 
+def _part_spec(spec: str) -> tuple[Path, list[str]]:
+    """`FILE` or `FILE:ARM,ARM` (the arms to take from it)."""
+    path, sep, arms = spec.rpartition(":")
+    if not sep or "/" in arms or arms.endswith(".json"):
+        return Path(spec), []
+    names = [a for a in arms.split(",") if a]
+    if not names:
+        raise MergeError(f"{spec}: name the arms to take after the colon (FILE:ARM,ARM)")
+    return Path(path), names
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m services.reproduction.merge_records", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--task", required=True, choices=sorted(PROTOCOLS), help="the protocol the parts ran")
-    parser.add_argument("records", nargs="+", type=Path, help="results.json of each part")
+    parser.add_argument(
+        "records", nargs="+", help="results.json of each part; FILE:ARM,ARM takes only those arms' runs"
+    )
     parser.add_argument("--plots", type=Path, metavar="DIR", help="also write the joined record's plots here")
     args = parser.parse_args(argv)
     loaded = []
-    for path in args.records:
-        try:
-            loaded.append((str(path), json.loads(path.read_text())))
-        except (OSError, json.JSONDecodeError) as exc:
-            print(f"merge_records: {path}: {exc}", file=sys.stderr)
-            return 2
     try:
+        for spec in args.records:
+            path, arms = _part_spec(spec)
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                print(f"merge_records: {path}: {exc}", file=sys.stderr)
+                return 2
+            loaded.append((spec, take_arms(spec, record, arms) if arms else record))
         merged = merge_records(loaded, args.task)
     except MergeError as exc:
         print(f"merge_records: {exc}", file=sys.stderr)

@@ -8,6 +8,10 @@
   (docs/training.md, "The varied-length protocol"): GRPO / RPO+GRPO at alpha 0.01, at an alpha scaled to
   this task's lengths and without the length reward, at every seed; RPO+GRPO with the loss on the suffix
   only and with a fixed suffix budget at the first seed.
+- `arith-long-var-budget` (`reproduce-var.yaml` too): a follow-up written down before its record
+  (docs/training.md, "The fixed-budget follow-up"): the varied protocol's three headline pairs with the RPO
+  arms' suffix budget fixed at 160 tokens instead of m, at every seed. Its GRPO arms are the varied
+  protocol's, run for run, so its record can take them from that record (`merge_records` FILE:ARM,ARM).
 """
 
 from __future__ import annotations
@@ -109,6 +113,8 @@ class Protocol:
     """Whether the length-aware reward's room to act is a target (the task was built to give it room)."""
     minutes: int = 120
     """The time target for three seeds of the whole protocol."""
+    run_dir: str | None = None
+    """Where its runs go, if not the preset's `train.run_dir` (two protocols on one preset keep apart)."""
 
     @property
     def arm_names(self) -> tuple[str, ...]:
@@ -155,19 +161,49 @@ VARIED_ARMS: tuple[Arm, ...] = (
     ),
 )
 
+
+def _budget_arm(rpo_arm: Arm) -> Arm:
+    """`rpo_arm` with its suffix budget fixed at FIXED_SUFFIX_BUDGET tokens, at every seed (named apart from
+    the varied protocol's one-seed variant `rpo-grpo-budget160`, which is at alpha 0.1)."""
+    return Arm(
+        f"{rpo_arm.name}-fixed{FIXED_SUFFIX_BUDGET}",
+        f"{rpo_arm.label}, suffix budget {FIXED_SUFFIX_BUDGET}",
+        (*rpo_arm.overrides, f"algorithm.suffix_budget={FIXED_SUFFIX_BUDGET}"),
+        full=rpo_arm.full,
+    )
+
+
+VARIED_HEADLINE_PAIRS = (
+    ("rpo-grpo", "grpo"),
+    (f"rpo-grpo-alpha{SCALED_ALPHA:g}", SCALED_FULL),
+    ("rpo-grpo-no-length", "grpo-no-length"),
+)
+_VARIED_BY_NAME = {a.name: a for a in VARIED_ARMS}
+BUDGET_ARMS: tuple[Arm, ...] = tuple(
+    arm
+    for rpo, full in VARIED_HEADLINE_PAIRS
+    for arm in (_VARIED_BY_NAME[full], _budget_arm(_VARIED_BY_NAME[rpo]))
+)
+"""The varied protocol's headline GRPO arms, unchanged, each beside its RPO arm at the fixed budget."""
+
 PROTOCOLS = {
     "arith-long": Protocol("arith-long", "reproduce.yaml", ARMS, HEADLINE_PAIRS, EPSILON_BASE),
     "arith-long-var": Protocol(
         "arith-long-var",
         "reproduce-var.yaml",
         VARIED_ARMS,
-        (
-            ("rpo-grpo", "grpo"),
-            (f"rpo-grpo-alpha{SCALED_ALPHA:g}", SCALED_FULL),
-            ("rpo-grpo-no-length", "grpo-no-length"),
-        ),
+        VARIED_HEADLINE_PAIRS,
         length_target=True,
         minutes=150,
+    ),
+    "arith-long-var-budget": Protocol(
+        "arith-long-var-budget",
+        "reproduce-var.yaml",
+        BUDGET_ARMS,
+        tuple((f"{rpo}-fixed{FIXED_SUFFIX_BUDGET}", full) for rpo, full in VARIED_HEADLINE_PAIRS),
+        length_target=True,
+        minutes=150,
+        run_dir="runs/reproduce-var-budget",
     ),
 }
 DEFAULT_TASK = "arith-long"

@@ -367,6 +367,8 @@ def reproduce_main(args: Any) -> int:
     preset = SMOKE_PRESET if args.smoke else protocol.preset
     base_path = Path(args.config) if args.config else preset_path(preset)
     overrides = [*(SMOKE_OVERRIDES if args.smoke else ())]
+    if protocol.run_dir and not args.smoke:
+        overrides.append(f"train.run_dir={protocol.run_dir}")
     if args.steps is not None:
         overrides.append(f"train.max_steps={args.steps}")
     overrides += [*shortcut_overrides(args), *args.overrides]

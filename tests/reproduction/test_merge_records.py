@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from services.reproduction.merge_records import MergeError, _plan, main, merge_records
+from services.reproduction.merge_records import MergeError, _plan, main, merge_records, take_arms
 from services.reproduction.protocols import PROTOCOLS
 from services.reproduction.results import results_from_runs
 
@@ -171,3 +171,55 @@ def test_the_part_with_the_lowest_seed_comes_first_whatever_the_order_given(comm
     assert reversed_["arms"] == given["arms"]
     # On one day, the commit named is the part given last (the later run).
     assert given["commit"] == "f" * 40 and reversed_["commit"] == committed["commit"]
+
+
+FOLLOW_UP = "arith-long-var-budget"
+
+
+def renamed(record: dict, arm: str, to: str) -> dict:
+    """A part holding only `arm`'s seed-0 run, filed under the name `to` (its settings unchanged)."""
+    part = base_part(record)
+    part["runs"] = {to: part["runs"][arm]}
+    part["arms"] = {to: {**part["arms"][arm], "name": to}}
+    return part
+
+
+def test_a_follow_up_takes_its_full_path_arms_from_an_earlier_record(committed, tmp_path, capsys):
+    # The varied record's one-seed variant has exactly the follow-up's alpha-0.1 fixed-budget settings.
+    rpo_part = renamed(committed, "rpo-grpo-budget160", "rpo-grpo-alpha0.1-fixed160")
+    grpo_part = take_arms("varied", committed, ["grpo-alpha0.1"])
+    assert set(grpo_part["runs"]) == {"grpo-alpha0.1"} and grpo_part["seeds"] == [0]
+    merged = merge_records([("rpo", rpo_part), ("varied", grpo_part)], FOLLOW_UP)
+    assert merged["parts"][1]["arms_taken"] == ["grpo-alpha0.1"]
+    # The pair's comparison is the variant's in the varied record: the same two runs.
+    ours = merged["comparisons"]["rpo-grpo-alpha0.1-fixed160"]
+    theirs = committed["comparisons"]["rpo-grpo-budget160"]
+    as_json = lambda value: json.loads(json.dumps(value))  # noqa: E731
+    assert as_json(ours["accuracy_difference"]) == theirs["accuracy_difference"]
+    assert ours["full"] == "grpo-alpha0.1"
+    # The command line takes FILE:ARM,ARM.
+    rpo_file, varied_file = tmp_path / "rpo.json", tmp_path / "varied.json"
+    rpo_file.write_text(json.dumps(rpo_part))
+    varied_file.write_text(json.dumps(committed))
+    assert main(["--task", FOLLOW_UP, str(rpo_file), f"{varied_file}:grpo-alpha0.1"]) == 0
+    assert (
+        json.loads(capsys.readouterr().out)["comparisons"]["rpo-grpo-alpha0.1-fixed160"][
+            "accuracy_difference"
+        ]
+        == (theirs["accuracy_difference"])
+    )
+    # Without the selection the varied record brings runs the follow-up does not plan.
+    assert main(["--task", FOLLOW_UP, str(rpo_file), str(varied_file)]) == 2
+    assert "outside the arith-long-var-budget protocol" in capsys.readouterr().err
+    assert main(["--task", FOLLOW_UP, str(rpo_file), f"{varied_file}:grpo-alpha0.1,dapo"]) == 2
+    assert f"{varied_file}:grpo-alpha0.1,dapo holds no run of arm dapo" in capsys.readouterr().err
+
+
+def test_a_run_made_with_other_settings_than_its_arm_is_refused(committed):
+    # Filed as the alpha-0.01 fixed-budget arm, but run at alpha 0.1.
+    wrong = renamed(committed, "rpo-grpo-budget160", "rpo-grpo-fixed160")
+    grpo_part = take_arms("varied", committed, ["grpo"])
+    with pytest.raises(
+        MergeError, match=r"arm rpo-grpo-fixed160 ran with other settings.*alpha \(0\.1 against 0\.01\)"
+    ):
+        merge_records([("rpo", wrong), ("varied", grpo_part)], FOLLOW_UP)

@@ -308,6 +308,40 @@ def test_the_varied_length_protocol_plans_its_arms():
     assert plan["base"]["model"]["path"] == "builtin:tiny-warm-long-var"
 
 
+def test_the_fixed_budget_follow_up_plans_the_varied_pairs_with_a_fixed_budget():
+    """`--task arith-long-var-budget`: the varied protocol's GRPO arms as they are, each RPO headline arm with
+    its suffix budget fixed at 160, every arm at every seed, in a run directory of its own."""
+    from services.reproduction.protocols import FIXED_SUFFIX_BUDGET, PROTOCOLS
+    from services.reproduction.reproduce import Reproduction
+    from services.supervisor.main_job import preset_path
+
+    def plan(task):
+        protocol = PROTOCOLS[task]
+        return Reproduction(
+            preset_path(protocol.preset), [], seeds=3, smoke=False, command="t", protocol=protocol
+        ).plan
+
+    varied, budget = plan("arith-long-var"), plan("arith-long-var-budget")
+    assert budget["base"] == varied["base"] and budget["length_target"]
+    varied_arms = {a["name"]: a["settings"] for a in varied["arms"]}
+    budget_arms = {a["name"]: a["settings"] for a in budget["arms"]}
+    for (rpo, full), (varied_rpo, varied_full) in zip(
+        budget["headline_pairs"], varied["headline_pairs"], strict=True
+    ):
+        assert full == varied_full and budget_arms[full] == varied_arms[full]
+        assert rpo == f"{varied_rpo}-fixed{FIXED_SUFFIX_BUDGET}"
+        assert budget_arms[rpo] == {**varied_arms[varied_rpo], "suffix_budget": FIXED_SUFFIX_BUDGET}
+    assert sorted((r["arm"], r["seed"]) for r in budget["runs"]) == sorted(
+        (arm, seed) for arm in budget_arms for seed in (0, 1, 2)
+    )
+    # Its runs do not land in the varied protocol's directory (one preset, two protocols).
+    from services.core.config import load_config
+
+    preset_run_dir = load_config(preset_path("reproduce-var.yaml"), []).train.run_dir
+    assert PROTOCOLS["arith-long-var-budget"].run_dir not in (None, str(preset_run_dir))
+    assert "rpo-grpo-budget160" not in budget_arms  # the varied variant (alpha 0.1) keeps its own name
+
+
 def test_an_arm_of_another_task_is_a_usage_error():
     from services.core.cli_args import UsageError
     from services.reproduction.protocols import PROTOCOLS
