@@ -18,6 +18,7 @@ from typing import Any
 
 from services.reproduction.formatting import ci, label_text, num, pct, provenance, ratio_ci, signed
 from services.reproduction.results import paired_difference
+from services.reproduction.results_follow_up import BUDGET_RECORD, follow_up_section
 from services.reproduction.results_second_task import lifted_steps, second_task_section
 from services.reproduction.results_tables import table_sections
 
@@ -29,7 +30,9 @@ rendered from the record that run wrote, `docs/results/results.json`, by
 `python -m services.reproduction.results_doc docs/results/results.json`; a test renders it again and compares.
 Its second part, "The second task", is rendered the same way from the varied-length task's record
 (`rpo reproduce --task arith-long-var`), where correct answers differ in length from the same prefix, and
-sets both tasks side by side. Nothing here ran on a GPU unless the machine line says so."""
+sets both tasks side by side; its third, "The fixed-budget follow-up", from the record of that task's headline
+pairs with RPO's suffix budget fixed (`rpo reproduce --task arith-long-var-budget`). Nothing here ran on a
+GPU unless the machine line says so."""
 
 TASK = """\
 The task is `builtin:arith-long` (`services/core/synthetic_long.py`): ten one-digit terms named A to J. An
@@ -94,8 +97,12 @@ To make the record again (it resumes run by run, and `--arms` runs it in parts):
     cp runs/reproduce/results.json runs/reproduce/*.png docs/results/
     .venv/bin/rpo reproduce --task arith-long-var --seeds 3 --run-dir runs/reproduce-var
     cp runs/reproduce-var/results.json runs/reproduce-var/*.png docs/results/arith-long-var/
+    .venv/bin/rpo reproduce --task arith-long-var-budget --seeds 3 --run-dir runs/reproduce-var-budget
+    cp runs/reproduce-var-budget/results.json runs/reproduce-var-budget/*.png \\
+        docs/results/arith-long-var-budget/
     .venv/bin/python -m services.reproduction.results_doc docs/results/results.json \\
-        docs/results/arith-long-var/results.json > docs/results.md
+        docs/results/arith-long-var/results.json docs/results/arith-long-var-budget/results.json \\
+        > docs/results.md
 
 A record made in parts (its command line above names them) is joined from the parts' own records with
 `python -m services.reproduction.merge_records --task <task> <part records> --plots <its folder> >
@@ -376,9 +383,11 @@ def render_results_doc(
     record: str = "docs/results/results.json",
     varied: dict[str, Any] | None = None,
     varied_record: str = VARIED_RECORD,
+    budget: dict[str, Any] | None = None,
+    budget_record: str = BUDGET_RECORD,
 ) -> str:
-    """The whole of docs/results.md from a reproduction's results.json, and the varied-length task's record
-    beside it when given."""
+    """The whole of docs/results.md from a reproduction's results.json, the varied-length task's record
+    beside it when given, and the fixed-budget follow-up's after that."""
     machine = results["machine"]
     seeds = results["seeds"]
     minutes = ", ".join(
@@ -422,6 +431,8 @@ def render_results_doc(
         parts += ["", "Targets not met:", "", *unmet]
     if varied is not None:
         parts += ["", *second_task_section(results, varied, varied_record)]
+        if budget is not None:
+            parts += ["", *follow_up_section(varied, budget, budget_record)]
     parts += [
         "",
         "## The first task's plots",
@@ -440,10 +451,10 @@ def render_results_doc(
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) not in (1, 2):
+    if len(argv) not in (1, 2, 3):
         print(
-            "usage: python -m services.reproduction.results_doc RESULTS_JSON [VARIED_RESULTS_JSON] "
-            "> docs/results.md",
+            "usage: python -m services.reproduction.results_doc RESULTS_JSON [VARIED_RESULTS_JSON "
+            "[BUDGET_RESULTS_JSON]] > docs/results.md",
             file=sys.stderr,
         )
         return 2
@@ -455,8 +466,18 @@ def main(argv: list[str]) -> int:
         except (OSError, json.JSONDecodeError) as exc:
             print(f"{path}: cannot read the record: {exc}", file=sys.stderr)
             return 2
-    varied = records[1] if len(records) == 2 else None
-    sys.stdout.write(render_results_doc(records[0], argv[0], varied, argv[1] if varied else VARIED_RECORD))
+    varied = records[1] if len(records) >= 2 else None
+    budget = records[2] if len(records) == 3 else None
+    sys.stdout.write(
+        render_results_doc(
+            records[0],
+            argv[0],
+            varied,
+            argv[1] if varied else VARIED_RECORD,
+            budget,
+            argv[2] if budget else BUDGET_RECORD,
+        )
+    )
     return 0
 
 

@@ -20,13 +20,21 @@ here a correct suffix can be shorter than another. The protocol was written befo
 docs/training.md, "The varied-length protocol"."""
 
 
-ROOM_INTRO = """\
-Per arm, over its steps and seeds: the steps where the length-aware reward lifted a correct response above
-its floor (a correct response shorter than its group's mean, alpha > 0), the mean number of such responses
-per step, the shares of all-correct groups and of groups with a non-zero advantage, and over the groups with
-two or more correct responses, how often their lengths differ and by how much. A response cut at its token
-budget (in RPO the suffix budget, `algorithm.suffix_budget: m`, so a suffix is never longer than the tail it
-replaces; in full path `algorithm.max_response_tokens`) has no boxed answer and scores 0."""
+def room_intro(budget: str) -> str:
+    """The length-room table's intro; `budget` says what RPO's suffix budget is in the record."""
+    return (
+        "Per arm, over its steps and seeds: the steps where the length-aware reward lifted a correct response "
+        "above\nits floor (a correct response shorter than its group's mean, alpha > 0), the mean number of "
+        "such responses\nper step, the shares of all-correct groups and of groups with a non-zero advantage, "
+        "and over the groups with\ntwo or more correct responses, how often their lengths differ and by how "
+        f"much. A response cut at its token\nbudget (in RPO the suffix budget, {budget}; in full path "
+        "`algorithm.max_response_tokens`) has no boxed answer and scores 0."
+    )
+
+
+ROOM_INTRO = room_intro(
+    "`algorithm.suffix_budget: m`, so a suffix is never longer than the tail it\nreplaces"
+)
 
 
 def lifted_steps(results: dict[str, Any], name: str) -> tuple[int, int]:
@@ -102,7 +110,7 @@ def side_by_side(first: dict[str, Any], varied: dict[str, Any]) -> list[str]:
     return rows
 
 
-def _reading(varied: dict[str, Any]) -> list[str]:
+def reading(varied: dict[str, Any]) -> list[str]:
     """What the varied record shows: one sentence per target, met or not, in the record's words; then, for
     each RPO arm against its full-path arm, how many responses were cut at their token budget (a cut response
     has no boxed answer and scores 0), beside its accuracy difference."""
@@ -167,7 +175,7 @@ def second_task_section(first: dict[str, Any], varied: dict[str, Any], record: s
         "",
         "### Reading the second task",
         "",
-        *_reading(varied),
+        *reading(varied),
         "",
         "### The second task's plots",
         "",

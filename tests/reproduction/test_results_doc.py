@@ -108,3 +108,47 @@ def test_rpo_arms_at_two_limits_are_read_side_by_side_most_decoded_first():
         "sample and is -1.0 points [-3.0, +1.0]; RPO, L=0.1l decoded 15 of 300 tokens per sample and is "
         "-4.0 points [-6.0, -2.0]."
     )
+
+
+def test_the_follow_up_sets_each_pair_beside_the_varied_records():
+    """The fixed-budget follow-up's section, on a follow-up joined from committed runs: the varied record's
+    alpha-0.1 variant at budget 160 (seed 0) filed as the follow-up's arm, against the varied record's GRPO
+    run. Each figure in the budget-m column is the varied record's, each in the budget-160 column the
+    follow-up's."""
+    import copy
+    import json
+    from pathlib import Path
+
+    from services.reproduction.formatting import pct, signed
+    from services.reproduction.merge_records import merge_records, take_arms
+    from services.reproduction.results_follow_up import follow_up_section
+
+    results = Path(__file__).resolve().parents[2] / "docs/results/arith-long-var"
+    varied = json.loads((results / "results.json").read_text())
+    part = copy.deepcopy(json.loads((results / "parts/seed-0.json").read_text()))
+    part["runs"] = {"rpo-grpo-alpha0.1-fixed160": {"0": part["runs"]["rpo-grpo-budget160"]["0"]}}
+    part["arms"] = {"rpo-grpo-alpha0.1-fixed160": part["arms"]["rpo-grpo-budget160"]}
+    part["seeds"] = [0]
+    grpo = take_arms("varied.json:grpo-alpha0.1", varied, ["grpo-alpha0.1"])
+    budget = merge_records([("rpo.json", part), ("varied.json:grpo-alpha0.1", grpo)], "arith-long-var-budget")
+    page = "\n".join(follow_up_section(varied, budget, "docs/results/arith-long-var-budget/results.json"))
+
+    def row(title: str, pair: str) -> str:
+        table = page[page.index(f"**{pair}**") :]
+        return next(line for line in table.splitlines() if line.startswith(f"| {title}"))
+
+    pair = "RPO+GRPO, alpha 0.1, suffix budget 160 against GRPO, alpha 0.1"
+    m_diff = varied["comparisons"]["rpo-grpo-alpha0.1"]["accuracy_difference"]["after"]["mean"]
+    fixed_diff = budget["comparisons"]["rpo-grpo-alpha0.1-fixed160"]["accuracy_difference"]["after"]["mean"]
+    line = row("RPO+GRPO - GRPO at equal steps, test, T=0.6", pair)
+    assert f"| {signed(m_diff)} [" in line and f"| {signed(fixed_diff)} [" in line
+    m_cut = varied["arms"]["rpo-grpo-alpha0.1"]["length_room"]["truncated_share"]
+    fixed_cut = budget["arms"]["rpo-grpo-alpha0.1-fixed160"]["length_room"]["truncated_share"]
+    assert row("RPO's responses cut at their budget", pair) == (
+        f"| RPO's responses cut at their budget | {pct(m_cut)}% | {pct(fixed_cut)}% |"
+    )
+    assert fixed_cut < m_cut
+    # A pair the follow-up has not run shows the varied record's figures beside dashes.
+    line = row("RPO's responses cut at their budget", "rpo-grpo-fixed160 against GRPO, alpha 0.01")
+    assert line.endswith("| - |")
+    assert "`algorithm.suffix_budget: 160`" in page and "(results/arith-long-var-budget/" in page

@@ -1,0 +1,164 @@
+"""docs/results.md's third part: the fixed-budget follow-up's record (`rpo reproduce --task
+arith-long-var-budget`), each of its pairs set beside the same pair in the varied-length record, where RPO's
+suffix budget is m. Rendered from the two committed records, like the rest of the page."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services.reproduction.formatting import ci, label_text, num, pct, provenance, ratio_ci, signed
+from services.reproduction.plots import PLOTS, plot_names
+from services.reproduction.protocols import PROTOCOLS
+from services.reproduction.results_second_task import lifted_steps, reading, room_intro
+from services.reproduction.results_tables import table_sections
+
+BUDGET_TASK = "arith-long-var-budget"
+BUDGET_RECORD = "docs/results/arith-long-var-budget/results.json"
+"""Where the follow-up's record is committed."""
+
+INTRO = """\
+In the varied-length record most of RPO's responses are cut at the suffix budget m: a tail regrown with
+more steps written in full than the cached tail cannot fit in the m tokens that were cut, and a cut response
+has no answer and scores 0. The paper allows a fixed cap in place of m. This follow-up, written before its
+record (docs/training.md, "The fixed-budget follow-up"), runs the varied protocol's three headline pairs with
+RPO's suffix budget fixed at 160 tokens, at every seed. Its GRPO arms are the varied record's runs, taken
+from that record with the same names, settings and seeds; its RPO arms ran for it."""
+
+
+ROOM = room_intro("here `algorithm.suffix_budget: 160`, so a suffix may be longer than\nthe tail it replaces")
+
+
+def _pairs() -> list[tuple[str, str, str]]:
+    """(follow-up RPO arm, varied RPO arm, GRPO arm) for each headline pair, in protocol order."""
+    return [
+        (rpo, varied_rpo, full)
+        for (rpo, full), (varied_rpo, _) in zip(
+            PROTOCOLS[BUDGET_TASK].headline_pairs, PROTOCOLS["arith-long-var"].headline_pairs, strict=True
+        )
+    ]
+
+
+def _difference(results: dict[str, Any], rpo: str, label: str) -> str:
+    diff = results["comparisons"].get(rpo, {}).get("accuracy_difference", {}).get(label)
+    return f"{signed(diff['mean'])}{ci(diff['ci'])}" if diff else "-"
+
+
+def _room(results: dict[str, Any], arm: str, key: str) -> str:
+    room = results["arms"].get(arm, {}).get("length_room")
+    return f"{pct(room[key])}%" if room else "-"
+
+
+def _step_ratio(results: dict[str, Any], rpo: str) -> str:
+    cmp = results["comparisons"].get(rpo)
+    return f"{num(cmp['step_seconds']['mean'], 3)}{ratio_ci(cmp['step_seconds']['ci'])}" if cmp else "-"
+
+
+def _lifted(results: dict[str, Any], arm: str) -> str:
+    if arm not in results["arms"]:
+        return "-"
+    if results["arms"][arm]["settings"]["alpha"] == 0:
+        return "- (alpha 0)"
+    acted, steps = lifted_steps(results, arm)
+    return f"{acted} of {steps}" if steps else "-"
+
+
+def _label(arm: str, *records: dict[str, Any]) -> str:
+    return next((r["arms"][arm]["label"] for r in records if arm in r["arms"]), arm)
+
+
+def _tokens(results: dict[str, Any], arm: str) -> str:
+    row = results["arms"].get(arm)
+    if not row:
+        return "-"
+    return f"{num(row['decoded_tokens_per_sample'], 0)} / {num(row['response_len_mean'], 0)}"
+
+
+def beside_varied(varied: dict[str, Any], budget: dict[str, Any]) -> list[str]:
+    """Per pair, a table of the varied record's figures (budget m) beside the follow-up's (budget 160)."""
+    lines: list[str] = []
+    for rpo, varied_rpo, full in _pairs():
+        both = ((varied, varied_rpo), (budget, rpo))
+        figures = [
+            *(
+                (
+                    f"RPO+GRPO - GRPO at equal steps, test, {label_text(label, budget)} [95% CI]",
+                    *(_difference(r, a, label) for r, a in both),
+                )
+                for label in budget["eval_labels"]
+            ),
+            ("RPO's responses cut at their budget", *(_room(r, a, "truncated_share") for r, a in both)),
+            (
+                "RPO's groups with a non-zero advantage",
+                *(_room(r, a, "advantage_groups_share") for r, a in both),
+            ),
+            (
+                "RPO's groups (two or more correct) whose correct lengths vary",
+                *(_room(r, a, "varied_groups_share") for r, a in both),
+            ),
+            (
+                "steps where the length reward lifted a correct RPO response",
+                *(_lifted(r, a) for r, a in both),
+            ),
+            ("RPO's step time / GRPO's [95% CI]", *(_step_ratio(r, a) for r, a in both)),
+            ("RPO's decoded / response tokens per sample", *(_tokens(r, a) for r, a in both)),
+        ]
+        lines += [
+            f"**{_label(rpo, budget)} against {_label(full, budget, varied)}**",
+            "",
+            "| | suffix budget m (varied record) | suffix budget 160 (follow-up) |",
+            "|---|---|---|",
+            *(f"| {what} | {m} | {fixed} |" for what, m, fixed in figures),
+            "",
+        ]
+    return lines[:-1]
+
+
+def follow_up_section(
+    varied: dict[str, Any], budget: dict[str, Any], record: str = BUDGET_RECORD
+) -> list[str]:
+    """The page's lines for the follow-up's record: header, tables, the pairs beside the varied record's,
+    its targets read out, and its plots."""
+    machine = budget["machine"]
+    folder = record.rsplit("/", 1)[0].removeprefix("docs/")
+    images = [line for name in plot_names(budget) for line in (f"![{PLOTS[name]}]({folder}/{name})", "")]
+    return [
+        "## The fixed-budget follow-up: RPO's tails may grow past the tail they replace",
+        "",
+        INTRO,
+        "",
+        provenance(budget, record),
+        f"- **Machine:** {machine['cpu']}, {machine['cores']} cores, {machine['gpu']}; {budget['date']} (the "
+        "GRPO runs are the varied record's, made on the same machine type on its date).",
+        f"- **Seeds:** {', '.join(map(str, budget['seeds']))}; wall time of the follow-up's own runs "
+        f"{_own_minutes(budget):.1f} minutes, building the warm model included.",
+        "",
+        *table_sections(budget, {"Room for the length reward": ROOM}, level=3),
+        "### Each pair beside the varied record's",
+        "",
+        "The same GRPO runs in both columns; only RPO's suffix budget differs.",
+        "",
+        *beside_varied(varied, budget),
+        "",
+        "### Reading the follow-up",
+        "",
+        *reading(budget),
+        "",
+        "### The follow-up's plots",
+        "",
+        "One line per arm, from its first seed's run.",
+        "",
+        *images[:-1],
+    ]
+
+
+def _own_minutes(budget: dict[str, Any]) -> float:
+    """Minutes of the runs this follow-up made (its RPO arms), not the GRPO runs it took from the varied
+    record."""
+    own = {rpo for rpo, _, _ in _pairs()}
+    seconds = sum(
+        row["wall_seconds"]
+        for arm, by_seed in budget["runs"].items()
+        if arm in own
+        for row in by_seed.values()
+    )
+    return seconds / 60  # a run's wall time holds its finding or building the warm model
