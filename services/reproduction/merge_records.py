@@ -68,6 +68,8 @@ def merge_records(
     if task not in PROTOCOLS:
         raise MergeError(f"unknown task {task!r}; choose from {', '.join(PROTOCOLS)}")
     for name, record in records:
+        if not isinstance(record, dict):
+            raise MergeError(f"{name} is not an `rpo reproduce` record (not a JSON object)")
         missing = [key for key in RECORD_KEYS if key not in record]
         if missing:
             raise MergeError(f"{name} is not an `rpo reproduce` record: it has no {', '.join(missing)}")
@@ -157,6 +159,8 @@ def merge_records(
 
 def take_arms(name: str, record: dict[str, Any], arms: list[str]) -> dict[str, Any]:
     """`record` with only these arms' runs (`FILE:ARM,ARM`): the seeds are theirs, the rest is kept."""
+    if not isinstance(record, dict):
+        raise MergeError(f"{name} is not an `rpo reproduce` record (not a JSON object)")
     missing = [arm for arm in arms if arm not in record.get("runs", {})]
     if missing:
         held = ", ".join(sorted(record.get("runs", {}))) or "none"
@@ -182,9 +186,15 @@ def _check_settings(name: str, record: dict[str, Any], plan: dict[str, Any], tas
             {k: v for k, v in planned[arm].items() if k != "seed"},
         )
         if differs:
+            drift = (
+                "; the preset has changed since this part ran, in "
+                + ", ".join(_differing(record["base_config"], plan["base"]))
+                if record.get("base_config") not in (None, plan["base"])
+                else ""
+            )
             raise MergeError(
                 f"{name}: arm {arm} ran with other settings than the {task} protocol gives it "
-                f"({', '.join(differs)})"
+                f"({', '.join(differs)}){drift}"
             )
 
 
@@ -251,7 +261,7 @@ def _part_spec(spec: str) -> tuple[Path, list[str]]:
     path, sep, arms = spec.rpartition(":")
     if not sep or "/" in arms or arms.endswith(".json"):
         return Path(spec), []
-    names = [a for a in arms.split(",") if a]
+    names = [a.strip() for a in arms.split(",") if a.strip()]
     if not names:
         raise MergeError(f"{spec}: name the arms to take after the colon (FILE:ARM,ARM)")
     return Path(path), names

@@ -353,6 +353,18 @@ def chosen_arms(spec: str | None, protocol: Protocol = PROTOCOLS[DEFAULT_TASK]) 
     return tuple(n for n in known if n in names)
 
 
+def reproduce_overrides(args: Any, protocol: Protocol) -> list[str]:
+    """The `--set` items every run gets, in order of precedence (later wins): the smoke settings, the
+    protocol's own run directory (its preset's own run directory, or `--config`'s, is another protocol's
+    or the user's), `--steps`, the flag shortcuts (`--run-dir`), then `--set`."""
+    overrides = [*(SMOKE_OVERRIDES if args.smoke else ())]
+    if protocol.run_dir and not args.smoke and not args.config:
+        overrides.append(f"train.run_dir={protocol.run_dir}")
+    if args.steps is not None:
+        overrides.append(f"train.max_steps={args.steps}")
+    return [*overrides, *shortcut_overrides(args), *args.overrides]
+
+
 def reproduce_main(args: Any) -> int:
     """The `rpo reproduce` command."""
     if args.steps is not None and args.steps < 1:
@@ -366,12 +378,7 @@ def reproduce_main(args: Any) -> int:
     arms = chosen_arms(args.arms, protocol)
     preset = SMOKE_PRESET if args.smoke else protocol.preset
     base_path = Path(args.config) if args.config else preset_path(preset)
-    overrides = [*(SMOKE_OVERRIDES if args.smoke else ())]
-    if protocol.run_dir and not args.smoke:
-        overrides.append(f"train.run_dir={protocol.run_dir}")
-    if args.steps is not None:
-        overrides.append(f"train.max_steps={args.steps}")
-    overrides += [*shortcut_overrides(args), *args.overrides]
+    overrides = reproduce_overrides(args, protocol)
     try:
         reproduction = Reproduction(
             base_path,

@@ -30,9 +30,10 @@ rendered from the record that run wrote, `docs/results/results.json`, by
 `python -m services.reproduction.results_doc docs/results/results.json`; a test renders it again and compares.
 Its second part, "The second task", is rendered the same way from the varied-length task's record
 (`rpo reproduce --task arith-long-var`), where correct answers differ in length from the same prefix, and
-sets both tasks side by side; its third, "The fixed-budget follow-up", from the record of that task's headline
-pairs with RPO's suffix budget fixed (`rpo reproduce --task arith-long-var-budget`). Nothing here ran on a
-GPU unless the machine line says so."""
+sets both tasks side by side. Nothing here ran on a GPU unless the machine line says so."""
+
+FOLLOW_UP_INTRO = """Its third part, "The fixed-budget follow-up", is rendered from the record of the second task's headline pairs
+with RPO's suffix budget fixed (`rpo reproduce --task arith-long-var-budget`)."""
 
 TASK = """\
 The task is `builtin:arith-long` (`services/core/synthetic_long.py`): ten one-digit terms named A to J. An
@@ -97,12 +98,8 @@ To make the record again (it resumes run by run, and `--arms` runs it in parts):
     cp runs/reproduce/results.json runs/reproduce/*.png docs/results/
     .venv/bin/rpo reproduce --task arith-long-var --seeds 3 --run-dir runs/reproduce-var
     cp runs/reproduce-var/results.json runs/reproduce-var/*.png docs/results/arith-long-var/
-    .venv/bin/rpo reproduce --task arith-long-var-budget --seeds 3 --run-dir runs/reproduce-var-budget
-    cp runs/reproduce-var-budget/results.json runs/reproduce-var-budget/*.png \\
-        docs/results/arith-long-var-budget/
     .venv/bin/python -m services.reproduction.results_doc docs/results/results.json \\
-        docs/results/arith-long-var/results.json docs/results/arith-long-var-budget/results.json \\
-        > docs/results.md
+        docs/results/arith-long-var/results.json > docs/results.md
 
 A record made in parts (its command line above names them) is joined from the parts' own records with
 `python -m services.reproduction.merge_records --task <task> <part records> --plots <its folder> >
@@ -397,7 +394,7 @@ def render_results_doc(
     parts = [
         "# Results: RPO against GRPO and DAPO in the paper's regime, in miniature",
         "",
-        INTRO,
+        INTRO + ("\n" + FOLLOW_UP_INTRO if varied is not None and budget is not None else ""),
         "",
         provenance(results, record),
         f"- **Machine:** {machine['cpu']}, {machine['cores']} cores, {machine['gpu']}; {results['date']}.",

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.reproduction.formatting import ci, label_text, num, pct, provenance, ratio_ci, signed
+from services.reproduction.formatting import label_text, num, pct, provenance, ratio_ci
 from services.reproduction.plots import PLOTS, plot_names
 from services.reproduction.protocols import PROTOCOLS
-from services.reproduction.results_second_task import lifted_steps, reading, room_intro
+from services.reproduction.results_second_task import difference, lifted_steps, reading, room_intro
 from services.reproduction.results_tables import table_sections
 
 BUDGET_TASK = "arith-long-var-budget"
@@ -21,8 +21,39 @@ In the varied-length record most of RPO's responses are cut at the suffix budget
 more steps written in full than the cached tail cannot fit in the m tokens that were cut, and a cut response
 has no answer and scores 0. The paper allows a fixed cap in place of m. This follow-up, written before its
 record (docs/training.md, "The fixed-budget follow-up"), runs the varied protocol's three headline pairs with
-RPO's suffix budget fixed at 160 tokens, at every seed. Its GRPO arms are the varied record's runs, taken
-from that record with the same names, settings and seeds; its RPO arms ran for it."""
+RPO's suffix budget fixed at 160 tokens, at every seed."""
+
+REMAKE = """To make it again from scratch, all six arms (`rpo reproduce` resumes run by run):
+
+    .venv/bin/rpo reproduce --task arith-long-var-budget --seeds 3
+    cp runs/reproduce-var-budget/results.json runs/reproduce-var-budget/*.png \\
+        docs/results/arith-long-var-budget/
+
+or, as the command line above did, run only its RPO arms (`--arms`) and join them with the GRPO runs of the
+varied record's parts (`merge_records` PART:ARM,ARM takes only those arms' runs). Then render the page with
+the three records: `python -m services.reproduction.results_doc docs/results/results.json
+docs/results/arith-long-var/results.json docs/results/arith-long-var-budget/results.json > docs/results.md`."""
+
+
+def _taken(budget: dict[str, Any]) -> list[str]:
+    """The arms whose runs the follow-up took from other records (`merge_records` FILE:ARM,ARM)."""
+    return sorted({arm for part in budget.get("parts", []) for arm in part.get("arms_taken", [])})
+
+
+def _origin(budget: dict[str, Any]) -> str:
+    """Which of the record's runs were made for it, from its parts."""
+    taken = _taken(budget)
+    if not taken:
+        return "Every arm ran for this record."
+    commits = sorted({p["commit"] for p in budget["parts"] if p.get("arms_taken")})
+    return (
+        f"The runs of {', '.join(f'`{a}`' for a in taken)} were taken from the varied record's parts (commit "
+        f"{', '.join(f'`{c[:7]}`' for c in commits)}), with the same names, settings and seeds; the other arms "
+        f"ran for this record. Between those commits and this record's (`git diff {commits[-1][:7]} "
+        f"{budget['commit'][:7]} -- trainer`), the training code changed only in what it logs and exports. The record's targets table judges what every `rpo reproduce` record judges; the "
+        "follow-up's own targets are its equal-step and length-reward rows, and its wall times count the runs "
+        "of every part."
+    )
 
 
 ROOM = room_intro("here `algorithm.suffix_budget: 160`, so a suffix may be longer than\nthe tail it replaces")
@@ -36,11 +67,6 @@ def _pairs() -> list[tuple[str, str, str]]:
             PROTOCOLS[BUDGET_TASK].headline_pairs, PROTOCOLS["arith-long-var"].headline_pairs, strict=True
         )
     ]
-
-
-def _difference(results: dict[str, Any], rpo: str, label: str) -> str:
-    diff = results["comparisons"].get(rpo, {}).get("accuracy_difference", {}).get(label)
-    return f"{signed(diff['mean'])}{ci(diff['ci'])}" if diff else "-"
 
 
 def _room(results: dict[str, Any], arm: str, key: str) -> str:
@@ -82,7 +108,7 @@ def beside_varied(varied: dict[str, Any], budget: dict[str, Any]) -> list[str]:
             *(
                 (
                     f"RPO+GRPO - GRPO at equal steps, test, {label_text(label, budget)} [95% CI]",
-                    *(_difference(r, a, label) for r, a in both),
+                    *(difference(r, a, label) for r, a in both),
                 )
                 for label in budget["eval_labels"]
             ),
@@ -118,7 +144,7 @@ def follow_up_section(
 ) -> list[str]:
     """The page's lines for the follow-up's record: header, tables, the pairs beside the varied record's,
     its targets read out, and its plots."""
-    machine = budget["machine"]
+    machine, taken = budget["machine"], _taken(budget)
     folder = record.rsplit("/", 1)[0].removeprefix("docs/")
     images = [line for name in plot_names(budget) for line in (f"![{PLOTS[name]}]({folder}/{name})", "")]
     return [
@@ -126,16 +152,26 @@ def follow_up_section(
         "",
         INTRO,
         "",
+        _origin(budget),
+        "",
         provenance(budget, record),
-        f"- **Machine:** {machine['cpu']}, {machine['cores']} cores, {machine['gpu']}; {budget['date']} (the "
-        "GRPO runs are the varied record's, made on the same machine type on its date).",
-        f"- **Seeds:** {', '.join(map(str, budget['seeds']))}; wall time of the follow-up's own runs "
-        f"{_own_minutes(budget):.1f} minutes, building the warm model included.",
+        f"- **Machine:** {machine['cpu']}, {machine['cores']} cores, {machine['gpu']}; {budget['date']}"
+        + (
+            " (the runs taken from the varied record's parts ran on the same CPU model on theirs)."
+            if taken
+            else "."
+        ),
+        f"- **Seeds:** {', '.join(map(str, budget['seeds']))}; wall time of the runs made for this record "
+        f"{_own_minutes(budget):.1f} minutes, finding or building the warm model included.",
         "",
         *table_sections(budget, {"Room for the length reward": ROOM}, level=3),
         "### Each pair beside the varied record's",
         "",
-        "The same GRPO runs in both columns; only RPO's suffix budget differs.",
+        (
+            "The same GRPO runs in both columns; only RPO's suffix budget differs."
+            if {full for _, _, full in _pairs()} <= set(taken)
+            else "The GRPO runs of the two columns are the two records' own."
+        ),
         "",
         *beside_varied(varied, budget),
         "",
@@ -148,17 +184,18 @@ def follow_up_section(
         "One line per arm, from its first seed's run.",
         "",
         *images[:-1],
+        "",
+        REMAKE,
     ]
 
 
 def _own_minutes(budget: dict[str, Any]) -> float:
-    """Minutes of the runs this follow-up made (its RPO arms), not the GRPO runs it took from the varied
-    record."""
-    own = {rpo for rpo, _, _ in _pairs()}
+    """Minutes of the runs made for this record, not those taken from another record's parts."""
+    taken = set(_taken(budget))
     seconds = sum(
-        row["wall_seconds"]
+        row["wall_seconds"] or 0.0
         for arm, by_seed in budget["runs"].items()
-        if arm in own
+        if arm not in taken
         for row in by_seed.values()
     )
     return seconds / 60  # a run's wall time holds its finding or building the warm model

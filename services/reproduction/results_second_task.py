@@ -50,7 +50,7 @@ def lifted_steps(results: dict[str, Any], name: str) -> tuple[int, int]:
     return acted, steps
 
 
-def _difference(results: dict[str, Any], rpo: str, label: str) -> str:
+def difference(results: dict[str, Any], rpo: str, label: str) -> str:
     cmp = results["comparisons"].get(rpo)
     diff = (cmp or {}).get("accuracy_difference", {}).get(label)
     if not diff or math.isnan(diff["mean"]):
@@ -76,7 +76,7 @@ def side_by_side(first: dict[str, Any], varied: dict[str, Any]) -> list[str]:
         for label in first["eval_labels"]:
             rows.append(
                 f"| RPO+GRPO - GRPO, {what}, equal steps, {label_text(label, first)} | "
-                f"{_difference(first, rpo, label)} | {_difference(varied, rpo, label)} |"
+                f"{difference(first, rpo, label)} | {difference(varied, rpo, label)} |"
             )
     cells = []
     for results in (first, varied):
@@ -133,7 +133,7 @@ def reading(varied: dict[str, Any]) -> list[str]:
                 if budget == "m"
                 else f"its suffixes capped at {budget} tokens"
             )
-            + f"; pass@1 after training {_difference(varied, name, 'after')} points at T = 0.6."
+            + f"; pass@1 after training {difference(varied, name, 'after')} points at T = 0.6."
         )
     return lines
 

@@ -223,3 +223,17 @@ def test_a_run_made_with_other_settings_than_its_arm_is_refused(committed):
         MergeError, match=r"arm rpo-grpo-fixed160 ran with other settings.*alpha \(0\.1 against 0\.01\)"
     ):
         merge_records([("rpo", wrong), ("varied", grpo_part)], FOLLOW_UP)
+
+
+def test_a_part_spec_names_a_file_and_perhaps_its_arms(tmp_path, capsys):
+    from services.reproduction.merge_records import _part_spec
+
+    assert _part_spec("a/b.json") == (Path("a/b.json"), [])
+    assert _part_spec("dir:x/b.json") == (Path("dir:x/b.json"), [])  # a colon inside the path
+    assert _part_spec("a/b.json: grpo, grpo-no-length") == (Path("a/b.json"), ["grpo", "grpo-no-length"])
+    with pytest.raises(MergeError, match="name the arms to take"):
+        _part_spec("a/b.json:,")
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    assert main(["--task", TASK, str(listed), f"{listed}:grpo"]) == 2
+    assert "not a JSON object" in capsys.readouterr().err

@@ -342,6 +342,27 @@ def test_the_fixed_budget_follow_up_plans_the_varied_pairs_with_a_fixed_budget()
     assert "rpo-grpo-budget160" not in budget_arms  # the varied variant (alpha 0.1) keeps its own name
 
 
+def test_the_follow_up_runs_in_its_own_directory_unless_told_otherwise():
+    from services.cli.main import build_parser
+    from services.core.config import load_config
+    from services.reproduction.protocols import PROTOCOLS
+    from services.reproduction.reproduce import reproduce_overrides
+    from services.supervisor.main_job import preset_path
+
+    protocol = PROTOCOLS["arith-long-var-budget"]
+
+    def run_dir(*flags: str) -> str:
+        args = build_parser().parse_args(["reproduce", "--task", protocol.task, *flags])
+        return str(
+            load_config(preset_path(protocol.preset), reproduce_overrides(args, protocol)).train.run_dir
+        )
+
+    assert run_dir() == protocol.run_dir
+    assert run_dir("--run-dir", "elsewhere") == "elsewhere"
+    assert run_dir("--set", "train.run_dir=there") == "there"
+    assert run_dir("--smoke") == "runs/reproduce-smoke"  # the smoke preset's, whatever the task
+
+
 def test_an_arm_of_another_task_is_a_usage_error():
     from services.core.cli_args import UsageError
     from services.reproduction.protocols import PROTOCOLS
