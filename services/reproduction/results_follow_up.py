@@ -170,7 +170,8 @@ def follow_up_section(
         (
             "The same GRPO runs in both columns; only RPO's suffix budget differs."
             if {full for _, _, full in _pairs()} <= set(taken)
-            else "The GRPO runs of the two columns are the two records' own."
+            else "The GRPO runs of the two columns are the two records' own, each from its record's starting "
+            f"model: pass@1 at T = 0.6 {_start(varied)} in the varied record, {_start(budget)} here."
         ),
         "",
         *beside_varied(varied, budget),
@@ -187,6 +188,11 @@ def follow_up_section(
         "",
         REMAKE,
     ]
+
+
+def _start(results: dict[str, Any]) -> str:
+    before = results["eval_before"].get("before")
+    return f"{pct(before['pass_at_1'])}%" if before else "not recorded"
 
 
 def _own_minutes(budget: dict[str, Any]) -> float:

@@ -152,3 +152,10 @@ def test_the_follow_up_sets_each_pair_beside_the_varied_records():
     line = row("RPO's responses cut at their budget", "rpo-grpo-fixed160 against GRPO, alpha 0.01")
     assert line.endswith("| - |")
     assert "`algorithm.suffix_budget: 160`" in page and "(results/arith-long-var-budget/" in page
+    # A follow-up that ran its GRPO arms itself says so, with each record's starting model.
+    own = {key: value for key, value in budget.items() if key != "parts"}
+    own["eval_before"] = {**own["eval_before"], "before": {**own["eval_before"]["before"], "pass_at_1": 0.64}}
+    page = "\n".join(follow_up_section(varied, own))
+    assert "Every arm ran for this record." in page
+    start = pct(varied["eval_before"]["before"]["pass_at_1"])
+    assert f"starting model: pass@1 at T = 0.6 {start}% in the varied record, 64.0% here." in page
