@@ -1,7 +1,7 @@
-"""docs/results.md is the committed records rendered: rendering docs/results/results.json and the varied-length
-task's record again gives the page byte for byte; both records are their protocols at three seeds, the second
-joined from its committed parts (joining them again gives it byte for byte), and the page shows the plots it
-names."""
+"""docs/results.md is the committed records rendered: rendering docs/results/results.json, the varied-length
+task's record and the fixed-budget follow-up's again gives the page byte for byte; the records are their
+protocols at three seeds, the second joined from its committed parts (joining them again gives it byte for
+byte), and the page shows the plots it names."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 from services.reproduction.merge_records import merge_records
 from services.reproduction.protocols import ARMS, PROTOCOLS
 from services.reproduction.results_doc import VARIED_RECORD, render_results_doc
+from services.reproduction.results_follow_up import BUDGET_RECORD
 
 REPO = Path(__file__).resolve().parents[2]
 RECORD = REPO / "docs/results/results.json"
@@ -31,11 +32,32 @@ def varied() -> dict:
     return json.loads((REPO / VARIED_RECORD).read_text())
 
 
-def test_the_committed_page_is_the_committed_records_rendered(record, varied):
-    assert render_results_doc(record, "docs/results/results.json", varied) == PAGE.read_text(), (
+@pytest.fixture(scope="module")
+def budget() -> dict:
+    return json.loads((REPO / BUDGET_RECORD).read_text())
+
+
+def test_the_committed_page_is_the_committed_records_rendered(record, varied, budget):
+    rendered = render_results_doc(record, "docs/results/results.json", varied, VARIED_RECORD, budget)
+    assert rendered == PAGE.read_text(), (
         "docs/results.md differs from its records: render it again with `python -m "
-        f"services.reproduction.results_doc docs/results/results.json {VARIED_RECORD} > docs/results.md`"
+        f"services.reproduction.results_doc docs/results/results.json {VARIED_RECORD} {BUDGET_RECORD} > "
+        "docs/results.md`"
     )
+
+
+def test_the_follow_up_record_is_its_whole_protocol_at_three_seeds(budget):
+    protocol = PROTOCOLS["arith-long-var-budget"]
+    assert budget["seeds"] == [0, 1, 2] and not budget.get("smoke")
+    assert budget["command"] == "rpo reproduce --task arith-long-var-budget --seeds 3"
+    assert re.fullmatch(r"[0-9a-f]{40}", budget["commit"]), "the record must name a clean commit"
+    assert set(budget["arms"]) == set(protocol.arm_names)
+    for name in protocol.arm_names:
+        assert budget["arms"][name]["seeds"] == [0, 1, 2], name
+        assert budget["arms"][name]["length_room"]["steps"] == 36, name
+    for rpo, _ in protocol.headline_pairs:
+        assert budget["arms"][rpo]["settings"]["suffix_budget"] == 160
+    assert "## The fixed-budget follow-up" in PAGE.read_text()
 
 
 def test_the_varied_record_is_its_protocol_at_three_seeds_from_clean_commits(varied):
