@@ -40,19 +40,26 @@ def _taken(budget: dict[str, Any]) -> list[str]:
     return sorted({arm for part in budget.get("parts", []) for arm in part.get("arms_taken", [])})
 
 
+TARGETS_NOTE = (
+    "The record's targets table judges what every `rpo reproduce` record judges; the follow-up's own targets, "
+    "fixed before it ran, are its equal-step and length-reward rows, and its equal-time rows are read beside "
+    "them."
+)
+
+
 def _origin(budget: dict[str, Any]) -> str:
-    """Which of the record's runs were made for it, from its parts."""
+    """Which of the record's runs were made for it, from its parts, and which of its targets are the
+    follow-up's own."""
     taken = _taken(budget)
     if not taken:
-        return "Every arm ran for this record."
+        return f"Every arm ran for this record. {TARGETS_NOTE}"
     commits = sorted({p["commit"] for p in budget["parts"] if p.get("arms_taken")})
     return (
         f"The runs of {', '.join(f'`{a}`' for a in taken)} were taken from the varied record's parts (commit "
         f"{', '.join(f'`{c[:7]}`' for c in commits)}), with the same names, settings and seeds; the other arms "
         f"ran for this record. Between those commits and this record's (`git diff {commits[-1][:7]} "
-        f"{budget['commit'][:7]} -- trainer`), the training code changed only in what it logs and exports. The record's targets table judges what every `rpo reproduce` record judges; the "
-        "follow-up's own targets are its equal-step and length-reward rows, and its wall times count the runs "
-        "of every part."
+        f"{budget['commit'][:7]} -- trainer`), the training code changed only in what it logs and exports. "
+        f"{TARGETS_NOTE} Its wall times count the runs of every part."
     )
 
 

@@ -156,6 +156,6 @@ def test_the_follow_up_sets_each_pair_beside_the_varied_records():
     own = {key: value for key, value in budget.items() if key != "parts"}
     own["eval_before"] = {**own["eval_before"], "before": {**own["eval_before"]["before"], "pass_at_1": 0.64}}
     page = "\n".join(follow_up_section(varied, own))
-    assert "Every arm ran for this record." in page
+    assert "Every arm ran for this record." in page and "are its equal-step and length-reward rows" in page
     start = pct(varied["eval_before"]["before"]["pass_at_1"])
     assert f"starting model: pass@1 at T = 0.6 {start}% in the varied record, 64.0% here." in page
