@@ -29,8 +29,9 @@ REMAKE = """To make it again from scratch, all six arms (`rpo reproduce` resumes
     cp runs/reproduce-var-budget/results.json runs/reproduce-var-budget/*.png \\
         docs/results/arith-long-var-budget/
 
-or, as the command line above did, run only its RPO arms (`--arms`) and join them with the GRPO runs of the
-varied record's parts (`merge_records` PART:ARM,ARM takes only those arms' runs). Then render the page with
+`--arms` runs it in parts in the same directory, as the record above was made (its RPO arms first); a record
+whose GRPO runs come from another record's parts is joined with `merge_records` (PART:ARM,ARM takes only those
+arms' runs), which refuses runs that started from another model. Then render the page with
 the three records: `python -m services.reproduction.results_doc docs/results/results.json
 docs/results/arith-long-var/results.json docs/results/arith-long-var-budget/results.json > docs/results.md`."""
 
@@ -57,8 +58,8 @@ def _origin(budget: dict[str, Any]) -> str:
     return (
         f"The runs of {', '.join(f'`{a}`' for a in taken)} were taken from the varied record's parts (commit "
         f"{', '.join(f'`{c[:7]}`' for c in commits)}), with the same names, settings and seeds; the other arms "
-        f"ran for this record. Between those commits and this record's (`git diff {commits[-1][:7]} "
-        f"{budget['commit'][:7]} -- trainer`), the training code changed only in what it logs and exports. "
+        f"ran for this record; `git diff {commits[-1][:7]} {budget['commit'][:7]} -- trainer` shows what the "
+        "training code changed between them. "
         f"{TARGETS_NOTE} Its wall times count the runs of every part."
     )
 
